@@ -1,0 +1,335 @@
+"""Loads one TOML file into one frozen, validated Config; never reads the environment.
+
+Every key has a default documented in etc/cmcd.toml. An unknown key or a bad value
+raises ConfigError naming the dotted path and what was expected; all problems in a
+file are reported together so an operator fixes them in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmcd.errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "K": 1024, "MB": 1024**2, "M": 1024**2, "GB": 1024**3, "G": 1024**3}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+
+
+class Size(int):
+    """A byte count; in TOML an integer or a string like "25MB"."""
+
+
+class Duration(float):
+    """Seconds; in TOML a number of seconds or a string like "90s", "5d"."""
+
+
+class Rate(str):
+    """A rate like "10/s", "600/m"; empty means unlimited."""
+
+
+class HostPort(str):
+    """An address like "127.0.0.1:2587" or "[::1]:2587"."""
+
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).upper() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    raise ValueError
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, (int, float)) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+    raise ValueError
+
+
+def parse_rate(value: Any) -> tuple[float, float]:
+    """Return (count, per_seconds) for "50/s"; (0, 0) for "" (unlimited)."""
+    if value in ("", None):
+        return (0.0, 0.0)
+    if isinstance(value, str) and "/" in value:
+        count, _, unit = value.partition("/")
+        per = parse_duration(unit if unit[:1].isdigit() else "1" + unit)
+        n = float(count)
+        if n > 0 and per > 0:
+            return (n, per)
+    raise ValueError
+
+
+def split_hostport(value: str) -> tuple[str, int]:
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+    else:
+        host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError
+    return host, int(port)
+
+
+_EXPECT = {
+    Size: 'a size like "25MB"',
+    Duration: 'a duration like "90s" or "5d"',
+    Rate: 'a rate like "50/s" or "" for none',
+    HostPort: 'an address like "127.0.0.1:2587"',
+    str: "a string",
+    int: "an integer",
+    bool: "true or false",
+    float: "a number",
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "localhost"
+    timezone: str = "UTC"
+    #: seconds SIGTERM waits for open transactions before exiting
+    shutdown_grace: Duration = Duration(30)
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    messages_per_second: float = 0.0
+    messages_per_day: int = 0
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: tuple[HostPort, ...] = (HostPort("127.0.0.1:587"),)
+    listen_tls: tuple[HostPort, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_message_size: Size = Size(25 * 1024**2)
+    max_recipients: int = 100
+    command_timeout: Duration = Duration(300)
+    data_timeout: Duration = Duration(180)
+    #: bytes/s a client must keep up during DATA once min_data_rate_grace has passed
+    min_data_rate: Size = Size(1024)
+    min_data_rate_grace: Duration = Duration(10)
+    bare_newlines: str = "normalize"
+    auth_fail_limit: int = 10
+    auth_fail_window: Duration = Duration(600)
+    auth_cache_ttl: Duration = Duration(300)
+    #: per-tenant defaults; [smtp.tenant_limits.NAME] overrides one tenant
+    messages_per_second: float = 0.0
+    messages_per_day: int = 0
+    tenant_limits: dict[str, TenantLimits] = field(default_factory=dict)
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: str = "/var/spool/cmcd"
+    #: longest a group commit waits to gather more messages (0: commit as soon as the writer is free)
+    group_commit_wait: Duration = Duration(0)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: str = "/var/lib/cmcd/cmcd.db"
+    key_file: str = "/etc/cmcd/data.key"
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    port: int = 25
+    routes: dict[str, HostPort] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[HostPort, ...] = ()
+    timeout: Duration = Duration(5)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    socket: str = "/run/cmcd/admin.sock"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    mail_log_days: int = 40
+    audit_log_days: int = 1825
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    dir: str = "/var/backups/cmcd"
+    key_file: str = "/etc/cmcd/backup.key"
+    keep: int = 480
+    interval: Duration = Duration(3600)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
+    #: directory relative paths are resolved against (the config file's project root)
+    base_dir: str = "."
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured path against base_dir."""
+        p = Path(value)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def tenant_limits(self, tenant: str) -> TenantLimits:
+        default = TenantLimits(self.smtp.messages_per_second, self.smtp.messages_per_day)
+        return self.smtp.tenant_limits.get(tenant, default)
+
+
+_CHOICES = {"smtp.bare_newlines": ("normalize", "reject")}
+
+
+def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a table, got {value!r}")
+            return tp()
+        return _build(tp, value, path, errors)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list of {_EXPECT.get(item_tp, item_tp)}, got {value!r}")
+            return ()
+        return tuple(_convert(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value))
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a table, got {value!r}")
+            return {}
+        return types.MappingProxyType(
+            {k: _convert(v, val_tp, f'{path}."{k}"', errors) for k, v in value.items()}
+        )
+    try:
+        if tp is Size:
+            return Size(parse_size(value))
+        if tp is Duration:
+            return Duration(parse_duration(value))
+        if tp is Rate:
+            parse_rate(value)
+            return Rate(value)
+        if tp is HostPort:
+            if not isinstance(value, str):
+                raise ValueError
+            split_hostport(value)
+            return HostPort(value)
+        if tp is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if tp is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError
+            return value
+        if tp is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError
+            choices = _CHOICES.get(path)
+            if choices and value not in choices:
+                errors.append(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
+            return value
+    except (ValueError, TypeError):
+        errors.append(f"{path}: expected {_EXPECT.get(tp, tp)}, got {value!r}")
+        return None
+    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "base_dir"}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            errors.append(f"{path}: unknown key (known keys: {', '.join(sorted(known))})")
+            continue
+        converted = _convert(value, hints[key], path, errors)
+        if converted is not None:
+            kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _check_timezone(cfg: Config, errors: list[str]) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(cfg.server.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        errors.append(f"server.timezone: expected an IANA time zone like \"Asia/Tokyo\", got {cfg.server.timezone!r}")
+
+
+def _check_tls(cfg: Config, errors: list[str]) -> None:
+    if (cfg.smtp.listen or cfg.smtp.listen_tls) and not (cfg.smtp.tls_cert and cfg.smtp.tls_key):
+        errors.append("smtp.tls_cert: expected a certificate path (AUTH is only offered over TLS)")
+    for i, hp in enumerate(cfg.dns.nameservers):
+        host, _ = split_hostport(hp)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            errors.append(f"dns.nameservers[{i}]: expected an IP address with port, got {hp!r}")
+
+
+def from_dict(data: dict[str, Any], base_dir: str = ".") -> Config:
+    errors: list[str] = []
+    cfg = _build(Config, data, "", errors)
+    if not errors:
+        _check_timezone(cfg, errors)
+        _check_tls(cfg, errors)
+    if errors:
+        raise ConfigError(errors)
+    return dataclasses.replace(cfg, base_dir=base_dir)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate PATH; relative paths inside resolve against the current directory."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read config file: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
+    return from_dict(data, base_dir=".")

@@ -1,0 +1,31 @@
+"""Exceptions shared by every layer; each carries a message an operator can act on."""
+
+from __future__ import annotations
+
+
+class CmcdError(Exception):
+    """Base of cmcd's own errors."""
+
+
+class ConfigError(CmcdError):
+    """The configuration file is unusable; .problems lists every dotted path at fault."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class KeyFileError(CmcdError):
+    """A key file is missing, unsafe (readable by others) or does not match the store."""
+
+
+class StoreError(CmcdError):
+    """The store refused an operation (constraint, missing row, bad argument)."""
+
+
+class NotFound(StoreError):
+    """The named tenant, user, domain or queue id does not exist (for this caller)."""
+
+
+class SpoolError(CmcdError):
+    """The spool could not commit (disk full, I/O error); nothing was written."""

@@ -1,0 +1,286 @@
+"""The durable spool: message bodies and per-recipient queue rows in one SQLite file, group-committed.
+
+A message is accepted only once its transaction is committed with synchronous=FULL in WAL
+mode, which fsyncs the WAL before commit() returns: the body and its rows survive kill -9
+and power loss together, or neither exists. One writer thread owns the connection; every
+commit request that is waiting when it finishes the previous transaction goes into the next
+one, so concurrent sessions share one fsync. Never speaks SMTP, never reads the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from cmcd.crypto import DataKeys
+from cmcd.errors import NotFound, SpoolError
+from cmcd.records import SpoolMessage
+
+log = logging.getLogger("cmcd.spool")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id TEXT PRIMARY KEY,
+    tenant_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    sender_enc BLOB NOT NULL,
+    sender_hmac BLOB NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    received REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    id INTEGER PRIMARY KEY,
+    queue_id TEXT NOT NULL REFERENCES messages(queue_id),
+    rcpt_enc BLOB NOT NULL,
+    rcpt_hmac BLOB NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_response TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS recipients_queue ON recipients(queue_id);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS recipients_inflight ON recipients(state) WHERE state = 'inflight';
+CREATE TABLE IF NOT EXISTS daily_counts (
+    tenant_id INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    messages INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, day)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    inflight_requeued: int
+    partial_files_removed: int
+
+
+class _Commit:
+    __slots__ = ("msg", "day", "future", "loop")
+
+    def __init__(self, msg: SpoolMessage, day: str, future: asyncio.Future[None], loop: asyncio.AbstractEventLoop):
+        self.msg, self.day, self.future, self.loop = msg, day, future, loop
+
+
+class _Call:
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop):
+        self.fn, self.future, self.loop = fn, future, loop
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the waiting session went away; the outcome stands regardless
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Spool:
+    def __init__(self, directory: Path, keys: DataKeys):
+        self.directory = directory
+        self.keys = keys
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "queue.db"
+        self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA secure_delete=ON")
+        self._conn.executescript(SCHEMA)
+        self._jobs: queue.SimpleQueue[_Commit | _Call | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+        self.transactions = 0
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Before start(): return inflight rows to queued and drop any partial temp files."""
+        with self._conn:
+            n = self._conn.execute("UPDATE recipients SET state = 'queued' WHERE state = 'inflight'").rowcount
+        removed = 0
+        for p in self.directory.glob("*.tmp"):
+            p.unlink()
+            removed += 1
+        return RecoveryReport(inflight_requeued=n, partial_files_removed=removed)
+
+    def daily_counts(self, day: str) -> dict[int, int]:
+        rows = self._conn.execute("SELECT tenant_id, messages FROM daily_counts WHERE day = ?", (day,))
+        return {r[0]: r[1] for r in rows}
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every commit already requested, then close."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+        self._conn.close()
+
+    # -- requests from the event loop ------------------------------------------------------
+
+    async def commit(self, msg: SpoolMessage, day: str) -> None:
+        """Return once MSG is on stable storage; raise SpoolError if it could not be written.
+
+        If the caller is cancelled meanwhile, the commit still completes (at-least-once).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._jobs.put(_Commit(msg, day, fut, loop))
+        await fut
+
+    async def call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run FN(connection) on the writer thread (reads and queue changes outside intake)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put(_Call(fn, fut, loop))
+        return await fut
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            batch = [job]
+            while True:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            commits = [j for j in batch if isinstance(j, _Commit)]
+            if commits:
+                self._commit_group(commits)
+            for j in batch:
+                if isinstance(j, _Call):
+                    try:
+                        result, error = j.fn(self._conn), None
+                    except Exception as exc:  # handed to the caller
+                        result, error = None, exc
+                    j.loop.call_soon_threadsafe(_resolve, j.future, result, error)
+            if any(j is None for j in batch):
+                return
+
+    def _commit_group(self, commits: list[_Commit]) -> None:
+        conn = self._conn
+        k = self.keys
+        error: BaseException | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                msgs, rcpts, counts = [], [], {}
+                for c in commits:
+                    m = c.msg
+                    msgs.append(
+                        (m.queue_id, m.tenant_id, m.user_id, k.encrypt(m.sender), k.index(m.sender), len(m.body),
+                         m.received_ts, m.body)
+                    )
+                    for r in m.recipients:
+                        rcpts.append((m.queue_id, k.encrypt(r.address), k.index(r.address), r.domain, m.received_ts))
+                    key = (m.tenant_id, c.day)
+                    counts[key] = counts.get(key, 0) + 1
+                conn.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)", msgs)
+                conn.executemany(
+                    "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, next_attempt) VALUES (?,?,?,?,?)",
+                    rcpts,
+                )
+                conn.executemany(
+                    "INSERT INTO daily_counts(tenant_id, day, messages) VALUES (?,?,?) "
+                    "ON CONFLICT(tenant_id, day) DO UPDATE SET messages = messages + excluded.messages",
+                    [(t, d, n) for (t, d), n in counts.items()],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            log.error("event=spool_commit_failed messages=%d error=%r", len(commits), str(exc))
+            error = SpoolError(f"spool commit failed: {exc}")
+        else:
+            self.commits += len(commits)
+            self.transactions += 1
+        for c in commits:
+            c.loop.call_soon_threadsafe(_resolve, c.future, None, error)
+
+    # -- reads for admin (run through call()) ---------------------------------------------
+
+    def list_rows(self, conn: sqlite3.Connection, tenant_id: int | None, limit: int) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT m.queue_id, m.tenant_id, m.sender_enc, m.size_bytes, m.received, COUNT(r.id), "
+            "GROUP_CONCAT(DISTINCT r.state) FROM messages m JOIN recipients r ON r.queue_id = m.queue_id "
+        )
+        args: tuple[Any, ...] = ()
+        if tenant_id is not None:
+            sql += "WHERE m.tenant_id = ? "
+            args = (tenant_id,)
+        sql += "GROUP BY m.queue_id ORDER BY m.queue_id LIMIT ?"
+        rows = conn.execute(sql, args + (limit,)).fetchall()
+        return [
+            {
+                "queue_id": r[0],
+                "tenant_id": r[1],
+                "sender": self.keys.decrypt(r[2]),
+                "size_bytes": r[3],
+                "received": r[4],
+                "recipients": r[5],
+                "states": sorted(r[6].split(",")),
+            }
+            for r in rows
+        ]
+
+    def show_row(self, conn: sqlite3.Connection, queue_id: str) -> dict[str, Any]:
+        m = conn.execute(
+            "SELECT queue_id, tenant_id, user_id, sender_enc, size_bytes, received FROM messages WHERE queue_id = ?",
+            (queue_id,),
+        ).fetchone()
+        if m is None:
+            raise NotFound(f"no message {queue_id!r} in the queue")
+        rcpts = conn.execute(
+            "SELECT rcpt_enc, domain, state, attempts, next_attempt, last_response FROM recipients "
+            "WHERE queue_id = ? ORDER BY id",
+            (queue_id,),
+        ).fetchall()
+        return {
+            "queue_id": m[0],
+            "tenant_id": m[1],
+            "user_id": m[2],
+            "sender": self.keys.decrypt(m[3]),
+            "size_bytes": m[4],
+            "received": m[5],
+            "recipients": [
+                {
+                    "address": self.keys.decrypt(r[0]),
+                    "domain": r[1],
+                    "state": r[2],
+                    "attempts": r[3],
+                    "next_attempt": r[4],
+                    "last_response": r[5],
+                }
+                for r in rcpts
+            ],
+        }
+
+    def body(self, conn: sqlite3.Connection, queue_id: str) -> bytes:
+        row = conn.execute("SELECT body FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no message {queue_id!r} in the queue")
+        return bytes(row[0])
+
+
+def today(now_s: float, tz: Any) -> str:
+    """The calendar day (in the server's time zone) that daily quotas count against."""
+    return datetime.datetime.fromtimestamp(now_s, tz).strftime("%Y-%m-%d")

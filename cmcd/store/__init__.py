@@ -1,0 +1,30 @@
+"""The store: tenants, users, domains, suppression and logs in SQLite; blocking calls run on one thread."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from cmcd.store.store import LoginRecord, Store, open_store
+
+T = TypeVar("T")
+
+__all__ = ["AsyncStore", "LoginRecord", "Store", "open_store"]
+
+
+class AsyncStore:
+    """Runs Store methods on the store's own thread so the event loop never blocks on SQLite."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.store.close()

@@ -1,0 +1,120 @@
+"""The store's schema as numbered forward migrations; never edit a released step, add one."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import sqlite_utils
+
+MIGRATIONS: list[str] = [
+    # 1: tenants, users, IP credentials, domains, suppression, logs
+    """
+    CREATE TABLE tenants (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL
+    );
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        login TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'sender', 'viewer')),
+        password_hash TEXT NOT NULL,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created REAL NOT NULL
+    );
+    CREATE INDEX users_tenant ON users(tenant_id);
+    CREATE TABLE ip_credentials (
+        id INTEGER PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        cidr TEXT NOT NULL,
+        created REAL NOT NULL,
+        UNIQUE (user_id, cidr)
+    );
+    CREATE TABLE domains (
+        id INTEGER PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        name TEXT NOT NULL UNIQUE,
+        created REAL NOT NULL
+    );
+    CREATE INDEX domains_tenant ON domains(tenant_id);
+    CREATE TABLE suppressions (
+        id INTEGER PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        address_enc BLOB NOT NULL,
+        address_hmac BLOB NOT NULL,
+        domain TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created REAL NOT NULL,
+        UNIQUE (tenant_id, address_hmac)
+    );
+    CREATE TABLE mail_log (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        tenant_id INTEGER NOT NULL,
+        queue_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        sender_enc BLOB,
+        sender_hmac BLOB,
+        rcpt_enc BLOB,
+        rcpt_hmac BLOB,
+        rcpt_domain TEXT,
+        status TEXT NOT NULL,
+        response TEXT
+    );
+    CREATE INDEX mail_log_ts ON mail_log(ts);
+    CREATE INDEX mail_log_tenant_ts ON mail_log(tenant_id, ts);
+    CREATE INDEX mail_log_rcpt ON mail_log(rcpt_hmac);
+    CREATE INDEX mail_log_queue ON mail_log(queue_id);
+    CREATE TABLE login_log (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        tenant_id INTEGER,
+        login TEXT NOT NULL,
+        client_ip TEXT NOT NULL,
+        mechanism TEXT NOT NULL,
+        result TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX login_log_ts ON login_log(ts);
+    CREATE TABLE ops_log (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        actor_uid INTEGER,
+        actor TEXT NOT NULL,
+        tenant_id INTEGER,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        result TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX ops_log_ts ON ops_log(ts);
+    """,
+]
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    if "meta" not in db.table_names():
+        return 0
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Apply every migration past the store's version, each in its own transaction."""
+    conn: sqlite3.Connection = db.conn
+    if "meta" not in db.table_names():
+        db["meta"].create({"key": str, "value": str}, pk="key")
+    version = schema_version(db)
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        with conn:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(number),),
+            )
+    return len(MIGRATIONS)

@@ -1,0 +1,334 @@
+"""Tenants, users, credentials, domains, suppression and the logs, in one SQLite file.
+
+Every method is blocking: callers on the event loop go through AsyncStore, which runs
+them on the store's single thread. Addresses are stored encrypted with an HMAC index.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+from cmcd import crypto
+from cmcd.errors import KeyFileError, NotFound, StoreError
+from cmcd.records import Domain, IpCredential, Tenant, User
+from cmcd.store.schema import migrate
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+ROLES = ("admin", "sender", "viewer")
+_KEY_CHECK = "cmcd key check"
+
+
+def open_store(path: Path, key_file: Path, create_key: bool = True) -> "Store":
+    """Open (creating if new) the store; a new store with no key file gets a new key.
+
+    An existing store never gets a new key: its key file must be present, private and
+    the one the store was written with.
+    """
+    is_new = not path.exists()
+    if is_new and create_key and not key_file.exists():
+        crypto.generate_key_file(key_file)
+    keys = crypto.read_key_file(key_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Store(path, keys)
+
+
+@dataclass(frozen=True)
+class LoginRecord:
+    ts: float
+    login: str
+    client_ip: str
+    mechanism: str
+    result: str
+    tenant_id: int | None = None
+    detail: str = ""
+
+
+class Store:
+    def __init__(self, path: Path, keys: crypto.DataKeys):
+        self.path = path
+        self.keys = keys
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA secure_delete=ON")
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        migrate(self.db)
+        self._check_key()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _check_key(self) -> None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
+        if row is None:
+            blob = self.keys.encrypt(_KEY_CHECK).hex()
+            with self.conn:
+                self.conn.execute("INSERT INTO meta(key, value) VALUES ('key_check', ?)", (blob,))
+            return
+        try:
+            ok = self.keys.decrypt(bytes.fromhex(row[0])) == _KEY_CHECK
+        except KeyFileError:
+            ok = False
+        if not ok:
+            raise KeyFileError(
+                f"{self.path}: store.key_file is not the key this store was written with; "
+                "restore the original key file"
+            )
+
+    def _tx(self) -> sqlite3.Connection:
+        return self.conn
+
+    # -- tenants ---------------------------------------------------------------------------
+
+    def tenant_add(self, name: str) -> Tenant:
+        if not _NAME_RE.match(name):
+            raise StoreError(f"tenant name {name!r}: use letters, digits, '.', '_' or '-' (up to 63)")
+        try:
+            with self.conn:
+                cur = self.conn.execute("INSERT INTO tenants(name, created) VALUES (?, ?)", (name, time.time()))
+        except sqlite3.IntegrityError:
+            raise StoreError(f"tenant {name!r} already exists") from None
+        return Tenant(id=int(cur.lastrowid or 0), name=name)
+
+    def tenant(self, name: str) -> Tenant:
+        row = self.conn.execute("SELECT id, name FROM tenants WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no tenant {name!r}")
+        return Tenant(id=row[0], name=row[1])
+
+    def tenants(self) -> list[Tenant]:
+        return [Tenant(id=r[0], name=r[1]) for r in self.conn.execute("SELECT id, name FROM tenants ORDER BY name")]
+
+    def tenant_summary(self, name: str) -> dict[str, Any]:
+        t = self.tenant(name)
+        count = self.conn.execute
+        return {
+            "name": t.name,
+            "id": t.id,
+            "users": count("SELECT COUNT(*) FROM users WHERE tenant_id = ?", (t.id,)).fetchone()[0],
+            "domains": [d.name for d in self.domains(name)],
+            "ip_credentials": count("SELECT COUNT(*) FROM ip_credentials WHERE tenant_id = ?", (t.id,)).fetchone()[0],
+        }
+
+    # -- users -----------------------------------------------------------------------------
+
+    def user_add(self, tenant: str, login: str, role: str, password_hash: str) -> User:
+        t = self.tenant(tenant)
+        if not _LOGIN_RE.match(login):
+            raise StoreError(f"login {login!r}: use letters, digits and . _ @ + - (up to 128)")
+        if role not in ROLES:
+            raise StoreError(f"role {role!r}: expected one of {', '.join(ROLES)}")
+        try:
+            with self.conn:
+                cur = self.conn.execute(
+                    "INSERT INTO users(tenant_id, login, role, password_hash, enabled, created) VALUES (?,?,?,?,1,?)",
+                    (t.id, login, role, password_hash, time.time()),
+                )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"login {login!r} already exists") from None
+        return User(id=int(cur.lastrowid or 0), tenant_id=t.id, tenant=t.name, login=login, role=role, enabled=True)
+
+    _USER_SQL = (
+        "SELECT u.id, u.tenant_id, t.name, u.login, u.role, u.enabled, u.password_hash, u.created "
+        "FROM users u JOIN tenants t ON t.id = u.tenant_id "
+    )
+
+    @staticmethod
+    def _user(row: tuple[Any, ...]) -> User:
+        return User(
+            id=row[0], tenant_id=row[1], tenant=row[2], login=row[3], role=row[4], enabled=bool(row[5]), created=row[7]
+        )
+
+    def user(self, tenant: str, login: str) -> User:
+        row = self.conn.execute(self._USER_SQL + "WHERE t.name = ? AND u.login = ?", (tenant, login)).fetchone()
+        if row is None:
+            raise NotFound(f"no user {login!r} in tenant {tenant!r}")
+        return self._user(row)
+
+    def users(self, tenant: str) -> list[User]:
+        t = self.tenant(tenant)
+        rows = self.conn.execute(self._USER_SQL + "WHERE u.tenant_id = ? ORDER BY u.login", (t.id,))
+        return [self._user(r) for r in rows]
+
+    def user_for_login(self, login: str) -> tuple[User, str] | None:
+        """The user and password hash for an AUTH login, or None."""
+        row = self.conn.execute(self._USER_SQL + "WHERE u.login = ?", (login,)).fetchone()
+        return None if row is None else (self._user(row), row[6])
+
+    def user_update(self, tenant: str, login: str, *, password_hash: str | None = None, enabled: bool | None = None) -> User:
+        u = self.user(tenant, login)
+        with self.conn:
+            if password_hash is not None:
+                self.conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, u.id))
+            if enabled is not None:
+                self.conn.execute("UPDATE users SET enabled = ? WHERE id = ?", (int(enabled), u.id))
+        return self.user(tenant, login)
+
+    def user_delete(self, tenant: str, login: str) -> None:
+        u = self.user(tenant, login)
+        with self.conn:
+            self.conn.execute("DELETE FROM ip_credentials WHERE user_id = ?", (u.id,))
+            self.conn.execute("DELETE FROM users WHERE id = ?", (u.id,))
+
+    # -- IP credentials --------------------------------------------------------------------
+
+    def ipcred_add(self, tenant: str, login: str, cidr: str) -> IpCredential:
+        u = self.user(tenant, login)
+        try:
+            net = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise StoreError(f"{cidr!r} is not an address or CIDR network (like 192.0.2.0/24)") from None
+        try:
+            with self.conn:
+                self.conn.execute(
+                    "INSERT INTO ip_credentials(tenant_id, user_id, cidr, created) VALUES (?,?,?,?)",
+                    (u.tenant_id, u.id, str(net), time.time()),
+                )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"{net} is already a credential of {login!r}") from None
+        return IpCredential(tenant=tenant, login=login, cidr=str(net), user_id=u.id, tenant_id=u.tenant_id)
+
+    def ipcreds(self, tenant: str | None = None) -> list[IpCredential]:
+        sql = (
+            "SELECT t.name, u.login, c.cidr, u.id, t.id FROM ip_credentials c "
+            "JOIN users u ON u.id = c.user_id JOIN tenants t ON t.id = c.tenant_id"
+        )
+        args: tuple[Any, ...] = ()
+        if tenant is not None:
+            sql += " WHERE t.id = ?"
+            args = (self.tenant(tenant).id,)
+        return [IpCredential(*r) for r in self.conn.execute(sql + " ORDER BY t.name, u.login, c.cidr", args)]
+
+    def ipcred_delete(self, tenant: str, login: str, cidr: str) -> None:
+        u = self.user(tenant, login)
+        try:
+            net = str(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise StoreError(f"{cidr!r} is not an address or CIDR network") from None
+        with self.conn:
+            cur = self.conn.execute("DELETE FROM ip_credentials WHERE user_id = ? AND cidr = ?", (u.id, net))
+        if cur.rowcount == 0:
+            raise NotFound(f"{login!r} in tenant {tenant!r} has no credential {net}")
+
+    # -- domains ---------------------------------------------------------------------------
+
+    def domain_add(self, tenant: str, name: str) -> Domain:
+        t = self.tenant(tenant)
+        name = name.strip().lower().rstrip(".")
+        if not _DOMAIN_RE.match(name):
+            raise StoreError(f"{name!r} is not a domain name (like example.com)")
+        try:
+            with self.conn:
+                cur = self.conn.execute(
+                    "INSERT INTO domains(tenant_id, name, created) VALUES (?,?,?)", (t.id, name, time.time())
+                )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"domain {name!r} is already registered") from None
+        return Domain(id=int(cur.lastrowid or 0), tenant_id=t.id, tenant=t.name, name=name)
+
+    def domains(self, tenant: str | None = None) -> list[Domain]:
+        sql = "SELECT d.id, d.tenant_id, t.name, d.name FROM domains d JOIN tenants t ON t.id = d.tenant_id"
+        args: tuple[Any, ...] = ()
+        if tenant is not None:
+            sql += " WHERE d.tenant_id = ?"
+            args = (self.tenant(tenant).id,)
+        return [Domain(*r) for r in self.conn.execute(sql + " ORDER BY d.name", args)]
+
+    # -- logs ------------------------------------------------------------------------------
+
+    def log_logins(self, records: list[LoginRecord]) -> None:
+        with self.conn:
+            self.conn.executemany(
+                "INSERT INTO login_log(ts, tenant_id, login, client_ip, mechanism, result, detail) VALUES (?,?,?,?,?,?,?)",
+                [(r.ts, r.tenant_id, r.login, r.client_ip, r.mechanism, r.result, r.detail) for r in records],
+            )
+
+    def log_op(
+        self,
+        *,
+        actor_uid: int | None,
+        actor: str,
+        action: str,
+        target: str,
+        result: str,
+        tenant_id: int | None = None,
+        detail: str = "",
+    ) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO ops_log(ts, actor_uid, actor, tenant_id, action, target, result, detail) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (time.time(), actor_uid, actor, tenant_id, action, target, result, detail),
+            )
+
+    def log_mail(self, rows: list[dict[str, Any]]) -> None:
+        """rows: ts, tenant_id, queue_id, event, sender, rcpt, status, response (addresses in clear)."""
+        k = self.keys
+        with self.conn:
+            self.conn.executemany(
+                "INSERT INTO mail_log(ts, tenant_id, queue_id, event, sender_enc, sender_hmac, rcpt_enc, rcpt_hmac, "
+                "rcpt_domain, status, response) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        r["ts"],
+                        r["tenant_id"],
+                        r["queue_id"],
+                        r["event"],
+                        k.encrypt(r["sender"]),
+                        k.index(r["sender"]),
+                        k.encrypt(r["rcpt"]),
+                        k.index(r["rcpt"]),
+                        r["rcpt"].rpartition("@")[2].lower(),
+                        r["status"],
+                        r.get("response", ""),
+                    )
+                    for r in rows
+                ],
+            )
+
+    def login_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        cur = self.conn.execute(
+            "SELECT l.ts, t.name, l.login, l.client_ip, l.mechanism, l.result, l.detail FROM login_log l "
+            "LEFT JOIN tenants t ON t.id = l.tenant_id ORDER BY l.id DESC LIMIT ?",
+            (limit,),
+        )
+        keys = ("ts", "tenant", "login", "client_ip", "mechanism", "result", "detail")
+        return [dict(zip(keys, r)) for r in cur]
+
+    def ops_log(self, limit: int = 100) -> Iterator[dict[str, Any]]:
+        cur = self.conn.execute(
+            "SELECT o.ts, o.actor_uid, o.actor, t.name, o.action, o.target, o.result, o.detail FROM ops_log o "
+            "LEFT JOIN tenants t ON t.id = o.tenant_id ORDER BY o.id DESC LIMIT ?",
+            (limit,),
+        )
+        keys = ("ts", "actor_uid", "actor", "tenant", "action", "target", "result", "detail")
+        return (dict(zip(keys, r)) for r in cur)
+
+    def mail_log(self, queue_id: str) -> list[dict[str, Any]]:
+        cur = self.conn.execute(
+            "SELECT ts, event, sender_enc, rcpt_enc, status, response FROM mail_log WHERE queue_id = ? ORDER BY id",
+            (queue_id,),
+        )
+        return [
+            {
+                "ts": r[0],
+                "event": r[1],
+                "sender": self.keys.decrypt(r[2]),
+                "rcpt": self.keys.decrypt(r[3]),
+                "status": r[4],
+                "response": r[5],
+            }
+            for r in cur
+        ]
