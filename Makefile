@@ -1,0 +1,42 @@
+# cmcd: `make run` starts a development daemon under ./var; `make test` runs the whole suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= etc/cmcd.dev.toml
+
+.PHONY: run test lint fuzz bench clean venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+var/tls/cert.pem: | $(VENV)/.installed
+	mkdir -p var/tls
+	$(BIN)/python -m cmcd.devcert var/tls
+
+run: venv var/tls/cert.pem
+	mkdir -p var/spool var/backups
+	$(BIN)/cmcd serve --config $(CONFIG)
+
+lint: venv
+	$(BIN)/ruff check cmcd tests bench
+	$(BIN)/ruff format --check cmcd tests bench
+	$(BIN)/mypy cmcd
+
+test: venv lint
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+fuzz: venv
+	CMCD_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/e2e/test_fuzz.py
+
+bench: venv
+	$(BIN)/python bench/intake.py
+
+clean:
+	rm -rf $(VENV) var

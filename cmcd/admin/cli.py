@@ -1,0 +1,338 @@
+"""cmcctl: the operator's command line, a client of cmcd's admin socket; never opens the store or the spool itself."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+DEFAULT_SOCKET = "/run/cmcd/admin.sock"
+#: seconds to wait for a reply (password hashing and large queue listings take a moment)
+REPLY_TIMEOUT_S = 120.0
+
+
+class CtlError(click.ClickException):
+    """An error shown as "cmcctl: MESSAGE" on stderr, exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"cmcctl: {self.format_message()}", err=True)
+
+
+@dataclass(frozen=True)
+class Client:
+    socket_path: str
+    as_json: bool
+
+    def call(self, verb: str, **args: Any) -> Any:
+        """Send one request and return its result; raise CtlError with the daemon's message on refusal."""
+        request = {"verb": verb, "args": {k: v for k, v in args.items() if v is not None}}
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(REPLY_TIMEOUT_S)
+        with sock:
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                raise CtlError(
+                    f"cannot reach cmcd at {self.socket_path}: {exc.strerror or exc} (is the daemon running?)"
+                ) from None
+            try:
+                sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+                with sock.makefile("rb") as replies:
+                    line = replies.readline()
+            except TimeoutError:
+                raise CtlError(f"no reply from cmcd at {self.socket_path} within {REPLY_TIMEOUT_S:.0f}s") from None
+            except OSError as exc:
+                raise CtlError(f"lost the connection to cmcd at {self.socket_path}: {exc}") from None
+        if not line:
+            raise CtlError("cmcd closed the connection without replying; see the daemon log")
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise CtlError("cmcd sent a reply that is not JSON; is the socket path right?") from None
+        if not reply.get("ok"):
+            raise CtlError(str(reply.get("error") or "request refused (no reason given)"))
+        return reply.get("result")
+
+    def show(self, result: Any, human: Callable[[Any], None]) -> None:
+        """Print RESULT as JSON with --json, else the way HUMAN formats it."""
+        if self.as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            human(result)
+
+
+# -- output helpers -----------------------------------------------------------------------
+
+#: result keys holding a Unix time, shown as UTC in tables
+TIME_KEYS = frozenset({"created", "received", "next_attempt"})
+
+
+def cell(key: str, value: Any) -> str:
+    if key in TIME_KEYS and isinstance(value, (int, float)) and value:
+        return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def table(columns: dict[str, str], rows: list[dict[str, Any]], empty: str) -> None:
+    """Print ROWS aligned in COLUMNS (header -> result key), or EMPTY when there are none."""
+    if not rows:
+        click.echo(empty)
+        return
+    cells = [list(columns)] + [[cell(k, row.get(k)) for k in columns.values()] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def fields(result: dict[str, Any]) -> None:
+    """Print KEY: VALUE lines with the values aligned."""
+    width = max((len(k) for k in result), default=0)
+    for key, value in result.items():
+        click.echo(f"{key + ':':<{width + 1}} {cell(key, value)}")
+
+
+def tabled(columns: dict[str, str], empty: str) -> Callable[[Any], None]:
+    return lambda rows: table(columns, rows, empty)
+
+
+def read_password() -> str:
+    data = sys.stdin.read()
+    password = data[:-1] if data.endswith("\n") else data
+    password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        raise CtlError("no password on stdin (--password-stdin); pipe one in, or leave the option out to generate one")
+    return password
+
+
+def said(message: str) -> Callable[[Any], None]:
+    """A human formatter that prints MESSAGE and, if the daemon generated a password, that password once."""
+
+    def human(result: Any) -> None:
+        click.echo(message)
+        if isinstance(result, dict) and "password" in result:
+            click.echo(f"generated password: {result['password']}")
+            click.echo("Store it now: cmcd keeps only a hash and cannot show this password again.")
+
+    return human
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", default=None, metavar="PATH", help=f"admin socket [default: {DEFAULT_SOCKET}]")
+@click.option("--config", "config_path", default=None, metavar="PATH", help="take admin.socket from this config file")
+@click.option("--json", "as_json", is_flag=True, help="print the raw result as JSON")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: str | None, config_path: str | None, as_json: bool) -> None:
+    """Administer a running cmcd through its admin socket."""
+    if config_path is not None:
+        from cmcd.config import load
+        from cmcd.errors import ConfigError
+
+        try:
+            cfg = load(config_path)
+        except ConfigError as exc:
+            raise CtlError("; ".join(exc.problems)) from None
+        socket_path = str(cfg.path(cfg.admin.socket))
+    ctx.obj = Client(socket_path or DEFAULT_SOCKET, as_json)
+
+
+pass_client = click.make_pass_decorator(Client)
+tenant_arg = click.argument("tenant_name", metavar="TENANT")
+password_opt = click.option("--password-stdin", is_flag=True, help="read the password from stdin, else generate one")
+
+
+@cli.command()
+@pass_client
+def status(c: Client) -> None:
+    """Show the daemon's state."""
+    c.show(c.call("status"), fields)
+
+
+@cli.group()
+def tenant() -> None:
+    """Tenants: add, list, show."""
+
+
+@tenant.command("add")
+@click.argument("name")
+@pass_client
+def tenant_add(c: Client, name: str) -> None:
+    """Add tenant NAME."""
+    r = c.call("tenant.add", name=name)
+    c.show(r, said(f"added tenant {r['name']} (id {r['id']})"))
+
+
+@tenant.command("list")
+@pass_client
+def tenant_list(c: Client) -> None:
+    """List tenants."""
+    c.show(c.call("tenant.list"), tabled({"TENANT": "name", "ID": "id"}, "no tenants"))
+
+
+@tenant.command("show")
+@click.argument("name")
+@pass_client
+def tenant_show(c: Client, name: str) -> None:
+    """Show tenant NAME: users, domains, IP credentials."""
+    c.show(c.call("tenant.show", name=name), fields)
+
+
+@cli.group()
+def user() -> None:
+    """Users of a tenant: add, list, passwd, disable, enable, delete."""
+
+
+@user.command("add")
+@tenant_arg
+@click.argument("login")
+@click.option("--role", type=click.Choice(["sender", "admin", "viewer"]), default="sender", show_default=True)
+@password_opt
+@pass_client
+def user_add(c: Client, tenant_name: str, login: str, role: str, password_stdin: bool) -> None:
+    """Add user LOGIN to TENANT (a password is generated unless --password-stdin)."""
+    password = read_password() if password_stdin else None
+    r = c.call("user.add", tenant=tenant_name, login=login, role=role, password=password)
+    c.show(r, said(f"added user {r['login']} ({r['role']}) to tenant {r['tenant']}"))
+
+
+@user.command("list")
+@tenant_arg
+@pass_client
+def user_list(c: Client, tenant_name: str) -> None:
+    """List the users of TENANT."""
+    columns = {"LOGIN": "login", "ROLE": "role", "ENABLED": "enabled", "CREATED": "created"}
+    c.show(c.call("user.list", tenant=tenant_name), tabled(columns, f"no users in tenant {tenant_name}"))
+
+
+@user.command("passwd")
+@tenant_arg
+@click.argument("login")
+@password_opt
+@pass_client
+def user_passwd(c: Client, tenant_name: str, login: str, password_stdin: bool) -> None:
+    """Set a new password for LOGIN (generated unless --password-stdin)."""
+    password = read_password() if password_stdin else None
+    r = c.call("user.passwd", tenant=tenant_name, login=login, password=password)
+    c.show(r, said(f"changed the password of {r['login']} in tenant {r['tenant']}"))
+
+
+def _user_change(verb: str, done: str, doc: str) -> None:
+    @user.command(verb, help=doc)
+    @tenant_arg
+    @click.argument("login")
+    @pass_client
+    def command(c: Client, tenant_name: str, login: str) -> None:
+        r = c.call(f"user.{verb}", tenant=tenant_name, login=login)
+        c.show(r, said(f"{done} user {login} in tenant {tenant_name}"))
+
+
+_user_change("disable", "disabled", "Disable LOGIN of TENANT: it can no longer authenticate.")
+_user_change("enable", "enabled", "Enable LOGIN of TENANT again.")
+_user_change("delete", "deleted", "Delete LOGIN of TENANT and its IP credentials.")
+
+
+@cli.group()
+def ipcred() -> None:
+    """IP credentials (a user authenticated by client address): add, list, delete."""
+
+
+def _ipcred_change(verb: str, done: str, doc: str) -> None:
+    @ipcred.command(verb, help=doc)
+    @tenant_arg
+    @click.argument("login")
+    @click.argument("cidr")
+    @pass_client
+    def command(c: Client, tenant_name: str, login: str, cidr: str) -> None:
+        r = c.call(f"ipcred.{verb}", tenant=tenant_name, login=login, cidr=cidr)
+        c.show(r, said(f"{done} IP credential {r['cidr']} of {login} in tenant {tenant_name}"))
+
+
+_ipcred_change("add", "added", "Let clients from CIDR send as LOGIN of TENANT without AUTH.")
+_ipcred_change("delete", "deleted", "Remove IP credential CIDR from LOGIN of TENANT.")
+
+
+@ipcred.command("list")
+@tenant_arg
+@pass_client
+def ipcred_list(c: Client, tenant_name: str) -> None:
+    """List the IP credentials of TENANT."""
+    columns = {"LOGIN": "login", "CIDR": "cidr"}
+    c.show(c.call("ipcred.list", tenant=tenant_name), tabled(columns, f"no IP credentials in tenant {tenant_name}"))
+
+
+@cli.group()
+def domain() -> None:
+    """Sender domains of a tenant: add, list."""
+
+
+@domain.command("add")
+@tenant_arg
+@click.argument("name", metavar="DOMAIN")
+@pass_client
+def domain_add(c: Client, tenant_name: str, name: str) -> None:
+    """Let TENANT send as DOMAIN."""
+    r = c.call("domain.add", tenant=tenant_name, domain=name)
+    c.show(r, said(f"added domain {r['domain']} to tenant {r['tenant']}"))
+
+
+@domain.command("list")
+@click.argument("tenant_name", metavar="[TENANT]", required=False)
+@pass_client
+def domain_list(c: Client, tenant_name: str | None) -> None:
+    """List domains, of every tenant or of TENANT."""
+    c.show(c.call("domain.list", tenant=tenant_name), tabled({"DOMAIN": "domain", "TENANT": "tenant"}, "no domains"))
+
+
+@cli.group()
+def queue() -> None:
+    """Messages in the spool: list, show."""
+
+
+@queue.command("list")
+@click.option("--tenant", "tenant_name", default=None, metavar="T", help="only this tenant's messages")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@pass_client
+def queue_list(c: Client, tenant_name: str | None, limit: int) -> None:
+    """List queued messages, oldest first."""
+    columns = {"QUEUE-ID": "queue_id", "TENANT": "tenant", "SENDER": "sender", "SIZE": "size_bytes"}
+    columns |= {"RECEIVED": "received", "RCPTS": "recipients", "STATES": "states"}
+    c.show(c.call("queue.list", tenant=tenant_name, limit=limit), tabled(columns, "the queue is empty"))
+
+
+def _show_message(m: dict[str, Any]) -> None:
+    fields({k: v for k, v in m.items() if k not in ("recipients", "tenant_id", "user_id")})
+    click.echo()
+    columns = {"RECIPIENT": "address", "STATE": "state", "ATTEMPTS": "attempts", "NEXT-ATTEMPT": "next_attempt"}
+    table(columns | {"LAST-RESPONSE": "last_response"}, m["recipients"], "no recipients")
+
+
+@queue.command("show")
+@click.argument("queue_id", metavar="QUEUE-ID")
+@pass_client
+def queue_show(c: Client, queue_id: str) -> None:
+    """Show one message's envelope and the state of each recipient (never the body)."""
+    c.show(c.call("queue.show", queue_id=queue_id), _show_message)
+
+
+def main() -> None:
+    cli(prog_name="cmcctl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,474 @@
+"""Serves cmcctl's JSON-lines requests on a local Unix socket, logging every change; never listens on the network or returns a message body.
+
+Requests are `{"verb": "tenant.add", "args": {"name": "acme"}}`; replies are `{"ok": true, "result": ...}`
+or `{"ok": false, "error": "..."}`. The caller is whoever the kernel says is at the other end
+(SO_PEERCRED); who may connect at all is decided by the socket's mode (0660) and group.
+Every mutation, done or refused, goes to the operation log; passwords never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cmcd import crypto
+from cmcd.config import Config
+from cmcd.errors import CmcdError, NotFound, StoreError
+from cmcd.queue.spool import Spool
+from cmcd.records import User
+from cmcd.store import AsyncStore
+
+log = logging.getLogger("cmcd.admin")
+
+#: longest request line accepted; a longer one is answered with an error and the connection closed
+MAX_LINE_BYTES = 1024 * 1024
+QUEUE_LIST_DEFAULT = 100
+QUEUE_LIST_MAX = 10_000
+
+
+class BadRequest(CmcdError):
+    """The request itself is malformed (missing or mistyped argument); nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The process at the other end of a connection, as the kernel reports it."""
+
+    pid: int
+    uid: int
+    gid: int
+    name: str
+
+
+class _Args:
+    """A verb's arguments, checked: unknown keys refused, values typed; errors never quote values."""
+
+    def __init__(self, verb: str, raw: Any, allowed: tuple[str, ...]):
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise BadRequest(f'{verb}: "args" must be a JSON object')
+        unknown = sorted(k for k in raw if k not in allowed)
+        if unknown:
+            expected = ", ".join(allowed) if allowed else "none"
+            raise BadRequest(f"{verb}: unknown argument {unknown[0]!r} (expected: {expected})")
+        self.verb = verb
+        self.raw: dict[str, Any] = raw
+
+    def text(self, key: str) -> str:
+        value = self.optional_text(key)
+        if value is None:
+            raise BadRequest(f"{self.verb}: missing argument {key!r}")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise BadRequest(f"{self.verb}: argument {key!r} must be a non-empty string")
+        return value
+
+    def password(self) -> str | None:
+        value = self.raw.get("password")
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise BadRequest(f"{self.verb}: password must be a non-empty string (or left out to have one generated)")
+        if "\x00" in value:
+            raise BadRequest(f"{self.verb}: password must not contain a NUL character")
+        return value
+
+    def integer(self, key: str, default: int, low: int, high: int) -> int:
+        value = self.raw.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise BadRequest(f"{self.verb}: argument {key!r} must be an integer from {low} to {high}")
+        return value
+
+
+Handler = Callable[["AdminServer", _Args], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class _Verb:
+    handler: Handler
+    args: tuple[str, ...]
+    #: for mutations: how the operation log names the target, e.g. "{tenant}/{login}"
+    target: str | None = None
+    #: for mutations: the argument naming the tenant the change belongs to
+    tenant_arg: str = "tenant"
+
+    @property
+    def mutation(self) -> bool:
+        return self.target is not None
+
+
+class _Target(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def _user(u: User) -> dict[str, Any]:
+    return {"tenant": u.tenant, "login": u.login, "role": u.role, "enabled": u.enabled, "created": u.created}
+
+
+class _Connection:
+    __slots__ = ("task", "busy")
+
+    def __init__(self, task: asyncio.Task[Any] | None):
+        self.task = task
+        self.busy = False
+
+
+class AdminServer:
+    def __init__(
+        self,
+        config: Config,
+        astore: AsyncStore,
+        spool: Spool,
+        on_change: Callable[[], None],
+        status: Callable[[], dict[str, Any]],
+    ):
+        self._path = config.path(config.admin.socket)
+        self._astore = astore
+        self._store = astore.store
+        self._spool = spool
+        self._on_change = on_change
+        self._get_status = status
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+        self._conns: set[_Connection] = set()
+        self._closing = False
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on admin.socket (mode 0660), replacing a stale socket file but never a live one."""
+        loop = asyncio.get_running_loop()
+        sock = await loop.run_in_executor(None, _bind, self._path)
+        self._inode = os.stat(self._path).st_ino
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE_BYTES)
+        except BaseException:
+            sock.close()
+            self._unlink()
+            raise
+        log.info("event=admin_listening socket=%s", self._path)
+
+    async def close(self) -> None:
+        """Stop accepting, let a request in progress finish, drop idle connections, remove the socket."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for conn in list(self._conns):
+            if not conn.busy and conn.task is not None:
+                conn.task.cancel()
+        tasks = [c.task for c in self._conns if c.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """Remove the socket file only if it is still the one this server created."""
+        try:
+            if self._inode is not None and os.lstat(self._path).st_ino == self._inode:
+                self._path.unlink()
+        except FileNotFoundError:
+            pass
+        self._inode = None
+
+    # -- connections -----------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Connection(asyncio.current_task())
+        self._conns.add(conn)
+        try:
+            if self._closing:
+                return
+            caller = await self._peer(writer)
+            while not self._closing:
+                try:
+                    line = await reader.readline()
+                except ValueError:
+                    await _send(writer, _error(f"request longer than {MAX_LINE_BYTES} bytes; closing the connection"))
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                conn.busy = True
+                try:
+                    reply = await self._handle(caller, line)
+                    await _send(writer, reply)
+                finally:
+                    conn.busy = False
+        except OSError as exc:
+            log.info("event=admin_connection_lost error=%r", str(exc))
+        finally:
+            self._conns.discard(conn)
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    async def _peer(self, writer: asyncio.StreamWriter) -> Caller:
+        sock = writer.get_extra_info("socket")
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        name = await asyncio.get_running_loop().run_in_executor(None, _user_name, uid)
+        return Caller(pid=pid, uid=uid, gid=gid, name=name)
+
+    async def _handle(self, caller: Caller, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return _error(f'request is not valid JSON ({exc}); send one object a line, like {{"verb": "status"}}')
+        if not isinstance(request, dict) or not isinstance(request.get("verb"), str):
+            return _error('request must be a JSON object with a string "verb" and an object "args"')
+        verb: str = request["verb"]
+        spec = VERBS.get(verb)
+        if spec is None:
+            return _error(f"unknown verb {verb!r}; known verbs: {', '.join(VERBS)}")
+        raw_args = request.get("args")
+        result: Any = None
+        error: str | None = None
+        try:
+            result = await spec.handler(self, _Args(verb, raw_args, spec.args))
+        except (StoreError, BadRequest) as exc:
+            error = str(exc)
+        except Exception as exc:
+            log.exception("event=admin_request_failed verb=%s uid=%d", verb, caller.uid)
+            error = f"{verb} failed inside cmcd ({exc}); see the daemon log"
+        if spec.mutation:
+            args = raw_args if isinstance(raw_args, dict) else {}
+            await self._log_op(caller, verb, spec, args, error)
+            if error is None:
+                self._changed()
+        if error is not None:
+            return _error(error)
+        return {"ok": True, "result": result}
+
+    async def _log_op(self, caller: Caller, verb: str, spec: _Verb, args: dict[str, Any], error: str | None) -> None:
+        assert spec.target is not None
+        names = _Target({k: v for k, v in args.items() if isinstance(v, str) and k != "password"})
+        target = spec.target.format_map(names)
+        tenant = args.get(spec.tenant_arg)
+        try:
+            tenant_id = await self._astore.call(_tenant_id, self._store, tenant) if isinstance(tenant, str) else None
+            await self._astore.call(
+                self._store.log_op,
+                actor_uid=caller.uid,
+                actor=caller.name,
+                action=verb,
+                target=target,
+                result="ok" if error is None else "refused",
+                tenant_id=tenant_id,
+                detail=error or "",
+            )
+        except Exception:
+            log.exception("event=ops_log_failed verb=%s target=%s uid=%d", verb, target, caller.uid)
+
+    def _changed(self) -> None:
+        try:
+            self._on_change()
+        except Exception:
+            log.exception("event=admin_on_change_failed")
+
+    # -- verbs -----------------------------------------------------------------------------
+
+    async def _status(self, a: _Args) -> Any:
+        return dict(self._get_status())
+
+    async def _tenant_add(self, a: _Args) -> Any:
+        t = await self._astore.call(self._store.tenant_add, a.text("name"))
+        return dataclasses.asdict(t)
+
+    async def _tenant_list(self, a: _Args) -> Any:
+        return [dataclasses.asdict(t) for t in await self._astore.call(self._store.tenants)]
+
+    async def _tenant_show(self, a: _Args) -> Any:
+        return await self._astore.call(self._store.tenant_summary, a.text("name"))
+
+    async def _hash(self, password: str) -> str:
+        return await asyncio.get_running_loop().run_in_executor(None, crypto.hash_password, password)
+
+    async def _user_add(self, a: _Args) -> Any:
+        tenant, login, role = a.text("tenant"), a.text("login"), a.optional_text("role") or "sender"
+        password = a.password()
+        generated = password is None
+        if password is None:
+            password = crypto.generate_password()
+        await self._astore.call(self._store.tenant, tenant)  # refuse an unknown tenant before hashing
+        u = await self._astore.call(self._store.user_add, tenant, login, role, await self._hash(password))
+        return _user(u) | ({"password": password} if generated else {})
+
+    async def _user_list(self, a: _Args) -> Any:
+        return [_user(u) for u in await self._astore.call(self._store.users, a.text("tenant"))]
+
+    async def _user_passwd(self, a: _Args) -> Any:
+        tenant, login = a.text("tenant"), a.text("login")
+        password = a.password()
+        generated = password is None
+        if password is None:
+            password = crypto.generate_password()
+        await self._astore.call(self._store.user, tenant, login)  # refuse an unknown user before hashing
+        u = await self._astore.call(self._store.user_update, tenant, login, password_hash=await self._hash(password))
+        return _user(u) | ({"password": password} if generated else {})
+
+    async def _user_enable(self, a: _Args, enabled: bool) -> Any:
+        u = await self._astore.call(self._store.user_update, a.text("tenant"), a.text("login"), enabled=enabled)
+        return _user(u)
+
+    async def _user_disable_verb(self, a: _Args) -> Any:
+        return await self._user_enable(a, False)
+
+    async def _user_enable_verb(self, a: _Args) -> Any:
+        return await self._user_enable(a, True)
+
+    async def _user_delete(self, a: _Args) -> Any:
+        tenant, login = a.text("tenant"), a.text("login")
+        await self._astore.call(self._store.user_delete, tenant, login)
+        return {"tenant": tenant, "login": login, "deleted": True}
+
+    async def _ipcred_add(self, a: _Args) -> Any:
+        c = await self._astore.call(self._store.ipcred_add, a.text("tenant"), a.text("login"), a.text("cidr"))
+        return {"tenant": c.tenant, "login": c.login, "cidr": c.cidr}
+
+    async def _ipcred_list(self, a: _Args) -> Any:
+        creds = await self._astore.call(self._store.ipcreds, a.optional_text("tenant"))
+        return [{"tenant": c.tenant, "login": c.login, "cidr": c.cidr} for c in creds]
+
+    async def _ipcred_delete(self, a: _Args) -> Any:
+        tenant, login, cidr = a.text("tenant"), a.text("login"), a.text("cidr")
+        await self._astore.call(self._store.ipcred_delete, tenant, login, cidr)
+        return {"tenant": tenant, "login": login, "cidr": cidr, "deleted": True}
+
+    async def _domain_add(self, a: _Args) -> Any:
+        d = await self._astore.call(self._store.domain_add, a.text("tenant"), a.text("domain"))
+        return {"tenant": d.tenant, "domain": d.name}
+
+    async def _domain_list(self, a: _Args) -> Any:
+        domains = await self._astore.call(self._store.domains, a.optional_text("tenant"))
+        return [{"tenant": d.tenant, "domain": d.name} for d in domains]
+
+    async def _tenant_names(self) -> dict[int, str]:
+        return {t.id: t.name for t in await self._astore.call(self._store.tenants)}
+
+    async def _queue_list(self, a: _Args) -> Any:
+        tenant = a.optional_text("tenant")
+        limit = a.integer("limit", QUEUE_LIST_DEFAULT, 1, QUEUE_LIST_MAX)
+        tenant_id = None if tenant is None else (await self._astore.call(self._store.tenant, tenant)).id
+        spool = self._spool
+        rows: list[dict[str, Any]] = await spool.call(lambda conn: spool.list_rows(conn, tenant_id, limit))
+        names = await self._tenant_names()
+        return [{"tenant": names.get(r["tenant_id"], str(r["tenant_id"]))} | r for r in rows]
+
+    async def _queue_show(self, a: _Args) -> Any:
+        queue_id = a.text("queue_id")
+        spool = self._spool
+        row: dict[str, Any] = await spool.call(lambda conn: spool.show_row(conn, queue_id))
+        names = await self._tenant_names()
+        return {"tenant": names.get(row["tenant_id"], str(row["tenant_id"]))} | row
+
+
+VERBS: dict[str, _Verb] = {
+    "status": _Verb(AdminServer._status, ()),
+    "tenant.add": _Verb(AdminServer._tenant_add, ("name",), target="{name}", tenant_arg="name"),
+    "tenant.list": _Verb(AdminServer._tenant_list, ()),
+    "tenant.show": _Verb(AdminServer._tenant_show, ("name",)),
+    "user.add": _Verb(AdminServer._user_add, ("tenant", "login", "role", "password"), target="{tenant}/{login}"),
+    "user.list": _Verb(AdminServer._user_list, ("tenant",)),
+    "user.passwd": _Verb(AdminServer._user_passwd, ("tenant", "login", "password"), target="{tenant}/{login}"),
+    "user.disable": _Verb(AdminServer._user_disable_verb, ("tenant", "login"), target="{tenant}/{login}"),
+    "user.enable": _Verb(AdminServer._user_enable_verb, ("tenant", "login"), target="{tenant}/{login}"),
+    "user.delete": _Verb(AdminServer._user_delete, ("tenant", "login"), target="{tenant}/{login}"),
+    "ipcred.add": _Verb(AdminServer._ipcred_add, ("tenant", "login", "cidr"), target="{tenant}/{login} {cidr}"),
+    "ipcred.list": _Verb(AdminServer._ipcred_list, ("tenant",)),
+    "ipcred.delete": _Verb(AdminServer._ipcred_delete, ("tenant", "login", "cidr"), target="{tenant}/{login} {cidr}"),
+    "domain.add": _Verb(AdminServer._domain_add, ("tenant", "domain"), target="{tenant}/{domain}"),
+    "domain.list": _Verb(AdminServer._domain_list, ("tenant",)),
+    "queue.list": _Verb(AdminServer._queue_list, ("tenant", "limit")),
+    "queue.show": _Verb(AdminServer._queue_show, ("queue_id",)),
+}
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+async def _send(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+    writer.write(json.dumps(reply).encode("utf-8") + b"\n")
+    await writer.drain()
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _tenant_id(store: Any, name: str) -> int | None:
+    try:
+        return int(store.tenant(name).id)
+    except NotFound:
+        return None
+
+
+def _bind(path: Path) -> socket.socket:
+    """Bind a Unix socket at PATH and set its mode before it listens, so no other mode is ever reachable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise CmcdError(f"{path}: exists and is not a socket; remove it or set admin.socket to another path")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2)
+        try:
+            probe.connect(str(path))
+            live = True
+        except (ConnectionRefusedError, FileNotFoundError):
+            live = False
+        except OSError:
+            live = True
+        finally:
+            probe.close()
+        if live:
+            raise CmcdError(f"{path}: another process is serving the admin socket (is cmcd already running?)")
+        path.unlink()
+        log.info("event=admin_stale_socket_removed socket=%s", path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise CmcdError(f"{path}: cannot create the admin socket (admin.socket): {exc.strerror or exc}") from None
+    try:
+        os.chmod(path, 0o660)
+    except OSError as exc:
+        sock.close()
+        path.unlink()
+        raise CmcdError(f"{path}: cannot create the admin socket (admin.socket): {exc.strerror or exc}") from None
+    return sock

@@ -1,0 +1,131 @@
+"""Wires the daemon together and owns the event loop, signals and shutdown; holds no rules of its own.
+
+Start order: store -> queue (spool) -> submit -> smtp -> admin; shutdown in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from cmcd import __version__
+from cmcd.admin.server import AdminServer
+from cmcd.config import Config
+from cmcd.queue.spool import Spool
+from cmcd.smtp.listener import SmtpListeners
+from cmcd.store import AsyncStore, open_store
+from cmcd.submit.service import SubmitService
+
+log = logging.getLogger("cmcd")
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One line per event: ts=... level=... logger=... then the message's own key=value pairs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        msg = record.getMessage()
+        if "=" not in msg.split(" ", 1)[0]:
+            msg = f"msg={msg!r}"
+        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {msg}"
+        if record.exc_info:
+            line += " exc=" + repr(self.formatException(record.exc_info))
+        return line
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+
+
+def sd_notify(notify_socket: str | None, message: str) -> None:
+    """Tell systemd (Type=notify) about READY=1 / STOPPING=1; a no-op outside systemd."""
+    if not notify_socket:
+        return
+    addr = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+class Daemon:
+    def __init__(self, config: Config, notify_socket: str | None = None):
+        self.config = config
+        self.notify_socket = notify_socket
+        self.started = time.time()
+        self.stop_event = asyncio.Event()
+        self.smtp: SmtpListeners | None = None
+        self.service: SubmitService | None = None
+        self.spool: Spool | None = None
+
+    def status(self) -> dict[str, Any]:
+        sessions = self.smtp.ctx.sessions if self.smtp else None
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
+            "sessions": len(sessions.live) if sessions else 0,
+            "accepted": self.service.accepted if self.service else 0,
+            "spool_commits": self.spool.commits if self.spool else 0,
+            "spool_transactions": self.spool.transactions if self.spool else 0,
+            "listeners": self.smtp.bound if self.smtp else {},
+        }
+
+    async def run(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+
+        store = await asyncio.to_thread(open_store, cfg.path(cfg.store.path), cfg.path(cfg.store.key_file))
+        astore = AsyncStore(store)
+        self.spool = spool = await asyncio.to_thread(Spool, cfg.path(cfg.spool.dir), store.keys)
+        report = await asyncio.to_thread(spool.recover)
+        log.info(
+            "event=spool_recovered inflight_requeued=%d partial_removed=%d",
+            report.inflight_requeued,
+            report.partial_files_removed,
+        )
+        spool.start()
+        self.service = service = SubmitService(cfg, astore, spool)
+        await service.start()
+        self.smtp = smtp = SmtpListeners(cfg, service)
+        await smtp.start()
+        admin = AdminServer(cfg, astore, spool, service.invalidate, self.status)
+        await admin.start()
+
+        log.info(
+            "event=ready version=%s pid=%d smtp=%s smtps=%s admin=%s",
+            __version__,
+            os.getpid(),
+            ",".join(smtp.bound["smtp"]) or "-",
+            ",".join(smtp.bound["smtps"]) or "-",
+            cfg.path(cfg.admin.socket),
+        )
+        sd_notify(self.notify_socket, "READY=1")
+        await self.stop_event.wait()
+
+        log.info("event=stopping grace_s=%g", cfg.server.shutdown_grace)
+        sd_notify(self.notify_socket, "STOPPING=1")
+        await admin.close()
+        await smtp.close(cfg.server.shutdown_grace)
+        await service.close()
+        await asyncio.to_thread(spool.stop)
+        await asyncio.to_thread(astore.close)
+        log.info("event=stopped")
+
+
+def serve(config: Config, notify_socket: str | None = None) -> None:
+    import uvloop
+
+    uvloop.run(Daemon(config, notify_socket).run())

@@ -1,0 +1,102 @@
+"""Pure policy: line-ending rules for DATA, rate and quota arithmetic, auth-failure windows.
+
+Nothing here opens a socket, reads a clock or touches a file; callers pass `now`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+
+_ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(frozen=True)
+class DataVerdict:
+    """The outcome of checking a message's bytes: body to keep, or a problem to reply with."""
+
+    body: bytes | None
+    problem: str = ""
+
+
+def unstuff(raw: bytes) -> bytes:
+    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on data that ends with CRLF or is empty."""
+    if raw.startswith(b".."):
+        raw = raw[1:]
+    return raw.replace(b"\r\n..", b"\r\n.")
+
+
+def check_data(raw: bytes, bare_newlines: str) -> DataVerdict:
+    """Apply the bare-CR/LF and NUL rules to unstuffed message bytes.
+
+    NUL is refused in every mode (no SMTP client has a reason to send it). A bare CR or
+    bare LF is refused in "reject" mode and becomes CRLF in "normalize" mode, as Postfix
+    3.9 does, so nothing cmcd relays can be read as a second end-of-data by another server.
+    """
+    if b"\0" in raw:
+        return DataVerdict(None, "550 5.6.0 Message contains a NUL character")
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:
+        return DataVerdict(raw)
+    if bare_newlines == "reject":
+        return DataVerdict(None, "550 5.6.0 Message contains a bare CR or LF; lines must end with CRLF")
+    return DataVerdict(_ANY_NEWLINE.sub(b"\r\n", raw))
+
+
+def too_slow(received_bytes: int, elapsed_s: float, min_rate: float, grace_s: float) -> bool:
+    """True when a client has been sending DATA for longer than the grace period below min_rate."""
+    if min_rate <= 0 or elapsed_s <= grace_s:
+        return False
+    return received_bytes < min_rate * elapsed_s
+
+
+class SlidingWindow:
+    """Counts events per key within the last window_s seconds (auth failures per IP, sends per tenant)."""
+
+    def __init__(self, window_s: float, max_keys: int = 100_000):
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self._events: dict[object, deque[float]] = {}
+
+    def _trim(self, key: object, now: float) -> deque[float]:
+        q = self._events.get(key)
+        if q is None:
+            if len(self._events) >= self.max_keys:  # bound memory: forget the oldest key
+                self._events.pop(next(iter(self._events)))
+            q = self._events[key] = deque()
+        cutoff = now - self.window_s
+        while q and q[0] <= cutoff:
+            q.popleft()
+        return q
+
+    def count(self, key: object, now: float) -> int:
+        return len(self._trim(key, now))
+
+    def add(self, key: object, now: float) -> int:
+        q = self._trim(key, now)
+        q.append(now)
+        return len(q)
+
+
+class TokenBucket:
+    """A per-key token bucket: rate tokens per second, burst of max(1, rate)."""
+
+    def __init__(self) -> None:
+        self._state: dict[object, tuple[float, float]] = {}
+
+    def take(self, key: object, rate_per_s: float, now: float) -> bool:
+        if rate_per_s <= 0:
+            return True
+        burst = max(1.0, rate_per_s)
+        tokens, last = self._state.get(key, (burst, now))
+        tokens = min(burst, tokens + (now - last) * rate_per_s)
+        if tokens < 1.0:
+            self._state[key] = (tokens, now)
+            return False
+        self._state[key] = (tokens - 1.0, now)
+        return True
+
+
+def over_daily_quota(sent_today: int, limit: int) -> bool:
+    return limit > 0 and sent_today >= limit

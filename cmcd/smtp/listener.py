@@ -1,0 +1,151 @@
+"""Submission listeners: sockets, TLS context, connection limits and graceful close; the rules stay in submit/."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from cmcd.config import Config, split_hostport
+from cmcd.smtp.session import SubmissionSMTP
+from cmcd.submit.service import SubmitService
+
+log = logging.getLogger("cmcd.smtp")
+
+
+def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class SubmissionHandler:
+    """aiosmtpd hooks that turn envelope events into SubmitService decisions."""
+
+    def __init__(self, service: SubmitService):
+        self.service = service
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        if address == "<>":
+            address = ""
+        problem = self.service.check_mail(session.sender, address, envelope.smtp_utf8)
+        if problem:
+            return problem
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
+        problem = self.service.check_rcpt(session.sender, address, len(envelope.rcpt_tos), envelope.smtp_utf8)
+        if problem:
+            return problem
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA_BYTES(self, server: Any, session: Any, envelope: Any, body: bytes) -> str:
+        return await self.service.finish(
+            session.sender, envelope.mail_from, list(envelope.rcpt_tos), body, server.session_info()
+        )
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("event=session_error error=%r", error, exc_info=error)
+        return "451 4.3.0 Internal error; try again later"
+
+
+@dataclass
+class SessionRegistry:
+    """Open sessions, per client IP and in all; refuses past the limits with 421 4.7.0."""
+
+    max_total: int
+    max_per_ip: int
+    live: set[Any] = field(default_factory=set)
+    per_ip: dict[str, int] = field(default_factory=dict)
+    closing: bool = False
+
+    def admit(self, proto: Any) -> str | None:
+        ip = proto.client_ip
+        if self.closing:
+            return "421 4.3.2 Service shutting down"
+        if self.max_total and len(self.live) >= self.max_total:
+            log.warning("event=conn_refused reason=global_limit client_ip=%s", ip)
+            return "421 4.7.0 Too many connections; try again later"
+        if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
+            log.warning("event=conn_refused reason=ip_limit client_ip=%s", ip)
+            return "421 4.7.0 Too many connections from your address; try again later"
+        self.live.add(proto)
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        return None
+
+    def release(self, proto: Any) -> None:
+        if proto in self.live:
+            self.live.discard(proto)
+            n = self.per_ip.get(proto.client_ip, 1) - 1
+            if n:
+                self.per_ip[proto.client_ip] = n
+            else:
+                self.per_ip.pop(proto.client_ip, None)
+
+
+@dataclass
+class SmtpContext:
+    config: Config
+    service: SubmitService
+    handler: SubmissionHandler
+    tls_context: ssl.SSLContext | None
+    sessions: SessionRegistry
+
+
+class SmtpListeners:
+    """Starts the submission (STARTTLS) and implicit-TLS listeners; closes them gracefully."""
+
+    def __init__(self, config: Config, service: SubmitService):
+        smtp = config.smtp
+        tls = make_tls_context(str(config.path(smtp.tls_cert)), str(config.path(smtp.tls_key)))
+        self.ctx = SmtpContext(
+            config, service, SubmissionHandler(service), tls, SessionRegistry(smtp.max_connections, smtp.max_connections_per_ip)
+        )
+        self.servers: list[asyncio.AbstractServer] = []
+        self.bound: dict[str, list[str]] = {"smtp": [], "smtps": []}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        ctx = self.ctx
+        for kind, addrs, implicit in (
+            ("smtp", ctx.config.smtp.listen, False),
+            ("smtps", ctx.config.smtp.listen_tls, True),
+        ):
+            for hp in addrs:
+                host, port = split_hostport(hp)
+                server = await loop.create_server(
+                    lambda implicit=implicit: SubmissionSMTP(ctx, implicit_tls=implicit),  # type: ignore[misc]
+                    host,
+                    port,
+                    ssl=ctx.tls_context if implicit else None,
+                    backlog=1024,
+                    reuse_address=True,
+                )
+                self.servers.append(server)
+                for sock in server.sockets:
+                    name = sock.getsockname()
+                    self.bound[kind].append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+
+    async def close(self, grace_s: float) -> None:
+        """Stop accepting; let sessions inside DATA finish within GRACE_S; close the rest."""
+        sessions = self.ctx.sessions
+        sessions.closing = True
+        for server in self.servers:
+            server.close()
+        for proto in list(sessions.live):
+            if not proto.busy:
+                proto._close("421 4.3.2 Service shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while any(p.busy for p in sessions.live) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for proto in list(sessions.live):
+            proto._close("421 4.3.2 Service shutting down")
+        for server in self.servers:
+            await server.wait_closed()

@@ -1,0 +1,330 @@
+"""One submission session: aiosmtpd's SMTP with cmcd's AUTH, DATA reading and replies; no business rules.
+
+What aiosmtpd does not do and this adds: enhanced status codes on every reply, AUTH only
+over TLS with the credential check off the event loop, IP credentials, a DATA reader that
+accepts only <CRLF>.<CRLF> as the end, keeps memory bounded on overruns, enforces a
+minimum data rate, and leaves pipelined commands after the dot for the next read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import collections
+import logging
+import re
+from base64 import b64decode
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import MISSING, SMTP, Session
+
+from cmcd import policy
+from cmcd.records import Sender
+from cmcd.submit.service import REPLY_AUTH_THROTTLED, SessionInfo
+
+if TYPE_CHECKING:
+    from cmcd.smtp.listener import SmtpContext
+
+log = logging.getLogger("cmcd.smtp")
+
+_REPLY = re.compile(r"^([245]\d\d)([ -])(.*)$", re.S)
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
+_DEFAULT_ENHANCED = {
+    "221": "2.0.0", "235": "2.7.0", "250": "2.0.0", "252": "2.5.0",
+    "421": "4.3.2", "451": "4.3.0", "452": "4.5.3", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
+    "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.0.0", "552": "5.3.4",
+    "553": "5.1.3", "554": "5.0.0", "555": "5.5.4",
+}  # fmt: skip
+#: aiosmtpd's own replies that need a better code or wording for our clients.
+_REWRITE = {
+    "552 Error: message size exceeds fixed maximum message size": "552 5.3.4 Message size exceeds fixed maximum message size",
+    "553 5.1.3 Error: malformed address": "501 5.1.3 Bad address syntax",
+    "500 Error: strict ASCII mode": "501 5.1.3 Non-ASCII characters require SMTPUTF8",
+    "500 Command line too long": "500 5.5.2 Command line too long (limit 512 octets)",
+}
+_NULL_SENDER = re.compile(r"^FROM:\s*<>(\s|$)", re.I)
+_CHUNK = 65536
+_DATA_READ_LIMIT = 262144
+
+
+def with_enhanced_code(reply: str) -> str:
+    """Give REPLY an RFC 3463 enhanced status code if it lacks one (not for 220/334/354)."""
+    reply = _REWRITE.get(reply, reply)
+    m = _REPLY.match(reply)
+    if m is None or m.group(1) in ("220", "334", "354") or _ENHANCED.match(m.group(3)):
+        return reply
+    code = _DEFAULT_ENHANCED.get(m.group(1), m.group(1)[0] + ".0.0")
+    return f"{m.group(1)}{m.group(2)}{code} {m.group(3)}"
+
+
+class CmcdSession(Session):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.sender: Sender | None = None
+
+
+class SubmissionSMTP(SMTP):
+    """aiosmtpd's protocol with cmcd's rules; one instance per connection."""
+
+    def __init__(self, ctx: SmtpContext, *, implicit_tls: bool):
+        cfg = ctx.config.smtp
+        super().__init__(
+            ctx.handler,
+            data_size_limit=cfg.max_message_size,
+            enable_SMTPUTF8=False,
+            decode_data=False,
+            hostname=ctx.config.server.hostname,
+            ident="ESMTP cmcd",
+            tls_context=None if implicit_tls else ctx.tls_context,
+            timeout=cfg.command_timeout,
+            auth_required=True,
+            auth_require_tls=True,
+            loop=asyncio.get_running_loop(),
+        )
+        self.ctx = ctx
+        self.implicit_tls = implicit_tls
+        # aiosmtpd keeps these limits in a class-wide dict that grows on every EHLO; ours are per session.
+        self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26, "RCPT": 512})
+        self.busy = False  # True from DATA until its reply is sent (shutdown waits for these)
+        self.client_ip = ""
+        self._refused = False
+
+    # -- connection ------------------------------------------------------------------------
+
+    def _create_session(self) -> Session:
+        return CmcdSession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # the first call; STARTTLS calls it again
+            peer = transport.get_extra_info("peername")
+            self.client_ip = peer[0] if peer else ""
+            refusal = self.ctx.sessions.admit(self)
+            if refusal:
+                self._refused = True
+                transport.write((refusal + "\r\n").encode())  # type: ignore[attr-defined]
+                transport.close()
+                return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return
+        self.ctx.sessions.release(self)
+        super().connection_lost(error)
+
+    @property
+    def is_tls(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    def session_info(self) -> SessionInfo:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        version = ssl_object.version() if ssl_object is not None else None
+        cipher = ssl_object.cipher()[0] if ssl_object is not None else None
+        helo = self.session.host_name if self.session is not None else ""
+        return SessionInfo(self.client_ip, str(helo or ""), version, cipher)
+
+    def sender(self) -> Sender | None:
+        assert self.session is not None
+        session: Any = self.session
+        return session.sender or self.ctx.service.ip_sender(self.client_ip)
+
+    # -- replies ---------------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = with_enhanced_code(status)
+        await super().push(status)
+
+    async def _push_lines(self, lines: list[str]) -> None:
+        self._writer.write("".join(f"250{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)).encode())
+        await self._writer.drain()
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        assert self.session is not None
+        session: Any = self.session
+        if session.sender is None:
+            session.sender = self.ctx.service.ip_sender(self.client_ip)
+            if session.sender is None:
+                await self.push("530 5.7.0 Authentication required")
+                return True
+        return False
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._set_rset_state()
+        assert self.session is not None
+        self.session.extended_smtp = True
+        self.session.host_name = hostname
+        lines = [self.hostname, f"SIZE {self.data_size_limit}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        if self.ctx.tls_context is not None and not self.is_tls:
+            lines.append("STARTTLS")
+        if self.is_tls:
+            lines.append("AUTH PLAIN LOGIN")
+        await self._push_lines(lines)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if await self.check_helo_needed("EHLO"):
+            return
+        session: Any = self.session
+        if not session.extended_smtp:
+            await self.push("503 5.5.1 Send EHLO first")
+            return
+        if not self.is_tls:
+            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if session.authenticated:
+            await self.push("503 5.5.1 Already authenticated")
+            return
+        if self.ctx.service.auth_throttled(self.client_ip):
+            await self.push(REPLY_AUTH_THROTTLED)
+            self._close()
+            return
+        args = (arg or "").split()
+        if not 1 <= len(args) <= 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        mechanism = args[0].upper()
+        if mechanism == "PLAIN":
+            creds = await self._auth_plain(args)
+        elif mechanism == "LOGIN":
+            creds = await self._auth_login(args)
+        else:
+            await self.push("504 5.5.4 Unrecognized authentication type (use PLAIN or LOGIN)")
+            return
+        if creds is None:
+            return  # the reason was already sent
+        result = await self.ctx.service.authenticate(creds[0], creds[1], self.client_ip, mechanism)
+        if isinstance(result, str):
+            await self.push(result)
+            if result.startswith("421"):
+                self._close()
+            return
+        session.sender = result
+        session.authenticated = True
+        session.login_data = result.login
+        await self.push("235 2.7.0 Authentication successful")
+
+    async def _decode(self, blob: str | bytes) -> bytes | None:
+        try:
+            return b64decode(blob, validate=True)
+        except (binascii.Error, ValueError):
+            await self.push("501 5.5.2 Cannot decode base64")
+            return None
+
+    async def _challenge(self, prompt: bytes) -> bytes | None:
+        answer = await self.challenge_auth(prompt)
+        return None if answer is MISSING else answer  # type: ignore[return-value]
+
+    async def _auth_plain(self, args: list[str]) -> tuple[str, str] | None:
+        raw = await self._decode(args[1]) if len(args) == 2 else await self._challenge(b"")
+        if raw is None:
+            return None
+        parts = raw.split(b"\0")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            await self.push("501 5.5.2 Malformed AUTH PLAIN response")
+            return None
+        return self._text(parts[1]), self._text(parts[2])
+
+    async def _auth_login(self, args: list[str]) -> tuple[str, str] | None:
+        login = await self._decode(args[1]) if len(args) == 2 else await self._challenge(b"Username:")
+        if login is None:
+            return None
+        password = await self._challenge(b"Password:")
+        if password is None:
+            return None
+        return self._text(login), self._text(password)
+
+    @staticmethod
+    def _text(raw: bytes) -> str:
+        return raw.decode("utf-8", "surrogateescape")
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and _NULL_SENDER.match(arg):
+            if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+                return
+            await self.push("550 5.7.1 A null sender is not allowed for submission")
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT command first")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        self.busy = True
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            raw, problem = await self._read_data()
+            if raw is None:
+                if problem:
+                    await self.push(problem)
+                self._set_post_data_state()
+                return
+            status = await self._call_handler_hook("DATA_BYTES", raw)
+            self._set_post_data_state()
+            await self.push(status)
+        finally:
+            self.busy = False
+            if self.ctx.sessions.closing:
+                self._close("421 4.3.2 Service shutting down")
+
+    async def _read_data(self) -> tuple[bytes | None, str]:
+        """Read up to <CRLF>.<CRLF>; return (unstuffed bytes, "") or (None, reply)."""
+        cfg = self.ctx.config.smtp
+        reader: Any = self._reader
+        limit = self.data_size_limit or 0
+        buf = bytearray(b"\r\n")  # a virtual CRLF: "." as the first line ends an empty message
+        scan_from = 0
+        received = 0
+        overrun = False
+        start = self.loop.time()
+        reader._limit = _DATA_READ_LIMIT  # read in large chunks during DATA
+        try:
+            while True:
+                self._reset_timeout(cfg.data_timeout)
+                chunk = await reader.read(_CHUNK)
+                if not chunk:
+                    return None, ""
+                received += len(chunk)
+                buf += chunk
+                end = buf.find(b"\r\n.\r\n", scan_from)
+                if end >= 0:
+                    rest = buf[end + 5 :]
+                    if rest:  # pipelined commands after the dot: leave them for the command loop
+                        reader._buffer[0:0] = rest
+                    del buf[end + 2 :]
+                    break
+                if overrun or (limit and len(buf) - 2 > limit):
+                    overrun = True
+                    del buf[:-4]  # keep only what could start the end-of-data sequence
+                scan_from = max(0, len(buf) - 4)
+                if policy.too_slow(received, self.loop.time() - start, cfg.min_data_rate, cfg.min_data_rate_grace):
+                    log.info("event=data_too_slow client_ip=%s bytes=%d", self.client_ip, received)
+                    self._close("421 4.4.2 Data rate too low; closing connection")
+                    return None, ""
+        finally:
+            reader._limit = self.line_length_limit
+            self._reset_timeout()
+        if overrun:
+            return None, "552 5.3.4 Message size exceeds fixed maximum message size"
+        verdict = policy.check_data(policy.unstuff(bytes(buf[2:])), cfg.bare_newlines)
+        if verdict.body is None:
+            return None, verdict.problem
+        return verdict.body, ""
+
+    def _close(self, reply: str | None = None) -> None:
+        if self.transport is None:
+            return
+        if reply:
+            self.transport.write((reply + "\r\n").encode())  # type: ignore[attr-defined]
+        self.transport.close()

@@ -1,0 +1,72 @@
+"""Reads and fixes a message's header block in bytes; never re-encodes the body.
+
+Only what intake needs: the From: domain(s), whether Message-ID: and Date: exist, and
+adding Received:/Message-ID:/Date: without touching any other byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.utils import getaddresses
+
+
+@dataclass(frozen=True)
+class HeaderInfo:
+    from_values: tuple[str, ...]
+    has_message_id: bool
+    has_date: bool
+    header_end: int  # offset of the blank line's CRLF that ends the header block (or len(body))
+
+
+def parse(body: bytes) -> HeaderInfo:
+    end = body.find(b"\r\n\r\n")
+    if body.startswith(b"\r\n"):
+        end = -2  # no header block at all
+    block = body[: end + 2] if end >= 0 else (body if end == -1 else b"")
+    from_values: list[str] = []
+    has_mid = has_date = False
+    name = ""
+    value_parts: list[bytes] = []
+
+    def flush() -> None:
+        nonlocal has_mid, has_date
+        if name == "from":
+            from_values.append(b"".join(value_parts).decode("utf-8", "replace"))
+        elif name == "message-id":
+            has_mid = True
+        elif name == "date":
+            has_date = True
+
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and name:
+            value_parts.append(line)
+            continue
+        flush()
+        head, colon, rest = line.partition(b":")
+        if colon:
+            name = head.strip().lower().decode("ascii", "replace")
+            value_parts = [rest]
+        else:
+            name = ""
+    flush()
+    header_end = end + 2 if end >= 0 else (len(body) if end == -1 else 0)
+    return HeaderInfo(tuple(from_values), has_mid, has_date, header_end)
+
+
+def from_domains(info: HeaderInfo) -> list[str]:
+    """Every domain named in From: headers (a From: may list several mailboxes)."""
+    domains = []
+    for _, addr in getaddresses(list(info.from_values)):
+        local, at, domain = addr.rpartition("@")
+        domains.append(domain.lower().rstrip(".") if at and local else "")
+    return domains
+
+
+def insert(body: bytes, info: HeaderInfo, prepend: bytes, append: bytes) -> bytes:
+    """Put PREPEND before the first header and APPEND after the last one (each CRLF-terminated)."""
+    end = info.header_end
+    if end == 0:  # no header block (empty, or starts with the blank line): the added headers become it
+        return prepend + append + body
+    if end == len(body) and not body.endswith(b"\r\n"):
+        return prepend + body + b"\r\n" + append
+    return prepend + body[:end] + append + body[end:]

@@ -1,0 +1,295 @@
+"""The rules for a message coming in, for every way in: who may send as what, limits, header fixes, hand-off.
+
+Decisions come back as SMTP reply strings (with enhanced status codes) or None for "go on";
+the protocol layers (smtp/, later api/) only relay them. Never speaks a protocol itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.utils import format_datetime
+from zoneinfo import ZoneInfo
+
+from cmcd import crypto, policy
+from cmcd.config import Config
+from cmcd.errors import SpoolError
+from cmcd.queue.ids import QueueIdGenerator
+from cmcd.queue.spool import Spool, today
+from cmcd.records import Recipient, Sender, SpoolMessage
+from cmcd.store import AsyncStore, LoginRecord
+from cmcd.submit import headers
+
+log = logging.getLogger("cmcd.submit")
+
+_BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x20\x7f]")
+_DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}$|^\[[0-9A-Fa-f:.]+\]$")
+
+#: The DKIM hook: given the final message bytes and the From: domain, return signed bytes.
+Signer = Callable[[bytes, str], bytes]
+
+REPLY_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+REPLY_AUTH_THROTTLED = "421 4.7.0 Too many failed logins from your address; try again later"
+REPLY_SPOOL_FAILED = "451 4.3.0 Could not write the message to the queue; try again later"
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the Received: header says about the session; never holds a password."""
+
+    client_ip: str
+    helo: str
+    tls_version: str | None
+    tls_cipher: str | None
+
+
+def address_problem(address: str, smtputf8: bool) -> str | None:
+    """A 501 5.1.3 reply for an address we will not queue, or None."""
+    if _BAD_ADDRESS_CHARS.search(address):
+        return "501 5.1.3 Bad address syntax: control characters or spaces are not allowed"
+    if not smtputf8 and not address.isascii():
+        return "501 5.1.3 Non-ASCII address requires SMTPUTF8"
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not _DOMAIN.match(domain):
+        return "501 5.1.3 Bad address syntax: expected local-part@domain"
+    return None
+
+
+class SubmitService:
+    def __init__(self, config: Config, astore: AsyncStore, spool: Spool, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.astore = astore
+        self.spool = spool
+        self.clock = clock
+        self.ids = QueueIdGenerator()
+        self.tz = ZoneInfo(config.server.timezone)
+        self.signer: Signer | None = None  # filled by DKIM signing (another issue)
+        self._tenant_domains: dict[int, frozenset[str]] = {}
+        self._tenant_names: dict[int, str] = {}
+        self._ipcreds: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Sender]] = []
+        self._cache_key = os.urandom(32)
+        self._auth_cache: dict[str, tuple[bytes, Sender, float]] = {}
+        self._auth_failures = policy.SlidingWindow(config.smtp.auth_fail_window)
+        self._rates = policy.TokenBucket()
+        self._daily: dict[tuple[int, str], int] = {}
+        self._pending_logins: list[LoginRecord] = []
+        self._pending_mail: list[dict[str, object]] = []
+        self._flush_task: asyncio.Task[None] | None = None
+        self._reload_task: asyncio.Task[None] | None = None
+        self.accepted = 0
+
+    # -- set-up and caches -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.reload()
+        day = today(self.clock(), self.tz)
+        counts = await self.spool.call(lambda conn: self.spool.daily_counts(day))
+        self._daily = {(tenant_id, day): n for tenant_id, n in counts.items()}
+
+    async def reload(self) -> None:
+        """Re-read tenants, domains and IP credentials; forget cached logins."""
+        s = self.astore.store
+        tenants = await self.astore.call(s.tenants)
+        domains = await self.astore.call(s.domains)
+        creds = await self.astore.call(s.ipcreds)
+        by_tenant: dict[int, set[str]] = {t.id: set() for t in tenants}
+        for d in domains:
+            by_tenant.setdefault(d.tenant_id, set()).add(d.name)
+        self._tenant_domains = {k: frozenset(v) for k, v in by_tenant.items()}
+        self._tenant_names = {t.id: t.name for t in tenants}
+        enabled = {u.id for t in tenants for u in await self.astore.call(s.users, t.name) if u.enabled}
+        self._ipcreds = [
+            (ipaddress.ip_network(c.cidr), Sender(c.user_id, c.tenant_id, c.tenant, c.login, "IP"))
+            for c in creds
+            if c.user_id in enabled
+        ]
+        self._auth_cache.clear()
+
+    def invalidate(self) -> None:
+        """Called after an administrative change; the next reload happens at once in the background."""
+        self._auth_cache.clear()
+        self._reload_task = asyncio.get_running_loop().create_task(self.reload())
+
+    async def close(self) -> None:
+        if self._reload_task is not None:
+            await asyncio.gather(self._reload_task, return_exceptions=True)
+        await self._flush_logs()
+
+    # -- authentication --------------------------------------------------------------------
+
+    def auth_throttled(self, client_ip: str) -> bool:
+        limit = self.config.smtp.auth_fail_limit
+        return limit > 0 and self._auth_failures.count(client_ip, self.clock()) >= limit
+
+    async def authenticate(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | str:
+        """A Sender on success, or the reply to send (535, or 421 once the IP is throttled)."""
+        now = self.clock()
+        if self.auth_throttled(client_ip):
+            self._log_login(LoginRecord(now, login, client_ip, mechanism, "throttled"))
+            return REPLY_AUTH_THROTTLED
+        digest = hmac.new(self._cache_key, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        cached = self._auth_cache.get(login)
+        if cached is not None and cached[2] > now and hmac.compare_digest(cached[0], digest):
+            sender = Sender(cached[1].user_id, cached[1].tenant_id, cached[1].tenant, login, mechanism)
+            self._log_login(LoginRecord(now, login, client_ip, mechanism, "ok", sender.tenant_id))
+            return sender
+        found = await self.astore.call(self.astore.store.user_for_login, login)
+        stored_hash = found[1] if found is not None else crypto.dummy_hash()
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, crypto.verify_password, password, stored_hash)
+        user = found[0] if found is not None else None
+        if ok and user is not None and user.enabled:
+            sender = Sender(user.id, user.tenant_id, user.tenant, login, mechanism)
+            self._auth_cache[login] = (digest, sender, now + self.config.smtp.auth_cache_ttl)
+            self._log_login(LoginRecord(now, login, client_ip, mechanism, "ok", user.tenant_id))
+            return sender
+        detail = "unknown login" if user is None else ("disabled" if ok else "bad password")
+        self._auth_failures.add(client_ip, now)
+        self._log_login(
+            LoginRecord(now, login, client_ip, mechanism, "fail", user.tenant_id if user else None, detail)
+        )
+        if self.auth_throttled(client_ip):
+            log.warning("event=auth_throttled client_ip=%s", client_ip)
+        return REPLY_AUTH_INVALID
+
+    def ip_sender(self, client_ip: str) -> Sender | None:
+        """The sender an IP credential names for CLIENT_IP (most specific network wins)."""
+        try:
+            ip = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return None
+        best: tuple[int, Sender] | None = None
+        for net, sender in self._ipcreds:
+            if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0]):
+                best = (net.prefixlen, sender)
+        if best is not None:
+            self._log_login(LoginRecord(self.clock(), best[1].login, client_ip, "IP", "ok", best[1].tenant_id))
+        return None if best is None else best[1]
+
+    # -- envelope --------------------------------------------------------------------------
+
+    def owns_domain(self, sender: Sender, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self._tenant_domains.get(sender.tenant_id, frozenset())
+
+    def check_mail(self, sender: Sender, address: str, smtputf8: bool) -> str | None:
+        if not address:
+            return "550 5.7.1 A null sender is not allowed for submission"
+        problem = address_problem(address, smtputf8)
+        if problem:
+            return problem
+        if not self.owns_domain(sender, address.rpartition("@")[2]):
+            return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
+        now = self.clock()
+        limits = self.config.tenant_limits(sender.tenant)
+        if policy.over_daily_quota(self._daily.get((sender.tenant_id, today(now, self.tz)), 0), limits.messages_per_day):
+            return f"550 5.7.1 Daily quota of {limits.messages_per_day} messages reached for this tenant"
+        if not self._rates.take(sender.tenant_id, limits.messages_per_second, now):
+            return (
+                f"451 4.7.1 Rate limit of {limits.messages_per_second:g} messages per second reached; try again later"
+            )
+        return None
+
+    def check_rcpt(self, sender: Sender, address: str, accepted_so_far: int, smtputf8: bool) -> str | None:
+        if accepted_so_far >= self.config.smtp.max_recipients:
+            return f"452 4.5.3 Too many recipients (limit {self.config.smtp.max_recipients} per message)"
+        return address_problem(address, smtputf8)
+
+    # -- end of data -----------------------------------------------------------------------
+
+    async def finish(self, sender: Sender, mail_from: str, rcpts: list[str], body: bytes, info: SessionInfo) -> str:
+        """Check the header, fix it, sign, spool; return the final reply."""
+        hdr = headers.parse(body)
+        domains = headers.from_domains(hdr)
+        if not domains:
+            return "550 5.7.1 Message has no From: header; it must name one of your domains"
+        for d in domains:
+            if not d or not self.owns_domain(sender, d):
+                return "550 5.7.1 From: header rejected: its domain is not one of your tenant's domains"
+        now = self.clock()
+        qid = self.ids.next(now)
+        body = headers.insert(body, hdr, self._received(qid, sender, info, now), self._missing(hdr, qid, now))
+        if self.signer is not None:
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(None, self.signer, body, domains[0])
+        day = today(now, self.tz)
+        key = (sender.tenant_id, day)
+        self._daily[key] = self._daily.get(key, 0) + 1
+        msg = SpoolMessage(
+            queue_id=qid,
+            tenant_id=sender.tenant_id,
+            user_id=sender.user_id,
+            sender=mail_from,
+            recipients=tuple(Recipient(r, r.rpartition("@")[2].lower()) for r in rcpts),
+            body=body,
+            received_ts=now,
+        )
+        try:
+            await self.spool.commit(msg, day)
+        except SpoolError:
+            self._daily[key] -= 1
+            return REPLY_SPOOL_FAILED
+        self.accepted += 1
+        for r in rcpts:
+            self._pending_mail.append(
+                {"ts": now, "tenant_id": sender.tenant_id, "queue_id": qid, "event": "accepted",
+                 "sender": mail_from, "rcpt": r, "status": "queued", "response": ""}
+            )
+        self._schedule_flush()
+        return f"250 2.0.0 Ok: queued as {qid}"
+
+    def _received(self, qid: str, sender: Sender, info: SessionInfo, now: float) -> bytes:
+        protocol = "ESMTPSA" if info.tls_version else "ESMTPA"
+        if sender.mechanism == "IP":
+            protocol = "ESMTPS" if info.tls_version else "ESMTP"
+        tls = f"\r\n\t(using {info.tls_version} with cipher {info.tls_cipher})" if info.tls_version else ""
+        helo = _BAD_ADDRESS_CHARS.sub("", info.helo)[:255] or "unknown"
+        stamp = format_datetime(datetime.datetime.fromtimestamp(now, self.tz))
+        return (
+            f"Received: from {helo} ([{info.client_ip}]){tls}\r\n"
+            f"\t(authenticated as {sender.login} via {sender.mechanism})\r\n"
+            f"\tby {self.config.server.hostname} (cmcd) with {protocol} id {qid};\r\n"
+            f"\t{stamp}\r\n"
+        ).encode("utf-8", "replace")
+
+    def _missing(self, hdr: headers.HeaderInfo, qid: str, now: float) -> bytes:
+        out = b""
+        if not hdr.has_message_id:
+            out += f"Message-ID: <{qid}@{self.config.server.hostname}>\r\n".encode()
+        if not hdr.has_date:
+            out += f"Date: {format_datetime(datetime.datetime.fromtimestamp(now, self.tz))}\r\n".encode()
+        return out
+
+    # -- records ---------------------------------------------------------------------------
+
+    def _log_login(self, record: LoginRecord) -> None:
+        self._pending_logins.append(record)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_logs())
+
+    async def _flush_logs(self) -> None:
+        """Write buffered login and mail-log rows in one store transaction per kind."""
+        while self._pending_logins or self._pending_mail:
+            logins, self._pending_logins = self._pending_logins, []
+            mail, self._pending_mail = self._pending_mail, []
+            try:
+                if logins:
+                    await self.astore.call(self.astore.store.log_logins, logins)
+                if mail:
+                    await self.astore.call(self.astore.store.log_mail, mail)
+            except Exception:
+                log.exception("event=log_write_failed logins=%d mail=%d", len(logins), len(mail))
+
+    def pending_records(self) -> Awaitable[None] | None:
+        return self._flush_task
