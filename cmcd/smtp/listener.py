@@ -31,6 +31,7 @@ class SubmissionHandler:
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
         if address == "<>":
             address = ""
+        await self.service.current()
         problem = self.service.check_mail(session.sender, address, envelope.smtp_utf8)
         if problem:
             return problem

@@ -144,6 +144,7 @@ class SubmissionSMTP(SMTP):
         assert self.session is not None
         session: Any = self.session
         if session.sender is None:
+            await self.ctx.service.current()
             session.sender = self.ctx.service.ip_sender(self.client_ip)
             if session.sender is None:
                 await self.push("530 5.7.0 Authentication required")

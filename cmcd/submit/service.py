@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import format_datetime
 from zoneinfo import ZoneInfo
@@ -119,6 +119,12 @@ class SubmitService:
         self._auth_cache.clear()
         self._reload_task = asyncio.get_running_loop().create_task(self.reload())
 
+    async def current(self) -> None:
+        """Wait for a reload an administrative change started, so no decision uses stale data."""
+        task = self._reload_task
+        if task is not None and not task.done():
+            await asyncio.shield(task)
+
     async def close(self) -> None:
         if self._reload_task is not None:
             await asyncio.gather(self._reload_task, return_exceptions=True)
@@ -132,6 +138,7 @@ class SubmitService:
 
     async def authenticate(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | str:
         """A Sender on success, or the reply to send (535, or 421 once the IP is throttled)."""
+        await self.current()
         now = self.clock()
         if self.auth_throttled(client_ip):
             self._log_login(LoginRecord(now, login, client_ip, mechanism, "throttled"))
@@ -290,6 +297,3 @@ class SubmitService:
                     await self.astore.call(self.astore.store.log_mail, mail)
             except Exception:
                 log.exception("event=log_write_failed logins=%d mail=%d", len(logins), len(mail))
-
-    def pending_records(self) -> Awaitable[None] | None:
-        return self._flush_task

@@ -1,0 +1,278 @@
+"""Test harness: a real cmcd daemon in a subprocess on loopback port 0, real certificates, real clients.
+
+Peers (swaks, smtp-source, postfix) are found on PATH; a missing one skips the test, except
+under CMCD_REQUIRE_PEERS=1 (CI), where it fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from cmcd import crypto
+
+REQUIRE_PEERS = os.environ.get("CMCD_REQUIRE_PEERS") == "1"
+PASSWORD = "correct horse battery"
+
+
+def need(program: str) -> str:
+    """Path of a peer program; skip (or fail under CMCD_REQUIRE_PEERS=1) when it is missing."""
+    path = shutil.which(program) or next(
+        (p for p in (f"/usr/sbin/{program}", f"/usr/bin/{program}") if os.access(p, os.X_OK)), None
+    )
+    if path is None:
+        message = f"peer program {program!r} is not installed (apt-get install it; .ci/run does)"
+        if REQUIRE_PEERS:
+            pytest.fail(message + " and CMCD_REQUIRE_PEERS=1")
+        pytest.skip(message)
+    return path
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    scalars = [f"{json.dumps(k) if '.' in k or '*' in k else k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = ""
+    if prefix and scalars:
+        out += f"[{prefix}]\n"
+    out += "".join(s + "\n" for s in scalars)
+    for k, v in data.items():
+        if isinstance(v, dict):
+            key = json.dumps(k) if "." in k or "*" in k else k
+            out += "\n" + to_toml(v, f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+class AdminError(Exception):
+    pass
+
+
+class Cmcd:
+    """One daemon under test: its directory, config, process, ports and a captured log."""
+
+    def __init__(self, root: Path, ca: trustme.CA, overrides: dict[str, Any] | None = None):
+        self.root = root
+        self.ca = ca
+        root.mkdir(parents=True, exist_ok=True)
+        tls = root / "tls"
+        tls.mkdir(exist_ok=True)
+        if not (tls / "cert.pem").exists():
+            cert = ca.issue_cert("localhost", "127.0.0.1")
+            cert.cert_chain_pems[0].write_to_path(str(tls / "cert.pem"))
+            cert.private_key_pem.write_to_path(str(tls / "key.pem"))
+        cfg: dict[str, Any] = {
+            "server": {"hostname": "mx.cmcd.test", "shutdown_grace": "5s"},
+            "smtp": {
+                "listen": ["127.0.0.1:0"],
+                "listen_tls": ["127.0.0.1:0"],
+                "tls_cert": str(tls / "cert.pem"),
+                "tls_key": str(tls / "key.pem"),
+            },
+            "spool": {"dir": str(root / "spool")},
+            "store": {"path": str(root / "cmcd.db"), "key_file": str(root / "data.key")},
+            "admin": {"socket": str(root / "admin.sock")},
+        }
+        for section, values in (overrides or {}).items():
+            cfg.setdefault(section, {}).update(values)
+        self.config = cfg
+        self.config_path = root / "cmcd.toml"
+        self.config_path.write_text(to_toml(cfg))
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+        self._ready = threading.Event()
+        self.smtp_port = self.smtps_port = 0
+
+    # -- process ---------------------------------------------------------------------------
+
+    def start(self, timeout: float = 20) -> Cmcd:
+        self._ready.clear()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cmcd.cli", "serve", "--config", str(self.config_path)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=self.root,
+        )
+        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
+        if not self._ready.wait(timeout):
+            self.proc.kill()
+            raise RuntimeError("cmcd did not become ready:\n" + "\n".join(self.log[-30:]))
+        return self
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.log.append(line.rstrip("\n"))
+            if "event=ready" in line:
+                self.smtp_port = int(re.search(r" smtp=\S+:(\d+)", line).group(1))  # type: ignore[union-attr]
+                self.smtps_port = int(re.search(r" smtps=\S+:(\d+)", line).group(1))  # type: ignore[union-attr]
+                self._ready.set()
+        proc.stderr.close()
+        self._ready.set()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        return rc
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    # -- administration --------------------------------------------------------------------
+
+    def admin(self, verb: str, **args: Any) -> Any:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(str(self.root / "admin.sock"))
+            s.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply = json.loads(data)
+        if not reply["ok"]:
+            raise AdminError(reply["error"])
+        return reply["result"]
+
+    def provision(self) -> Cmcd:
+        """Tenants acme (acme.test, alice) and beta (beta.test, bob), both with PASSWORD."""
+        for tenant, domain, login in (("acme", "acme.test", "alice"), ("beta", "beta.test", "bob")):
+            self.admin("tenant.add", name=tenant)
+            self.admin("domain.add", tenant=tenant, domain=domain)
+            self.admin("user.add", tenant=tenant, login=login, role="sender", password=PASSWORD)
+        return self
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
+
+    def smtp(self, *, starttls: bool = True, login: str | None = "alice", password: str = PASSWORD) -> smtplib.SMTP:
+        """A connected, EHLO'd (and by default STARTTLS'd and authenticated) smtplib client."""
+        client = smtplib.SMTP("127.0.0.1", self.smtp_port, local_hostname="client.test", timeout=30)
+        client.ehlo()
+        if starttls:
+            client.starttls(context=self.client_context())
+            client.ehlo()
+            if login:
+                client.login(login, password)
+        return client
+
+    def smtps(self, *, login: str | None = "alice", password: str = PASSWORD) -> smtplib.SMTP_SSL:
+        client = smtplib.SMTP_SSL(
+            "127.0.0.1", self.smtps_port, local_hostname="client.test", timeout=30, context=self.client_context()
+        )
+        client.ehlo()
+        if login:
+            client.login(login, password)
+        return client
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def keys(self) -> crypto.DataKeys:
+        return crypto.read_key_file(self.root / "data.key")
+
+    def spooled(self) -> dict[str, dict[str, Any]]:
+        """queue id -> {body, sender, recipients}, read from the spool database."""
+        keys = self.keys()
+        conn = sqlite3.connect(f"file:{self.root / 'spool' / 'queue.db'}?mode=ro", uri=True)
+        try:
+            out: dict[str, dict[str, Any]] = {}
+            for qid, sender, body in conn.execute("SELECT queue_id, sender_enc, body FROM messages"):
+                out[qid] = {"body": bytes(body), "sender": keys.decrypt(sender), "recipients": []}
+            for qid, rcpt, state in conn.execute("SELECT queue_id, rcpt_enc, state FROM recipients ORDER BY id"):
+                out[qid]["recipients"].append((keys.decrypt(rcpt), state))
+            return out
+        finally:
+            conn.close()
+
+    def wait_log(self, pattern: str, timeout: float = 10) -> str:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.log):
+                if rx.search(line):
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no log line matching {pattern!r}; last lines:\n" + "\n".join(self.log[-20:]))
+
+
+def message(sender: str = "alice@acme.test", to: str = "rcpt@dst.test", subject: str = "hello", body: str = "hi") -> bytes:
+    return (
+        f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+def queue_id(reply: tuple[int, bytes] | bytes) -> str:
+    text = reply[1] if isinstance(reply, tuple) else reply
+    m = re.search(rb"queued as ([0-9A-Z]+)", text)
+    assert m, text
+    return m.group(1).decode()
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def make_cmcd(tmp_path: Path, ca: trustme.CA) -> Iterator[Any]:
+    """Factory: make_cmcd(overrides) -> a started, provisioned daemon, stopped after the test."""
+    started: list[Cmcd] = []
+
+    def factory(overrides: dict[str, Any] | None = None, *, provision: bool = True, name: str = "cmcd") -> Cmcd:
+        d = Cmcd(tmp_path / f"{name}{len(started)}", ca, overrides)
+        d.start()
+        started.append(d)
+        return d.provision() if provision else d
+
+    yield factory
+    for d in started:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+
+
+@pytest.fixture(scope="module")
+def cmcd(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[Cmcd]:
+    """A provisioned daemon shared by a test module, with default limits."""
+    d = Cmcd(tmp_path_factory.mktemp("cmcd"), ca)
+    d.start().provision()
+    yield d
+    d.stop()
