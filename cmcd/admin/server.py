@@ -31,7 +31,7 @@ from cmcd.store import AsyncStore
 
 log = logging.getLogger("cmcd.admin")
 
-#: longest request line accepted; a longer one is answered with an error and the connection closed
+#: longest request line accepted; a longer one is discarded and answered with an error
 MAX_LINE_BYTES = 1024 * 1024
 QUEUE_LIST_DEFAULT = 100
 QUEUE_LIST_MAX = 10_000
@@ -206,11 +206,11 @@ class AdminServer:
             caller = await self._peer(writer)
             while not self._closing:
                 try:
-                    line = await reader.readline()
-                except ValueError:
-                    await _send(writer, _error(f"request longer than {MAX_LINE_BYTES} bytes; closing the connection"))
-                    return
-                if not line:
+                    line = await _next_line(reader)
+                except _Overlong:
+                    await _send(writer, _error(f"request longer than {MAX_LINE_BYTES} bytes; it was discarded"))
+                    continue
+                if line is None:
                     return
                 if not line.strip():
                     continue
@@ -409,6 +409,27 @@ VERBS: dict[str, _Verb] = {
     "queue.list": _Verb(AdminServer._queue_list, ("tenant", "limit")),
     "queue.show": _Verb(AdminServer._queue_show, ("queue_id",)),
 }
+
+
+class _Overlong(Exception):
+    """A request line passed MAX_LINE_BYTES; it has been read and thrown away."""
+
+
+async def _next_line(reader: asyncio.StreamReader) -> bytes | None:
+    """The next request line, or None at end of input; raise _Overlong after discarding a line that is too long."""
+    overlong = False
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return None if overlong or not exc.partial else exc.partial
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)  # drop what is buffered; keep dropping up to the newline
+            overlong = True
+            continue
+        if overlong:
+            raise _Overlong
+        return line
 
 
 def _error(message: str) -> dict[str, Any]:
