@@ -221,7 +221,7 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(f"{path}: expected a table, got {value!r}")
-            return tp()
+            return tp()  # type: ignore[operator]
         return _build(tp, value, path, errors)
     if origin is tuple:
         (item_tp, _) = typing.get_args(tp)
@@ -234,9 +234,7 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if not isinstance(value, dict):
             errors.append(f"{path}: expected a table, got {value!r}")
             return {}
-        return types.MappingProxyType(
-            {k: _convert(v, val_tp, f'{path}."{k}"', errors) for k, v in value.items()}
-        )
+        return types.MappingProxyType({k: _convert(v, val_tp, f'{path}."{k}"', errors) for k, v in value.items()})
     try:
         if tp is Size:
             return Size(parse_size(value))
@@ -296,7 +294,7 @@ def _check_timezone(cfg: Config, errors: list[str]) -> None:
     try:
         ZoneInfo(cfg.server.timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        errors.append(f"server.timezone: expected an IANA time zone like \"Asia/Tokyo\", got {cfg.server.timezone!r}")
+        errors.append(f'server.timezone: expected an IANA time zone like "Asia/Tokyo", got {cfg.server.timezone!r}')
 
 
 def _check_tls(cfg: Config, errors: list[str]) -> None:

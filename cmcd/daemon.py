@@ -1,4 +1,4 @@
-"""Wires the daemon together and owns the event loop, signals and shutdown; holds no rules of its own.
+"""Wires the daemon together and owns the event loop, signals and shutdown (and the `cmcd` command); no rules.
 
 Start order: store -> queue (spool) -> submit -> smtp -> admin; shutdown in reverse.
 """
@@ -10,12 +10,17 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any
 
+import click
+
 from cmcd import __version__
+from cmcd import config as config_mod
 from cmcd.admin.server import AdminServer
 from cmcd.config import Config
+from cmcd.errors import CmcdError, ConfigError
 from cmcd.queue.spool import Spool
 from cmcd.smtp.listener import SmtpListeners
 from cmcd.store import AsyncStore, open_store
@@ -129,3 +134,48 @@ def serve(config: Config, notify_socket: str | None = None) -> None:
     import uvloop
 
     uvloop.run(Daemon(config, notify_socket).run())
+
+
+DEFAULT_CONFIG = "/etc/cmcd/cmcd.toml"
+
+
+def _load(path: str) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"cmcd: {path}: {problem}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+def main() -> None:
+    """cmcd: a self-hosted, multi-tenant mail delivery daemon."""
+
+
+@main.command("serve")
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="TOML configuration file.")
+def serve_command(config_path: str) -> None:
+    """Run the daemon in the foreground (systemd Type=notify)."""
+    cfg = _load(config_path)
+    setup_logging()
+    try:
+        serve(cfg, notify_socket=os.environ.get("NOTIFY_SOCKET"))
+    except CmcdError as exc:
+        click.echo(f"cmcd: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"cmcd: cannot start: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command("check-config")
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="TOML configuration file.")
+def check_config(config_path: str) -> None:
+    """Validate a configuration file without starting; exit non-zero on any problem."""
+    _load(config_path)
+    click.echo(f"{config_path}: ok")
+
+
+if __name__ == "__main__":
+    main()

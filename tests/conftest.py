@@ -58,7 +58,11 @@ def _toml_value(v: Any) -> str:
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    scalars = [f"{json.dumps(k) if '.' in k or '*' in k else k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    scalars = [
+        f"{json.dumps(k) if '.' in k or '*' in k else k} = {_toml_value(v)}"
+        for k, v in data.items()
+        if not isinstance(v, dict)
+    ]
     out = ""
     if prefix and scalars:
         out += f"[{prefix}]\n"
@@ -114,7 +118,7 @@ class Cmcd:
     def start(self, timeout: float = 20) -> Cmcd:
         self._ready.clear()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cmcd.cli", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "cmcd.daemon", "serve", "--config", str(self.config_path)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -233,7 +237,9 @@ class Cmcd:
         raise AssertionError(f"no log line matching {pattern!r}; last lines:\n" + "\n".join(self.log[-20:]))
 
 
-def message(sender: str = "alice@acme.test", to: str = "rcpt@dst.test", subject: str = "hello", body: str = "hi") -> bytes:
+def message(
+    sender: str = "alice@acme.test", to: str = "rcpt@dst.test", subject: str = "hello", body: str = "hi"
+) -> bytes:
     return (
         f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n"
         f"Content-Type: text/plain\r\n\r\n{body}\r\n"

@@ -15,9 +15,10 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cmcd.crypto import DataKeys
 from cmcd.errors import NotFound, SpoolError
@@ -75,7 +76,9 @@ class _Commit:
 class _Call:
     __slots__ = ("fn", "future", "loop")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop
+    ):
         self.fn, self.future, self.loop = fn, future, loop
 
 
@@ -182,12 +185,22 @@ class Spool:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                msgs, rcpts, counts = [], [], {}
+                msgs: list[tuple[Any, ...]] = []
+                rcpts: list[tuple[Any, ...]] = []
+                counts: dict[tuple[int, str], int] = {}
                 for c in commits:
                     m = c.msg
                     msgs.append(
-                        (m.queue_id, m.tenant_id, m.user_id, k.encrypt(m.sender), k.index(m.sender), len(m.body),
-                         m.received_ts, m.body)
+                        (
+                            m.queue_id,
+                            m.tenant_id,
+                            m.user_id,
+                            k.encrypt(m.sender),
+                            k.index(m.sender),
+                            len(m.body),
+                            m.received_ts,
+                            m.body,
+                        )
                     )
                     for r in m.recipients:
                         rcpts.append((m.queue_id, k.encrypt(r.address), k.index(r.address), r.domain, m.received_ts))

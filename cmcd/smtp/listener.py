@@ -97,6 +97,11 @@ class SmtpContext:
     handler: SubmissionHandler
     tls_context: ssl.SSLContext | None
     sessions: SessionRegistry
+    hooks: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        h = self.handler
+        self.hooks = {name[7:]: getattr(h, name) for name in dir(h) if name.startswith("handle_")}
 
 
 class SmtpListeners:
@@ -106,7 +111,11 @@ class SmtpListeners:
         smtp = config.smtp
         tls = make_tls_context(str(config.path(smtp.tls_cert)), str(config.path(smtp.tls_key)))
         self.ctx = SmtpContext(
-            config, service, SubmissionHandler(service), tls, SessionRegistry(smtp.max_connections, smtp.max_connections_per_ip)
+            config,
+            service,
+            SubmissionHandler(service),
+            tls,
+            SessionRegistry(smtp.max_connections, smtp.max_connections_per_ip),
         )
         self.servers: list[asyncio.AbstractServer] = []
         self.bound: dict[str, list[str]] = {"smtp": [], "smtps": []}

@@ -105,7 +105,7 @@ def migrate(db: sqlite_utils.Database) -> int:
     """Apply every migration past the store's version, each in its own transaction."""
     conn: sqlite3.Connection = db.conn
     if "meta" not in db.table_names():
-        db["meta"].create({"key": str, "value": str}, pk="key")
+        db.table("meta").create({"key": str, "value": str}, pk="key")
     version = schema_version(db)
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         with conn:

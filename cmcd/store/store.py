@@ -10,9 +10,10 @@ import ipaddress
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import sqlite_utils
 
@@ -28,7 +29,7 @@ ROLES = ("admin", "sender", "viewer")
 _KEY_CHECK = "cmcd key check"
 
 
-def open_store(path: Path, key_file: Path, create_key: bool = True) -> "Store":
+def open_store(path: Path, key_file: Path, create_key: bool = True) -> Store:
     """Open (creating if new) the store; a new store with no key file gets a new key.
 
     An existing store never gets a new key: its key file must be present, private and
@@ -83,8 +84,7 @@ class Store:
             ok = False
         if not ok:
             raise KeyFileError(
-                f"{self.path}: store.key_file is not the key this store was written with; "
-                "restore the original key file"
+                f"{self.path}: store.key_file is not the key this store was written with; restore the original key file"
             )
 
     def _tx(self) -> sqlite3.Connection:
@@ -167,7 +167,9 @@ class Store:
         row = self.conn.execute(self._USER_SQL + "WHERE u.login = ?", (login,)).fetchone()
         return None if row is None else (self._user(row), row[6])
 
-    def user_update(self, tenant: str, login: str, *, password_hash: str | None = None, enabled: bool | None = None) -> User:
+    def user_update(
+        self, tenant: str, login: str, *, password_hash: str | None = None, enabled: bool | None = None
+    ) -> User:
         u = self.user(tenant, login)
         with self.conn:
             if password_hash is not None:

@@ -32,7 +32,9 @@ from cmcd.submit import headers
 log = logging.getLogger("cmcd.submit")
 
 _BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x20\x7f]")
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}$|^\[[0-9A-Fa-f:.]+\]$")
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}$|^\[[0-9A-Fa-f:.]+\]$"
+)
 
 #: The DKIM hook: given the final message bytes and the From: domain, return signed bytes.
 Signer = Callable[[bytes, str], bytes]
@@ -161,9 +163,7 @@ class SubmitService:
             return sender
         detail = "unknown login" if user is None else ("disabled" if ok else "bad password")
         self._auth_failures.add(client_ip, now)
-        self._log_login(
-            LoginRecord(now, login, client_ip, mechanism, "fail", user.tenant_id if user else None, detail)
-        )
+        self._log_login(LoginRecord(now, login, client_ip, mechanism, "fail", user.tenant_id if user else None, detail))
         if self.auth_throttled(client_ip):
             log.warning("event=auth_throttled client_ip=%s", client_ip)
         return REPLY_AUTH_INVALID
@@ -197,7 +197,9 @@ class SubmitService:
             return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
         now = self.clock()
         limits = self.config.tenant_limits(sender.tenant)
-        if policy.over_daily_quota(self._daily.get((sender.tenant_id, today(now, self.tz)), 0), limits.messages_per_day):
+        if policy.over_daily_quota(
+            self._daily.get((sender.tenant_id, today(now, self.tz)), 0), limits.messages_per_day
+        ):
             return f"550 5.7.1 Daily quota of {limits.messages_per_day} messages reached for this tenant"
         if not self._rates.take(sender.tenant_id, limits.messages_per_second, now):
             return (
@@ -247,8 +249,16 @@ class SubmitService:
         self.accepted += 1
         for r in rcpts:
             self._pending_mail.append(
-                {"ts": now, "tenant_id": sender.tenant_id, "queue_id": qid, "event": "accepted",
-                 "sender": mail_from, "rcpt": r, "status": "queued", "response": ""}
+                {
+                    "ts": now,
+                    "tenant_id": sender.tenant_id,
+                    "queue_id": qid,
+                    "event": "accepted",
+                    "sender": mail_from,
+                    "rcpt": r,
+                    "status": "queued",
+                    "response": "",
+                }
             )
         self._schedule_flush()
         return f"250 2.0.0 Ok: queued as {qid}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import select
 import socket
-import ssl
 import time
 
 import pytest
@@ -97,7 +96,9 @@ def test_normalize_mode_spools_exact_bytes(cmcd: Cmcd, sent: bytes, kept: bytes)
         s.close()
 
 
-@pytest.mark.parametrize("sent", [b"a\nb\r\n", b"a\rb\r\n", b"x\r\n\n.\nstill data\r\n"], ids=["bare-lf", "bare-cr", "lf-dot-lf"])
+@pytest.mark.parametrize(
+    "sent", [b"a\nb\r\n", b"a\rb\r\n", b"x\r\n\n.\nstill data\r\n"], ids=["bare-lf", "bare-cr", "lf-dot-lf"]
+)
 def test_reject_mode_refuses_bare_newlines(reject_mode: Cmcd, sent: bytes) -> None:
     s = Raw(reject_mode)
     try:

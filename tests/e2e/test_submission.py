@@ -96,7 +96,9 @@ def test_bad_credentials_are_refused_and_logged(cmcd: Cmcd, login: str, password
     def failures() -> int:
         conn = sqlite3.connect(f"file:{cmcd.root / 'cmcd.db'}?mode=ro", uri=True)
         try:
-            return conn.execute("SELECT COUNT(*) FROM login_log WHERE login = ? AND result = 'fail'", (login,)).fetchone()[0]
+            return conn.execute(
+                "SELECT COUNT(*) FROM login_log WHERE login = ? AND result = 'fail'", (login,)
+            ).fetchone()[0]
         finally:
             conn.close()
 
@@ -162,7 +164,7 @@ def test_null_sender_is_refused(cmcd: Cmcd) -> None:
 def test_bad_recipient_addresses_get_501_5_1_3(cmcd: Cmcd, address: str) -> None:
     with cmcd.smtp() as c:
         assert c.mail("alice@acme.test")[0] == 250
-        c.send(f"RCPT TO:{address}\r\n".encode("utf-8"))
+        c.send(f"RCPT TO:{address}\r\n".encode())
         code, text = c.getreply()
         assert (code, text[:5]) == (501, b"5.1.3"), text
 
