@@ -142,8 +142,6 @@ class SmtpConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     dir: str = "/var/spool/cmcd"
-    #: longest a group commit waits to gather more messages (0: commit as soon as the writer is free)
-    group_commit_wait: Duration = Duration(0)
 
 
 @dataclass(frozen=True)
