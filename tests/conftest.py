@@ -215,7 +215,7 @@ class Cmcd:
     def spooled(self) -> dict[str, dict[str, Any]]:
         """queue id -> {body, sender, recipients}, read from the spool database."""
         keys = self.keys()
-        conn = sqlite3.connect(f"file:{self.root / 'spool' / 'queue.db'}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{Path(self.config['spool']['dir']) / 'queue.db'}?mode=ro", uri=True)
         try:
             out: dict[str, dict[str, Any]] = {}
             for qid, sender, body in conn.execute("SELECT queue_id, sender_enc, body FROM messages"):

@@ -20,7 +20,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Session
 
 from cmcd import policy
 from cmcd.records import Sender
-from cmcd.submit.service import REPLY_AUTH_THROTTLED, SessionInfo
+from cmcd.submit.service import SessionInfo
 
 if TYPE_CHECKING:
     from cmcd.smtp.listener import SmtpContext
@@ -213,10 +213,6 @@ class SubmissionSMTP(SMTP):
             return
         if session.authenticated:
             await self.push("503 5.5.1 Already authenticated")
-            return
-        if self.ctx.service.auth_throttled(self.client_ip):
-            await self.push(REPLY_AUTH_THROTTLED)
-            self._close()
             return
         args = (arg or "").split()
         if not 1 <= len(args) <= 2:

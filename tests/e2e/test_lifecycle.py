@@ -1,0 +1,113 @@
+"""Daemon life cycle and faults: graceful SIGTERM, auth throttling, connection limits, a full disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import socket
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import PASSWORD, message, queue_id
+
+
+def test_sigterm_lets_an_open_transaction_finish_then_exits_zero(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd({"server": {"shutdown_grace": "10s"}})
+    c = d.smtp()
+    c.mail("alice@acme.test")
+    c.rcpt("rcpt@dst.test")
+    c.putcmd("data")
+    assert c.getreply()[0] == 354
+    c.send(message()[:20])  # mid-DATA when the signal arrives
+    d.proc.send_signal(15)
+    d.wait_log("event=stopping")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", d.smtp_port), timeout=2).close()  # no longer accepting
+    c.send(message()[20:] + b".\r\n")
+    code, text = c.getreply()
+    assert code == 250
+    qid = queue_id(text)
+    assert d.proc.wait(15) == 0
+    assert qid in d.spooled()
+    c.close()
+
+
+def test_sigterm_closes_idle_sessions_with_421(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd()
+    c = d.smtp()
+    d.proc.send_signal(15)
+    code, text = c.getreply()
+    assert code == 421 and text.startswith(b"4.3.2")
+    assert d.proc.wait(15) == 0
+    c.close()
+
+
+def test_repeated_auth_failures_from_one_ip_are_throttled(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd({"smtp": {"auth_fail_limit": 3, "auth_fail_window": "60s"}})
+    for _ in range(3):
+        with d.smtp(login=None) as c:
+            code, text = c.docmd("AUTH", "PLAIN AGFsaWNlAHdyb25n")  # \0alice\0wrong
+            assert (code, text[:5]) == (535, b"5.7.8")
+    c = d.smtp(login=None)
+    code, text = c.docmd("AUTH", "PLAIN AGFsaWNlAHdyb25n")
+    assert code == 421 and text.startswith(b"4.7.0")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        c.noop()
+    c.close()
+    # the right password is refused too while the address is throttled: no guessing continues
+    c = d.smtp(login=None)
+    with pytest.raises(smtplib.SMTPException):
+        c.login("alice", PASSWORD)
+    c.close()
+    d.stop()
+    conn = sqlite3.connect(str(d.root / "cmcd.db"))
+    rows = conn.execute("SELECT result, COUNT(*) FROM login_log GROUP BY result").fetchall()
+    conn.close()
+    assert dict(rows).get("fail") == 3 and dict(rows).get("throttled", 0) >= 1
+
+
+def test_connections_past_the_per_ip_limit_get_421(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd({"smtp": {"max_connections_per_ip": 2}})
+    held = [socket.create_connection(("127.0.0.1", d.smtp_port)) for _ in range(2)]
+    try:
+        for s in held:
+            assert s.recv(100).startswith(b"220 ")
+        extra = socket.create_connection(("127.0.0.1", d.smtp_port))
+        assert extra.recv(100).startswith(b"421 4.7.0")
+        extra.close()
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.2)
+    with d.smtp() as c:  # slots come back when connections close
+        assert c.noop()[0] == 250
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a small tmpfs")
+def test_full_disk_gets_451_and_leaves_nothing_half_written(make_cmcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spool = tmp_path / "smallspool"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool)], check=True)
+    try:
+        d = make_cmcd({"spool": {"dir": str(spool)}})
+        with d.smtp() as c:
+            c.mail("alice@acme.test")
+            c.rcpt("rcpt@dst.test")
+            ok_id = queue_id(c.data(message(body="small")))
+            c.mail("alice@acme.test")
+            c.rcpt("rcpt@dst.test")
+            code, text = c.data(message(body="z" * 1_500_000))
+            assert (code, text[:5]) == (451, b"4.3.0")
+            assert c.noop()[0] == 250
+        spooled = d.spooled()
+        assert list(spooled) == [ok_id]
+        conn = sqlite3.connect(f"file:{spool / 'queue.db'}?mode=ro", uri=True)
+        assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 1
+        conn.close()
+        d.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False)
