@@ -13,7 +13,7 @@ import hmac
 import os
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -33,24 +33,28 @@ class DataKeys:
 
     enc_key: bytes
     index_key: bytes
+    _aead: AESGCM = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_aead", AESGCM(self.enc_key))
 
     def encrypt(self, plaintext: str) -> bytes:
         nonce = os.urandom(12)
-        return nonce + AESGCM(self.enc_key).encrypt(nonce, plaintext.encode("utf-8"), None)
+        return nonce + self._aead.encrypt(nonce, plaintext.encode("utf-8"), None)
 
     def decrypt(self, blob: bytes) -> str:
         try:
-            return AESGCM(self.enc_key).decrypt(blob[:12], blob[12:], None).decode("utf-8")
+            return self._aead.decrypt(blob[:12], blob[12:], None).decode("utf-8")
         except InvalidTag:
             raise KeyFileError("data key does not decrypt this value (wrong store.key_file?)") from None
 
     def encrypt_bytes(self, plaintext: bytes, aad: bytes = b"") -> bytes:
         nonce = os.urandom(12)
-        return nonce + AESGCM(self.enc_key).encrypt(nonce, plaintext, aad)
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
 
     def decrypt_bytes(self, blob: bytes, aad: bytes = b"") -> bytes:
         try:
-            return AESGCM(self.enc_key).decrypt(blob[:12], blob[12:], aad)
+            return self._aead.decrypt(blob[:12], blob[12:], aad)
         except InvalidTag:
             raise KeyFileError("data key does not decrypt this value (wrong store.key_file?)") from None
 

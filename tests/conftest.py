@@ -227,10 +227,11 @@ class Cmcd:
             conn.close()
 
     def wait_log(self, pattern: str, timeout: float = 10) -> str:
+        """The newest log line matching PATTERN, waiting for one to appear."""
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
         while time.monotonic() < deadline:
-            for line in list(self.log):
+            for line in reversed(list(self.log)):
                 if rx.search(line):
                     return line
             time.sleep(0.02)

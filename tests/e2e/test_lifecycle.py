@@ -111,3 +111,19 @@ def test_full_disk_gets_451_and_leaves_nothing_half_written(make_cmcd, tmp_path)
         d.stop()
     finally:
         subprocess.run(["umount", "-l", str(spool)], check=False)
+
+
+def test_restart_returns_inflight_rows_to_queued(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd()
+    with d.smtp() as c:
+        c.mail("alice@acme.test")
+        c.rcpt("rcpt@dst.test")
+        qid = queue_id(c.data(message()))
+    d.stop()
+    conn = sqlite3.connect(str(d.root / "spool" / "queue.db"))
+    with conn:
+        conn.execute("UPDATE recipients SET state = 'inflight' WHERE queue_id = ?", (qid,))
+    conn.close()
+    d.start()
+    assert "inflight_requeued=1" in d.wait_log("event=spool_recovered")
+    assert d.spooled()[qid]["recipients"] == [("rcpt@dst.test", "queued")]
