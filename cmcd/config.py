@@ -109,9 +109,19 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class SendingLimits:
+    """The limits in force for one tenant (0 = none)."""
+
+    messages_per_second: float
+    messages_per_day: int
+
+
+@dataclass(frozen=True)
 class TenantLimits:
-    messages_per_second: float = 0.0
-    messages_per_day: int = 0
+    """One tenant's sending limits; None (unset in an override) means the [smtp] default."""
+
+    messages_per_second: float | None = None
+    messages_per_day: int | None = None
 
 
 @dataclass(frozen=True)
@@ -206,9 +216,17 @@ class Config:
         p = Path(value)
         return p if p.is_absolute() else Path(self.base_dir) / p
 
-    def tenant_limits(self, tenant: str) -> TenantLimits:
-        default = TenantLimits(self.smtp.messages_per_second, self.smtp.messages_per_day)
-        return self.smtp.tenant_limits.get(tenant, default)
+    def tenant_limits(self, tenant: str) -> SendingLimits:
+        """TENANT's limits: its [smtp.tenant_limits.TENANT] values, the [smtp] ones for what it leaves unset."""
+        override = self.smtp.tenant_limits.get(tenant)
+        return SendingLimits(
+            self.smtp.messages_per_second
+            if override is None or override.messages_per_second is None
+            else override.messages_per_second,
+            self.smtp.messages_per_day
+            if override is None or override.messages_per_day is None
+            else override.messages_per_day,
+        )
 
 
 _CHOICES = {"smtp.bare_newlines": ("normalize", "reject")}
@@ -216,6 +234,9 @@ _CHOICES = {"smtp.bare_newlines": ("normalize", "reject")}
 
 def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # "X | None": a value given is an X
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             errors.append(f"{path}: expected a table, got {value!r}")
@@ -309,9 +330,8 @@ def _check_tls(cfg: Config, errors: list[str]) -> None:
 def from_dict(data: dict[str, Any], base_dir: str = ".") -> Config:
     errors: list[str] = []
     cfg = _build(Config, data, "", errors)
-    if not errors:
-        _check_timezone(cfg, errors)
-        _check_tls(cfg, errors)
+    _check_timezone(cfg, errors)
+    _check_tls(cfg, errors)
     if errors:
         raise ConfigError(errors)
     return dataclasses.replace(cfg, base_dir=base_dir)
@@ -323,9 +343,9 @@ def load(path: str | Path) -> Config:
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise ConfigError([f"{p}: cannot read config file: {exc.strerror}"]) from None
+        raise ConfigError([f"cannot read config file: {exc.strerror}"]) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
+        raise ConfigError([f"not valid TOML: {exc}"]) from None
     return from_dict(data, base_dir=".")

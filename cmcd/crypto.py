@@ -45,7 +45,7 @@ class DataKeys:
     def decrypt(self, blob: bytes) -> str:
         try:
             return self._aead.decrypt(blob[:12], blob[12:], None).decode("utf-8")
-        except InvalidTag:
+        except (InvalidTag, ValueError):
             raise KeyFileError("data key does not decrypt this value (wrong store.key_file?)") from None
 
     def encrypt_bytes(self, plaintext: bytes, aad: bytes = b"") -> bytes:
@@ -55,7 +55,7 @@ class DataKeys:
     def decrypt_bytes(self, blob: bytes, aad: bytes = b"") -> bytes:
         try:
             return self._aead.decrypt(blob[:12], blob[12:], aad)
-        except InvalidTag:
+        except (InvalidTag, ValueError):
             raise KeyFileError("data key does not decrypt this value (wrong store.key_file?)") from None
 
     def index(self, address: str) -> bytes:

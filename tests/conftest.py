@@ -116,7 +116,7 @@ class Cmcd:
     # -- process ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 20) -> Cmcd:
-        self._ready.clear()
+        ready = self._ready = threading.Event()  # a new event: a previous process's reader cannot set it
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cmcd.daemon", "serve", "--config", str(self.config_path)],
             stderr=subprocess.PIPE,
@@ -125,22 +125,22 @@ class Cmcd:
             text=True,
             cwd=self.root,
         )
-        threading.Thread(target=self._drain, args=(self.proc,), daemon=True).start()
-        if not self._ready.wait(timeout):
+        threading.Thread(target=self._drain, args=(self.proc, ready), daemon=True).start()
+        if not ready.wait(timeout) or self.proc.poll() is not None:
             self.proc.kill()
             raise RuntimeError("cmcd did not become ready:\n" + "\n".join(self.log[-30:]))
         return self
 
-    def _drain(self, proc: subprocess.Popen[str]) -> None:
+    def _drain(self, proc: subprocess.Popen[str], ready: threading.Event) -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             self.log.append(line.rstrip("\n"))
             if "event=ready" in line:
                 self.smtp_port = int(re.search(r" smtp=\S+:(\d+)", line).group(1))  # type: ignore[union-attr]
                 self.smtps_port = int(re.search(r" smtps=\S+:(\d+)", line).group(1))  # type: ignore[union-attr]
-                self._ready.set()
+                ready.set()
         proc.stderr.close()
-        self._ready.set()
+        ready.set()  # the process ended: start() stops waiting and reports it
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         assert self.proc is not None

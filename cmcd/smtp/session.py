@@ -13,6 +13,7 @@ import binascii
 import collections
 import logging
 import re
+import ssl
 from base64 import b64decode
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ _REWRITE = {
 _NULL_SENDER = re.compile(r"^FROM:\s*<>(\s|$)", re.I)
 _PLAIN_ADDRESS = re.compile(r"\s*<([^<>@\s\"(),:;\\\[\]]+@[A-Za-z0-9.-]+)>(.*)$", re.S)
 _CHUNK = 65536
+_CLOSE_GRACE_S = 2.0
 _DATA_READ_LIMIT = 262144
 
 
@@ -201,6 +203,43 @@ class SubmissionSMTP(SMTP):
             lines.append("AUTH PLAIN LOGIN")
         await self._push_lines(lines)
 
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """TLS through the loop's own start_tls (uvloop's C implementation, not asyncio's sslproto)."""
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.tls_context is None or self.is_tls:
+            await self.push("454 4.7.0 TLS not available")
+            return
+        await self.push("220 2.0.0 Ready to start TLS")
+        reader: Any = self._reader
+        reader._buffer.clear()  # CVE-2011-0411: nothing sent before the handshake is read as a command
+        try:
+            transport = await self.loop.start_tls(
+                self.transport,  # type: ignore[arg-type]
+                self,
+                self.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self.ctx.config.smtp.command_timeout,
+            )
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            log.info("event=tls_failed client_ip=%s error=%r", self.client_ip, str(exc))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        assert transport is not None
+        reader._transport = transport
+        self._writer._transport = transport  # type: ignore[attr-defined]
+        self.transport = transport
+        self._tls_protocol = transport  # type: ignore[assignment]  # aiosmtpd reads it as "TLS is on"
+        # RFC 3207 4.2: forget everything learned before TLS; the client starts over with EHLO.
+        peer = self.session.peer if self.session is not None else None
+        self._set_rset_state()
+        self.session = self._create_session()
+        self.session.peer = peer
+        self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
+        self._reset_timeout()
+
     async def smtp_AUTH(self, arg: str) -> None:
         if await self.check_helo_needed("EHLO"):
             return
@@ -352,12 +391,19 @@ class SubmissionSMTP(SMTP):
             return None, verdict.problem
         return verdict.body, ""
 
+    def _timeout_cb(self) -> None:
+        log.info("event=timeout client_ip=%s", self.client_ip)
+        self._close("421 4.4.2 Timeout; closing connection")
+
     def _close(self, reply: str | None = None) -> None:
-        if self.transport is None:
+        """Close after REPLY; a TLS peer that does not answer close_notify is cut off after _CLOSE_GRACE_S."""
+        transport = self.transport
+        if transport is None:
             return
         if reply:
-            self.transport.write((reply + "\r\n").encode())  # type: ignore[attr-defined]
-        self.transport.close()
+            transport.write((reply + "\r\n").encode())  # type: ignore[attr-defined]
+        transport.close()
+        self.loop.call_later(_CLOSE_GRACE_S, transport.abort)  # type: ignore[attr-defined]
 
 
 _COMMANDS = tuple(name[5:] for name in dir(SubmissionSMTP) if name.startswith("smtp_"))
