@@ -159,11 +159,6 @@ class SubmissionSMTP(SMTP):
         helo = self.session.host_name if self.session is not None else ""
         return SessionInfo(self.client_ip, str(helo or ""), version, cipher)
 
-    def sender(self) -> Sender | None:
-        assert self.session is not None
-        session: Any = self.session
-        return session.sender or self.ctx.service.ip_sender(self.client_ip)
-
     # -- replies ---------------------------------------------------------------------------
 
     async def push(self, status: Any) -> None:
