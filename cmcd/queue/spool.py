@@ -294,6 +294,23 @@ class Spool:
         return bytes(row[0])
 
 
-def today(now_s: float, tz: Any) -> str:
-    """The calendar day (in the server's time zone) that daily quotas count against."""
-    return datetime.datetime.fromtimestamp(now_s, tz).strftime("%Y-%m-%d")
+class DayClock:
+    """The calendar day (in the server's time zone) that daily quotas count against.
+
+    Called for every message, so the day's name is kept until the clock passes midnight.
+    """
+
+    def __init__(self, tz: Any):
+        self.tz = tz
+        self._start = self._end = 0.0
+        self._day = ""
+
+    def day(self, now_s: float) -> str:
+        if not self._start <= now_s < self._end:
+            local = datetime.datetime.fromtimestamp(now_s, self.tz)
+            midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+            self._day = midnight.strftime("%Y-%m-%d")
+            self._start = midnight.timestamp()
+            # aware datetime arithmetic is wall-clock: this is the next local midnight, DST or not
+            self._end = (midnight + datetime.timedelta(days=1)).timestamp()
+        return self._day

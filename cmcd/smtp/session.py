@@ -93,6 +93,7 @@ class SubmissionSMTP(SMTP):
         self.require_starttls = False
         self._timeout_duration = cfg.command_timeout
         self._timeout_handle = None
+        self._deadline = self._timer_at = 0.0
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -270,7 +271,6 @@ class SubmissionSMTP(SMTP):
             return
         session.sender = result
         session.authenticated = True
-        session.login_data = result.login
         await self.push("235 2.7.0 Authentication successful")
 
     async def _decode(self, blob: str | bytes) -> bytes | None:
@@ -385,6 +385,28 @@ class SubmissionSMTP(SMTP):
         if verdict.body is None:
             return None, verdict.problem
         return verdict.body, ""
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Move the idle deadline; one timer per session is re-armed only when it fires early.
+
+        aiosmtpd cancels and creates a timer on every command; this is called for every
+        command and every DATA chunk, so it only moves a number unless the deadline moved
+        earlier than the armed timer.
+        """
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        if self._timeout_handle is None or deadline < self._timer_at:
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._timer_at = deadline
+            self._timeout_handle = self.loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timer_at = self._deadline
+            self._timeout_handle = self.loop.call_at(self._deadline, self._check_deadline)
+        else:
+            self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         log.info("event=timeout client_ip=%s", self.client_ip)

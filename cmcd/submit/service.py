@@ -24,7 +24,7 @@ from cmcd import crypto, policy
 from cmcd.config import Config
 from cmcd.errors import SpoolError
 from cmcd.queue.ids import QueueIdGenerator
-from cmcd.queue.spool import Spool, today
+from cmcd.queue.spool import DayClock, Spool
 from cmcd.records import Recipient, Sender, SpoolMessage
 from cmcd.store import AsyncStore, LoginRecord
 from cmcd.submit import headers
@@ -39,6 +39,7 @@ _DOMAIN = re.compile(
 #: The DKIM hook: given the final message bytes and the From: domain, return signed bytes.
 Signer = Callable[[bytes, str], bytes]
 
+VERIFY_SLOTS = 2  # concurrent scrypt verifications (bounds memory at 64 MiB and leaves a core free)
 REPLY_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 REPLY_AUTH_THROTTLED = "421 4.7.0 Too many failed logins from your address; try again later"
 REPLY_SPOOL_FAILED = "451 4.3.0 Could not write the message to the queue; try again later"
@@ -74,12 +75,17 @@ class SubmitService:
         self.clock = clock
         self.ids = QueueIdGenerator()
         self.tz = ZoneInfo(config.server.timezone)
+        self._days = DayClock(self.tz)
+        self._stamp_s = -1
+        self._stamp = ""
         self.signer: Signer | None = None  # filled by DKIM signing (another issue)
         self._tenant_domains: dict[int, frozenset[str]] = {}
         self._tenant_names: dict[int, str] = {}
         self._ipcreds: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Sender]] = []
         self._cache_key = os.urandom(32)
         self._auth_cache: dict[str, tuple[bytes, Sender, float]] = {}
+        self._verify_slots = asyncio.Semaphore(VERIFY_SLOTS)
+        self._verifying: dict[tuple[str, bytes], asyncio.Task[bool]] = {}
         self._auth_failures = policy.SlidingWindow(config.smtp.auth_fail_window)
         self._rates = policy.TokenBucket()
         self._daily: dict[tuple[int, str], int] = {}
@@ -93,7 +99,7 @@ class SubmitService:
 
     async def start(self) -> None:
         await self.reload()
-        day = today(self.clock(), self.tz)
+        day = self._days.day(self.clock())
         counts = await self.spool.call(lambda conn: self.spool.daily_counts(day))
         self._daily = {(tenant_id, day): n for tenant_id, n in counts.items()}
 
@@ -153,8 +159,7 @@ class SubmitService:
             return sender
         found = await self.astore.call(self.astore.store.user_for_login, login)
         stored_hash = found[1] if found is not None else crypto.dummy_hash()
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, crypto.verify_password, password, stored_hash)
+        ok = await self._verify(login, digest, password, stored_hash)
         user = found[0] if found is not None else None
         if ok and user is not None and user.enabled:
             sender = Sender(user.id, user.tenant_id, user.tenant, login, mechanism)
@@ -167,6 +172,22 @@ class SubmitService:
         if self.auth_throttled(client_ip):
             log.warning("event=auth_throttled client_ip=%s", client_ip)
         return REPLY_AUTH_INVALID
+
+    async def _verify(self, login: str, digest: bytes, password: str, stored_hash: str) -> bool:
+        """scrypt off the loop, at most VERIFY_SLOTS at once (32 MiB each); concurrent checks of
+        the same login and password share one computation."""
+        key = (login, digest)
+        task = self._verifying.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._verify_once(password, stored_hash))
+            self._verifying[key] = task
+            task.add_done_callback(lambda _t: self._verifying.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _verify_once(self, password: str, stored_hash: str) -> bool:
+        async with self._verify_slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, crypto.verify_password, password, stored_hash)
 
     def ip_sender(self, client_ip: str) -> Sender | None:
         """The sender an IP credential names for CLIENT_IP (most specific network wins)."""
@@ -198,7 +219,7 @@ class SubmitService:
         now = self.clock()
         limits = self.config.tenant_limits(sender.tenant)
         if policy.over_daily_quota(
-            self._daily.get((sender.tenant_id, today(now, self.tz)), 0), limits.messages_per_day
+            self._daily.get((sender.tenant_id, self._days.day(now)), 0), limits.messages_per_day
         ):
             return f"550 5.7.1 Daily quota of {limits.messages_per_day} messages reached for this tenant"
         if not self._rates.take(sender.tenant_id, limits.messages_per_second, now):
@@ -229,7 +250,7 @@ class SubmitService:
         if self.signer is not None:
             loop = asyncio.get_running_loop()
             body = await loop.run_in_executor(None, self.signer, body, domains[0])
-        day = today(now, self.tz)
+        day = self._days.day(now)
         key = (sender.tenant_id, day)
         self._daily[key] = self._daily.get(key, 0) + 1
         msg = SpoolMessage(
@@ -269,7 +290,7 @@ class SubmitService:
             protocol = "ESMTPS" if info.tls_version else "ESMTP"
         tls = f"\r\n\t(using {info.tls_version} with cipher {info.tls_cipher})" if info.tls_version else ""
         helo = _BAD_ADDRESS_CHARS.sub("", info.helo)[:255] or "unknown"
-        stamp = format_datetime(datetime.datetime.fromtimestamp(now, self.tz))
+        stamp = self._date(now)
         return (
             f"Received: from {helo} ([{info.client_ip}]){tls}\r\n"
             f"\t(authenticated as {sender.login} via {sender.mechanism})\r\n"
@@ -282,8 +303,16 @@ class SubmitService:
         if not hdr.has_message_id:
             out += f"Message-ID: <{qid}@{self.config.server.hostname}>\r\n".encode()
         if not hdr.has_date:
-            out += f"Date: {format_datetime(datetime.datetime.fromtimestamp(now, self.tz))}\r\n".encode()
+            out += f"Date: {self._date(now)}\r\n".encode()
         return out
+
+    def _date(self, now: float) -> str:
+        """RFC 5322 date of NOW in the server's zone, formatted once per second."""
+        second = int(now)
+        if second != self._stamp_s:
+            self._stamp_s = second
+            self._stamp = format_datetime(datetime.datetime.fromtimestamp(second, self.tz))
+        return self._stamp
 
     # -- records ---------------------------------------------------------------------------
 
