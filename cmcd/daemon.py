@@ -158,6 +158,7 @@ def main() -> None:
 def serve_command(config_path: str) -> None:
     """Run the daemon in the foreground (systemd Type=notify)."""
     cfg = _load(config_path)
+    os.umask(0o077)  # the store, spool and keys are for the daemon's user only
     setup_logging()
     try:
         serve(cfg, notify_socket=os.environ.get("NOTIFY_SOCKET"))

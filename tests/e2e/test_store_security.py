@@ -212,3 +212,14 @@ def test_key_file_readable_by_others_stops_start_up_of_a_new_store(tmp_path: Pat
     assert out.returncode != 0
     assert f"{key}: key file is readable by group or others (mode 0644)" in out.stderr
     assert not (d.root / "cmcd.db").exists()
+
+
+def test_store_spool_and_key_files_are_private(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd()
+    with d.smtp() as c:
+        c.sendmail("alice@acme.test", ["private@dst.test"], b"From: alice@acme.test\r\n\r\nx\r\n")
+    d.stop()
+    spool_dir = Path(d.config["spool"]["dir"])
+    paths = [d.root / "cmcd.db", d.root / "data.key", spool_dir, spool_dir / "queue.db"]
+    for p in paths:
+        assert p.stat().st_mode & 0o077 == 0, f"{p} is {oct(p.stat().st_mode)}"
