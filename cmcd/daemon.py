@@ -21,6 +21,7 @@ from cmcd import config as config_mod
 from cmcd.admin.server import AdminServer
 from cmcd.config import Config
 from cmcd.errors import CmcdError, ConfigError
+from cmcd.queue.events import EventShipper
 from cmcd.queue.spool import Spool
 from cmcd.smtp.listener import SmtpListeners
 from cmcd.store import AsyncStore, open_store
@@ -102,6 +103,8 @@ class Daemon:
             report.partial_files_removed,
         )
         spool.start()
+        events = EventShipper(spool, astore)
+        events.start()
         self.service = service = SubmitService(cfg, astore, spool)
         await service.start()
         self.smtp = smtp = SmtpListeners(cfg, service)
@@ -125,6 +128,7 @@ class Daemon:
         await admin.close()
         await smtp.close(cfg.server.shutdown_grace)
         await service.close()
+        await events.close()
         await asyncio.to_thread(spool.stop)
         await asyncio.to_thread(astore.close)
         log.info("event=stopped")

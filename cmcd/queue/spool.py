@@ -51,6 +51,22 @@ CREATE TABLE IF NOT EXISTS recipients (
 CREATE INDEX IF NOT EXISTS recipients_queue ON recipients(queue_id);
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS recipients_inflight ON recipients(state) WHERE state = 'inflight';
+CREATE TABLE IF NOT EXISTS events (
+    -- outbox of mail-log events, committed with the messages and shipped to the store
+    id INTEGER PRIMARY KEY,
+    event_key TEXT NOT NULL,
+    ts REAL NOT NULL,
+    tenant_id INTEGER NOT NULL,
+    queue_id TEXT NOT NULL,
+    event TEXT NOT NULL,
+    sender_enc BLOB NOT NULL,
+    sender_hmac BLOB NOT NULL,
+    rcpt_enc BLOB NOT NULL,
+    rcpt_hmac BLOB NOT NULL,
+    rcpt_domain TEXT NOT NULL,
+    status TEXT NOT NULL,
+    response TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS daily_counts (
     tenant_id INTEGER NOT NULL,
     day TEXT NOT NULL,
@@ -58,6 +74,20 @@ CREATE TABLE IF NOT EXISTS daily_counts (
     PRIMARY KEY (tenant_id, day)
 );
 """
+
+
+_EVENT_COLUMNS = "event_key, ts, tenant_id, queue_id, event, sender_enc, sender_hmac, rcpt_enc, rcpt_hmac, rcpt_domain, status, response"
+_EVENT_MARKS = ", ".join("?" * 12)
+
+
+def take_events(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
+    """The oldest outbox events, with their outbox id last (run through Spool.call)."""
+    return conn.execute(f"SELECT {_EVENT_COLUMNS}, id FROM events ORDER BY id LIMIT ?", (limit,)).fetchall()
+
+
+def drop_events(conn: sqlite3.Connection, up_to_id: int) -> None:
+    with conn:
+        conn.execute("DELETE FROM events WHERE id <= ?", (up_to_id,))
 
 
 @dataclass(frozen=True)
@@ -188,22 +218,20 @@ class Spool:
                 msgs: list[tuple[Any, ...]] = []
                 rcpts: list[tuple[Any, ...]] = []
                 counts: dict[tuple[int, str], int] = {}
+                events: list[tuple[Any, ...]] = []
                 for c in commits:
                     m = c.msg
+                    sender_enc, sender_hmac = k.encrypt(m.sender), k.index(m.sender)
                     msgs.append(
-                        (
-                            m.queue_id,
-                            m.tenant_id,
-                            m.user_id,
-                            k.encrypt(m.sender),
-                            k.index(m.sender),
-                            len(m.body),
-                            m.received_ts,
-                            m.body,
-                        )
-                    )
-                    for r in m.recipients:
-                        rcpts.append((m.queue_id, k.encrypt(r.address), k.index(r.address), r.domain, m.received_ts))
+                        (m.queue_id, m.tenant_id, m.user_id, sender_enc, sender_hmac, len(m.body), m.received_ts, m.body)
+                    )  # fmt: skip
+                    for n, r in enumerate(m.recipients):
+                        rcpt_enc, rcpt_hmac = k.encrypt(r.address), k.index(r.address)
+                        rcpts.append((m.queue_id, rcpt_enc, rcpt_hmac, r.domain, m.received_ts))
+                        events.append(
+                            (f"{m.queue_id}:{n}:accepted", m.received_ts, m.tenant_id, m.queue_id, "accepted",
+                             sender_enc, sender_hmac, rcpt_enc, rcpt_hmac, r.domain, "queued", "")
+                        )  # fmt: skip
                     key = (m.tenant_id, c.day)
                     counts[key] = counts.get(key, 0) + 1
                 conn.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)", msgs)
@@ -211,6 +239,7 @@ class Spool:
                     "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, next_attempt) VALUES (?,?,?,?,?)",
                     rcpts,
                 )
+                conn.executemany(f"INSERT INTO events({_EVENT_COLUMNS}) VALUES ({_EVENT_MARKS})", events)
                 conn.executemany(
                     "INSERT INTO daily_counts(tenant_id, day, messages) VALUES (?,?,?) "
                     "ON CONFLICT(tenant_id, day) DO UPDATE SET messages = messages + excluded.messages",

@@ -116,6 +116,7 @@ class SubmissionSMTP(SMTP):
         self.ctx = ctx
         self.implicit_tls = implicit_tls
         self.busy = False  # True from DATA until its reply is sent (shutdown waits for these)
+        self._eof = False
         self.client_ip = ""
         self._refused = False
 
@@ -148,6 +149,19 @@ class SubmissionSMTP(SMTP):
             return
         self.ctx.sessions.release(self)
         super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        """A client that half-closes after the dot still gets its reply and its message.
+
+        aiosmtpd cancels the session on EOF; inside DATA (reading or committing) that would
+        drop the reply to a message that may already be queued, so there EOF only ends the
+        session once the reply is out.
+        """
+        if self.busy:
+            self._eof = True
+            self._reader.feed_eof()
+            return True  # keep the transport open for our reply
+        return super().eof_received()
 
     @property
     def is_tls(self) -> bool:
@@ -249,6 +263,9 @@ class SubmissionSMTP(SMTP):
         if session.authenticated:
             await self.push("503 5.5.1 Already authenticated")
             return
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 AUTH is not allowed during a mail transaction")
+            return
         args = (arg or "").split()
         if not 1 <= len(args) <= 2:
             await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
@@ -339,7 +356,9 @@ class SubmissionSMTP(SMTP):
             await self.push(status)
         finally:
             self.busy = False
-            if self.ctx.sessions.closing:
+            if self._eof:
+                self._close()
+            elif self.ctx.sessions.closing:
                 self._close("421 4.3.2 Service shutting down")
 
     async def _read_data(self) -> tuple[bytes | None, str]:

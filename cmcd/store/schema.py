@@ -91,6 +91,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ops_log_ts ON ops_log(ts);
     """,
+    # 2: mail-log rows shipped from the spool's outbox carry a key, so a re-shipped batch is not doubled
+    """
+    ALTER TABLE mail_log ADD COLUMN event_key TEXT;
+    CREATE UNIQUE INDEX mail_log_event_key ON mail_log(event_key) WHERE event_key IS NOT NULL;
+    """,
 ]
 
 

@@ -275,30 +275,20 @@ class Store:
                 (time.time(), actor_uid, actor, tenant_id, action, target, result, detail),
             )
 
-    def log_mail(self, rows: list[dict[str, Any]]) -> None:
-        """rows: ts, tenant_id, queue_id, event, sender, rcpt, status, response (addresses in clear)."""
-        k = self.keys
+    MAIL_EVENT_COLUMNS = (
+        "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac",
+        "rcpt_enc", "rcpt_hmac", "rcpt_domain", "status", "response",
+    )  # fmt: skip
+
+    def insert_mail_events(self, rows: list[tuple[Any, ...]]) -> int:
+        """Add mail-log rows (addresses already encrypted, in MAIL_EVENT_COLUMNS order); a row whose
+        event_key is already present is skipped. Returns how many were new."""
+        cols = ", ".join(self.MAIL_EVENT_COLUMNS)
+        marks = ", ".join("?" for _ in self.MAIL_EVENT_COLUMNS)
         with self.conn:
-            self.conn.executemany(
-                "INSERT INTO mail_log(ts, tenant_id, queue_id, event, sender_enc, sender_hmac, rcpt_enc, rcpt_hmac, "
-                "rcpt_domain, status, response) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        r["ts"],
-                        r["tenant_id"],
-                        r["queue_id"],
-                        r["event"],
-                        k.encrypt(r["sender"]),
-                        k.index(r["sender"]),
-                        k.encrypt(r["rcpt"]),
-                        k.index(r["rcpt"]),
-                        r["rcpt"].rpartition("@")[2].lower(),
-                        r["status"],
-                        r.get("response", ""),
-                    )
-                    for r in rows
-                ],
-            )
+            before = self.conn.total_changes
+            self.conn.executemany(f"INSERT OR IGNORE INTO mail_log({cols}) VALUES ({marks})", rows)
+            return self.conn.total_changes - before
 
     def login_log(self, limit: int = 100) -> list[dict[str, Any]]:
         cur = self.conn.execute(

@@ -67,6 +67,16 @@ def address_problem(address: str, smtputf8: bool) -> str | None:
     return None
 
 
+def throttle_key(client_ip: str) -> str:
+    """What auth throttling counts against: the address, or its /64 for IPv6 (one host's usual share)."""
+    if ":" in client_ip:
+        try:
+            return str(ipaddress.ip_network(f"{client_ip}/64", strict=False))
+        except ValueError:
+            return client_ip
+    return client_ip
+
+
 class SubmitService:
     def __init__(self, config: Config, astore: AsyncStore, spool: Spool, clock: Callable[[], float] = time.time):
         self.config = config
@@ -84,13 +94,14 @@ class SubmitService:
         self._ipcreds: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Sender]] = []
         self._cache_key = os.urandom(32)
         self._auth_cache: dict[str, tuple[bytes, Sender, float]] = {}
+        self._generation = 0
+        self._auth_pending: dict[str, int] = {}
         self._verify_slots = asyncio.Semaphore(VERIFY_SLOTS)
         self._verifying: dict[tuple[str, bytes], asyncio.Task[bool]] = {}
         self._auth_failures = policy.SlidingWindow(config.smtp.auth_fail_window)
         self._rates = policy.TokenBucket()
         self._daily: dict[tuple[int, str], int] = {}
         self._pending_logins: list[LoginRecord] = []
-        self._pending_mail: list[dict[str, object]] = []
         self._flush_task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None
         self.accepted = 0
@@ -98,13 +109,24 @@ class SubmitService:
     # -- set-up and caches -----------------------------------------------------------------
 
     async def start(self) -> None:
+        await asyncio.to_thread(crypto.dummy_hash)  # computed once, off the loop, before any AUTH
         await self.reload()
         day = self._days.day(self.clock())
         counts = await self.spool.call(lambda conn: self.spool.daily_counts(day))
         self._daily = {(tenant_id, day): n for tenant_id, n in counts.items()}
 
     async def reload(self) -> None:
-        """Re-read tenants, domains and IP credentials; forget cached logins."""
+        """Re-read tenants, domains and IP credentials; forget cached logins.
+
+        A reload overtaken by a newer change reads again, so the last change always wins.
+        """
+        while True:
+            generation = self._generation
+            await self._reload_once()
+            if generation == self._generation:
+                return
+
+    async def _reload_once(self) -> None:
         s = self.astore.store
         tenants = await self.astore.call(s.tenants)
         domains = await self.astore.call(s.domains)
@@ -123,7 +145,12 @@ class SubmitService:
         self._auth_cache.clear()
 
     def invalidate(self) -> None:
-        """Called after an administrative change; the next reload happens at once in the background."""
+        """Called after an administrative change; the next reload happens at once in the background.
+
+        The generation counter makes password checks and reloads that began before the change
+        start over, so a disabled user or an old password cannot slip through.
+        """
+        self._generation += 1
         self._auth_cache.clear()
         self._reload_task = asyncio.get_running_loop().create_task(self.reload())
 
@@ -141,11 +168,27 @@ class SubmitService:
     # -- authentication --------------------------------------------------------------------
 
     def auth_throttled(self, client_ip: str) -> bool:
+        """True once an address (an IPv6 /64) has used up its failures, counting checks still running."""
         limit = self.config.smtp.auth_fail_limit
-        return limit > 0 and self._auth_failures.count(client_ip, self.clock()) >= limit
+        key = throttle_key(client_ip)
+        return limit > 0 and self._auth_failures.count(key, self.clock()) + self._auth_pending.get(key, 0) >= limit
 
     async def authenticate(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | str:
-        """A Sender on success, or the reply to send (535, or 421 once the IP is throttled)."""
+        """A Sender on success, or the reply to send (535, or 421 once the IP is throttled).
+
+        If an administrative change lands while the password is being checked (user disabled,
+        password changed), the check is made again against the new state.
+        """
+        while True:
+            generation = self._generation
+            result = await self._authenticate_once(login, password, client_ip, mechanism)
+            if generation == self._generation:
+                break
+        if isinstance(result, Sender):
+            self._log_login(LoginRecord(self.clock(), login, client_ip, mechanism, "ok", result.tenant_id))
+        return result
+
+    async def _authenticate_once(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | str:
         await self.current()
         now = self.clock()
         if self.auth_throttled(client_ip):
@@ -154,34 +197,43 @@ class SubmitService:
         digest = hmac.new(self._cache_key, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
         cached = self._auth_cache.get(login)
         if cached is not None and cached[2] > now and hmac.compare_digest(cached[0], digest):
-            sender = Sender(cached[1].user_id, cached[1].tenant_id, cached[1].tenant, login, mechanism)
-            self._log_login(LoginRecord(now, login, client_ip, mechanism, "ok", sender.tenant_id))
-            return sender
+            return Sender(cached[1].user_id, cached[1].tenant_id, cached[1].tenant, login, mechanism)
+        generation = self._generation
+        key = throttle_key(client_ip)
         found = await self.astore.call(self.astore.store.user_for_login, login)
         stored_hash = found[1] if found is not None else crypto.dummy_hash()
-        ok = await self._verify(login, digest, password, stored_hash)
+        ok = await self._verify(login, digest, password, stored_hash, key)
         user = found[0] if found is not None else None
         if ok and user is not None and user.enabled:
             sender = Sender(user.id, user.tenant_id, user.tenant, login, mechanism)
-            self._auth_cache[login] = (digest, sender, now + self.config.smtp.auth_cache_ttl)
-            self._log_login(LoginRecord(now, login, client_ip, mechanism, "ok", user.tenant_id))
+            if generation == self._generation:
+                self._auth_cache[login] = (digest, sender, now + self.config.smtp.auth_cache_ttl)
             return sender
         detail = "unknown login" if user is None else ("disabled" if ok else "bad password")
-        self._auth_failures.add(client_ip, now)
+        self._auth_failures.add(key, now)
         self._log_login(LoginRecord(now, login, client_ip, mechanism, "fail", user.tenant_id if user else None, detail))
         if self.auth_throttled(client_ip):
             log.warning("event=auth_throttled client_ip=%s", client_ip)
         return REPLY_AUTH_INVALID
 
-    async def _verify(self, login: str, digest: bytes, password: str, stored_hash: str) -> bool:
+    async def _verify(self, login: str, digest: bytes, password: str, stored_hash: str, ip_key: str) -> bool:
         """scrypt off the loop, at most VERIFY_SLOTS at once (32 MiB each); concurrent checks of
-        the same login and password share one computation."""
+        the same login and password share one computation. While a check runs it counts
+        against its address's failure limit, so a burst of guesses cannot overshoot it."""
         key = (login, digest)
         task = self._verifying.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._verify_once(password, stored_hash))
             self._verifying[key] = task
-            task.add_done_callback(lambda _t: self._verifying.pop(key, None))
+            self._auth_pending[ip_key] = self._auth_pending.get(ip_key, 0) + 1
+
+            def done(_t: asyncio.Task[bool]) -> None:
+                self._verifying.pop(key, None)
+                left = self._auth_pending.pop(ip_key, 1) - 1
+                if left:
+                    self._auth_pending[ip_key] = left
+
+            task.add_done_callback(done)
         return await asyncio.shield(task)
 
     async def _verify_once(self, password: str, stored_hash: str) -> bool:
@@ -237,6 +289,8 @@ class SubmitService:
 
     async def finish(self, sender: Sender, mail_from: str, rcpts: list[str], body: bytes, info: SessionInfo) -> str:
         """Check the header, fix it, sign, spool; return the final reply."""
+        if mail_from and not self.owns_domain(sender, mail_from.rpartition("@")[2]):
+            return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
         hdr = headers.parse(body)
         domains = headers.from_domains(hdr)
         if not domains:
@@ -252,7 +306,12 @@ class SubmitService:
             body = await loop.run_in_executor(None, self.signer, body, domains[0])
         day = self._days.day(now)
         key = (sender.tenant_id, day)
-        self._daily[key] = self._daily.get(key, 0) + 1
+        quota = self.config.tenant_limits(sender.tenant).messages_per_day
+        if policy.over_daily_quota(self._daily.get(key, 0), quota):  # concurrent sessions passed MAIL together
+            return f"550 5.7.1 Daily quota of {quota} messages reached for this tenant"
+        if key not in self._daily:  # a new day (or tenant): forget the counts of past days
+            self._daily = {k: n for k, n in self._daily.items() if k[1] == day}
+        self._daily[key] = self._daily.get(key, 0) + 1  # reserved now; given back if the commit fails
         msg = SpoolMessage(
             queue_id=qid,
             tenant_id=sender.tenant_id,
@@ -268,20 +327,6 @@ class SubmitService:
             self._daily[key] -= 1
             return REPLY_SPOOL_FAILED
         self.accepted += 1
-        for r in rcpts:
-            self._pending_mail.append(
-                {
-                    "ts": now,
-                    "tenant_id": sender.tenant_id,
-                    "queue_id": qid,
-                    "event": "accepted",
-                    "sender": mail_from,
-                    "rcpt": r,
-                    "status": "queued",
-                    "response": "",
-                }
-            )
-        self._schedule_flush()
         return f"250 2.0.0 Ok: queued as {qid}"
 
     def _received(self, qid: str, sender: Sender, info: SessionInfo, now: float) -> bytes:
@@ -325,14 +370,10 @@ class SubmitService:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_logs())
 
     async def _flush_logs(self) -> None:
-        """Write buffered login and mail-log rows in one store transaction per kind."""
-        while self._pending_logins or self._pending_mail:
+        """Write buffered login-log rows, many in one store transaction."""
+        while self._pending_logins:
             logins, self._pending_logins = self._pending_logins, []
-            mail, self._pending_mail = self._pending_mail, []
             try:
-                if logins:
-                    await self.astore.call(self.astore.store.log_logins, logins)
-                if mail:
-                    await self.astore.call(self.astore.store.log_mail, mail)
+                await self.astore.call(self.astore.store.log_logins, logins)
             except Exception:
-                log.exception("event=log_write_failed logins=%d mail=%d", len(logins), len(mail))
+                log.exception("event=log_write_failed logins=%d", len(logins))

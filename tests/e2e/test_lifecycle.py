@@ -127,3 +127,57 @@ def test_restart_returns_inflight_rows_to_queued(make_cmcd) -> None:  # type: ig
     d.start()
     assert "inflight_requeued=1" in d.wait_log("event=spool_recovered")
     assert d.spooled()[qid]["recipients"] == [("rcpt@dst.test", "queued")]
+
+
+def test_accepted_event_survives_kill_right_after_250(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd()
+    with d.smtp() as c:
+        c.mail("alice@acme.test")
+        c.rcpt("one@dst.test")
+        c.rcpt("two@dst.test")
+        qid = queue_id(c.data(message()))
+        d.kill9()  # before any background work could run
+    d.start()
+    keys = d.keys()
+
+    def rows() -> list[tuple[str, str, str]]:
+        conn = sqlite3.connect(f"file:{d.root / 'cmcd.db'}?mode=ro", uri=True)
+        try:
+            found = conn.execute("SELECT queue_id, event, rcpt_enc FROM mail_log WHERE queue_id = ?", (qid,))
+            return sorted((q, e, keys.decrypt(r)) for q, e, r in found)
+        finally:
+            conn.close()
+
+    deadline = time.monotonic() + 10
+    while not rows() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rows() == [(qid, "accepted", "one@dst.test"), (qid, "accepted", "two@dst.test")]
+    d.stop()
+    d.start()  # shipping again after a restart never doubles a row
+    time.sleep(1)
+    assert len(rows()) == 2
+
+
+def test_half_closed_client_still_gets_its_reply(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd()
+    d.admin("ipcred.add", tenant="acme", login="alice", cidr="127.0.0.1/32")
+    s = socket.create_connection(("127.0.0.1", d.smtp_port), timeout=10)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(b"HELO half.test\r\nMAIL FROM:<alice@acme.test>\r\nRCPT TO:<r@dst.test>\r\nDATA\r\n")
+    assert [f.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+    s.sendall(message() + b".\r\nQUIT\r\n")
+    s.shutdown(socket.SHUT_WR)
+    reply = f.readline()
+    assert reply.startswith(b"250 2.0.0 Ok: queued as "), reply
+    assert queue_id(reply) in d.spooled()
+    s.close()
+
+
+def test_auth_during_a_transaction_is_refused(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd()
+    d.admin("ipcred.add", tenant="acme", login="alice", cidr="127.0.0.1/32")
+    with d.smtp(login=None) as c:
+        assert c.mail("alice@acme.test")[0] == 250
+        code, text = c.docmd("AUTH", "PLAIN AGJvYgBjb3JyZWN0IGhvcnNlIGJhdHRlcnk=")  # bob of tenant beta
+        assert (code, text[:5]) == (503, b"5.5.1")
