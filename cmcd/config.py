@@ -316,10 +316,42 @@ def _check_timezone(cfg: Config, errors: list[str]) -> None:
         errors.append(f'server.timezone: expected an IANA time zone like "Asia/Tokyo", got {cfg.server.timezone!r}')
 
 
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+#: (dotted path, lowest allowed, highest allowed): values that parse but make no sense.
+_RANGES = (
+    ("smtp.max_message_size", 1024, 2 * 1024**3 - 1),  # SQLite's largest blob is 2 GiB
+    ("smtp.max_recipients", 1, 100_000),
+    ("smtp.command_timeout", 1.0, 86400.0),
+    ("smtp.data_timeout", 1.0, 86400.0),
+    ("smtp.min_data_rate_grace", 0.0, 86400.0),
+    ("smtp.auth_cache_ttl", 0.0, 86400.0),
+    ("smtp.auth_fail_window", 1.0, 30 * 86400.0),
+    ("server.shutdown_grace", 0.0, 3600.0),
+    ("dns.timeout", 0.1, 300.0),
+    ("backup.interval", 60.0, 30 * 86400.0),
+    ("delivery.port", 1, 65535),
+    ("smtp.messages_per_second", 0.0, 1e6),
+)
+
+
+def _check_ranges(cfg: Config, errors: list[str]) -> None:
+    for path, low, high in _RANGES:
+        section, name = path.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not low <= value <= high:  # also refuses nan and inf
+            errors.append(f"{path}: expected a value from {low:g} to {high:g}, got {value!r}")
+    if not _HOSTNAME_RE.match(cfg.server.hostname):
+        errors.append(f'server.hostname: expected a host name like "mail.example.com", got {cfg.server.hostname!r}')
+
+
 def _check_tls(cfg: Config, errors: list[str]) -> None:
     if (cfg.smtp.listen or cfg.smtp.listen_tls) and not (cfg.smtp.tls_cert and cfg.smtp.tls_key):
         errors.append("smtp.tls_cert: expected a certificate path (AUTH is only offered over TLS)")
     for i, hp in enumerate(cfg.dns.nameservers):
+        if hp is None:
+            continue  # already reported
         host, _ = split_hostport(hp)
         try:
             ipaddress.ip_address(host)
@@ -332,6 +364,7 @@ def from_dict(data: dict[str, Any], base_dir: str = ".") -> Config:
     cfg = _build(Config, data, "", errors)
     _check_timezone(cfg, errors)
     _check_tls(cfg, errors)
+    _check_ranges(cfg, errors)
     if errors:
         raise ConfigError(errors)
     return dataclasses.replace(cfg, base_dir=base_dir)

@@ -14,6 +14,8 @@ from cmcd.submit.service import SubmitService
 
 log = logging.getLogger("cmcd.smtp")
 
+HANDSHAKE_TIMEOUT_S = 10.0
+
 
 def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -133,7 +135,10 @@ class SmtpListeners:
                     lambda implicit=implicit: SubmissionSMTP(ctx, implicit_tls=implicit),  # type: ignore[misc]
                     host,
                     port,
+                    # implicit TLS: the handshake precedes connection_made (and so the connection
+                    # limits); a short handshake timeout bounds what a silent client can hold
                     ssl=ctx.tls_context if implicit else None,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if implicit else None,
                     backlog=1024,
                     reuse_address=True,
                 )

@@ -48,6 +48,7 @@ _NULL_SENDER = re.compile(r"^FROM:\s*<>(\s|$)", re.I)
 _PLAIN_ADDRESS = re.compile(r"\s*<([^<>@\s\"(),:;\\\[\]]+@[A-Za-z0-9.-]+)>(.*)$", re.S)
 _CHUNK = 65536
 _CLOSE_GRACE_S = 2.0
+_HANDSHAKE_TIMEOUT_S = 10.0
 _DATA_READ_LIMIT = 262144
 
 
@@ -142,6 +143,8 @@ class SubmissionSMTP(SMTP):
                 transport.write((refusal + "\r\n").encode())  # type: ignore[attr-defined]
                 transport.close()
                 return
+        if self.implicit_tls and self._tls_protocol is None:
+            self._tls_protocol = transport  # type: ignore[assignment]  # the listener did the handshake
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -165,7 +168,7 @@ class SubmissionSMTP(SMTP):
 
     @property
     def is_tls(self) -> bool:
-        return self.implicit_tls or self._tls_protocol is not None
+        return self._tls_protocol is not None
 
     def session_info(self) -> SessionInfo:
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
@@ -224,20 +227,26 @@ class SubmissionSMTP(SMTP):
         await self.push("220 2.0.0 Ready to start TLS")
         reader: Any = self._reader
         reader._buffer.clear()  # CVE-2011-0411: nothing sent before the handshake is read as a command
+        await self._upgrade_tls(self.tls_context)
+
+    async def _upgrade_tls(self, context: ssl.SSLContext) -> bool:
+        """Run the server side of a TLS handshake on this connection; False (and closed) if it fails."""
         try:
             transport = await self.loop.start_tls(
                 self.transport,  # type: ignore[arg-type]
                 self,
-                self.tls_context,
+                context,
                 server_side=True,
-                ssl_handshake_timeout=self.ctx.config.smtp.command_timeout,
+                ssl_handshake_timeout=min(self.ctx.config.smtp.command_timeout, _HANDSHAKE_TIMEOUT_S),
             )
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             log.info("event=tls_failed client_ip=%s error=%r", self.client_ip, str(exc))
             if self.transport is not None:
                 self.transport.close()
-            return
-        assert transport is not None
+            return False
+        if transport is None:  # the connection went away during the handshake
+            return False
+        reader: Any = self._reader
         reader._transport = transport
         self._writer._transport = transport  # type: ignore[attr-defined]
         self.transport = transport
@@ -249,6 +258,7 @@ class SubmissionSMTP(SMTP):
         self.session.peer = peer
         self.session.ssl = {"ssl_object": transport.get_extra_info("ssl_object")}
         self._reset_timeout()
+        return True
 
     async def smtp_AUTH(self, arg: str) -> None:
         if await self.check_helo_needed("EHLO"):

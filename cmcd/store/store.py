@@ -26,6 +26,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 ROLES = ("admin", "sender", "viewer")
+#: The widest networks an IP credential may name (a /0 would be an open relay for the tenant).
+MIN_IPCRED_PREFIX = {4: 16, 6: 48}
 _KEY_CHECK = "cmcd key check"
 
 
@@ -192,6 +194,16 @@ class Store:
             net = ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise StoreError(f"{cidr!r} is not an address or CIDR network (like 192.0.2.0/24)") from None
+        shortest = MIN_IPCRED_PREFIX[net.version]
+        if net.prefixlen < shortest:
+            raise StoreError(
+                f"{net} is too wide for an IP credential: it would let every host in it send without a "
+                f"password; use /{shortest} or narrower"
+            )
+        for other in self.ipcreds():
+            theirs = ipaddress.ip_network(other.cidr)
+            if other.tenant_id != u.tenant_id and theirs.version == net.version and theirs.overlaps(net):
+                raise StoreError(f"{net} overlaps {theirs}, an IP credential of another tenant")
         try:
             with self.conn:
                 self.conn.execute(
