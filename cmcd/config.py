@@ -147,6 +147,8 @@ class SmtpConfig:
     tenant_limits: dict[str, TenantLimits] = field(default_factory=dict)
     max_connections: int = 1000
     max_connections_per_ip: int = 100
+    #: DATA bytes all sessions together may hold in memory; past it DATA gets 452 4.3.1
+    max_data_in_flight: Size = Size(1024**3)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ class SessionRegistry:
     live: set[Any] = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
     closing: bool = False
+    data_bytes: int = 0  # DATA bytes held by all sessions (read, not yet spooled or dropped)
 
     def admit(self, proto: Any) -> str | None:
         ip = proto.client_ip

@@ -47,6 +47,8 @@ _REWRITE = {
 _NULL_SENDER = re.compile(r"^FROM:\s*<>(\s|$)", re.I)
 _PLAIN_ADDRESS = re.compile(r"\s*<([^<>@\s\"(),:;\\\[\]]+@[A-Za-z0-9.-]+)>(.*)$", re.S)
 _CHUNK = 65536
+_INLINE_CHECK_BYTES = 1024 * 1024
+_CALL_LIMITS = {"NOOP": 100, "HELP": 10, "VRFY": 10, "EXPN": 10, "EHLO": 10, "HELO": 10, "STARTTLS": 2}
 _CLOSE_GRACE_S = 2.0
 _HANDSHAKE_TIMEOUT_S = 10.0
 _DATA_READ_LIMIT = 262144
@@ -60,6 +62,12 @@ def with_enhanced_code(reply: str) -> str:
         return reply
     code = _DEFAULT_ENHANCED.get(m.group(1), m.group(1)[0] + ".0.0")
     return f"{m.group(1)}{m.group(2)}{code} {m.group(3)}"
+
+
+def _check(buf: bytearray, bare_newlines: str) -> policy.DataVerdict:
+    """Line-ending rules first, then dot-unstuffing, on the bytes after the virtual CRLF."""
+    verdict = policy.check_data(bytes(memoryview(buf)[2:]), bare_newlines)
+    return verdict if verdict.body is None else policy.DataVerdict(policy.unstuff(verdict.body))
 
 
 class CmcdSession(Session):
@@ -111,12 +119,15 @@ class SubmissionSMTP(SMTP):
         self._handle_hooks = ctx.hooks
         self._ehlo_hook_ver = None
         self._smtp_methods = {name: getattr(self, "smtp_" + name) for name in _COMMANDS}
-        self._enforce_call_limit = False
+        self._enforce_call_limit = True  # commands that do no work cannot keep a session alive forever
+        self._call_limit_base = _CALL_LIMITS
+        self._call_limit_default = 1_000_000
         # aiosmtpd keeps these limits in a class-wide dict that grows on every EHLO; ours are per session.
         self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26, "RCPT": 512})
         self.ctx = ctx
         self.implicit_tls = implicit_tls
         self.busy = False  # True from DATA until its reply is sent (shutdown waits for these)
+        self._data_held = 0  # bytes of DATA this session holds against smtp.max_data_in_flight
         self._eof = False
         self.client_ip = ""
         self._refused = False
@@ -308,7 +319,11 @@ class SubmissionSMTP(SMTP):
             return None
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
-        answer = await self.challenge_auth(prompt)
+        try:
+            answer = await self.challenge_auth(prompt)
+        except ValueError:  # the answer overran the line limit; the stream is out of step
+            self._close("500 5.5.6 Authentication exchange line is too long")
+            return None
         return None if answer is MISSING else answer  # type: ignore[return-value]
 
     async def _auth_plain(self, args: list[str]) -> tuple[str, str] | None:
@@ -366,6 +381,7 @@ class SubmissionSMTP(SMTP):
             await self.push(status)
         finally:
             self.busy = False
+            self._release()
             if self._eof:
                 self._close()
             elif self.ctx.sessions.closing:
@@ -379,7 +395,7 @@ class SubmissionSMTP(SMTP):
         buf = bytearray(b"\r\n")  # a virtual CRLF: "." as the first line ends an empty message
         scan_from = 0
         received = 0
-        overrun = False
+        overrun = ""
         start = self.loop.time()
         reader._limit = _DATA_READ_LIMIT  # read in large chunks during DATA
         try:
@@ -389,6 +405,8 @@ class SubmissionSMTP(SMTP):
                 if not chunk:
                     return None, ""
                 received += len(chunk)
+                if not overrun:
+                    self._hold(len(chunk))
                 buf += chunk
                 end = buf.find(b"\r\n.\r\n", scan_from)
                 if end >= 0:
@@ -397,8 +415,13 @@ class SubmissionSMTP(SMTP):
                         reader._buffer[0:0] = rest
                     del buf[end + 2 :]
                     break
-                if overrun or (limit and len(buf) - 2 > limit):
-                    overrun = True
+                if not overrun and limit and len(buf) - 2 > limit:
+                    overrun = "552 5.3.4 Message size exceeds fixed maximum message size"
+                elif not overrun and self.ctx.sessions.data_bytes > cfg.max_data_in_flight:
+                    log.warning("event=data_budget_exceeded in_flight=%d", self.ctx.sessions.data_bytes)
+                    overrun = "452 4.3.1 Insufficient system storage; try again later"
+                if overrun:
+                    self._release()
                     del buf[:-4]  # keep only what could start the end-of-data sequence
                 scan_from = max(0, len(buf) - 4)
                 if policy.too_slow(received, self.loop.time() - start, cfg.min_data_rate, cfg.min_data_rate_grace):
@@ -409,11 +432,23 @@ class SubmissionSMTP(SMTP):
             reader._limit = self.line_length_limit
             self._reset_timeout()
         if overrun:
-            return None, "552 5.3.4 Message size exceeds fixed maximum message size"
-        verdict = policy.check_data(policy.unstuff(bytes(buf[2:])), cfg.bare_newlines)
+            return None, overrun
+        if len(buf) > _INLINE_CHECK_BYTES:  # a large message is checked off the event loop
+            verdict = await self.loop.run_in_executor(None, _check, buf, cfg.bare_newlines)
+        else:
+            verdict = _check(buf, cfg.bare_newlines)
         if verdict.body is None:
             return None, verdict.problem
         return verdict.body, ""
+
+    def _hold(self, n: int) -> None:
+        self._data_held += n
+        self.ctx.sessions.data_bytes += n
+
+    def _release(self) -> None:
+        """Give back this session's share of the in-flight DATA budget (its message is gone or spooled)."""
+        self.ctx.sessions.data_bytes -= self._data_held
+        self._data_held = 0
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Move the idle deadline; one timer per session is re-armed only when it fires early.

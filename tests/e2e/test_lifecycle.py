@@ -181,3 +181,30 @@ def test_auth_during_a_transaction_is_refused(make_cmcd) -> None:  # type: ignor
         assert c.mail("alice@acme.test")[0] == 250
         code, text = c.docmd("AUTH", "PLAIN AGJvYgBjb3JyZWN0IGhvcnNlIGJhdHRlcnk=")  # bob of tenant beta
         assert (code, text[:5]) == (503, b"5.5.1")
+
+
+def test_idle_commands_cannot_hold_a_session_forever(cmcd_noop) -> None:  # type: ignore[no-untyped-def]
+    with cmcd_noop.smtp() as c:
+        for _ in range(100):
+            assert c.noop()[0] == 250
+        code, text = c.noop()
+        assert (code, text[:5]) == (421, b"4.7.0")
+
+
+@pytest.fixture
+def cmcd_noop(make_cmcd):  # type: ignore[no-untyped-def]
+    return make_cmcd()
+
+
+def test_data_beyond_the_in_flight_budget_gets_452(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd({"smtp": {"max_data_in_flight": "64KB"}})
+    with d.smtp() as c:
+        c.mail("alice@acme.test")
+        c.rcpt("rcpt@dst.test")
+        code, text = c.data(message(body="b" * 200_000))
+        assert (code, text[:5]) == (452, b"4.3.1")
+        c.mail("alice@acme.test")  # the budget is given back: a small message goes through
+        c.rcpt("rcpt@dst.test")
+        assert c.data(message())[0] == 250
+    assert d.admin("status")["sessions"] >= 0
+    assert len(d.spooled()) == 1
