@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cmcd.dev.toml
 
-.PHONY: run test lint fuzz bench clean venv
+.PHONY: run test lint bench clean venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,9 +31,6 @@ lint: venv
 
 test: venv lint
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
-
-fuzz: venv
-	CMCD_FUZZ_EXAMPLES=2000 $(BIN)/pytest -q tests/e2e/test_fuzz.py
 
 bench: venv
 	$(BIN)/python bench/intake.py
