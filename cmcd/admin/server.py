@@ -378,14 +378,14 @@ class AdminServer:
         limit = a.integer("limit", QUEUE_LIST_DEFAULT, 1, QUEUE_LIST_MAX)
         tenant_id = None if tenant is None else (await self._astore.call(self._store.tenant, tenant)).id
         spool = self._spool
-        rows: list[dict[str, Any]] = await spool.call(lambda conn: spool.list_rows(conn, tenant_id, limit))
+        rows: list[dict[str, Any]] = await spool.read(lambda conn: spool.list_rows(conn, tenant_id, limit))
         names = await self._tenant_names()
         return [{"tenant": names.get(r["tenant_id"], str(r["tenant_id"]))} | r for r in rows]
 
     async def _queue_show(self, a: _Args) -> Any:
         queue_id = a.text("queue_id")
         spool = self._spool
-        row: dict[str, Any] = await spool.call(lambda conn: spool.show_row(conn, queue_id))
+        row: dict[str, Any] = await spool.read(lambda conn: spool.show_row(conn, queue_id))
         names = await self._tenant_names()
         return {"tenant": names.get(row["tenant_id"], str(row["tenant_id"]))} | row
 

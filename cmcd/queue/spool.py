@@ -16,6 +16,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,8 @@ class Spool:
         self._conn.execute("PRAGMA secure_delete=ON")
         self._conn.executescript(SCHEMA)
         self._jobs: queue.SimpleQueue[_Commit | _Call | None] = queue.SimpleQueue()
+        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-read")
+        self._read_conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.transactions = 0
@@ -163,7 +166,14 @@ class Spool:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+        self._read_executor.submit(self._close_reader).result()
+        self._read_executor.shutdown()
         self._conn.close()
+
+    def _close_reader(self) -> None:
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
 
     # -- requests from the event loop ------------------------------------------------------
 
@@ -176,6 +186,17 @@ class Spool:
         fut: asyncio.Future[None] = loop.create_future()
         self._jobs.put(_Commit(msg, day, fut, loop))
         await fut
+
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run FN(read-only connection) on the spool's reader thread, beside the writer (WAL lets
+        readers and the writer proceed together), so a long listing never delays a 250."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._read_executor, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._read_conn is None:
+            self._read_conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        return fn(self._read_conn)
 
     async def call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run FN(connection) on the writer thread (reads and queue changes outside intake)."""
