@@ -219,7 +219,8 @@ class Cmcd:
         try:
             out: dict[str, dict[str, Any]] = {}
             for qid, sender, body in conn.execute("SELECT queue_id, sender_enc, body FROM messages"):
-                out[qid] = {"body": bytes(body), "sender": keys.decrypt(sender), "recipients": []}
+                plain = keys.decrypt_bytes(bytes(body), qid.encode())
+                out[qid] = {"body": plain, "sender": keys.decrypt(sender), "recipients": []}
             for qid, rcpt, state in conn.execute("SELECT queue_id, rcpt_enc, state FROM recipients ORDER BY id"):
                 out[qid]["recipients"].append((keys.decrypt(rcpt), state))
             return out

@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS messages (
     sender_hmac BLOB NOT NULL,
     size_bytes INTEGER NOT NULL,
     received REAL NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL  -- AES-256-GCM under the data key, the queue id as associated data
 );
 CREATE TABLE IF NOT EXISTS recipients (
     id INTEGER PRIMARY KEY,
@@ -244,7 +244,8 @@ class Spool:
                     m = c.msg
                     sender_enc, sender_hmac = k.encrypt(m.sender), k.index(m.sender)
                     msgs.append(
-                        (m.queue_id, m.tenant_id, m.user_id, sender_enc, sender_hmac, len(m.body), m.received_ts, m.body)
+                        (m.queue_id, m.tenant_id, m.user_id, sender_enc, sender_hmac, len(m.body), m.received_ts,
+                         k.encrypt_bytes(m.body, m.queue_id.encode()))
                     )  # fmt: skip
                     for n, r in enumerate(m.recipients):
                         rcpt_enc, rcpt_hmac = k.encrypt(r.address), k.index(r.address)
@@ -341,7 +342,7 @@ class Spool:
         row = conn.execute("SELECT body FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
         if row is None:
             raise NotFound(f"no message {queue_id!r} in the queue")
-        return bytes(row[0])
+        return self.keys.decrypt_bytes(bytes(row[0]), queue_id.encode())
 
 
 class DayClock:

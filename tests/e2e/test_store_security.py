@@ -15,7 +15,7 @@ import pytest
 from cmcd import crypto
 from tests.conftest import Cmcd, message, queue_id
 
-# Envelope only: message bodies are stored in clear in the spool in this version.
+# Bodies are encrypted in the spool too: the body's addresses are checked like the envelope's.
 RCPT_NEEDLES = ["needle-rcpt-7731@dst.test", "Needle-Rcpt-8842@Other.test"]
 SENDER_NEEDLE = "needle.sender@acme.test"
 LOGIN_NEEDLE = "needle-login-5519"
@@ -108,9 +108,11 @@ def test_envelope_addresses_and_failed_passwords_are_not_stored_in_clear(make_cm
 
     files = {p.name for p in d.root.rglob("*") if p.is_file()}
     assert {"cmcd.db", "queue.db"} <= files
-    # Positive controls: the scan does see what is stored in clear by design (body, login name).
-    assert _files_containing(d.root, b"undisclosed@dst.test"), "the body's To: should be found in the spool"
+    # Positive control: the scan does see what is stored in clear by design (the login name).
     assert _files_containing(d.root, LOGIN_NEEDLE.encode()), "the login name should be found in the login log"
+    # The body (with its To: and Subject:) is encrypted in the spool like the envelope.
+    assert b"To: <undisclosed@dst.test>\r\n" in spooled[qids[0]]["body"]
+    assert not _files_containing(d.root, b"undisclosed@dst.test"), "a body address in clear in the spool"
     assert _scan(d.root) == {}, "addresses in clear while running (WAL files included)"
     logged = "\n".join(d.log).lower()
     assert [n.decode() for n in _needles() if n.lower().decode() in logged] == [], "addresses in the daemon's log"
