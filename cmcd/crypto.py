@@ -60,7 +60,7 @@ class DataKeys:
 
     def index(self, address: str) -> bytes:
         """Keyed lookup index of an address; case-insensitive on the whole address."""
-        return hmac.new(self.index_key, address.strip().lower().encode("utf-8"), hashlib.sha256).digest()[:16]
+        return hmac.digest(self.index_key, address.strip().lower().encode("utf-8"), "sha256")[:16]
 
 
 def generate_key_file(path: Path) -> None:

@@ -122,6 +122,11 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
+def _resolve_all(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        _resolve(future, None, error)
+
+
 class Spool:
     def __init__(self, directory: Path, keys: DataKeys):
         self.directory = directory
@@ -277,8 +282,8 @@ class Spool:
         else:
             self.commits += len(commits)
             self.transactions += 1
-        for c in commits:
-            c.loop.call_soon_threadsafe(_resolve, c.future, None, error)
+        # one wake-up of the event loop for the whole group, not one per message
+        commits[0].loop.call_soon_threadsafe(_resolve_all, [c.future for c in commits], error)
 
     # -- reads for admin (run through call()) ---------------------------------------------
 

@@ -376,8 +376,10 @@ class SubmissionSMTP(SMTP):
                     await self.push(problem)
                 self._set_post_data_state()
                 return
-            status = await self._call_handler_hook("DATA_BYTES", raw)
-            self._set_post_data_state()
+            try:
+                status = await self._call_handler_hook("DATA_BYTES", raw)
+            finally:
+                self._set_post_data_state()  # a failed transaction must not leave its envelope behind
             await self.push(status)
         finally:
             self.busy = False

@@ -6,6 +6,7 @@ adding Received:/Message-ID:/Date: without touching any other byte.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from email.utils import getaddresses
 
@@ -53,8 +54,15 @@ def parse(body: bytes) -> HeaderInfo:
     return HeaderInfo(tuple(from_values), has_mid, has_date, header_end)
 
 
+_SIMPLE_FROM = re.compile(r"^\s*<?([A-Za-z0-9._+-]+)@([A-Za-z0-9.-]+)>?\s*$")
+
+
 def from_domains(info: HeaderInfo) -> list[str]:
     """Every domain named in From: headers (a From: may list several mailboxes)."""
+    if len(info.from_values) == 1:  # the common "a@b" or "<a@b>" without the full parser
+        m = _SIMPLE_FROM.match(info.from_values[0])
+        if m is not None:
+            return [m.group(2).lower().rstrip(".")]
     domains = []
     for _, addr in getaddresses(list(info.from_values)):
         local, at, domain = addr.rpartition("@")

@@ -21,7 +21,7 @@ from email.utils import format_datetime
 from zoneinfo import ZoneInfo
 
 from cmcd import crypto, policy
-from cmcd.config import Config
+from cmcd.config import Config, SendingLimits
 from cmcd.errors import SpoolError
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import DayClock, Spool
@@ -86,6 +86,7 @@ class SubmitService:
         self.ids = QueueIdGenerator()
         self.tz = ZoneInfo(config.server.timezone)
         self._days = DayClock(self.tz)
+        self._tenant_limits: dict[str, SendingLimits] = {}
         self._stamp_s = -1
         self._stamp = ""
         self.signer: Signer | None = None  # filled by DKIM signing (another issue)
@@ -269,7 +270,7 @@ class SubmitService:
         if not self.owns_domain(sender, address.rpartition("@")[2]):
             return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
         now = self.clock()
-        limits = self.config.tenant_limits(sender.tenant)
+        limits = self._limits(sender.tenant)
         if policy.over_daily_quota(
             self._daily.get((sender.tenant_id, self._days.day(now)), 0), limits.messages_per_day
         ):
@@ -306,7 +307,7 @@ class SubmitService:
             body = await loop.run_in_executor(None, self.signer, body, domains[0])
         day = self._days.day(now)
         key = (sender.tenant_id, day)
-        quota = self.config.tenant_limits(sender.tenant).messages_per_day
+        quota = self._limits(sender.tenant).messages_per_day
         if policy.over_daily_quota(self._daily.get(key, 0), quota):  # concurrent sessions passed MAIL together
             return f"550 5.7.1 Daily quota of {quota} messages reached for this tenant"
         if key not in self._daily:  # a new day (or tenant): forget the counts of past days
@@ -350,6 +351,12 @@ class SubmitService:
         if not hdr.has_date:
             out += f"Date: {self._date(now)}\r\n".encode()
         return out
+
+    def _limits(self, tenant: str) -> SendingLimits:
+        limits = self._tenant_limits.get(tenant)
+        if limits is None:
+            limits = self._tenant_limits[tenant] = self.config.tenant_limits(tenant)
+        return limits
 
     def _date(self, now: float) -> str:
         """RFC 5322 date of NOW in the server's zone, formatted once per second."""
