@@ -146,8 +146,12 @@ class Cmcd:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout)
-        return rc
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # never leave a hung daemon behind; the test still fails
+            self.proc.wait()
+            raise
 
     def kill9(self) -> None:
         assert self.proc is not None

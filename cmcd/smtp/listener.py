@@ -53,10 +53,6 @@ class SubmissionHandler:
             session.sender, envelope.mail_from, list(envelope.rcpt_tos), body, server.session_info()
         )
 
-    async def handle_exception(self, error: Exception) -> str:
-        log.error("event=session_error error=%r", error, exc_info=error)
-        return "451 4.3.0 Internal error; try again later"
-
 
 @dataclass
 class SessionRegistry:

@@ -47,6 +47,7 @@ _REWRITE = {
 _NULL_SENDER = re.compile(r"^FROM:\s*<>(\s|$)", re.I)
 _PLAIN_ADDRESS = re.compile(r"\s*<([^<>@\s\"(),:;\\\[\]]+@[A-Za-z0-9.-]+)>(.*)$", re.S)
 _CHUNK = 65536
+_WRITE_HIGH_WATER = 65536
 _INLINE_CHECK_BYTES = 1024 * 1024
 _CALL_LIMITS = {"NOOP": 100, "HELP": 10, "VRFY": 10, "EXPN": 10, "EHLO": 10, "HELO": 10, "STARTTLS": 2}
 _CLOSE_GRACE_S = 2.0
@@ -190,8 +191,24 @@ class SubmissionSMTP(SMTP):
 
     # -- replies ---------------------------------------------------------------------------
 
+    async def handle_exception(self, error: Exception) -> str:
+        """The reply for an unexpected error; a client that closed its side ends the session."""
+        if isinstance(error, asyncio.IncompleteReadError):
+            self._close()
+            raise asyncio.CancelledError  # aiosmtpd's way for a session task to end
+        log.error("event=session_error client_ip=%s error=%r", self.client_ip, error, exc_info=error)
+        return "451 4.3.0 Internal error; try again later"
+
     async def push(self, status: Any) -> None:
-        await super().push(with_enhanced_code(status) if isinstance(status, str) else status)
+        """Send one reply; wait for the peer to read only when much is buffered (replies are small)."""
+        if isinstance(status, str):
+            status = with_enhanced_code(status).encode("ascii", "replace")
+        transport: Any = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(status + b"\r\n")
+        if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
+            await self._writer.drain()
 
     async def _push_lines(self, lines: list[str]) -> None:
         self._writer.write(
