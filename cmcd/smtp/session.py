@@ -128,6 +128,7 @@ class SubmissionSMTP(SMTP):
         self.ctx = ctx
         self.implicit_tls = implicit_tls
         self.busy = False  # True from DATA until its reply is sent (shutdown waits for these)
+        self._replies = 0
         self._data_held = 0  # bytes of DATA this session holds against smtp.max_data_in_flight
         self._eof = False
         self.client_ip = ""
@@ -209,6 +210,9 @@ class SubmissionSMTP(SMTP):
         transport.write(status + b"\r\n")
         if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
             await self._writer.drain()
+        self._replies += 1
+        if self._replies % 32 == 0:  # a client pipelining many commands must not hold the loop
+            await asyncio.sleep(0)
 
     async def _push_lines(self, lines: list[str]) -> None:
         self._writer.write(
