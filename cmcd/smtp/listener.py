@@ -25,28 +25,10 @@ def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 class SubmissionHandler:
-    """aiosmtpd hooks that turn envelope events into SubmitService decisions."""
+    """The aiosmtpd hook for end of data (MAIL and RCPT call SubmitService from the session)."""
 
     def __init__(self, service: SubmitService):
         self.service = service
-
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
-        if address == "<>":
-            address = ""
-        await self.service.current()
-        problem = self.service.check_mail(session.sender, address, envelope.smtp_utf8)
-        if problem:
-            return problem
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return "250 2.1.0 Sender OK"
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: list[str]) -> str:
-        problem = self.service.check_rcpt(session.sender, address, len(envelope.rcpt_tos), envelope.smtp_utf8)
-        if problem:
-            return problem
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Recipient OK"
 
     async def handle_DATA_BYTES(self, server: Any, session: Any, envelope: Any, body: bytes) -> str:
         return await self.service.finish(

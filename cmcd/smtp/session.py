@@ -44,7 +44,6 @@ _REWRITE = {
     "500 Error: strict ASCII mode": "501 5.1.3 Non-ASCII characters require SMTPUTF8",
     "500 Command line too long": "500 5.5.2 Command line too long (limit 512 octets)",
 }
-_NULL_SENDER = re.compile(r"^FROM:\s*<>(\s|$)", re.I)
 _PLAIN_ADDRESS = re.compile(r"\s*<([^<>@\s\"(),:;\\\[\]]+@[A-Za-z0-9.-]+)>(.*)$", re.S)
 _CHUNK = 65536
 _WRITE_HIGH_WATER = 65536
@@ -438,12 +437,98 @@ class SubmissionSMTP(SMTP):
         return raw.decode("utf-8", "surrogateescape")
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if arg and _NULL_SENDER.match(arg):
-            if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
-                return
+        """MAIL with aiosmtpd's syntax rules, deciding through SubmitService directly (no hook dispatch)."""
+        session: Any = self.session
+        envelope: Any = self.envelope
+        if not session.host_name:
+            await self.push("503 5.5.1 Error: send HELO first")
+            return
+        if session.sender is None and await self.check_auth_needed("MAIL"):
+            return
+        syntax = "501 5.5.4 Syntax: MAIL FROM:<address>" + (" [SP <mail-parameters>]" if session.extended_smtp else "")
+        rest = self._strip_command_keyword("FROM:", arg) if arg else None
+        if rest is None:
+            await self.push(syntax)
+            return
+        if rest.startswith("<>") and (len(rest) == 2 or rest[2].isspace()):
             await self.push("550 5.7.1 A null sender is not allowed for submission")
             return
-        await super().smtp_MAIL(arg)
+        address, params = self._getaddr(rest)
+        if address is None:
+            await self.push("501 5.1.3 Bad address syntax")
+            return
+        if envelope.mail_from:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        options = params.upper().split() if params else []
+        parsed = self._getparams(options) if address and (session.extended_smtp or not options) else None
+        if parsed is None:
+            await self.push(syntax)
+            return
+        if parsed.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
+            await self.push("501 5.5.4 BODY can only be 7BIT or 8BITMIME")
+            return
+        if parsed.pop("SMTPUTF8", False):
+            await self.push("555 5.5.4 SMTPUTF8 is not supported")
+            return
+        size = parsed.pop("SIZE", None)
+        if size is not None:
+            if not isinstance(size, str) or not size.isdigit():
+                await self.push(syntax)
+                return
+            if self.data_size_limit and int(size) > self.data_size_limit:
+                await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+                return
+        if parsed:
+            await self.push("555 5.5.4 MAIL FROM parameters not recognized or not implemented")
+            return
+        service = self.ctx.service
+        if service.reloading:
+            await service.current()
+        problem = service.check_mail(session.sender, address, False)
+        if problem:
+            await self.push(problem)
+            return
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        await self.push("250 2.1.0 Sender OK")
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """RCPT with aiosmtpd's syntax rules, deciding through SubmitService directly."""
+        session: Any = self.session
+        envelope: Any = self.envelope
+        if not session.host_name:
+            await self.push("503 5.5.1 Error: send HELO first")
+            return
+        if session.sender is None and await self.check_auth_needed("RCPT"):
+            return
+        if not envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        syntax = "501 5.5.4 Syntax: RCPT TO:<address>" + (" [SP <mail-parameters>]" if session.extended_smtp else "")
+        rest = self._strip_command_keyword("TO:", arg) if arg else None
+        if rest is None:
+            await self.push(syntax)
+            return
+        address, params = self._getaddr(rest)
+        if address is None:
+            await self.push("501 5.1.3 Bad address syntax")
+            return
+        options = params.upper().split() if params else []
+        parsed = self._getparams(options) if address and (session.extended_smtp or not options) else None
+        if parsed is None:
+            await self.push(syntax)
+            return
+        if parsed:
+            await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
+            return
+        problem = self.ctx.service.check_rcpt(session.sender, address, len(envelope.rcpt_tos), False)
+        if problem:
+            await self.push(problem)
+            return
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        await self.push("250 2.1.5 Recipient OK")
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):

@@ -155,6 +155,11 @@ class SubmitService:
         self._auth_cache.clear()
         self._reload_task = asyncio.get_running_loop().create_task(self.reload())
 
+    @property
+    def reloading(self) -> bool:
+        """True while an administrative change is being read in (then await current())."""
+        return self._reload_task is not None and not self._reload_task.done()
+
     async def current(self) -> None:
         """Wait for a reload an administrative change started, so no decision uses stale data."""
         task = self._reload_task
