@@ -213,10 +213,10 @@ class SubmissionSMTP(SMTP):
             await asyncio.sleep(0)
 
     async def _push_lines(self, lines: list[str]) -> None:
-        self._writer.write(
-            "".join(f"250{'-' if i < len(lines) - 1 else ' '}{line}\r\n" for i, line in enumerate(lines)).encode()
+        """A multi-line 250 reply (EHLO), sent as one write."""
+        await self.push(
+            "\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{line}" for i, line in enumerate(lines)).encode()
         )
-        await self._writer.drain()
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         assert self.session is not None
@@ -242,7 +242,8 @@ class SubmissionSMTP(SMTP):
         reader: Any = self._reader
         calls: dict[str, int] = {}
         bogus_left = _BOGUS_LIMIT
-        while self.transport is not None:
+        # a closing transport ends the loop at once: nothing pipelined after a 421 is carried out
+        while self.transport is not None and not self.transport.is_closing():
             try:
                 try:
                     line: bytes = await reader.readuntil()
@@ -543,17 +544,13 @@ class SubmissionSMTP(SMTP):
         self.busy = True
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
-            raw, problem = await self._read_data()
-            if raw is None:
-                if problem:
-                    await self.push(problem)
-                self._set_post_data_state()
-                return
             try:
-                status = await self._call_handler_hook("DATA_BYTES", raw)
+                raw, problem = await self._read_data()
+                status = problem if raw is None else await self._call_handler_hook("DATA_BYTES", raw)
             finally:
                 self._set_post_data_state()  # a failed transaction must not leave its envelope behind
-            await self.push(status)
+            if status:
+                await self.push(status)
         finally:
             self.busy = False
             self._release()
@@ -584,6 +581,11 @@ class SubmissionSMTP(SMTP):
                     self._hold(len(chunk))
                 buf += chunk
                 end = buf.find(b"\r\n.\r\n", scan_from)
+                if end >= 0 and not overrun:  # the last read counts against the limits too
+                    if limit and end > limit:
+                        overrun = "552 5.3.4 Message size exceeds fixed maximum message size"
+                    elif self.ctx.sessions.data_bytes > cfg.max_data_in_flight:
+                        overrun = "452 4.3.1 Insufficient system storage; try again later"
                 if end >= 0:
                     rest = buf[end + 5 :]
                     if rest:  # pipelined commands after the dot: leave them for the command loop

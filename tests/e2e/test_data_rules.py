@@ -220,3 +220,37 @@ def test_slow_command_is_cut_off_by_the_command_timeout(make_cmcd) -> None:  # t
         assert closed and time.monotonic() - start < 8
     finally:
         s.close()
+
+
+def test_nothing_pipelined_after_a_421_is_carried_out(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd()
+    s = Raw(d)
+    try:
+        s.send(
+            b"NOOP\r\n" * 101
+            + b"MAIL FROM:<alice@acme.test>\r\nRCPT TO:<r@dst.test>\r\nDATA\r\n"
+            + HEAD
+            + b"after the 421\r\n.\r\n"
+        )
+        replies = []
+        while True:
+            code, text = s.reply()
+            if code == 0:
+                break
+            replies.append(code)
+        assert replies[-1] == 421 and replies.count(250) == 100
+        assert d.spooled() == {}
+    finally:
+        s.close()
+
+
+def test_size_limit_holds_for_a_message_sent_in_one_write(make_cmcd) -> None:  # type: ignore[no-untyped-def]
+    d = make_cmcd({"smtp": {"max_message_size": 100_000}})
+    s = Raw(d)
+    try:
+        code, text = s.transaction(HEAD + b"y" * 998 + b"\r\n" + (b"z" * 998 + b"\r\n") * 111 + b".\r\n")
+        assert (code, text[4:9]) == (552, b"5.3.4")
+        assert s.cmd(b"NOOP")[0] == 250
+        assert d.spooled() == {}
+    finally:
+        s.close()
