@@ -437,35 +437,50 @@ class SubmissionSMTP(SMTP):
     def _text(raw: bytes) -> str:
         return raw.decode("utf-8", "surrogateescape")
 
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        """MAIL with aiosmtpd's syntax rules, deciding through SubmitService directly (no hook dispatch)."""
+    async def _envelope_arg(self, command: str, arg: str | None) -> tuple[str, list[str], dict[str, Any]] | None:
+        """The shared front of MAIL and RCPT, with aiosmtpd's syntax rules: session state, then the
+        <address> and its parameters. None once a refusal has been sent."""
         session: Any = self.session
         envelope: Any = self.envelope
         if not session.host_name:
             await self.push("503 5.5.1 Error: send HELO first")
-            return
-        if session.sender is None and await self.check_auth_needed("MAIL"):
-            return
-        syntax = "501 5.5.4 Syntax: MAIL FROM:<address>" + (" [SP <mail-parameters>]" if session.extended_smtp else "")
-        rest = self._strip_command_keyword("FROM:", arg) if arg else None
+            return None
+        if session.sender is None and await self.check_auth_needed(command):
+            return None
+        if command == "RCPT" and not envelope.mail_from:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return None
+        keyword = "FROM:" if command == "MAIL" else "TO:"
+        syntax = f"501 5.5.4 Syntax: {command} {keyword}<address>" + (
+            " [SP <mail-parameters>]" if session.extended_smtp else ""
+        )
+        rest = self._strip_command_keyword(keyword, arg) if arg else None
         if rest is None:
             await self.push(syntax)
-            return
-        if rest.startswith("<>") and (len(rest) == 2 or rest[2].isspace()):
+            return None
+        if command == "MAIL" and rest.startswith("<>") and (len(rest) == 2 or rest[2].isspace()):
             await self.push("550 5.7.1 A null sender is not allowed for submission")
-            return
+            return None
         address, params = self._getaddr(rest)
         if address is None:
             await self.push("501 5.1.3 Bad address syntax")
-            return
-        if envelope.mail_from:
+            return None
+        if command == "MAIL" and envelope.mail_from:
             await self.push("503 5.5.1 Error: nested MAIL command")
-            return
+            return None
         options = params.upper().split() if params else []
         parsed = self._getparams(options) if address and (session.extended_smtp or not options) else None
         if parsed is None:
             await self.push(syntax)
+            return None
+        return address, options, parsed
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """MAIL, deciding through SubmitService directly (no aiosmtpd hook dispatch)."""
+        front = await self._envelope_arg("MAIL", arg)
+        if front is None:
             return
+        address, options, parsed = front
         if parsed.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
             await self.push("501 5.5.4 BODY can only be 7BIT or 8BITMIME")
             return
@@ -475,7 +490,7 @@ class SubmissionSMTP(SMTP):
         size = parsed.pop("SIZE", None)
         if size is not None:
             if not isinstance(size, str) or not size.isdigit():
-                await self.push(syntax)
+                await self.push("501 5.5.4 Syntax: SIZE=<number of octets>")
                 return
             if self.data_size_limit and int(size) > self.data_size_limit:
                 await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
@@ -486,43 +501,27 @@ class SubmissionSMTP(SMTP):
         service = self.ctx.service
         if service.reloading:
             await service.current()
+        session: Any = self.session
         problem = service.check_mail(session.sender, address, False)
         if problem:
             await self.push(problem)
             return
+        envelope: Any = self.envelope
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         await self.push("250 2.1.0 Sender OK")
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        """RCPT with aiosmtpd's syntax rules, deciding through SubmitService directly."""
-        session: Any = self.session
-        envelope: Any = self.envelope
-        if not session.host_name:
-            await self.push("503 5.5.1 Error: send HELO first")
+        """RCPT, deciding through SubmitService directly."""
+        front = await self._envelope_arg("RCPT", arg)
+        if front is None:
             return
-        if session.sender is None and await self.check_auth_needed("RCPT"):
-            return
-        if not envelope.mail_from:
-            await self.push("503 5.5.1 Error: need MAIL command")
-            return
-        syntax = "501 5.5.4 Syntax: RCPT TO:<address>" + (" [SP <mail-parameters>]" if session.extended_smtp else "")
-        rest = self._strip_command_keyword("TO:", arg) if arg else None
-        if rest is None:
-            await self.push(syntax)
-            return
-        address, params = self._getaddr(rest)
-        if address is None:
-            await self.push("501 5.1.3 Bad address syntax")
-            return
-        options = params.upper().split() if params else []
-        parsed = self._getparams(options) if address and (session.extended_smtp or not options) else None
-        if parsed is None:
-            await self.push(syntax)
-            return
+        address, options, parsed = front
         if parsed:
             await self.push("555 5.5.4 RCPT TO parameters not recognized or not implemented")
             return
+        session: Any = self.session
+        envelope: Any = self.envelope
         problem = self.ctx.service.check_rcpt(session.sender, address, len(envelope.rcpt_tos), False)
         if problem:
             await self.push(problem)
