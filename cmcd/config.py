@@ -163,9 +163,53 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class DomainPolicy:
+    """[delivery.domains."example.com"]: one destination domain's overrides."""
+
+    #: connections at once to the site this domain's mail goes to
+    connection_limit: int | None = None
+    #: messages a second (or minute) to this domain, e.g. "50/s"; "" for no limit
+    rate: Rate | None = None
+    #: "opportunistic" (STARTTLS when offered; a failed handshake defers), "opportunistic+plain"
+    #: (a failed handshake is retried in plain text), "required" (no TLS, no delivery) or "disabled"
+    tls: str | None = None
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     port: int = 25
     routes: dict[str, HostPort] = field(default_factory=dict)
+    #: waits after the 1st, 2nd, ... failed attempt; the last one repeats
+    retry_schedule: tuple[Duration, ...] = tuple(Duration(s) for s in (300, 600, 1200, 2400, 4800, 7200))
+    #: each wait is spread by +-this fraction, so retries to one destination do not all land together
+    retry_jitter: float = 0.1
+    max_lifetime: Duration = Duration(5 * 86400)
+    #: connections at once per destination site (override per domain in [delivery.domains])
+    connection_limit: int = 20
+    #: a site starts with this many connections and gains one per success (Postfix's slow start)
+    initial_concurrency: int = 5
+    max_connections: int = 500
+    messages_per_connection: int = 100
+    #: how long a connection with nothing to send stays open for the next message
+    connection_idle: Duration = Duration(2)
+    connect_timeout: Duration = Duration(30)
+    command_timeout: Duration = Duration(300)
+    data_timeout: Duration = Duration(600)
+    #: a site whose connections all failed gets no new attempt for this long
+    dead_site_backoff: Duration = Duration(300)
+    tls: str = "opportunistic"
+    #: recipients handed to the engine at once; more wait in the queue
+    max_inflight: int = 20000
+    domains: dict[str, DomainPolicy] = field(default_factory=dict)
+
+    def policy(self, domain: str) -> DomainPolicy:
+        return self.domains.get(domain) or _NO_POLICY
+
+    def domain_tls(self, domain: str) -> str:
+        return self.policy(domain).tls or self.tls
+
+
+_NO_POLICY = DomainPolicy()
 
 
 @dataclass(frozen=True)
@@ -231,7 +275,8 @@ class Config:
         )
 
 
-_CHOICES = {"smtp.bare_newlines": ("normalize", "reject")}
+_TLS_MODES = ("opportunistic", "opportunistic+plain", "required", "disabled")
+_CHOICES = {"smtp.bare_newlines": ("normalize", "reject"), "delivery.tls": _TLS_MODES}
 
 
 def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
@@ -284,7 +329,9 @@ def _convert(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if tp is str:
             if not isinstance(value, str):
                 raise ValueError
-            choices = _CHOICES.get(path)
+            choices = _CHOICES.get(path) or (
+                _TLS_MODES if path.startswith("delivery.domains.") and path.endswith(".tls") else None
+            )
             if choices and value not in choices:
                 errors.append(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
             return value
@@ -335,6 +382,18 @@ _RANGES = (
     ("backup.interval", 60.0, 30 * 86400.0),
     ("delivery.port", 1, 65535),
     ("smtp.messages_per_second", 0.0, 1e6),
+    ("delivery.retry_jitter", 0.0, 0.5),
+    ("delivery.max_lifetime", 60.0, 30 * 86400.0),
+    ("delivery.connection_limit", 1, 10_000),
+    ("delivery.initial_concurrency", 1, 10_000),
+    ("delivery.max_connections", 1, 100_000),
+    ("delivery.messages_per_connection", 1, 100_000),
+    ("delivery.connect_timeout", 0.1, 3600.0),
+    ("delivery.command_timeout", 0.1, 3600.0),
+    ("delivery.data_timeout", 0.1, 3600.0),
+    ("delivery.connection_idle", 0.0, 3600.0),
+    ("delivery.dead_site_backoff", 0.0, 86400.0),
+    ("delivery.max_inflight", 100, 10_000_000),
 )
 
 
@@ -344,6 +403,16 @@ def _check_ranges(cfg: Config, errors: list[str]) -> None:
         value = getattr(getattr(cfg, section), name)
         if not low <= value <= high:  # also refuses nan and inf
             errors.append(f"{path}: expected a value from {low:g} to {high:g}, got {value!r}")
+    if not cfg.delivery.retry_schedule:
+        errors.append("delivery.retry_schedule: expected at least one duration")
+    for i, step in enumerate(cfg.delivery.retry_schedule):
+        if step is not None and not 1.0 <= step <= 30 * 86400.0:
+            errors.append(f"delivery.retry_schedule[{i}]: expected a value from 1s to 30d, got {step!r}")
+    for name, pol in cfg.delivery.domains.items():
+        if pol.connection_limit is not None and not 1 <= pol.connection_limit <= 10_000:
+            errors.append(
+                f'delivery.domains."{name}".connection_limit: expected 1 to 10000, got {pol.connection_limit}'
+            )
     if not _HOSTNAME_RE.match(cfg.server.hostname):
         errors.append(f'server.hostname: expected a host name like "mail.example.com", got {cfg.server.hostname!r}')
 

@@ -1,6 +1,6 @@
 """Wires the daemon together and owns the event loop, signals and shutdown (and the `cmcd` command); no rules.
 
-Start order: store -> queue (spool) -> submit -> smtp -> admin; shutdown in reverse.
+Start order: store -> queue (spool) -> submit -> scheduler and delivery -> smtp -> admin; shutdown in reverse.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from cmcd import config as config_mod
 from cmcd.admin.server import AdminServer
 from cmcd.config import Config
 from cmcd.errors import CmcdError, ConfigError
+from cmcd.deliver.engine import DeliveryEngine
+from cmcd.deliver.routing import Router
 from cmcd.queue.events import EventShipper
+from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
 from cmcd.smtp.listener import SmtpListeners
 from cmcd.store import AsyncStore, open_store
@@ -73,6 +76,8 @@ class Daemon:
         self.smtp: SmtpListeners | None = None
         self.service: SubmitService | None = None
         self.spool: Spool | None = None
+        self.scheduler: Scheduler | None = None
+        self.engine: DeliveryEngine | None = None
 
     def status(self) -> dict[str, Any]:
         sessions = self.smtp.ctx.sessions if self.smtp else None
@@ -85,6 +90,9 @@ class Daemon:
             "spool_commits": self.spool.commits if self.spool else 0,
             "spool_transactions": self.spool.transactions if self.spool else 0,
             "listeners": self.smtp.bound if self.smtp else {},
+            "inflight": self.scheduler.inflight if self.scheduler else 0,
+            "outbound_connections": self.engine.connections if self.engine else 0,
+            "delivery": dict(self.engine.counts) if self.engine else {},
         }
 
     async def run(self) -> None:
@@ -107,9 +115,19 @@ class Daemon:
         events.start()
         self.service = service = SubmitService(cfg, astore, spool)
         await service.start()
+        self.scheduler = scheduler = Scheduler(
+            spool, lambda jobs: engine.submit(jobs), max_inflight=cfg.delivery.max_inflight
+        )
+        self.engine = engine = DeliveryEngine(
+            cfg, spool, Router(cfg), service.suppressions,
+            release=scheduler.release, wake=scheduler.wake, dsn_off=lambda: service.dsn_off,
+        )  # fmt: skip
+        spool.on_commit = scheduler.wake
+        engine.start()
+        scheduler.start()
         self.smtp = smtp = SmtpListeners(cfg, service)
         await smtp.start()
-        admin = AdminServer(cfg, astore, spool, service.invalidate, self.status)
+        admin = AdminServer(cfg, astore, spool, service.invalidate, self.status, scheduler=scheduler, engine=engine)
         await admin.start()
 
         log.info(
@@ -127,6 +145,8 @@ class Daemon:
         sd_notify(self.notify_socket, "STOPPING=1")
         await admin.close()
         await smtp.close(cfg.server.shutdown_grace)
+        await scheduler.close()
+        await engine.close()
         await service.close()
         await events.close()
         await asyncio.to_thread(spool.stop)

@@ -100,3 +100,74 @@ class TokenBucket:
 
 def over_daily_quota(sent_today: int, limit: int) -> bool:
     return limit > 0 and sent_today >= limit
+
+
+# -- delivery outcomes ------------------------------------------------------------------------
+
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+BOUNCED = "bounced"
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one reply (or one network fault) means for a recipient."""
+
+    verdict: str  # delivered, deferred or bounced
+    code: int  # the basic reply code; 0 for a network fault
+    enhanced: str  # "5.1.1", or "" when the server sent none
+    text: str  # the reply as it will be logged: "550 5.1.1 no such user"
+
+    @property
+    def hard(self) -> bool:
+        """A permanent failure about the address itself (5.1.x): the recipient goes on the suppression list."""
+        return self.verdict == BOUNCED and self.enhanced.startswith("5.1.")
+
+
+def classify(code: int, message: str) -> Outcome:
+    """Classify an SMTP reply by its basic code, refined by its enhanced code (RFC 3463).
+
+    2xx delivered, 4xx deferred, 5xx bounced. An enhanced code whose class disagrees with the
+    basic code is ignored (RFC 3463 section 2: the basic code wins); a reply outside 200-599 is a
+    protocol error and deferred, since nothing was refused for good.
+    """
+    message = " ".join(message.split())
+    m = _ENHANCED.match(message)
+    enhanced = m.group(0).strip() if m and int(m.group(1)) == code // 100 else ""
+    text = f"{code} {message}".strip()
+    if 200 <= code < 300:
+        return Outcome(DELIVERED, code, enhanced, text)
+    if 500 <= code < 600:
+        return Outcome(BOUNCED, code, enhanced, text)
+    return Outcome(DEFERRED, code, enhanced, text)
+
+
+def network_fault(reason: str, enhanced: str = "4.4.1") -> Outcome:
+    """A connection refused, a timeout, a reset or a failed TLS handshake: always deferred.
+
+    4.4.1 no answer from host, 4.4.2 bad connection, 4.4.7 delivery time expired, 4.7.5 TLS.
+    """
+    return Outcome(DEFERRED, 0, enhanced, f"{enhanced} {reason}")
+
+
+def permanent_failure(enhanced: str, reason: str) -> Outcome:
+    """A failure decided without a server's reply (null MX, NXDOMAIN): bounced, no code."""
+    return Outcome(BOUNCED, 0, enhanced, f"{enhanced} {reason}")
+
+
+def retry_delay(attempts: int, schedule: tuple[float, ...], jitter: float, rand: float) -> float:
+    """Seconds until the next attempt after ATTEMPTS failed ones (1 = the first failed).
+
+    The schedule's last step repeats. RAND in [0, 1) spreads retries by +-jitter (a fraction),
+    so a destination that was down does not get every deferred message back in the same second.
+    """
+    if not schedule:
+        raise ValueError("empty retry schedule")
+    base = schedule[min(max(attempts, 1), len(schedule)) - 1]
+    return base * (1.0 + jitter * (2.0 * rand - 1.0))
+
+
+def expired(received_ts: float, now: float, max_lifetime_s: float) -> bool:
+    return now - received_ts >= max_lifetime_s

@@ -67,3 +67,4 @@ class SpoolMessage:
     recipients: tuple[Recipient, ...]
     body: bytes
     received_ts: float
+    message_id: str = ""

@@ -102,6 +102,10 @@ class Cmcd:
             "spool": {"dir": str(root / "spool")},
             "store": {"path": str(root / "cmcd.db"), "key_file": str(root / "data.key")},
             "admin": {"socket": str(root / "admin.sock")},
+            # nothing leaves loopback: by default every domain goes to a closed port (deliveries defer
+            # and bodies stay spooled); delivery tests route to sinks and a DNS server on loopback
+            "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "2s"},
+            "delivery": {"routes": {"*": "127.0.0.1:9"}, "dead_site_backoff": "1h"},
         }
         for section, values in (overrides or {}).items():
             cfg.setdefault(section, {}).update(values)

@@ -25,6 +25,7 @@ from typing import Any
 from cmcd import crypto
 from cmcd.config import Config
 from cmcd.errors import CmcdError, NotFound, StoreError
+from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
 from cmcd.records import User
 from cmcd.store import AsyncStore
@@ -141,8 +142,13 @@ class AdminServer:
         spool: Spool,
         on_change: Callable[[], None],
         status: Callable[[], dict[str, Any]],
+        *,
+        scheduler: Scheduler | None = None,
+        engine: Any = None,
     ):
         self._path = config.path(config.admin.socket)
+        self._scheduler = scheduler
+        self._engine = engine
         self._astore = astore
         self._store = astore.store
         self._spool = spool

@@ -36,7 +36,9 @@ CREATE TABLE IF NOT EXISTS messages (
     sender_hmac BLOB NOT NULL,
     size_bytes INTEGER NOT NULL,
     received REAL NOT NULL,
-    body BLOB NOT NULL  -- AES-256-GCM under the data key, the queue id as associated data
+    body BLOB NOT NULL,  -- AES-256-GCM under the data key, the queue id as associated data
+    message_id TEXT NOT NULL DEFAULT '',
+    held INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS recipients (
     id INTEGER PRIMARY KEY,
@@ -53,7 +55,7 @@ CREATE INDEX IF NOT EXISTS recipients_queue ON recipients(queue_id);
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS recipients_inflight ON recipients(state) WHERE state = 'inflight';
 CREATE TABLE IF NOT EXISTS events (
-    -- outbox of mail-log events, committed with the messages and shipped to the store
+    -- outbox of mail-log events, committed with the queue changes they describe and shipped to the store
     id INTEGER PRIMARY KEY,
     event_key TEXT NOT NULL,
     ts REAL NOT NULL,
@@ -66,7 +68,15 @@ CREATE TABLE IF NOT EXISTS events (
     rcpt_hmac BLOB NOT NULL,
     rcpt_domain TEXT NOT NULL,
     status TEXT NOT NULL,
-    response TEXT NOT NULL
+    response TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    mx TEXT NOT NULL DEFAULT '',
+    ip TEXT NOT NULL DEFAULT '',
+    tls TEXT NOT NULL DEFAULT '',
+    delay REAL NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL DEFAULT 0,
+    message_id TEXT NOT NULL DEFAULT '',
+    suppress INTEGER NOT NULL DEFAULT 0  -- 1: the store adds the recipient to the tenant's suppression list
 );
 CREATE TABLE IF NOT EXISTS daily_counts (
     tenant_id INTEGER NOT NULL,
@@ -74,11 +84,38 @@ CREATE TABLE IF NOT EXISTS daily_counts (
     messages INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, day)
 );
+CREATE INDEX IF NOT EXISTS messages_tenant ON messages(tenant_id);
 """
 
+#: columns added after the first release, for a spool written by an older cmcd
+_ADDED_COLUMNS = {
+    "messages": ("message_id TEXT NOT NULL DEFAULT ''", "held INTEGER NOT NULL DEFAULT 0"),
+    "events": (
+        "attempt INTEGER NOT NULL DEFAULT 0", "mx TEXT NOT NULL DEFAULT ''", "ip TEXT NOT NULL DEFAULT ''",
+        "tls TEXT NOT NULL DEFAULT ''", "delay REAL NOT NULL DEFAULT 0", "size INTEGER NOT NULL DEFAULT 0",
+        "message_id TEXT NOT NULL DEFAULT ''", "suppress INTEGER NOT NULL DEFAULT 0",
+    ),
+}  # fmt: skip
 
-_EVENT_COLUMNS = "event_key, ts, tenant_id, queue_id, event, sender_enc, sender_hmac, rcpt_enc, rcpt_hmac, rcpt_domain, status, response"
-_EVENT_MARKS = ", ".join("?" * 12)
+#: recipient states that still need work; every other state is final
+PENDING = ("queued", "deferred", "inflight", "held")
+FINAL = ("delivered", "bounced", "expired", "suppressed", "deleted")
+
+EVENT_COLUMNS = (
+    "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac", "rcpt_enc", "rcpt_hmac",
+    "rcpt_domain", "status", "response", "attempt", "mx", "ip", "tls", "delay", "size", "message_id", "suppress",
+)  # fmt: skip
+_EVENT_COLUMNS = ", ".join(EVENT_COLUMNS)
+_EVENT_MARKS = ", ".join("?" * len(EVENT_COLUMNS))
+INSERT_EVENT = f"INSERT INTO events({_EVENT_COLUMNS}) VALUES ({_EVENT_MARKS})"
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    for table, columns in _ADDED_COLUMNS.items():
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 def take_events(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
@@ -89,6 +126,36 @@ def take_events(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
 def drop_events(conn: sqlite3.Connection, up_to_id: int) -> None:
     with conn:
         conn.execute("DELETE FROM events WHERE id <= ?", (up_to_id,))
+
+
+def insert_messages(conn: sqlite3.Connection, k: DataKeys, messages: list[SpoolMessage]) -> None:
+    """Add MESSAGES, their recipient rows and their "accepted" events, inside the caller's transaction."""
+    msgs: list[tuple[Any, ...]] = []
+    rcpts: list[tuple[Any, ...]] = []
+    events: list[tuple[Any, ...]] = []
+    for m in messages:
+        sender_enc, sender_hmac = k.encrypt(m.sender), k.index(m.sender)
+        msgs.append(
+            (m.queue_id, m.tenant_id, m.user_id, sender_enc, sender_hmac, len(m.body), m.received_ts,
+             k.encrypt_bytes(m.body, m.queue_id.encode()), m.message_id)
+        )  # fmt: skip
+        for n, r in enumerate(m.recipients):
+            rcpt_enc, rcpt_hmac = k.encrypt(r.address), k.index(r.address)
+            rcpts.append((m.queue_id, rcpt_enc, rcpt_hmac, r.domain, m.received_ts))
+            events.append(
+                (f"{m.queue_id}:{n}:accepted", m.received_ts, m.tenant_id, m.queue_id, "accepted", sender_enc,
+                 sender_hmac, rcpt_enc, rcpt_hmac, r.domain, "queued", "", 0, "", "", "", 0.0, len(m.body),
+                 m.message_id, 0)
+            )  # fmt: skip
+    conn.executemany(
+        "INSERT INTO messages(queue_id, tenant_id, user_id, sender_enc, sender_hmac, size_bytes, received, body, "
+        "message_id) VALUES (?,?,?,?,?,?,?,?,?)",
+        msgs,
+    )
+    conn.executemany(
+        "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, next_attempt) VALUES (?,?,?,?,?)", rcpts
+    )
+    conn.executemany(INSERT_EVENT, events)
 
 
 @dataclass(frozen=True)
@@ -122,9 +189,13 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
-def _resolve_all(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+def _resolve_all(
+    futures: list[asyncio.Future[None]], error: BaseException | None, then: Callable[[], None] | None
+) -> None:
     for future in futures:
         _resolve(future, None, error)
+    if then is not None:
+        then()
 
 
 class Spool:
@@ -138,6 +209,9 @@ class Spool:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA secure_delete=ON")
         self._conn.executescript(SCHEMA)
+        _upgrade(self._conn)
+        #: called on the event loop after each group of messages is committed (wakes the scheduler)
+        self.on_commit: Callable[[], None] | None = None
         self._jobs: queue.SimpleQueue[_Commit | _Call | None] = queue.SimpleQueue()
         self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-read")
         self._read_conn: sqlite3.Connection | None = None
@@ -241,32 +315,11 @@ class Spool:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                msgs: list[tuple[Any, ...]] = []
-                rcpts: list[tuple[Any, ...]] = []
                 counts: dict[tuple[int, str], int] = {}
-                events: list[tuple[Any, ...]] = []
+                insert_messages(conn, k, [c.msg for c in commits])
                 for c in commits:
-                    m = c.msg
-                    sender_enc, sender_hmac = k.encrypt(m.sender), k.index(m.sender)
-                    msgs.append(
-                        (m.queue_id, m.tenant_id, m.user_id, sender_enc, sender_hmac, len(m.body), m.received_ts,
-                         k.encrypt_bytes(m.body, m.queue_id.encode()))
-                    )  # fmt: skip
-                    for n, r in enumerate(m.recipients):
-                        rcpt_enc, rcpt_hmac = k.encrypt(r.address), k.index(r.address)
-                        rcpts.append((m.queue_id, rcpt_enc, rcpt_hmac, r.domain, m.received_ts))
-                        events.append(
-                            (f"{m.queue_id}:{n}:accepted", m.received_ts, m.tenant_id, m.queue_id, "accepted",
-                             sender_enc, sender_hmac, rcpt_enc, rcpt_hmac, r.domain, "queued", "")
-                        )  # fmt: skip
-                    key = (m.tenant_id, c.day)
+                    key = (c.msg.tenant_id, c.day)
                     counts[key] = counts.get(key, 0) + 1
-                conn.executemany("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)", msgs)
-                conn.executemany(
-                    "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, next_attempt) VALUES (?,?,?,?,?)",
-                    rcpts,
-                )
-                conn.executemany(f"INSERT INTO events({_EVENT_COLUMNS}) VALUES ({_EVENT_MARKS})", events)
                 conn.executemany(
                     "INSERT INTO daily_counts(tenant_id, day, messages) VALUES (?,?,?) "
                     "ON CONFLICT(tenant_id, day) DO UPDATE SET messages = messages + excluded.messages",
@@ -283,7 +336,9 @@ class Spool:
             self.commits += len(commits)
             self.transactions += 1
         # one wake-up of the event loop for the whole group, not one per message
-        commits[0].loop.call_soon_threadsafe(_resolve_all, [c.future for c in commits], error)
+        commits[0].loop.call_soon_threadsafe(
+            _resolve_all, [c.future for c in commits], error, self.on_commit if error is None else None
+        )
 
     # -- reads for admin (run through call()) ---------------------------------------------
 

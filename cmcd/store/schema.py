@@ -96,6 +96,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE mail_log ADD COLUMN event_key TEXT;
     CREATE UNIQUE INDEX mail_log_event_key ON mail_log(event_key) WHERE event_key IS NOT NULL;
     """,
+    # 3: delivery: per-attempt details in the mail log, tenant bounce and suppression settings
+    """
+    ALTER TABLE mail_log ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE mail_log ADD COLUMN mx TEXT NOT NULL DEFAULT '';
+    ALTER TABLE mail_log ADD COLUMN ip TEXT NOT NULL DEFAULT '';
+    ALTER TABLE mail_log ADD COLUMN tls TEXT NOT NULL DEFAULT '';
+    ALTER TABLE mail_log ADD COLUMN delay REAL NOT NULL DEFAULT 0;
+    ALTER TABLE mail_log ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE mail_log ADD COLUMN message_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tenants ADD COLUMN dsn INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tenants ADD COLUMN suppressed_rcpt TEXT NOT NULL DEFAULT 'accept';
+    CREATE INDEX suppressions_tenant ON suppressions(tenant_id);
+    """,
 ]
 
 

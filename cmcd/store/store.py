@@ -122,6 +122,9 @@ class Store:
             "users": count("SELECT COUNT(*) FROM users WHERE tenant_id = ?", (t.id,)).fetchone()[0],
             "domains": [d.name for d in self.domains(name)],
             "ip_credentials": count("SELECT COUNT(*) FROM ip_credentials WHERE tenant_id = ?", (t.id,)).fetchone()[0],
+            "dsn": bool(count("SELECT dsn FROM tenants WHERE id = ?", (t.id,)).fetchone()[0]),
+            "suppressed_rcpt": count("SELECT suppressed_rcpt FROM tenants WHERE id = ?", (t.id,)).fetchone()[0],
+            "suppressions": count("SELECT COUNT(*) FROM suppressions WHERE tenant_id = ?", (t.id,)).fetchone()[0],
         }
 
     # -- users -----------------------------------------------------------------------------
@@ -288,19 +291,84 @@ class Store:
             )
 
     MAIL_EVENT_COLUMNS = (
-        "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac",
-        "rcpt_enc", "rcpt_hmac", "rcpt_domain", "status", "response",
+        "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac", "rcpt_enc", "rcpt_hmac",
+        "rcpt_domain", "status", "response", "attempt", "mx", "ip", "tls", "delay", "size", "message_id",
     )  # fmt: skip
 
     def insert_mail_events(self, rows: list[tuple[Any, ...]]) -> int:
-        """Add mail-log rows (addresses already encrypted, in MAIL_EVENT_COLUMNS order); a row whose
-        event_key is already present is skipped. Returns how many were new."""
+        """Add mail-log rows (addresses already encrypted, in MAIL_EVENT_COLUMNS order, then a
+        suppress flag); a row whose event_key is already present is skipped. A row flagged
+        suppress puts its recipient on the tenant's suppression list, in the same transaction.
+        Returns how many rows were new."""
+        n = len(self.MAIL_EVENT_COLUMNS)
         cols = ", ".join(self.MAIL_EVENT_COLUMNS)
         marks = ", ".join("?" for _ in self.MAIL_EVENT_COLUMNS)
+        i = {c: k for k, c in enumerate(self.MAIL_EVENT_COLUMNS)}
         with self.conn:
             before = self.conn.total_changes
-            self.conn.executemany(f"INSERT OR IGNORE INTO mail_log({cols}) VALUES ({marks})", rows)
-            return self.conn.total_changes - before
+            self.conn.executemany(f"INSERT OR IGNORE INTO mail_log({cols}) VALUES ({marks})", [r[:n] for r in rows])
+            added = self.conn.total_changes - before
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, created) "
+                "VALUES (?,?,?,?,?,?)",
+                [
+                    (r[i["tenant_id"]], r[i["rcpt_enc"]], r[i["rcpt_hmac"]], r[i["rcpt_domain"]], r[i["response"]],
+                     r[i["ts"]])
+                    for r in rows
+                    if len(r) > n and r[n]
+                ],
+            )  # fmt: skip
+            return added
+
+    # -- suppression and tenant settings ------------------------------------------------------
+
+    def suppression_index(self) -> list[tuple[int, bytes]]:
+        """(tenant id, address HMAC) of every suppressed address, for the in-memory set."""
+        return [(r[0], bytes(r[1])) for r in self.conn.execute("SELECT tenant_id, address_hmac FROM suppressions")]
+
+    def suppressions(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
+        t = self.tenant(tenant)
+        rows = self.conn.execute(
+            "SELECT address_enc, domain, reason, created FROM suppressions WHERE tenant_id = ? ORDER BY id LIMIT ?",
+            (t.id, limit),
+        )
+        return [
+            {"address": self.keys.decrypt(bytes(r[0])), "domain": r[1], "reason": r[2], "created": r[3]} for r in rows
+        ]
+
+    def suppression_add(self, tenant: str, address: str, reason: str) -> bool:
+        t = self.tenant(tenant)
+        domain = address.rpartition("@")[2].lower()
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, created) "
+                "VALUES (?,?,?,?,?,?)",
+                (t.id, self.keys.encrypt(address), self.keys.index(address), domain, reason, time.time()),
+            )
+        return cur.rowcount == 1
+
+    def suppression_delete(self, tenant: str, address: str) -> None:
+        t = self.tenant(tenant)
+        with self.conn:
+            cur = self.conn.execute(
+                "DELETE FROM suppressions WHERE tenant_id = ? AND address_hmac = ?", (t.id, self.keys.index(address))
+            )
+        if cur.rowcount == 0:
+            raise NotFound(f"{address!r} is not on tenant {tenant!r}'s suppression list")
+
+    def tenant_settings(self) -> dict[int, tuple[bool, str]]:
+        """tenant id -> (send bounces, what RCPT does with a suppressed address: accept or refuse)."""
+        return {r[0]: (bool(r[1]), r[2]) for r in self.conn.execute("SELECT id, dsn, suppressed_rcpt FROM tenants")}
+
+    def tenant_set(self, name: str, *, dsn: bool | None = None, suppressed_rcpt: str | None = None) -> None:
+        t = self.tenant(name)
+        if suppressed_rcpt is not None and suppressed_rcpt not in ("accept", "refuse"):
+            raise StoreError(f"suppressed_rcpt must be 'accept' or 'refuse', not {suppressed_rcpt!r}")
+        with self.conn:
+            if dsn is not None:
+                self.conn.execute("UPDATE tenants SET dsn = ? WHERE id = ?", (int(dsn), t.id))
+            if suppressed_rcpt is not None:
+                self.conn.execute("UPDATE tenants SET suppressed_rcpt = ? WHERE id = ?", (suppressed_rcpt, t.id))
 
     def login_log(self, limit: int = 100) -> list[dict[str, Any]]:
         cur = self.conn.execute(
@@ -322,17 +390,16 @@ class Store:
 
     def mail_log(self, queue_id: str) -> list[dict[str, Any]]:
         cur = self.conn.execute(
-            "SELECT ts, event, sender_enc, rcpt_enc, status, response FROM mail_log WHERE queue_id = ? ORDER BY id",
+            "SELECT ts, event, sender_enc, rcpt_enc, status, response, attempt, mx, ip, tls, delay, size, message_id "
+            "FROM mail_log WHERE queue_id = ? ORDER BY id",
             (queue_id,),
         )
-        return [
-            {
-                "ts": r[0],
-                "event": r[1],
-                "sender": self.keys.decrypt(r[2]),
-                "rcpt": self.keys.decrypt(r[3]),
-                "status": r[4],
-                "response": r[5],
-            }
-            for r in cur
-        ]
+        keys = ("ts", "event", "sender", "rcpt", "status", "response", "attempt", "mx", "ip", "tls", "delay", "size",
+                "message_id")  # fmt: skip
+        out = []
+        for r in cur:
+            row = dict(zip(keys, r))
+            row["sender"] = self.keys.decrypt(r[2])
+            row["rcpt"] = self.keys.decrypt(r[3])
+            out.append(row)
+        return out

@@ -14,9 +14,13 @@ from email.utils import getaddresses
 @dataclass(frozen=True)
 class HeaderInfo:
     from_values: tuple[str, ...]
-    has_message_id: bool
+    message_id: str  # the first Message-ID: value, unfolded ("" when there is none)
     has_date: bool
     header_end: int  # offset of the blank line's CRLF that ends the header block (or len(body))
+
+    @property
+    def has_message_id(self) -> bool:
+        return bool(self.message_id)
 
 
 def parse(body: bytes) -> HeaderInfo:
@@ -25,16 +29,17 @@ def parse(body: bytes) -> HeaderInfo:
         end = -2  # no header block at all
     block = body[: end + 2] if end >= 0 else (body if end == -1 else b"")
     from_values: list[str] = []
-    has_mid = has_date = False
+    message_id = ""
+    has_date = False
     name = ""
     value_parts: list[bytes] = []
 
     def flush() -> None:
-        nonlocal has_mid, has_date
+        nonlocal message_id, has_date
         if name == "from":
             from_values.append(b"".join(value_parts).decode("utf-8", "replace"))
-        elif name == "message-id":
-            has_mid = True
+        elif name == "message-id" and not message_id:
+            message_id = " ".join(b"".join(value_parts).decode("utf-8", "replace").split())[:998] or "<>"
         elif name == "date":
             has_date = True
 
@@ -51,7 +56,7 @@ def parse(body: bytes) -> HeaderInfo:
             name = ""
     flush()
     header_end = end + 2 if end >= 0 else (len(body) if end == -1 else 0)
-    return HeaderInfo(tuple(from_values), has_mid, has_date, header_end)
+    return HeaderInfo(tuple(from_values), message_id, has_date, header_end)
 
 
 _SIMPLE_FROM = re.compile(r"^\s*<?([A-Za-z0-9._+-]+)@([A-Za-z0-9.-]+)>?\s*$")

@@ -27,6 +27,7 @@ from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import DayClock, Spool
 from cmcd.records import Recipient, Sender, SpoolMessage
 from cmcd.store import AsyncStore, LoginRecord
+from cmcd.store.suppressions import Suppressions
 from cmcd.submit import headers
 
 log = logging.getLogger("cmcd.submit")
@@ -90,6 +91,9 @@ class SubmitService:
         self._stamp_s = -1
         self._stamp = ""
         self.signer: Signer | None = None  # filled by DKIM signing (another issue)
+        self.suppressions = Suppressions(astore.store.keys)
+        self.dsn_off: frozenset[int] = frozenset()  # tenants that asked for no bounces
+        self.refuse_suppressed: frozenset[int] = frozenset()  # tenants whose suppressed recipients get 550 at RCPT
         self._tenant_domains: dict[int, frozenset[str]] = {}
         self._tenant_names: dict[int, str] = {}
         self._ipcreds: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Sender]] = []
@@ -112,6 +116,7 @@ class SubmitService:
     async def start(self) -> None:
         await asyncio.to_thread(crypto.dummy_hash)  # computed once, off the loop, before any AUTH
         await self.reload()
+        self.suppressions.load(await self.astore.call(self.astore.store.suppression_index))
         day = self._days.day(self.clock())
         counts = await self.spool.call(lambda conn: self.spool.daily_counts(day))
         self._daily = {(tenant_id, day): n for tenant_id, n in counts.items()}
@@ -143,6 +148,9 @@ class SubmitService:
             for c in creds
             if c.user_id in enabled
         ]
+        settings = await self.astore.call(s.tenant_settings)
+        self.dsn_off = frozenset(t for t, (dsn, _) in settings.items() if not dsn)
+        self.refuse_suppressed = frozenset(t for t, (_, mode) in settings.items() if mode == "refuse")
         self._auth_cache.clear()
 
     def invalidate(self) -> None:
@@ -289,7 +297,11 @@ class SubmitService:
     def check_rcpt(self, sender: Sender, address: str, accepted_so_far: int, smtputf8: bool) -> str | None:
         if accepted_so_far >= self.config.smtp.max_recipients:
             return f"452 4.5.3 Too many recipients (limit {self.config.smtp.max_recipients} per message)"
-        return address_problem(address, smtputf8)
+        problem = address_problem(address, smtputf8)
+        if problem is None and sender.tenant_id in self.refuse_suppressed:
+            if self.suppressions.contains(sender.tenant_id, address):
+                return "550 5.7.1 Recipient address is on your suppression list (it bounced before)"
+        return problem
 
     # -- end of data -----------------------------------------------------------------------
 
@@ -326,6 +338,7 @@ class SubmitService:
             recipients=tuple(Recipient(r, r.rpartition("@")[2].lower()) for r in rcpts),
             body=body,
             received_ts=now,
+            message_id=hdr.message_id or f"<{qid}@{self.config.server.hostname}>",
         )
         try:
             await self.spool.commit(msg, day)

@@ -1,0 +1,307 @@
+"""A lean SMTP client for delivery: one connection, many transactions, replies parsed from a buffer.
+
+An asyncio.Protocol rather than streams: each reply is one future, each timeout one timer
+handle, and MAIL, every RCPT and DATA go out in one write when the server offers PIPELINING
+(RFC 2920). STARTTLS refuses to go on when anything follows the server's 220 in the same
+read, so a server cannot inject replies that the client would read as coming over TLS
+(the client-side form of CVE-2011-0411).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from dataclasses import dataclass
+
+MAX_REPLY_LINES = 100
+MAX_LINE = 4096
+
+
+class SmtpError(Exception):
+    """The connection is unusable: closed, timed out, garbled, or a TLS handshake failed.
+
+    .enhanced is the RFC 3463 code the recipients' deferral is logged with.
+    """
+
+    def __init__(self, message: str, enhanced: str = "4.4.2"):
+        super().__init__(message)
+        self.enhanced = enhanced
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str  # the lines joined by a space, codes and separators removed
+    lines: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".strip()
+
+
+def dot_stuff(body: bytes) -> bytes:
+    """The DATA payload: leading dots doubled (RFC 5321 4.5.2), CRLF-terminated, then the end marker."""
+    if body.startswith(b"."):
+        body = b"." + body
+    body = body.replace(b"\r\n.", b"\r\n..")
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return body + b".\r\n"
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.lines: list[tuple[int, str]] = []
+        self.replies: deque[Reply] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: SmtpError | None = None
+        self.paused = False
+        self.drained: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) > MAX_LINE:
+                    self._fail(SmtpError("reply line too long"))
+                return
+            line = bytes(self.buffer[:end]).rstrip(b"\r")
+            del self.buffer[: end + 1]
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                self._fail(SmtpError(f"garbled reply {line[:80]!r}"))
+                return
+            self.lines.append((int(line[:3]), line[4:].decode("utf-8", "replace")))
+            if line[3:4] == b"-":
+                if len(self.lines) > MAX_REPLY_LINES:
+                    self._fail(SmtpError("reply has too many lines"))
+                    return
+                continue
+            code = self.lines[-1][0]
+            texts = tuple(t for _, t in self.lines)
+            self.replies.append(Reply(code, " ".join(t for t in texts if t), texts))
+            self.lines = []
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._fail(SmtpError("connection closed by the server"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(SmtpError(f"connection lost: {exc}" if exc else "connection closed by the server"))
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def _fail(self, error: SmtpError) -> None:
+        if self.error is None:
+            self.error = error
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class SmtpClient:
+    """One outbound connection; use connect(), then hello(), then transactions, then quit()."""
+
+    def __init__(self, proto: _Protocol, host: str, address: str, command_timeout: float, data_timeout: float):
+        self._p = proto
+        self.host = host
+        self.address = address
+        self.command_timeout = command_timeout
+        self.data_timeout = data_timeout
+        self.extensions: dict[str, str] = {}
+        self.tls_version = ""
+        self.transactions = 0
+
+    @classmethod
+    async def connect(
+        cls, host: str, address: str, port: int, *, connect_timeout: float, command_timeout: float, data_timeout: float
+    ) -> SmtpClient:
+        loop = asyncio.get_running_loop()
+        proto = _Protocol(loop)
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: proto, address, port), connect_timeout)
+        except TimeoutError:
+            raise SmtpError(f"connect to {host}[{address}]:{port} timed out", "4.4.1") from None
+        except OSError as exc:
+            raise SmtpError(f"connect to {host}[{address}]:{port}: {exc.strerror or exc}", "4.4.1") from None
+        return cls(proto, host, address, command_timeout, data_timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._p.error is not None or self._p.transport is None or self._p.transport.is_closing()
+
+    def abort(self) -> None:
+        if self._p.transport is not None:
+            self._p.transport.abort()
+
+    async def reply(self, timeout: float | None = None) -> Reply:
+        p = self._p
+        if not p.replies and p.error is None:
+            p.waiter = p.loop.create_future()
+            timer = p.loop.call_later(
+                timeout or self.command_timeout, p._fail, SmtpError("timed out waiting for a reply", "4.4.2")
+            )
+            try:
+                await p.waiter
+            finally:
+                timer.cancel()
+                p.waiter = None
+        if p.replies:
+            return p.replies.popleft()
+        assert p.error is not None
+        raise p.error
+
+    def send(self, data: bytes) -> None:
+        p = self._p
+        if p.error is not None:
+            raise p.error
+        assert p.transport is not None
+        p.transport.write(data)
+
+    async def drain(self) -> None:
+        p = self._p
+        while p.paused and p.error is None:
+            p.drained = p.loop.create_future()
+            await p.drained
+        if p.error is not None:
+            raise p.error
+
+    async def command(self, line: str) -> Reply:
+        self.send(line.encode("utf-8") + b"\r\n")
+        return await self.reply()
+
+    async def hello(self, helo_name: str, tls: str, tls_context: ssl.SSLContext | None) -> Reply | None:
+        """Greeting, EHLO (HELO if refused), STARTTLS per the TLS mode. Returns a reply when the
+        server refused the session (5xx greeting), None when ready for MAIL."""
+        greeting = await self.reply()
+        if greeting.code != 220:
+            return greeting
+        reply = await self._ehlo(helo_name)
+        if reply.code != 250:
+            return reply
+        if "STARTTLS" in self.extensions and tls != "disabled" and tls_context is not None:
+            reply = await self.command("STARTTLS")
+            if reply.code == 220:
+                await self._start_tls(tls_context)
+                reply = await self._ehlo(helo_name)
+                if reply.code != 250:
+                    return reply
+            elif tls == "required":
+                return reply
+        if tls == "required" and not self.tls_version:
+            raise SmtpError(f"{self.host} offers no STARTTLS and TLS is required", "4.7.5")
+        return None
+
+    async def _ehlo(self, helo_name: str) -> Reply:
+        reply = await self.command(f"EHLO {helo_name}")
+        self.extensions = {}
+        if reply.code == 250:
+            # the first line is the greeting; every further line is one extension keyword and its parameters
+            for line in reply.lines[1:]:
+                keyword, _, params = line.partition(" ")
+                self.extensions[keyword.upper()] = params
+            return reply
+        if reply.code >= 500:
+            helo = await self.command(f"HELO {helo_name}")
+            return helo
+        return reply
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        p = self._p
+        if p.replies or p.buffer or p.lines:
+            # bytes after "220 ready for TLS" in plain text: a server (or something in the path)
+            # trying to have us read them as if they came over TLS
+            raise SmtpError("server sent data after its STARTTLS reply; refusing to continue", "4.7.5")
+        assert p.transport is not None
+        try:
+            transport = await asyncio.wait_for(
+                p.loop.start_tls(p.transport, p, context, server_hostname=self.host), self.command_timeout
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            raise SmtpError(f"TLS handshake with {self.host} failed: {exc}", "4.7.5") from None
+        if transport is None:
+            raise SmtpError(f"TLS handshake with {self.host} failed", "4.7.5")
+        p.transport = transport  # type: ignore[assignment]
+        ssl_obj = transport.get_extra_info("ssl_object")
+        self.tls_version = ssl_obj.version() if ssl_obj is not None else "TLS"
+
+    async def transaction(
+        self, sender: str, recipients: list[str], body: bytes
+    ) -> tuple[Reply | None, list[Reply], Reply | None]:
+        """MAIL, RCPT for each recipient, DATA and the body.
+
+        Returns (MAIL reply if refused, one reply per RCPT, final DATA reply or None when no
+        recipient was accepted). Raises SmtpError when the connection fails midway.
+        """
+        if self.transactions:
+            rset = await self.command("RSET")
+            if rset.code != 250:
+                raise SmtpError(f"RSET refused: {rset}")
+        self.transactions += 1
+        params = ""
+        if "SIZE" in self.extensions:
+            params += f" SIZE={len(body)}"
+        if "8BITMIME" in self.extensions and not body.isascii():
+            params += " BODY=8BITMIME"
+        if "SMTPUTF8" in self.extensions and not (sender.isascii() and all(r.isascii() for r in recipients)):
+            params += " SMTPUTF8"
+        commands = [f"MAIL FROM:<{sender}>{params}"] + [f"RCPT TO:<{r}>" for r in recipients]
+        if "PIPELINING" in self.extensions:
+            self.send(("\r\n".join(commands) + "\r\nDATA\r\n").encode("utf-8"))
+            mail = await self.reply()
+            rcpt_replies = [await self.reply() for _ in recipients]
+            data = await self.reply()
+        else:
+            mail = await self.command(commands[0])
+            if mail.code != 250:
+                return mail, [], None
+            rcpt_replies = [await self.command(c) for c in commands[1:]]
+            if not any(r.code in (250, 251) for r in rcpt_replies):
+                return None, rcpt_replies, None
+            data = await self.command("DATA")
+        if mail.code != 250:
+            if data.code == 354:  # a server that let DATA through after refusing MAIL: end it empty
+                self.send(b".\r\n")
+                await self.reply(self.data_timeout)
+            return mail, rcpt_replies, None
+        accepted = any(r.code in (250, 251) for r in rcpt_replies)
+        if data.code != 354:
+            return None, rcpt_replies, (data if accepted else None)
+        if not accepted:
+            self.send(b".\r\n")
+            await self.reply(self.data_timeout)
+            return None, rcpt_replies, None
+        self.send(dot_stuff(body))
+        await self.drain()
+        return None, rcpt_replies, await self.reply(self.data_timeout)
+
+    async def quit(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.send(b"QUIT\r\n")
+            await self.reply(5.0)
+        except SmtpError:
+            pass
+        finally:
+            if self._p.transport is not None:
+                self._p.transport.close()

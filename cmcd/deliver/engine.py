@@ -1,0 +1,423 @@
+"""The delivery engine: per-site ready queues, connection pools with Postfix-style feedback, outcomes.
+
+Jobs (one message, one domain) arrive from the scheduler. Each is routed to the site its
+domain's mail goes to; each site has its own queue, its own connection limit and window
+(start at initial_concurrency, +1 per delivered transaction, -1 per failed connect or
+handshake; at zero the site is dead for dead_site_backoff and its mail is deferred without
+connecting) and its own optional message rate. Nothing a site does waits on another site:
+a black-holed destination ties up only its own connections.
+
+Every claimed recipient yields exactly one Result; results are written to the spool in
+batches (one transaction per batch, bounces and body erasure included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cmcd import policy
+from cmcd.config import Config, parse_rate
+from cmcd.deliver.client import SmtpClient, SmtpError
+from cmcd.deliver.routing import Route, Router
+from cmcd.policy import Outcome
+from cmcd.queue.ids import QueueIdGenerator
+from cmcd.queue.spool import Spool
+from cmcd.queue.work import Due, Job, Result, apply_results, checkpoint, read_body
+from cmcd.store.suppressions import Suppressions
+
+log = logging.getLogger("cmcd.deliver")
+
+CHECKPOINT_INTERVAL_S = 1.0
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """Opportunistic TLS as MTAs do it (Postfix's "may"): encrypt, TLS 1.2 or later, no certificate check."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+@dataclass
+class Site:
+    key: str
+    route: Route
+    limit: int
+    window: float
+    rate: tuple[float, float]  # (messages, per seconds); (0, 0) = unlimited
+    queue: deque[Job] = field(default_factory=deque)
+    idle: deque[asyncio.Future[bool]] = field(default_factory=deque)
+    active: int = 0
+    starting: int = 0  # connections not yet ready to take a job
+    dead_until: float = 0.0
+    last_failure: Outcome | None = None
+    tokens: float = 0.0
+    token_time: float = 0.0
+    delivered: int = 0
+
+    def room(self) -> int:
+        return min(self.limit, max(1, int(self.window))) - self.active
+
+
+class DeliveryEngine:
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        router: Router,
+        suppressions: Suppressions,
+        *,
+        release: Callable[[int], None],
+        wake: Callable[[], None],
+        dsn_off: Callable[[], frozenset[int]] = frozenset,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.d = config.delivery
+        self.spool = spool
+        self.router = router
+        self.suppressions = suppressions
+        self.release = release  # tells the scheduler how many claimed recipients are done
+        self.wake = wake  # tells the scheduler new work was queued (a bounce)
+        self.dsn_off = dsn_off
+        self.clock = clock
+        self.ids = QueueIdGenerator()
+        self.tls_context = client_tls_context()
+        self.sites: dict[str, Site] = {}
+        self.connections = 0
+        self._starved: deque[Site] = deque()
+        self._resolving: dict[str, list[Job]] = {}
+        self._results: list[Result] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._erased = False
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._closing = False
+        self.counts = {"delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "suppressed": 0}
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+
+    async def close(self) -> None:
+        """Stop delivering: open transactions are cut, their recipients stay inflight and are
+        queued again at the next start (at-least-once); every outcome already known is written."""
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            await asyncio.gather(self._checkpointer, return_exceptions=True)
+        while self._flushing is not None and not self._flushing.done():
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        if self._results:
+            await self._flush()
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- jobs in -------------------------------------------------------------------------------
+
+    def submit(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._route(job)
+
+    def _route(self, job: Job) -> None:
+        if self._closing:
+            return
+        if job.sender:  # a bounce goes to the tenant's own sender address, never suppressed
+            suppressed = [d for d in job.recipients if self.suppressions.contains(job.tenant_id, d.address)]
+            if suppressed:
+                for due in suppressed:
+                    self._result(Result(job, due, "suppressed", "5.7.1 recipient is on the tenant's suppression list"))
+                job.recipients = [d for d in job.recipients if d not in suppressed]
+                if not job.recipients:
+                    return
+        waiting = self._resolving.get(job.domain)
+        if waiting is not None:
+            waiting.append(job)
+            return
+        self._resolving[job.domain] = [job]
+        self._spawn(self._resolve(job.domain))
+
+    async def _resolve(self, domain: str) -> None:
+        try:
+            route = await self.router.resolve(domain)
+        finally:
+            jobs = self._resolving.pop(domain, [])
+        for job in jobs:
+            if isinstance(route, Outcome):
+                self._finish(job, route, None)
+            else:
+                self._enqueue(self._site(route, domain), job)
+
+    def _site(self, route: Route, domain: str) -> Site:
+        site = self.sites.get(route.site)
+        if site is None or site.route != route:
+            pol = self.d.policy(domain)
+            limit = pol.connection_limit or self.d.connection_limit
+            rate = parse_rate(pol.rate) if pol.rate else (0.0, 0.0)
+            if site is None:
+                site = Site(route.site, route, limit, float(min(limit, self.d.initial_concurrency)), rate)
+                site.tokens = rate[0]
+                self.sites[route.site] = site
+            else:
+                site.route = route  # the MX addresses changed (TTL expired): new connections use them
+        return site
+
+    def _enqueue(self, site: Site, job: Job) -> None:
+        now = self.clock()
+        if site.dead_until:
+            if now < site.dead_until:
+                self._finish(job, site.last_failure or policy.network_fault("destination is not responding"), None)
+                return
+            site.dead_until = 0.0
+            site.window = 1.0  # back from the dead: one probing connection first
+        site.queue.append(job)
+        while site.idle:
+            waiter = site.idle.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+        self._pump(site)
+
+    def _pump(self, site: Site) -> None:
+        while len(site.queue) > site.starting and site.room() > 0 and not self._closing:
+            if self.connections >= self.d.max_connections:
+                if site not in self._starved:
+                    self._starved.append(site)
+                return
+            site.active += 1
+            site.starting += 1
+            self.connections += 1
+            self._spawn(self._connection(site))
+
+    # -- connections ----------------------------------------------------------------------------
+
+    async def _connection(self, site: Site) -> None:
+        client: SmtpClient | None = None
+        try:
+            try:
+                client = await self._open(site)
+            finally:
+                site.starting -= 1
+            if client is None:
+                return
+            sent = 0
+            while sent < self.d.messages_per_connection and not client.closed:
+                job = await self._next_job(site)
+                if job is None:
+                    break
+                await self._rate_wait(site)
+                await self._send(site, client, job)
+                sent += 1
+        finally:
+            if client is not None:
+                try:
+                    await client.quit()
+                except asyncio.CancelledError:
+                    client.abort()
+                    raise
+            site.active -= 1
+            self.connections -= 1
+            if not self._closing:
+                self._pump(site)
+                while self._starved and self.connections < self.d.max_connections:
+                    self._pump(self._starved.popleft())
+
+    async def _open(self, site: Site) -> SmtpClient | None:
+        """Connect to the site's hosts in order until one greets us and finishes EHLO (and STARTTLS).
+
+        None after every address failed: the site's window shrinks, and at zero the site is dead.
+        """
+        d = self.d
+        failure: Outcome | None = None
+        tls_mode = d.domain_tls(site.queue[0].domain) if site.queue else d.tls
+        for host, address in site.route.attempt_order():
+            for attempt_tls in (tls_mode, "disabled") if tls_mode == "opportunistic+plain" else (tls_mode,):
+                try:
+                    client = await SmtpClient.connect(
+                        host.name, address, host.port, connect_timeout=d.connect_timeout,
+                        command_timeout=d.command_timeout, data_timeout=d.data_timeout,
+                    )  # fmt: skip
+                except SmtpError as exc:
+                    failure = policy.network_fault(str(exc), exc.enhanced)
+                    break  # this address is unreachable; next address
+                try:
+                    refused = await client.hello(self.config.server.hostname, attempt_tls, self.tls_context)
+                except SmtpError as exc:
+                    client.abort()
+                    failure = policy.network_fault(f"{host.name}[{address}]: {exc}", exc.enhanced)
+                    if exc.enhanced == "4.7.5" and attempt_tls == "opportunistic+plain":
+                        continue  # the policy allows plain text after a failed handshake
+                    break
+                if refused is not None:
+                    await client.quit()
+                    failure = policy.classify(refused.code, f"{host.name}[{address}] said: {refused.text}")
+                    break  # a host that will not talk to us: try the next one (as Postfix does)
+                site.window = min(float(site.limit), site.window)
+                return client
+        self._connect_failed(site, failure or policy.network_fault("no address to connect to"))
+        return None
+
+    def _connect_failed(self, site: Site, failure: Outcome) -> None:
+        site.last_failure = failure
+        site.window -= 1
+        log.info("event=connect_failed site=%s window=%g reason=%r", site.key, site.window, failure.text)
+        if site.window <= 0 and site.active <= 1:
+            site.dead_until = self.clock() + self.d.dead_site_backoff
+            log.warning("event=site_dead site=%s until=%.0f reason=%r", site.key, site.dead_until, failure.text)
+            if self.d.dead_site_backoff <= 0:
+                site.dead_until = 0.0
+                site.window = 1.0
+            while site.queue:
+                self._finish(site.queue.popleft(), failure, None)
+
+    async def _next_job(self, site: Site) -> Job | None:
+        while True:
+            if site.queue:
+                return site.queue.popleft()
+            if self.d.connection_idle <= 0 or self._closing:
+                return None
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[bool] = loop.create_future()
+            timer = loop.call_later(self.d.connection_idle, _wake, waiter, False)
+            site.idle.append(waiter)
+            try:
+                if not await waiter:
+                    return None  # idle too long
+            finally:
+                timer.cancel()
+                if waiter in site.idle:
+                    site.idle.remove(waiter)
+
+    async def _rate_wait(self, site: Site) -> None:
+        count, per = site.rate
+        if count <= 0:
+            return
+        rate = count / per
+        while True:
+            now = time.monotonic()
+            if site.token_time:
+                site.tokens = min(max(1.0, count), site.tokens + (now - site.token_time) * rate)
+            site.token_time = now
+            if site.tokens >= 1.0:
+                site.tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - site.tokens) / rate)
+
+    async def _send(self, site: Site, client: SmtpClient, job: Job) -> None:
+        body = job.body
+        if body is None:
+            body = await self.spool.read(functools.partial(read_body, keys=self.spool.keys, queue_id=job.queue_id))
+            if body is None:  # deleted by an operator while it waited
+                self.release(len(job.recipients))
+                return
+        where = (client.host, client.address, client.tls_version)
+        try:
+            mail, rcpt_replies, data = await client.transaction(job.sender, [d.address for d in job.recipients], body)
+        except SmtpError as exc:
+            client.abort()
+            self._finish(job, policy.network_fault(f"{client.host}[{client.address}]: {exc}", exc.enhanced), where)
+            return
+        if mail is not None:
+            self._finish(job, policy.classify(mail.code, mail.text), where)
+            return
+        delivered = False
+        for due, reply in zip(job.recipients, rcpt_replies):
+            if reply.code in (250, 251) and data is not None:
+                outcome = policy.classify(data.code, data.text)
+                delivered = delivered or outcome.verdict == policy.DELIVERED
+            else:
+                outcome = policy.classify(reply.code, reply.text)
+            self._result_for(job, due, outcome, where)
+        if delivered:
+            site.delivered += 1
+            if site.window < site.limit:
+                site.window += 1
+
+    # -- outcomes ------------------------------------------------------------------------------
+
+    def _finish(self, job: Job, outcome: Outcome, where: tuple[str, str, str] | None) -> None:
+        for due in job.recipients:
+            self._result_for(job, due, outcome, where)
+
+    def _result_for(self, job: Job, due: Due, outcome: Outcome, where: tuple[str, str, str] | None) -> None:
+        now = self.clock()
+        mx, ip, tls = where or ("", "", "")
+        if outcome.verdict == policy.DELIVERED:
+            self._result(Result(job, due, "delivered", outcome.text, mx=mx, ip=ip, tls=tls))
+        elif outcome.verdict == policy.BOUNCED:
+            suppress = outcome.hard and bool(job.sender)
+            if suppress:
+                self.suppressions.add(job.tenant_id, due.address)
+            self._result(Result(job, due, "bounced", outcome.text, mx=mx, ip=ip, tls=tls, suppress=suppress))
+        elif policy.expired(job.received, now, self.d.max_lifetime):
+            self._result(Result(job, due, "expired", outcome.text, mx=mx, ip=ip, tls=tls))
+        else:
+            delay = policy.retry_delay(due.attempts + 1, self.d.retry_schedule, self.d.retry_jitter, random.random())
+            self._result(Result(job, due, "deferred", outcome.text, now + delay, mx=mx, ip=ip, tls=tls))
+
+    def _result(self, result: Result) -> None:
+        self.counts[result.state] = self.counts.get(result.state, 0) + 1
+        self._results.append(result)
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while self._results:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        batch, self._results = self._results, []
+        try:
+            report = await self.spool.call(
+                functools.partial(
+                    apply_results,
+                    keys=self.spool.keys,
+                    results=batch,
+                    now=self.clock(),
+                    hostname=self.config.server.hostname,
+                    ids=self.ids,
+                    dsn_off=self.dsn_off(),
+                )
+            )
+        except Exception:
+            log.exception("event=results_write_failed results=%d", len(batch))
+            self._results[:0] = batch  # keep them; the next flush tries again
+            await asyncio.sleep(1.0)
+            return
+        self.release(len(batch))
+        if report.bounces:
+            self.wake()
+        if report.finished:
+            self._erased = True
+
+    async def _checkpoint_loop(self) -> None:
+        """Bodies are deleted with secure_delete; a checkpoint then moves the zeroed pages out of the WAL."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+            if self._erased:
+                self._erased = False
+                try:
+                    await self.spool.call(checkpoint)
+                except Exception:
+                    log.exception("event=checkpoint_failed")
+
+
+def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)

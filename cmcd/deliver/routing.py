@@ -1,0 +1,190 @@
+"""Where a domain's mail goes: static routes, MX records, implicit MX, null MX; cached by TTL.
+
+A route is a list of preference groups of hosts, each host with every address it has. The
+site name (the sorted set of MX host names, as KumoMTA names its sites) is what ready
+queues and connection limits are kept per: two domains hosted on the same MX share one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from cmcd.config import Config, split_hostport
+from cmcd.policy import Outcome, network_fault, permanent_failure
+
+log = logging.getLogger("cmcd.routing")
+
+NEGATIVE_TTL = 300.0  # how long an NXDOMAIN or null MX answer is kept
+MAX_TTL = 3600.0
+MIN_TTL = 5.0
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    addresses: tuple[str, ...]
+    port: int
+
+
+@dataclass(frozen=True)
+class Route:
+    site: str
+    groups: tuple[tuple[Host, ...], ...]  # by preference; hosts within a group are equal
+
+    def attempt_order(self, rand: random.Random | None = None) -> Iterator[tuple[Host, str]]:
+        """Every (host, address) to try, best preference first, equal preferences shuffled, each
+        host's addresses together (all of them before the next host)."""
+        r = rand or random
+        for group in self.groups:
+            hosts = list(group)
+            r.shuffle(hosts)
+            for host in hosts:
+                for address in host.addresses:
+                    yield host, address
+
+
+def _ip(value: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        return None
+
+
+class Router:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.clock = clock
+        self.port = config.delivery.port
+        self.routes = dict(config.delivery.routes)
+        if config.dns.nameservers:
+            self.resolver = dns.asyncresolver.Resolver(configure=False)
+            servers: list[str | dns.nameserver.Nameserver] = []
+            for hp in config.dns.nameservers:
+                host, port = split_hostport(hp)
+                servers.append(dns.nameserver.Do53Nameserver(host, port))
+            self.resolver.nameservers = servers
+        else:
+            self.resolver = dns.asyncresolver.Resolver()
+        self.resolver.lifetime = config.dns.timeout
+        self.resolver.timeout = max(0.5, config.dns.timeout / 2)
+        self._cache: dict[str, tuple[float, Route | Outcome]] = {}
+        self._pending: dict[str, asyncio.Future[Route | Outcome]] = {}
+        self.lookups = 0
+
+    async def resolve(self, domain: str) -> Route | Outcome:
+        """The route for DOMAIN, or the Outcome (bounced or deferred) for all its recipients."""
+        cached = self._cache.get(domain)
+        if cached is not None and cached[0] > self.clock():
+            return cached[1]
+        pending = self._pending.get(domain)
+        if pending is not None:  # one lookup per domain at a time, however many messages wait
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Route | Outcome] = asyncio.get_running_loop().create_future()
+        self._pending[domain] = fut
+        try:
+            result, ttl = await self._lookup(domain)
+        except Exception as exc:  # a bug in a lookup must not take delivery down
+            log.exception("event=route_lookup_error domain=%s", domain)
+            result, ttl = network_fault(f"route lookup failed: {exc!r}", "4.4.3"), 0.0
+        finally:
+            del self._pending[domain]
+        if ttl > 0:
+            self._cache[domain] = (self.clock() + min(MAX_TTL, max(MIN_TTL, ttl)), result)
+        fut.set_result(result)
+        return result
+
+    def forget(self, domain: str | None = None) -> None:
+        if domain is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(domain, None)
+
+    async def _lookup(self, domain: str) -> tuple[Route | Outcome, float]:
+        static = self.routes.get(domain) or self.routes.get("*")
+        if static is not None:
+            host, port = split_hostport(static)
+            ip = _ip(host)
+            if ip is not None:
+                return Route(f"route:{static}", ((Host(host, (ip,), port),),)), MAX_TTL
+            addresses, ttl, problem = await self._addresses(host)
+            if not addresses:
+                return problem or network_fault(f"route host {host} has no address", "4.4.3"), 0.0
+            return Route(f"route:{static}", ((Host(host, addresses, port),),)), ttl
+        self.lookups += 1
+        try:
+            answer = await self.resolver.resolve(domain, "MX", raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return permanent_failure("5.1.2", f"domain {domain} does not exist (NXDOMAIN)"), NEGATIVE_TTL
+        except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout) as exc:
+            return network_fault(f"DNS lookup of {domain} MX failed: {type(exc).__name__}", "4.4.3"), 0.0
+        mx_ttl = float(answer.rrset.ttl) if answer.rrset is not None else NEGATIVE_TTL
+        records = sorted(
+            ((r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in answer.rrset or ()),
+        )
+        if not records:  # no MX: the domain itself is the implicit MX (RFC 5321 5.1)
+            addresses, ttl, problem = await self._addresses(domain)
+            if not addresses:
+                return problem or permanent_failure("5.1.2", f"domain {domain} has no MX and no address"), ttl
+            return Route(f"implicit:{domain}", ((Host(domain, addresses, self.port),),)), ttl
+        if len(records) == 1 and records[0][1] in ("", "."):
+            return permanent_failure("5.1.10", f"domain {domain} accepts no mail (null MX, RFC 7505)"), mx_ttl
+        names = [name for _, name in records if name not in ("", ".")]
+        looked = await asyncio.gather(*(self._addresses(n) for n in names))
+        found = dict(zip(names, looked))
+        groups: list[tuple[Host, ...]] = []
+        ttl = mx_ttl
+        for pref in sorted({p for p, _ in records}):
+            hosts = []
+            for p, name in records:
+                if p != pref or name not in found:
+                    continue
+                addresses, host_ttl, _ = found[name]
+                if addresses:
+                    hosts.append(Host(name, addresses, self.port))
+                    ttl = min(ttl, host_ttl)
+            if hosts:
+                groups.append(tuple(hosts))
+        if not groups:
+            return network_fault(f"no MX host of {domain} has an address", "4.4.3"), 0.0
+        return Route(",".join(sorted(names)), tuple(groups)), ttl
+
+    async def _addresses(self, name: str) -> tuple[tuple[str, ...], float, Outcome | None]:
+        """A and AAAA of NAME (IPv4 first), the smaller TTL, and a failure when there is none."""
+        ip = _ip(name)
+        if ip is not None:
+            return (ip,), MAX_TTL, None
+        out: list[str] = []
+        ttl = MAX_TTL
+        temporary = False
+        nxdomain = 0
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await self.resolver.resolve(name, rdtype, raise_on_no_answer=False)
+            except dns.resolver.NXDOMAIN:
+                nxdomain += 1
+                continue
+            except (dns.exception.Timeout, dns.resolver.NoNameservers, dns.resolver.LifetimeTimeout):
+                temporary = True
+                continue
+            if answer.rrset is not None:
+                out += [r.to_text() for r in answer.rrset]
+                ttl = min(ttl, float(answer.rrset.ttl))
+        if out:
+            return tuple(out), ttl, None
+        if temporary:
+            return (), 0.0, network_fault(f"DNS lookup of {name} failed", "4.4.3")
+        if nxdomain:
+            return (), NEGATIVE_TTL, permanent_failure("5.1.2", f"host {name} does not exist (NXDOMAIN)")
+        return (), NEGATIVE_TTL, None

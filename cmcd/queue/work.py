@@ -1,0 +1,262 @@
+"""The delivery side of the spool: claiming due recipients, recording outcomes, erasing finished messages.
+
+Every function here takes the writer connection and runs on the spool's writer thread
+(through Spool.call), so a claim, a batch of outcomes, the bounces they cause and the
+erasure of a finished body are each one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cmcd.crypto import DataKeys
+from cmcd.queue import dsn
+from cmcd.queue.ids import QueueIdGenerator
+from cmcd.queue.spool import INSERT_EVENT, insert_messages
+from cmcd.records import Recipient, SpoolMessage
+
+log = logging.getLogger("cmcd.queue")
+
+#: bodies up to this size travel with the claim; larger ones are read just before sending
+INLINE_BODY = 256 * 1024
+_CHUNK = 500  # SQLite's host parameters per IN (...) list
+
+
+def _chunks(items: list[Any], n: int = _CHUNK) -> Iterable[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+@dataclass(frozen=True)
+class Due:
+    rid: int
+    address: str
+    attempts: int  # failed attempts so far
+
+
+@dataclass
+class Job:
+    """One message to one destination domain: the recipients that go in one SMTP transaction."""
+
+    queue_id: str
+    tenant_id: int
+    sender: str
+    domain: str
+    received: float
+    size: int
+    message_id: str
+    recipients: list[Due] = field(default_factory=list)
+    body: bytes | None = None  # None: read it from the spool before sending
+
+
+@dataclass(frozen=True)
+class Result:
+    """What happened to one recipient in one attempt."""
+
+    job: Job
+    due: Due
+    state: str  # delivered, deferred, bounced, expired or suppressed
+    response: str
+    next_attempt: float = 0.0
+    mx: str = ""
+    ip: str = ""
+    tls: str = ""
+    suppress: bool = False  # a hard bounce: add to the tenant's suppression list
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    recorded: int
+    finished: int  # messages whose body was erased
+    bounces: int  # DSN messages queued
+
+
+def next_due(conn: sqlite3.Connection) -> float | None:
+    """The earliest next_attempt of a schedulable recipient (one index probe)."""
+    row = conn.execute("SELECT MIN(next_attempt) FROM recipients WHERE state IN ('queued', 'deferred')").fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+def claim_due(conn: sqlite3.Connection, keys: DataKeys, now: float, limit: int) -> list[Job]:
+    """Mark up to LIMIT due recipients inflight and return them grouped by message and domain.
+
+    Walks the partial index on next_attempt, so the cost is proportional to what is due, not
+    to the queue's size. The claim is not fsynced on its own: after a crash an unsynced claim
+    is simply still queued, and recover() turns any inflight row back into queued anyway.
+    """
+    rows = conn.execute(
+        "SELECT id, queue_id, domain, rcpt_enc, attempts FROM recipients "
+        "WHERE state IN ('queued', 'deferred') AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    if not rows:
+        return []
+    conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        with conn:
+            conn.executemany("UPDATE recipients SET state = 'inflight' WHERE id = ?", [(r[0],) for r in rows])
+    finally:
+        conn.execute("PRAGMA synchronous=FULL")
+    qids = list({r[1] for r in rows})
+    envelopes: dict[str, tuple[Any, ...]] = {}
+    for chunk in _chunks(qids):
+        for m in conn.execute(
+            "SELECT queue_id, tenant_id, sender_enc, size_bytes, received, message_id, "
+            f"CASE WHEN size_bytes <= {INLINE_BODY} THEN body END FROM messages WHERE queue_id IN ({_marks(len(chunk))})",
+            chunk,
+        ):
+            envelopes[m[0]] = m
+    jobs: dict[tuple[str, str], Job] = {}
+    for rid, qid, domain, rcpt_enc, attempts in rows:
+        m = envelopes.get(qid)
+        if m is None:  # cannot happen inside one transaction; never deliver without an envelope
+            log.error("event=orphan_recipient queue_id=%s", qid)
+            continue
+        job = jobs.get((qid, domain))
+        if job is None:
+            body = keys.decrypt_bytes(bytes(m[6]), qid.encode()) if m[6] is not None else None
+            job = jobs[(qid, domain)] = Job(qid, m[1], keys.decrypt(m[2]), domain, m[4], m[3], m[5], [], body)
+        job.recipients.append(Due(rid, keys.decrypt(rcpt_enc), attempts))
+    return list(jobs.values())
+
+
+def read_body(conn: sqlite3.Connection, keys: DataKeys, queue_id: str) -> bytes | None:
+    row = conn.execute("SELECT body FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
+    return None if row is None else keys.decrypt_bytes(bytes(row[0]), queue_id.encode())
+
+
+def apply_results(
+    conn: sqlite3.Connection,
+    keys: DataKeys,
+    results: list[Result],
+    *,
+    now: float,
+    hostname: str,
+    ids: QueueIdGenerator,
+    dsn_off: frozenset[int] = frozenset(),
+) -> ApplyReport:
+    """Record RESULTS, queue the bounces they cause and erase every message that is now finished.
+
+    One transaction: a bounce exists exactly when its recipients' final state does, and a body
+    is deleted (secure_delete overwrites its pages) in the same commit that makes the last
+    recipient final. A result for a row that is no longer inflight (an operator deleted the
+    message meanwhile) is not recorded again.
+    """
+    recorded = 0
+    touched: set[str] = set()
+    failed: dict[str, list[Result]] = {}
+    events: list[tuple[Any, ...]] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for r in results:
+            job, due = r.job, r.due
+            attempt = due.attempts + (0 if r.state == "suppressed" else 1)
+            if r.state == "deferred":
+                cur = conn.execute(
+                    "UPDATE recipients SET state = CASE WHEN (SELECT held FROM messages WHERE queue_id = ?) "
+                    "THEN 'held' ELSE 'deferred' END, attempts = ?, next_attempt = ?, last_response = ? "
+                    "WHERE id = ? AND state = 'inflight'",
+                    (job.queue_id, attempt, r.next_attempt, r.response, due.rid),
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE recipients SET state = ?, attempts = ?, last_response = ? WHERE id = ? AND state = 'inflight'",
+                    (r.state, attempt, r.response, due.rid),
+                )
+            if cur.rowcount != 1:
+                log.warning("event=result_dropped queue_id=%s state=%s reason=not_inflight", job.queue_id, r.state)
+                continue
+            recorded += 1
+            touched.add(job.queue_id)
+            events.append(
+                (f"{job.queue_id}:{due.rid}:{attempt}:{r.state}", now, job.tenant_id, job.queue_id, r.state,
+                 keys.encrypt(job.sender), keys.index(job.sender), keys.encrypt(due.address), keys.index(due.address),
+                 job.domain, r.state, r.response, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
+                 job.message_id, 1 if r.suppress else 0)
+            )  # fmt: skip
+            if r.state in ("bounced", "expired") and job.sender and job.tenant_id not in dsn_off:
+                failed.setdefault(job.queue_id, []).append(r)
+            elif r.state in ("bounced", "expired") and not job.sender:
+                log.warning("event=bounce_dropped queue_id=%s reason=null_sender response=%r", job.queue_id, r.response)
+        conn.executemany(INSERT_EVENT, events)
+        bounces = _queue_bounces(conn, keys, failed, now, hostname, ids)
+        finished = _erase_finished(conn, sorted(touched))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return ApplyReport(recorded, finished, bounces)
+
+
+def _queue_bounces(
+    conn: sqlite3.Connection,
+    keys: DataKeys,
+    failed: dict[str, list[Result]],
+    now: float,
+    hostname: str,
+    ids: QueueIdGenerator,
+) -> int:
+    messages = []
+    for qid, results in failed.items():
+        row = conn.execute("SELECT user_id, body FROM messages WHERE queue_id = ?", (qid,)).fetchone()
+        if row is None:
+            continue
+        job = results[0].job
+        original = dsn.original_headers(keys.decrypt_bytes(bytes(row[1]), qid.encode()))
+        report = dsn.build(
+            hostname=hostname,
+            queue_id=qid,
+            sender=job.sender,
+            arrival=job.received,
+            now=now,
+            recipients=[dsn.failed(r.due.address, r.response, r.mx, r.state == "expired") for r in results],
+            headers=original,
+        )
+        bounce_id = ids.next(now)
+        messages.append(
+            SpoolMessage(
+                queue_id=bounce_id,
+                tenant_id=job.tenant_id,
+                user_id=row[0],
+                sender="",
+                recipients=(Recipient(job.sender, job.sender.rpartition("@")[2].lower()),),
+                body=report,
+                received_ts=now,
+                message_id=f"<{bounce_id}.dsn@{hostname}>",
+            )
+        )
+        log.info("event=bounce_queued queue_id=%s bounce_id=%s recipients=%d", qid, bounce_id, len(results))
+    insert_messages(conn, keys, messages)
+    return len(messages)
+
+
+def _erase_finished(conn: sqlite3.Connection, qids: list[str]) -> int:
+    """Delete every message among QIDS with no pending recipient left, with its rows."""
+    done = []
+    for chunk in _chunks(qids):
+        pending = {
+            r[0]
+            for r in conn.execute(
+                f"SELECT DISTINCT queue_id FROM recipients WHERE queue_id IN ({_marks(len(chunk))}) "
+                "AND state IN ('queued', 'deferred', 'inflight', 'held')",
+                chunk,
+            )
+        }
+        done += [(q,) for q in chunk if q not in pending]
+    conn.executemany("DELETE FROM recipients WHERE queue_id = ?", done)
+    conn.executemany("DELETE FROM messages WHERE queue_id = ?", done)
+    return len(done)
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """Copy the WAL into the database and truncate it, so erased pages leave the WAL file too."""
+    row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return (int(row[0]), int(row[1]), int(row[2]))
