@@ -177,6 +177,8 @@ class DomainPolicy:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
+    #: false: accept and queue, deliver nothing (like Postfix's defer_transports)
+    enabled: bool = True
     port: int = 25
     routes: dict[str, HostPort] = field(default_factory=dict)
     #: waits after the 1st, 2nd, ... failed attempt; the last one repeats
@@ -383,7 +385,7 @@ _RANGES = (
     ("delivery.port", 1, 65535),
     ("smtp.messages_per_second", 0.0, 1e6),
     ("delivery.retry_jitter", 0.0, 0.5),
-    ("delivery.max_lifetime", 60.0, 30 * 86400.0),
+    ("delivery.max_lifetime", 1.0, 30 * 86400.0),
     ("delivery.connection_limit", 1, 10_000),
     ("delivery.initial_concurrency", 1, 10_000),
     ("delivery.max_connections", 1, 100_000),

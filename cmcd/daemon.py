@@ -20,9 +20,9 @@ from cmcd import __version__
 from cmcd import config as config_mod
 from cmcd.admin.server import AdminServer
 from cmcd.config import Config
-from cmcd.errors import CmcdError, ConfigError
 from cmcd.deliver.engine import DeliveryEngine
 from cmcd.deliver.routing import Router
+from cmcd.errors import CmcdError, ConfigError
 from cmcd.queue.events import EventShipper
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
@@ -124,10 +124,22 @@ class Daemon:
         )  # fmt: skip
         spool.on_commit = scheduler.wake
         engine.start()
-        scheduler.start()
+        if cfg.delivery.enabled:
+            scheduler.start()
+        else:
+            log.warning("event=delivery_disabled reason=config")
         self.smtp = smtp = SmtpListeners(cfg, service)
         await smtp.start()
-        admin = AdminServer(cfg, astore, spool, service.invalidate, self.status, scheduler=scheduler, engine=engine)
+        admin = AdminServer(
+            cfg,
+            astore,
+            spool,
+            service.invalidate,
+            self.status,
+            scheduler=scheduler,
+            engine=engine,
+            suppressions=service.suppressions,
+        )
         await admin.start()
 
         log.info(

@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
@@ -222,8 +222,6 @@ def _split(message: bytes) -> tuple[list[bytes], bytes]:
 
 
 def _names(names: Sequence[str], what: str) -> tuple[bytes, ...]:
-    if isinstance(names, str | bytes):
-        raise TypeError(f"{what} must be a sequence of header names, not one string")
     out = []
     for name in names:
         if not isinstance(name, str) or not _FIELD_NAME_RE.fullmatch(name):
@@ -232,47 +230,90 @@ def _names(names: Sequence[str], what: str) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+class _Plan(NamedTuple):
+    wanted: tuple[tuple[bytes, bool, bool], ...]  # (lowercased name or prefix, is a prefix, is oversigned)
+    over: frozenset[bytes]  # oversigned names
+    over_prefixes: tuple[bytes, ...]  # oversigned prefixes ("List-*" -> b"list-")
+
+
 @functools.lru_cache(maxsize=32)
-def _plan(headers: tuple[str, ...], oversign: tuple[str, ...]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-    """The checked, lowercased names to sign (plus oversigned ones not among them) and the oversigned ones."""
+def _plan(headers: tuple[str, ...], oversign: tuple[str, ...]) -> _Plan:
+    """The checked, lowercased names to sign (then oversigned ones not among them), and the oversigned ones."""
     wanted = _names(headers, "headers")
     if b"from" not in wanted:
         raise ValueError("headers must include From (RFC 6376 §5.4)")
     over = _names(oversign, "oversign")
-    extra = tuple(o for o in over if not o.endswith(b"*") and o not in wanted)
-    return tuple(dict.fromkeys(wanted + extra)), over
+    exact = frozenset(o for o in over if not o.endswith(b"*"))
+    prefixes = tuple(o[:-1] for o in over if o.endswith(b"*"))
+    names = dict.fromkeys(wanted + tuple(exact))
+    return _Plan(
+        tuple(
+            (n[:-1], True, False) if n.endswith(b"*") else (n, False, n in exact or n.startswith(prefixes))
+            for n in names
+        ),
+        exact,
+        prefixes,
+    )
 
 
 def _select(fields: list[bytes], headers: Sequence[str], oversign: Sequence[str]) -> tuple[list[bytes], bytes]:
     """The h= names and the canonicalized fields they select, in h= order (RFC 6376 §5.4.2)."""
-    wanted, over = _plan(tuple(headers), tuple(oversign))
+    if isinstance(headers, str | bytes) or isinstance(oversign, str | bytes):
+        raise TypeError("headers and oversign must be sequences of header names, not one string")
+    plan = _plan(tuple(headers), tuple(oversign))
+    # A field is known by the exact name before its colon: "From :" (obsolete syntax, RFC 5322
+    # §4.5) is not From to OpenDKIM or dkimpy, so it is not signed as From here either.
     by_name: dict[bytes, list[bytes]] = {}
     for f in fields:
-        name = f.partition(b":")[0].rstrip(b" \t").lower()
+        name, colon, value = f.partition(b":")
+        if not colon:
+            continue  # not a header field (no colon): nothing a verifier could select
+        name = name.lower()
         if name in by_name:
-            by_name[name].append(f)
+            by_name[name].append(value)
         else:
-            by_name[name] = [f]
+            by_name[name] = [value]
     if b"from" not in by_name:
-        raise DkimError("message has no From header field: DKIM signs From (RFC 6376 §5.4), so it cannot be signed")
+        raise DkimError(
+            "message has no From header field (a name with white space before the colon does not count):"
+            " DKIM signs From (RFC 6376 §5.4), so it cannot be signed"
+        )
 
+    # The i-th listing of a name selects its i-th instance from the bottom; a listing beyond the
+    # instances present selects nothing (the "null string" of §5.4.2): that is oversigning.
     names: list[bytes] = []
     parts: list[bytes] = []
-    for pattern in wanted:
-        if pattern.endswith(b"*"):
-            matched = [n for n in by_name if n.startswith(pattern[:-1]) and _FIELD_NAME_BYTES_RE.fullmatch(n)]
+    seen: set[bytes] = set()
+    for pattern, is_prefix, is_over in plan.wanted:
+        if is_prefix:
+            matched = [
+                (n, n in plan.over or n.startswith(plan.over_prefixes))
+                for n in by_name
+                if n.startswith(pattern) and n not in seen and _FIELD_NAME_BYTES_RE.fullmatch(n)
+            ]
+        elif pattern in seen:
+            continue
         else:
-            matched = [pattern]
-        for name in matched:
-            if name in names:
+            matched = [(pattern, is_over)]
+        for name, oversigned in matched:
+            seen.add(name)
+            values = by_name.get(name)
+            if values is None:
+                if oversigned:
+                    names.append(name)
                 continue
-            instances = by_name.get(name, [])
-            # The i-th listing of a name selects its i-th instance from the bottom; a listing beyond
-            # the instances present selects nothing (the "null string" of §5.4.2): oversigning.
-            parts += [canonicalize_header(f) for f in reversed(instances)]
-            extra = name in over or any(o.endswith(b"*") and name.startswith(o[:-1]) for o in over)
-            names += [name] * (len(instances) + extra)
-    return names, b"".join(parts)
+            for value in reversed(values):
+                if b"\r\n" in value:
+                    value = value.replace(b"\r\n", b"")
+                parts += (name, b":", value.lstrip(b" \t"), b"\r\n")
+            names += [name] * (len(values) + oversigned)
+    # Relaxed canonicalization (§3.4.2) of all selected fields at once: names are lowercased and
+    # the values unfolded and left-stripped above; here WSP runs become one SP and the SP before
+    # each CRLF goes (no field contains a CRLF any more, and no name contains WSP).
+    block = _collapse_wsp(b"".join(parts))
+    if b" \r\n" in block:
+        block = block.replace(b" \r\n", b"\r\n")
+    return names, block
 
 
 def _fold(pieces: list[tuple[str, str]]) -> str:
@@ -311,11 +352,11 @@ def signature_fields(
     """
     if not keys:
         raise ValueError("no DKIM keys to sign with")
-    fields, body = _split(message)
-    names, signed_fields = _select(fields, headers, oversign)
-    t = int(time.time()) if timestamp is None else int(timestamp)
     if expire_after is not None and expire_after <= 0:
         raise ValueError(f"expire_after must be positive seconds, not {expire_after}")
+    t = int(time.time()) if timestamp is None else int(timestamp)
+    fields, body = _split(message)
+    names, signed_fields = _select(fields, headers, oversign)
     bh = base64.b64encode(body_hash(body)).decode("ascii")
 
     # h= may fold after each colon (RFC 6376 §3.5: FWS is allowed around the colons).

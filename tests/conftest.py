@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +102,11 @@ class Cmcd:
             "spool": {"dir": str(root / "spool")},
             "store": {"path": str(root / "cmcd.db"), "key_file": str(root / "data.key")},
             "admin": {"socket": str(root / "admin.sock")},
-            # nothing leaves loopback: by default every domain goes to a closed port (deliveries defer
-            # and bodies stay spooled); delivery tests route to sinks and a DNS server on loopback
+            # intake tests see the queue as intake left it: delivery off, and even so nothing could
+            # leave loopback (every domain routed to a closed port, DNS only on loopback). Delivery
+            # tests turn it on and route to sinks and a DNS server on loopback.
             "dns": {"nameservers": ["127.0.0.1:9"], "timeout": "2s"},
-            "delivery": {"routes": {"*": "127.0.0.1:9"}, "dead_site_backoff": "1h"},
+            "delivery": {"enabled": False, "routes": {"*": "127.0.0.1:9"}},
         }
         for section, values in (overrides or {}).items():
             cfg.setdefault(section, {}).update(values)
@@ -234,6 +235,35 @@ class Cmcd:
             return out
         finally:
             conn.close()
+
+    def mail_log(self, queue_id: str | None = None) -> list[dict[str, Any]]:
+        """Mail-log rows (oldest first), addresses decrypted, read from the store file."""
+        keys = self.keys()
+        conn = sqlite3.connect(f"file:{self.root / 'cmcd.db'}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            sql = "SELECT * FROM mail_log" + (" WHERE queue_id = ?" if queue_id else "") + " ORDER BY id"
+            rows = [dict(r) for r in conn.execute(sql, (queue_id,) if queue_id else ())]
+        finally:
+            conn.close()
+        for r in rows:
+            r["sender"] = keys.decrypt(r.pop("sender_enc"))
+            r["rcpt"] = keys.decrypt(r.pop("rcpt_enc"))
+        return rows
+
+    def wait_mail_log(
+        self, done: Callable[[list[dict[str, Any]]], bool], queue_id: str | None = None, timeout: float = 20
+    ) -> list[dict[str, Any]]:
+        """Poll the mail log until DONE(rows) holds; fail with the rows seen."""
+        deadline = time.monotonic() + timeout
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            rows = self.mail_log(queue_id)
+            if done(rows):
+                return rows
+            time.sleep(0.1)
+        summary = [(r["queue_id"], r["event"], r["rcpt"], r["response"]) for r in rows]
+        raise AssertionError(f"mail log never reached the expected state: {summary}\n" + "\n".join(self.log[-20:]))
 
     def wait_log(self, pattern: str, timeout: float = 10) -> str:
         """The newest log line matching PATTERN, waiting for one to appear."""

@@ -299,20 +299,73 @@ def domain_list(c: Client, tenant_name: str | None) -> None:
     c.show(c.call("domain.list", tenant=tenant_name), tabled({"DOMAIN": "domain", "TENANT": "tenant"}, "no domains"))
 
 
+@tenant.command("set")
+@click.argument("name")
+@click.option(
+    "--dsn", type=click.Choice(["on", "off"]), default=None, help="send bounces (delivery status notifications)"
+)
+@click.option(
+    "--suppressed",
+    type=click.Choice(["accept", "refuse"]),
+    default=None,
+    help="a suppressed recipient: accept it and log it as suppressed, or refuse it at RCPT (550)",
+)
+@pass_client
+def tenant_set(c: Client, name: str, dsn: str | None, suppressed: str | None) -> None:
+    """Change a tenant's delivery settings."""
+    result = c.call("tenant.set", name=name, dsn=None if dsn is None else dsn == "on", suppressed_rcpt=suppressed)
+    c.show(result, fields)
+
+
+def _parse_age(value: str | None) -> int | None:
+    """Seconds in "90s", "30m", "2h" or "3d"."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = value[:-1], value[-1:]
+    if unit.isdigit():
+        number, unit = value, "s"
+    if not number.isdigit() or unit not in units:
+        raise CtlError(f"--older-than {value!r}: expected a number with s, m, h or d, like 2h")
+    return int(number) * units[unit]
+
+
 @cli.group()
 def queue() -> None:
-    """Messages in the spool: list, show."""
+    """Messages in the spool: list, show, summary, retry, hold, release, delete."""
 
 
 @queue.command("list")
 @click.option("--tenant", "tenant_name", default=None, metavar="T", help="only this tenant's messages")
+@click.option("--state", type=click.Choice(["queued", "deferred", "inflight", "held"]), default=None)
+@click.option("--domain", default=None, metavar="D", help="only messages with a recipient at this domain")
+@click.option("--older-than", "older_than", default=None, metavar="AGE", help="received more than AGE ago (2h, 3d)")
+@click.option("--after", default=None, metavar="QUEUE-ID", help="start after this queue id (the previous page's last)")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @pass_client
-def queue_list(c: Client, tenant_name: str | None, limit: int) -> None:
-    """List queued messages, oldest first."""
+def queue_list(
+    c: Client,
+    tenant_name: str | None,
+    state: str | None,
+    domain: str | None,
+    older_than: str | None,
+    after: str | None,
+    limit: int,
+) -> None:
+    """List queued messages, oldest first, one page at a time."""
+    page = c.call(
+        "queue.list", tenant=tenant_name, state=state, domain=domain, older_than=_parse_age(older_than), after=after,
+        limit=limit,
+    )  # fmt: skip
     columns = {"QUEUE-ID": "queue_id", "TENANT": "tenant", "SENDER": "sender", "SIZE": "size_bytes"}
     columns |= {"RECEIVED": "received", "RCPTS": "recipients", "STATES": "states"}
-    c.show(c.call("queue.list", tenant=tenant_name, limit=limit), tabled(columns, "the queue is empty"))
+
+    def human(result: dict[str, Any]) -> None:
+        table(columns, result["items"], "the queue is empty" if after is None else "no more messages")
+        if result["next"]:
+            click.echo(f"more: cmcctl queue list --after {result['next']}")
+
+    c.show(page, human)
 
 
 def _show_message(m: dict[str, Any]) -> None:
@@ -324,10 +377,107 @@ def _show_message(m: dict[str, Any]) -> None:
 
 @queue.command("show")
 @click.argument("queue_id", metavar="QUEUE-ID")
+@click.option("--tenant", "tenant_name", default=None, metavar="T", help="refuse unless the message is this tenant's")
 @pass_client
-def queue_show(c: Client, queue_id: str) -> None:
+def queue_show(c: Client, queue_id: str, tenant_name: str | None) -> None:
     """Show one message's envelope and the state of each recipient (never the body)."""
-    c.show(c.call("queue.show", queue_id=queue_id), _show_message)
+    c.show(c.call("queue.show", queue_id=queue_id, tenant=tenant_name), _show_message)
+
+
+@queue.command("summary")
+@click.option("--tenant", "tenant_name", default=None, metavar="T")
+@pass_client
+def queue_summary(c: Client, tenant_name: str | None) -> None:
+    """Recipients by state, and by destination domain and age in minutes (like Postfix's qshape)."""
+
+    def human(r: dict[str, Any]) -> None:
+        click.echo("  ".join(f"{k}={v}" for k, v in r["states"].items()))
+        click.echo()
+        heads = ["DOMAIN", "T"] + [str(b) for b in r["buckets_min"]] + [f"{r['buckets_min'][-1]}+"]
+        rows = [["TOTAL"] + [str(n) for n in r["total"]]]
+        rows += [[d["domain"]] + [str(n) for n in d["counts"]] for d in r["domains"]]
+        widths = [max(len(x[i]) for x in [heads] + rows) for i in range(len(heads))]
+        for row in [heads] + rows:
+            click.echo("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if r["more_domains"]:
+            click.echo(f"... and {r['more_domains']} more domains")
+
+    c.show(c.call("queue.summary", tenant=tenant_name), human)
+
+
+@queue.command("retry")
+@click.argument("queue_id", metavar="[QUEUE-ID]", required=False)
+@click.option("--domain", default=None, metavar="D", help="every waiting recipient at this domain")
+@click.option("--all", "everything", is_flag=True, help="every waiting recipient")
+@click.option("--tenant", "tenant_name", default=None, metavar="T", help="only this tenant's messages")
+@pass_client
+def queue_retry(c: Client, queue_id: str | None, domain: str | None, everything: bool, tenant_name: str | None) -> None:
+    """Make deferred recipients due now."""
+    if sum((queue_id is not None, domain is not None, everything)) != 1:
+        raise CtlError("queue retry: give exactly one of QUEUE-ID, --domain D or --all")
+    result = c.call(
+        "queue.retry", queue_id=queue_id, domain=domain, all=True if everything else None, tenant=tenant_name
+    )
+    c.show(result, lambda r: click.echo(f"{r['recipients']} recipients due now"))
+
+
+def _hold_command(verb: str, doc: str, done: str) -> None:
+    @queue.command(verb, help=doc)
+    @click.argument("queue_id", metavar="[QUEUE-ID]", required=False)
+    @click.option("--tenant", "tenant_name", default=None, metavar="T", help="every message of this tenant")
+    @pass_client
+    def command(c: Client, queue_id: str | None, tenant_name: str | None) -> None:
+        if queue_id is None and tenant_name is None:
+            raise CtlError(f"queue {verb}: give a QUEUE-ID or --tenant T")
+        result = c.call(f"queue.{verb}", queue_id=queue_id, tenant=tenant_name)
+        c.show(result, lambda r: click.echo(f"{r['recipients']} recipients {done}"))
+
+
+_hold_command("hold", "Hold messages: they are not delivered until released.", "held")
+_hold_command("release", "Release held messages: they are due at once.", "released")
+
+
+@queue.command("delete")
+@click.argument("queue_id", metavar="QUEUE-ID")
+@click.option("--tenant", "tenant_name", default=None, metavar="T", help="refuse unless the message is this tenant's")
+@pass_client
+def queue_delete(c: Client, queue_id: str, tenant_name: str | None) -> None:
+    """Delete a message: its body is erased and its recipients logged as deleted-by-operator."""
+    result = c.call("queue.delete", queue_id=queue_id, tenant=tenant_name)
+    c.show(result, lambda r: click.echo(f"deleted {r['queue_id']} ({r['recipients']} recipients ended)"))
+
+
+@cli.group()
+def suppression() -> None:
+    """A tenant's suppression list: addresses that hard-bounced (or an operator added) are not sent to."""
+
+
+@suppression.command("list")
+@tenant_arg
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@pass_client
+def suppression_list(c: Client, tenant_name: str, limit: int) -> None:
+    """List a tenant's suppressed addresses."""
+    columns = {"ADDRESS": "address", "REASON": "reason", "CREATED": "created"}
+    c.show(c.call("suppression.list", tenant=tenant_name, limit=limit), tabled(columns, "no suppressed addresses"))
+
+
+@suppression.command("add")
+@tenant_arg
+@click.argument("address")
+@pass_client
+def suppression_add(c: Client, tenant_name: str, address: str) -> None:
+    """Suppress ADDRESS for a tenant."""
+    c.show(c.call("suppression.add", tenant=tenant_name, address=address), said(f"suppressed {address}"))
+
+
+@suppression.command("delete")
+@tenant_arg
+@click.argument("address")
+@pass_client
+def suppression_delete(c: Client, tenant_name: str, address: str) -> None:
+    """Remove ADDRESS from a tenant's suppression list."""
+    c.show(c.call("suppression.delete", tenant=tenant_name, address=address), said(f"removed {address}"))
 
 
 def main() -> None:

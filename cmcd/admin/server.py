@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import pwd
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,14 @@ from typing import Any
 
 from cmcd import crypto
 from cmcd.config import Config
+from cmcd.deliver.engine import DeliveryEngine
 from cmcd.errors import CmcdError, NotFound, StoreError
+from cmcd.queue import manage
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
 from cmcd.records import User
 from cmcd.store import AsyncStore
+from cmcd.store.suppressions import Suppressions
 
 log = logging.getLogger("cmcd.admin")
 
@@ -144,11 +149,13 @@ class AdminServer:
         status: Callable[[], dict[str, Any]],
         *,
         scheduler: Scheduler | None = None,
-        engine: Any = None,
+        engine: DeliveryEngine | None = None,
+        suppressions: Suppressions | None = None,
     ):
         self._path = config.path(config.admin.socket)
         self._scheduler = scheduler
         self._engine = engine
+        self._suppressions = suppressions
         self._astore = astore
         self._store = astore.store
         self._spool = spool
@@ -379,21 +386,130 @@ class AdminServer:
     async def _tenant_names(self) -> dict[int, str]:
         return {t.id: t.name for t in await self._astore.call(self._store.tenants)}
 
-    async def _queue_list(self, a: _Args) -> Any:
+    async def _tenant_scope(self, a: _Args) -> int | None:
         tenant = a.optional_text("tenant")
-        limit = a.integer("limit", QUEUE_LIST_DEFAULT, 1, QUEUE_LIST_MAX)
-        tenant_id = None if tenant is None else (await self._astore.call(self._store.tenant, tenant)).id
-        spool = self._spool
-        rows: list[dict[str, Any]] = await spool.read(lambda conn: spool.list_rows(conn, tenant_id, limit))
+        return None if tenant is None else (await self._astore.call(self._store.tenant, tenant)).id
+
+    async def _named(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         names = await self._tenant_names()
         return [{"tenant": names.get(r["tenant_id"], str(r["tenant_id"]))} | r for r in rows]
 
-    async def _queue_show(self, a: _Args) -> Any:
-        queue_id = a.text("queue_id")
+    async def _queue_list(self, a: _Args) -> Any:
+        tenant_id = await self._tenant_scope(a)
+        limit = a.integer("limit", QUEUE_LIST_DEFAULT, 1, QUEUE_LIST_MAX)
+        state = a.optional_text("state")
+        if state is not None and state not in manage.STATES:
+            raise BadRequest(f"queue.list: state must be one of {', '.join(manage.STATES)}")
+        older = a.integer("older_than", 0, 0, 10 * 365 * 86400)
         spool = self._spool
-        row: dict[str, Any] = await spool.read(lambda conn: spool.show_row(conn, queue_id))
-        names = await self._tenant_names()
-        return {"tenant": names.get(row["tenant_id"], str(row["tenant_id"]))} | row
+        page: dict[str, Any] = await spool.read(
+            functools.partial(
+                manage.list_page,
+                keys=spool.keys,
+                tenant_id=tenant_id,
+                state=state,
+                domain=a.optional_text("domain"),
+                received_before=time.time() - older if older else None,
+                after=a.optional_text("after") or "",
+                limit=limit,
+            )
+        )
+        return {"items": await self._named(page["items"]), "next": page["next"]}
+
+    async def _queue_show(self, a: _Args) -> Any:
+        tenant_id = await self._tenant_scope(a)
+        spool = self._spool
+        row: dict[str, Any] = await spool.read(
+            functools.partial(manage.show, keys=spool.keys, queue_id=a.text("queue_id"), tenant_id=tenant_id)
+        )
+        return (await self._named([row]))[0]
+
+    async def _queue_summary(self, a: _Args) -> Any:
+        tenant_id = await self._tenant_scope(a)
+        return await self._spool.read(functools.partial(manage.summary, now=time.time(), tenant_id=tenant_id))
+
+    def _wake(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.wake()
+
+    async def _queue_retry(self, a: _Args) -> Any:
+        tenant_id = await self._tenant_scope(a)
+        everything = a.raw.get("all") is True
+        queue_id, domain = a.optional_text("queue_id"), a.optional_text("domain")
+        if sum((queue_id is not None, domain is not None, everything)) != 1:
+            raise BadRequest("queue.retry: give exactly one of queue_id, domain or all")
+        if domain is not None and self._engine is not None:
+            self._engine.revive(domain)
+        n = await self._spool.call(
+            functools.partial(
+                manage.retry, now=time.time(), queue_id=queue_id, domain=domain, everything=everything,
+                tenant_id=tenant_id,
+            )
+        )  # fmt: skip
+        self._wake()
+        return {"recipients": n}
+
+    def _one_target(self, a: _Args, verb: str) -> str | None:
+        """A queue id (optionally scoped by tenant), or a tenant for all its messages."""
+        queue_id = a.optional_text("queue_id")
+        if queue_id is None and a.optional_text("tenant") is None:
+            raise BadRequest(f"{verb}: give a queue_id or a tenant")
+        return queue_id
+
+    async def _queue_hold(self, a: _Args) -> Any:
+        queue_id = self._one_target(a, "queue.hold")
+        tenant_id = await self._tenant_scope(a)
+        n = await self._spool.call(functools.partial(manage.hold, queue_id=queue_id, tenant_id=tenant_id))
+        return {"recipients": n}
+
+    async def _queue_release(self, a: _Args) -> Any:
+        queue_id = self._one_target(a, "queue.release")
+        tenant_id = await self._tenant_scope(a)
+        n = await self._spool.call(
+            functools.partial(manage.release, now=time.time(), queue_id=queue_id, tenant_id=tenant_id)
+        )
+        self._wake()
+        return {"recipients": n}
+
+    async def _queue_delete(self, a: _Args) -> Any:
+        tenant_id = await self._tenant_scope(a)
+        n = await self._spool.call(
+            functools.partial(manage.delete, now=time.time(), queue_id=a.text("queue_id"), tenant_id=tenant_id)
+        )
+        if self._engine is not None:
+            self._engine.erased()
+        return {"queue_id": a.text("queue_id"), "recipients": n, "deleted": True}
+
+    async def _tenant_set(self, a: _Args) -> Any:
+        name = a.text("name")
+        dsn = a.raw.get("dsn")
+        if dsn is not None and not isinstance(dsn, bool):
+            raise BadRequest("tenant.set: dsn must be true or false")
+        mode = a.optional_text("suppressed_rcpt")
+        if dsn is None and mode is None:
+            raise BadRequest("tenant.set: nothing to change (dsn, suppressed_rcpt)")
+        await self._astore.call(self._store.tenant_set, name, dsn=dsn, suppressed_rcpt=mode)
+        return await self._astore.call(self._store.tenant_summary, name)
+
+    async def _suppression_list(self, a: _Args) -> Any:
+        limit = a.integer("limit", QUEUE_LIST_DEFAULT, 1, QUEUE_LIST_MAX)
+        return await self._astore.call(self._store.suppressions, a.text("tenant"), limit)
+
+    async def _suppression_add(self, a: _Args) -> Any:
+        tenant, address = a.text("tenant"), a.text("address")
+        if "@" not in address or any(c in address for c in " \r\n\0"):
+            raise BadRequest(f"suppression.add: {address!r} is not an email address")
+        added = await self._astore.call(self._store.suppression_add, tenant, address, "added by operator")
+        if self._suppressions is not None:
+            self._suppressions.add((await self._astore.call(self._store.tenant, tenant)).id, address)
+        return {"tenant": tenant, "address": address, "added": added}
+
+    async def _suppression_delete(self, a: _Args) -> Any:
+        tenant, address = a.text("tenant"), a.text("address")
+        await self._astore.call(self._store.suppression_delete, tenant, address)
+        if self._suppressions is not None:
+            self._suppressions.discard((await self._astore.call(self._store.tenant, tenant)).id, address)
+        return {"tenant": tenant, "address": address, "deleted": True}
 
 
 VERBS: dict[str, _Verb] = {
@@ -412,8 +528,21 @@ VERBS: dict[str, _Verb] = {
     "ipcred.delete": _Verb(AdminServer._ipcred_delete, ("tenant", "login", "cidr"), target="{tenant}/{login} {cidr}"),
     "domain.add": _Verb(AdminServer._domain_add, ("tenant", "domain"), target="{tenant}/{domain}"),
     "domain.list": _Verb(AdminServer._domain_list, ("tenant",)),
-    "queue.list": _Verb(AdminServer._queue_list, ("tenant", "limit")),
-    "queue.show": _Verb(AdminServer._queue_show, ("queue_id",)),
+    "tenant.set": _Verb(
+        AdminServer._tenant_set, ("name", "dsn", "suppressed_rcpt"), target="{name}", tenant_arg="name"
+    ),
+    "queue.list": _Verb(AdminServer._queue_list, ("tenant", "state", "domain", "older_than", "after", "limit")),
+    "queue.show": _Verb(AdminServer._queue_show, ("queue_id", "tenant")),
+    "queue.summary": _Verb(AdminServer._queue_summary, ("tenant",)),
+    "queue.retry": _Verb(
+        AdminServer._queue_retry, ("queue_id", "domain", "all", "tenant"), target="{queue_id}{domain}"
+    ),
+    "queue.hold": _Verb(AdminServer._queue_hold, ("queue_id", "tenant"), target="{queue_id}{tenant}"),
+    "queue.release": _Verb(AdminServer._queue_release, ("queue_id", "tenant"), target="{queue_id}{tenant}"),
+    "queue.delete": _Verb(AdminServer._queue_delete, ("queue_id", "tenant"), target="{queue_id}"),
+    "suppression.list": _Verb(AdminServer._suppression_list, ("tenant", "limit")),
+    "suppression.add": _Verb(AdminServer._suppression_add, ("tenant", "address"), target="{tenant}"),
+    "suppression.delete": _Verb(AdminServer._suppression_delete, ("tenant", "address"), target="{tenant}"),
 }
 
 

@@ -129,6 +129,19 @@ class DeliveryEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def revive(self, domain: str) -> None:
+        """An operator's retry: the domain's site (if known and dead) may connect again at once."""
+        cached = self.router.cached(domain)
+        site = self.sites.get(cached.site) if isinstance(cached, Route) else None
+        if site is not None and site.dead_until:
+            site.dead_until = 0.0
+            site.window = 1.0
+        self.router.forget(domain)
+
+    def erased(self) -> None:
+        """A body was deleted outside the engine (an operator's delete): checkpoint soon."""
+        self._erased = True
+
     # -- jobs in -------------------------------------------------------------------------------
 
     def submit(self, jobs: list[Job]) -> None:
@@ -276,6 +289,8 @@ class DeliveryEngine:
     def _connect_failed(self, site: Site, failure: Outcome) -> None:
         site.last_failure = failure
         site.window -= 1
+        if site.queue:  # the job this connection was for is deferred now, not after every retry
+            self._finish(site.queue.popleft(), failure, None)
         log.info("event=connect_failed site=%s window=%g reason=%r", site.key, site.window, failure.text)
         if site.window <= 0 and site.active <= 1:
             site.dead_until = self.clock() + self.d.dead_site_backoff
@@ -401,8 +416,7 @@ class DeliveryEngine:
             await asyncio.sleep(1.0)
             return
         self.release(len(batch))
-        if report.bounces:
-            self.wake()
+        self.wake()  # a deferral may now be the earliest due time, and a bounce is new work
         if report.finished:
             self._erased = True
 

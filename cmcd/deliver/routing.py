@@ -105,6 +105,10 @@ class Router:
         fut.set_result(result)
         return result
 
+    def cached(self, domain: str) -> Route | Outcome | None:
+        entry = self._cache.get(domain)
+        return entry[1] if entry is not None and entry[0] > self.clock() else None
+
     def forget(self, domain: str | None = None) -> None:
         if domain is None:
             self._cache.clear()

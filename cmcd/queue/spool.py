@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cmcd.crypto import DataKeys
-from cmcd.errors import NotFound, SpoolError
+from cmcd.errors import SpoolError
 from cmcd.records import SpoolMessage
 
 log = logging.getLogger("cmcd.spool")
@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS recipients (
     state TEXT NOT NULL DEFAULT 'queued',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
-    last_response TEXT NOT NULL DEFAULT ''
+    last_response TEXT NOT NULL DEFAULT '',
+    last_mx TEXT NOT NULL DEFAULT '',
+    notify INTEGER NOT NULL DEFAULT 0  -- 1: bounced or expired, and the sender's DSN is still to be queued
 );
 CREATE INDEX IF NOT EXISTS recipients_queue ON recipients(queue_id);
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
@@ -90,6 +92,7 @@ CREATE INDEX IF NOT EXISTS messages_tenant ON messages(tenant_id);
 #: columns added after the first release, for a spool written by an older cmcd
 _ADDED_COLUMNS = {
     "messages": ("message_id TEXT NOT NULL DEFAULT ''", "held INTEGER NOT NULL DEFAULT 0"),
+    "recipients": ("last_mx TEXT NOT NULL DEFAULT ''", "notify INTEGER NOT NULL DEFAULT 0"),
     "events": (
         "attempt INTEGER NOT NULL DEFAULT 0", "mx TEXT NOT NULL DEFAULT ''", "ip TEXT NOT NULL DEFAULT ''",
         "tls TEXT NOT NULL DEFAULT ''", "delay REAL NOT NULL DEFAULT 0", "size INTEGER NOT NULL DEFAULT 0",
@@ -339,70 +342,6 @@ class Spool:
         commits[0].loop.call_soon_threadsafe(
             _resolve_all, [c.future for c in commits], error, self.on_commit if error is None else None
         )
-
-    # -- reads for admin (run through call()) ---------------------------------------------
-
-    def list_rows(self, conn: sqlite3.Connection, tenant_id: int | None, limit: int) -> list[dict[str, Any]]:
-        sql = (
-            "SELECT m.queue_id, m.tenant_id, m.sender_enc, m.size_bytes, m.received, COUNT(r.id), "
-            "GROUP_CONCAT(DISTINCT r.state) FROM messages m JOIN recipients r ON r.queue_id = m.queue_id "
-        )
-        args: tuple[Any, ...] = ()
-        if tenant_id is not None:
-            sql += "WHERE m.tenant_id = ? "
-            args = (tenant_id,)
-        sql += "GROUP BY m.queue_id ORDER BY m.queue_id LIMIT ?"
-        rows = conn.execute(sql, args + (limit,)).fetchall()
-        return [
-            {
-                "queue_id": r[0],
-                "tenant_id": r[1],
-                "sender": self.keys.decrypt(r[2]),
-                "size_bytes": r[3],
-                "received": r[4],
-                "recipients": r[5],
-                "states": sorted(r[6].split(",")),
-            }
-            for r in rows
-        ]
-
-    def show_row(self, conn: sqlite3.Connection, queue_id: str) -> dict[str, Any]:
-        m = conn.execute(
-            "SELECT queue_id, tenant_id, user_id, sender_enc, size_bytes, received FROM messages WHERE queue_id = ?",
-            (queue_id,),
-        ).fetchone()
-        if m is None:
-            raise NotFound(f"no message {queue_id!r} in the queue")
-        rcpts = conn.execute(
-            "SELECT rcpt_enc, domain, state, attempts, next_attempt, last_response FROM recipients "
-            "WHERE queue_id = ? ORDER BY id",
-            (queue_id,),
-        ).fetchall()
-        return {
-            "queue_id": m[0],
-            "tenant_id": m[1],
-            "user_id": m[2],
-            "sender": self.keys.decrypt(m[3]),
-            "size_bytes": m[4],
-            "received": m[5],
-            "recipients": [
-                {
-                    "address": self.keys.decrypt(r[0]),
-                    "domain": r[1],
-                    "state": r[2],
-                    "attempts": r[3],
-                    "next_attempt": r[4],
-                    "last_response": r[5],
-                }
-                for r in rcpts
-            ],
-        }
-
-    def body(self, conn: sqlite3.Connection, queue_id: str) -> bytes:
-        row = conn.execute("SELECT body FROM messages WHERE queue_id = ?", (queue_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no message {queue_id!r} in the queue")
-        return self.keys.decrypt_bytes(bytes(row[0]), queue_id.encode())
 
 
 class DayClock:

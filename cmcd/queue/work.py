@@ -152,7 +152,6 @@ def apply_results(
     """
     recorded = 0
     touched: set[str] = set()
-    failed: dict[str, list[Result]] = {}
     events: list[tuple[Any, ...]] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -162,14 +161,19 @@ def apply_results(
             if r.state == "deferred":
                 cur = conn.execute(
                     "UPDATE recipients SET state = CASE WHEN (SELECT held FROM messages WHERE queue_id = ?) "
-                    "THEN 'held' ELSE 'deferred' END, attempts = ?, next_attempt = ?, last_response = ? "
+                    "THEN 'held' ELSE 'deferred' END, attempts = ?, next_attempt = ?, last_response = ?, last_mx = ? "
                     "WHERE id = ? AND state = 'inflight'",
-                    (job.queue_id, attempt, r.next_attempt, r.response, due.rid),
+                    (job.queue_id, attempt, r.next_attempt, r.response, r.mx, due.rid),
                 )
             else:
+                # a bounce is reported to a real sender (not for a bounce itself: those are dropped and logged)
+                notify = int(r.state in ("bounced", "expired") and bool(job.sender) and job.tenant_id not in dsn_off)
+                if r.state in ("bounced", "expired") and not job.sender:
+                    log.warning("event=bounce_dropped queue_id=%s response=%r", job.queue_id, r.response)
                 cur = conn.execute(
-                    "UPDATE recipients SET state = ?, attempts = ?, last_response = ? WHERE id = ? AND state = 'inflight'",
-                    (r.state, attempt, r.response, due.rid),
+                    "UPDATE recipients SET state = ?, attempts = ?, last_response = ?, last_mx = ?, notify = ? "
+                    "WHERE id = ? AND state = 'inflight'",
+                    (r.state, attempt, r.response, r.mx, notify, due.rid),
                 )
             if cur.rowcount != 1:
                 log.warning("event=result_dropped queue_id=%s state=%s reason=not_inflight", job.queue_id, r.state)
@@ -182,13 +186,10 @@ def apply_results(
                  job.domain, r.state, r.response, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
                  job.message_id, 1 if r.suppress else 0)
             )  # fmt: skip
-            if r.state in ("bounced", "expired") and job.sender and job.tenant_id not in dsn_off:
-                failed.setdefault(job.queue_id, []).append(r)
-            elif r.state in ("bounced", "expired") and not job.sender:
-                log.warning("event=bounce_dropped queue_id=%s reason=null_sender response=%r", job.queue_id, r.response)
         conn.executemany(INSERT_EVENT, events)
-        bounces = _queue_bounces(conn, keys, failed, now, hostname, ids)
-        finished = _erase_finished(conn, sorted(touched))
+        qids = sorted(touched)
+        bounces = _queue_bounces(conn, keys, qids, now, hostname, ids)
+        finished = _erase_finished(conn, qids)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -197,43 +198,47 @@ def apply_results(
 
 
 def _queue_bounces(
-    conn: sqlite3.Connection,
-    keys: DataKeys,
-    failed: dict[str, list[Result]],
-    now: float,
-    hostname: str,
-    ids: QueueIdGenerator,
+    conn: sqlite3.Connection, keys: DataKeys, qids: list[str], now: float, hostname: str, ids: QueueIdGenerator
 ) -> int:
+    """One DSN per message for its recipients waiting to be reported, once none of its recipients
+    is still being attempted (so recipients that fail together are reported together)."""
     messages = []
-    for qid, results in failed.items():
-        row = conn.execute("SELECT user_id, body FROM messages WHERE queue_id = ?", (qid,)).fetchone()
-        if row is None:
+    for qid in qids:
+        rows = conn.execute(
+            "SELECT id, rcpt_enc, state, last_response, last_mx FROM recipients WHERE queue_id = ? "
+            "AND (notify = 1 OR state = 'inflight')",
+            (qid,),
+        ).fetchall()
+        if not rows or any(r[2] == "inflight" for r in rows):
             continue
-        job = results[0].job
-        original = dsn.original_headers(keys.decrypt_bytes(bytes(row[1]), qid.encode()))
+        m = conn.execute(
+            "SELECT tenant_id, user_id, sender_enc, received, body FROM messages WHERE queue_id = ?", (qid,)
+        ).fetchone()
+        sender = keys.decrypt(bytes(m[2]))
         report = dsn.build(
             hostname=hostname,
             queue_id=qid,
-            sender=job.sender,
-            arrival=job.received,
+            sender=sender,
+            arrival=m[3],
             now=now,
-            recipients=[dsn.failed(r.due.address, r.response, r.mx, r.state == "expired") for r in results],
-            headers=original,
+            recipients=[dsn.failed(keys.decrypt(bytes(r[1])), r[3], r[4], r[2] == "expired") for r in rows],
+            headers=dsn.original_headers(keys.decrypt_bytes(bytes(m[4]), qid.encode())),
         )
+        conn.executemany("UPDATE recipients SET notify = 0 WHERE id = ?", [(r[0],) for r in rows])
         bounce_id = ids.next(now)
         messages.append(
             SpoolMessage(
                 queue_id=bounce_id,
-                tenant_id=job.tenant_id,
-                user_id=row[0],
+                tenant_id=m[0],
+                user_id=m[1],
                 sender="",
-                recipients=(Recipient(job.sender, job.sender.rpartition("@")[2].lower()),),
+                recipients=(Recipient(sender, sender.rpartition("@")[2].lower()),),
                 body=report,
                 received_ts=now,
                 message_id=f"<{bounce_id}.dsn@{hostname}>",
             )
         )
-        log.info("event=bounce_queued queue_id=%s bounce_id=%s recipients=%d", qid, bounce_id, len(results))
+        log.info("event=bounce_queued queue_id=%s bounce_id=%s recipients=%d", qid, bounce_id, len(rows))
     insert_messages(conn, keys, messages)
     return len(messages)
 

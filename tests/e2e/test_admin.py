@@ -252,7 +252,16 @@ async def test_tenant_add_list_show(daemon: Daemon) -> None:
     assert re.search(r"^users:\s+0$", show, re.M)
     assert re.search(r"^domains:\s+acme.example$", show, re.M)
     shown = json.loads(await ok(daemon, "--json", "tenant", "show", "globex"))
-    assert shown == {"name": "globex", "id": 2, "users": 0, "domains": [], "ip_credentials": 0}
+    assert shown == {
+        "name": "globex",
+        "id": 2,
+        "users": 0,
+        "domains": [],
+        "ip_credentials": 0,
+        "dsn": True,
+        "suppressed_rcpt": "accept",
+        "suppressions": 0,
+    }
 
 
 async def test_tenant_errors(daemon: Daemon) -> None:
@@ -386,7 +395,7 @@ async def test_domain_add_list(daemon: Daemon) -> None:
 
 async def test_queue_empty_and_unknown_id(daemon: Daemon) -> None:
     assert (await ok(daemon, "queue", "list")).strip() == "the queue is empty"
-    assert json.loads(await ok(daemon, "--json", "queue", "list")) == []
+    assert json.loads(await ok(daemon, "--json", "queue", "list")) == {"items": [], "next": None}
     assert await refused(daemon, "queue", "show", "NOSUCHID") == "no message 'NOSUCHID' in the queue"
 
 

@@ -1,0 +1,249 @@
+"""Queue administration: list, summary, retry, hold, release, delete. Never returns a body.
+
+Reads run on the spool's reader connection, changes on the writer thread; both through
+Spool. Every function can be scoped to one tenant: a queue id of another tenant is then
+"not found", exactly like one that does not exist.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from cmcd.crypto import DataKeys
+from cmcd.errors import NotFound, StoreError
+from cmcd.queue.spool import INSERT_EVENT
+
+#: qshape's age buckets, in minutes: a message counts in the first bucket its age is under
+AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+STATES = ("queued", "deferred", "inflight", "held")
+
+
+def _scope(tenant_id: int | None, alias: str = "m") -> tuple[str, tuple[Any, ...]]:
+    return ("", ()) if tenant_id is None else (f" AND {alias}.tenant_id = ?", (tenant_id,))
+
+
+def list_page(
+    conn: sqlite3.Connection,
+    keys: DataKeys,
+    *,
+    tenant_id: int | None = None,
+    state: str | None = None,
+    domain: str | None = None,
+    received_before: float | None = None,
+    after: str = "",
+    limit: int = 100,
+) -> dict[str, Any]:
+    """One page of messages in queue-id order (oldest first), after the cursor AFTER.
+
+    Keyset paging on the primary key: page N costs the same as page 1, whatever the queue size.
+    """
+    where = "m.queue_id > ?"
+    args: list[Any] = [after]
+    scope, scope_args = _scope(tenant_id)
+    where += scope
+    args += scope_args
+    if received_before is not None:
+        where += " AND m.received < ?"
+        args.append(received_before)
+    if state is not None or domain is not None:
+        sub = "SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id"
+        if state is not None:
+            sub += " AND r.state = ?"
+            args.append(state)
+        if domain is not None:
+            sub += " AND r.domain = ?"
+            args.append(domain.lower())
+        where += f" AND EXISTS ({sub})"
+    rows = conn.execute(
+        "SELECT m.queue_id, m.tenant_id, m.sender_enc, m.size_bytes, m.received, m.held, "
+        "(SELECT COUNT(*) FROM recipients r WHERE r.queue_id = m.queue_id), "
+        "(SELECT GROUP_CONCAT(DISTINCT r.state) FROM recipients r WHERE r.queue_id = m.queue_id) "
+        f"FROM messages m WHERE {where} ORDER BY m.queue_id LIMIT ?",
+        (*args, limit),
+    ).fetchall()
+    items = [
+        {
+            "queue_id": r[0],
+            "tenant_id": r[1],
+            "sender": keys.decrypt(bytes(r[2])),
+            "size_bytes": r[3],
+            "received": r[4],
+            "held": bool(r[5]),
+            "recipients": r[6],
+            "states": sorted((r[7] or "").split(",")) if r[7] else [],
+        }
+        for r in rows
+    ]
+    return {"items": items, "next": items[-1]["queue_id"] if len(items) == limit else None}
+
+
+def show(conn: sqlite3.Connection, keys: DataKeys, queue_id: str, tenant_id: int | None = None) -> dict[str, Any]:
+    scope, scope_args = _scope(tenant_id, "messages")
+    m = conn.execute(
+        "SELECT queue_id, tenant_id, user_id, sender_enc, size_bytes, received, message_id, held FROM messages "
+        f"WHERE queue_id = ?{scope}",
+        (queue_id, *scope_args),
+    ).fetchone()
+    if m is None:
+        raise NotFound(f"no message {queue_id!r} in the queue")
+    rcpts = conn.execute(
+        "SELECT rcpt_enc, domain, state, attempts, next_attempt, last_response FROM recipients "
+        "WHERE queue_id = ? ORDER BY id",
+        (queue_id,),
+    ).fetchall()
+    return {
+        "queue_id": m[0],
+        "tenant_id": m[1],
+        "user_id": m[2],
+        "sender": keys.decrypt(bytes(m[3])),
+        "size_bytes": m[4],
+        "received": m[5],
+        "message_id": m[6],
+        "held": bool(m[7]),
+        "recipients": [
+            {
+                "address": keys.decrypt(bytes(r[0])),
+                "domain": r[1],
+                "state": r[2],
+                "attempts": r[3],
+                "next_attempt": r[4],
+                "last_response": r[5],
+            }
+            for r in rcpts
+        ],
+    }
+
+
+def summary(conn: sqlite3.Connection, now: float, tenant_id: int | None = None, top: int = 50) -> dict[str, Any]:
+    """Recipients by state, and by destination domain with qshape's age buckets."""
+    scope, scope_args = _scope(tenant_id)
+    by_state = {s: 0 for s in STATES}
+    domains: dict[str, list[int]] = {}
+    cuts = [now - b * 60 for b in AGE_BUCKETS_MIN]
+    rows = conn.execute(
+        "SELECT r.domain, r.state, m.received FROM recipients r JOIN messages m ON m.queue_id = r.queue_id "
+        f"WHERE r.state IN ('queued', 'deferred', 'inflight', 'held'){scope}",
+        scope_args,
+    )
+    for domain, state, received in rows:
+        by_state[state] = by_state.get(state, 0) + 1
+        counts = domains.get(domain)
+        if counts is None:
+            counts = domains[domain] = [0] * (len(AGE_BUCKETS_MIN) + 2)
+        counts[0] += 1
+        bucket = next((i for i, cut in enumerate(cuts) if received > cut), len(cuts))
+        counts[bucket + 1] += 1
+    ranked = sorted(domains.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    total = [sum(c[i] for c in domains.values()) for i in range(len(AGE_BUCKETS_MIN) + 2)]
+    return {
+        "states": by_state,
+        "buckets_min": list(AGE_BUCKETS_MIN),
+        "total": total,
+        "domains": [{"domain": d, "counts": c} for d, c in ranked[:top]],
+        "more_domains": max(0, len(ranked) - top),
+    }
+
+
+def _message_ids(conn: sqlite3.Connection, queue_id: str | None, tenant_id: int | None) -> list[str]:
+    if queue_id is not None:
+        scope, scope_args = _scope(tenant_id, "messages")
+        row = conn.execute(f"SELECT queue_id FROM messages WHERE queue_id = ?{scope}", (queue_id, *scope_args))
+        found = [r[0] for r in row]
+        if not found:
+            raise NotFound(f"no message {queue_id!r} in the queue")
+        return found
+    if tenant_id is None:
+        raise StoreError("name a queue id or a tenant")
+    return [r[0] for r in conn.execute("SELECT queue_id FROM messages WHERE tenant_id = ?", (tenant_id,))]
+
+
+def _each(conn: sqlite3.Connection, sql: str, qids: list[str], *args: Any) -> int:
+    return sum(conn.execute(sql, (*args, q)).rowcount for q in qids)
+
+
+def retry(
+    conn: sqlite3.Connection,
+    now: float,
+    *,
+    queue_id: str | None = None,
+    domain: str | None = None,
+    everything: bool = False,
+    tenant_id: int | None = None,
+) -> int:
+    """Make deferred (and queued) recipients due now; returns how many."""
+    with conn:
+        if queue_id is not None:
+            qids = _message_ids(conn, queue_id, tenant_id)
+            return _each(
+                conn,
+                "UPDATE recipients SET next_attempt = ? WHERE state IN ('queued', 'deferred') AND queue_id = ?",
+                qids,
+                now,
+            )
+        sql = "UPDATE recipients SET next_attempt = ? WHERE state IN ('queued', 'deferred')"
+        args: list[Any] = [now]
+        if domain is not None:
+            sql += " AND domain = ?"
+            args.append(domain.lower())
+        elif not everything:
+            raise StoreError("queue retry: name a queue id, --domain or --all")
+        if tenant_id is not None:
+            sql += " AND queue_id IN (SELECT queue_id FROM messages WHERE tenant_id = ?)"
+            args.append(tenant_id)
+        return conn.execute(sql, args).rowcount
+
+
+def hold(conn: sqlite3.Connection, *, queue_id: str | None = None, tenant_id: int | None = None) -> int:
+    """Hold messages: their waiting recipients are never scheduled until released; an attempt
+    already under way finishes, and is held if it is deferred."""
+    with conn:
+        qids = _message_ids(conn, queue_id, tenant_id)
+        _each(conn, "UPDATE messages SET held = 1 WHERE queue_id = ?", qids)
+        return _each(
+            conn, "UPDATE recipients SET state = 'held' WHERE state IN ('queued', 'deferred') AND queue_id = ?", qids
+        )
+
+
+def release(conn: sqlite3.Connection, now: float, *, queue_id: str | None = None, tenant_id: int | None = None) -> int:
+    with conn:
+        qids = _message_ids(conn, queue_id, tenant_id)
+        _each(conn, "UPDATE messages SET held = 0 WHERE queue_id = ?", qids)
+        return _each(
+            conn,
+            "UPDATE recipients SET state = 'queued', next_attempt = ? WHERE state = 'held' AND queue_id = ?",
+            qids,
+            now,
+        )
+
+
+def delete(conn: sqlite3.Connection, now: float, queue_id: str, tenant_id: int | None = None) -> int:
+    """Erase a message: every recipient not yet final is logged deleted-by-operator, then the body
+    and rows are deleted (secure_delete overwrites them). Returns the recipients it ended."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        qids = _message_ids(conn, queue_id, tenant_id)
+        m = conn.execute(
+            "SELECT tenant_id, sender_enc, sender_hmac, size_bytes, received, message_id FROM messages WHERE queue_id = ?",
+            (qids[0],),
+        ).fetchone()
+        rcpts = conn.execute(
+            "SELECT id, rcpt_enc, rcpt_hmac, domain, attempts FROM recipients "
+            "WHERE queue_id = ? AND state IN ('queued', 'deferred', 'inflight', 'held')",
+            (queue_id,),
+        ).fetchall()
+        conn.executemany(
+            INSERT_EVENT,
+            [
+                (f"{queue_id}:{r[0]}:{r[4]}:deleted", now, m[0], queue_id, "deleted-by-operator", m[1], m[2], r[1],
+                 r[2], r[3], "deleted", "deleted by operator", r[4], "", "", "", max(0.0, now - m[4]), m[3], m[5], 0)
+                for r in rcpts
+            ],
+        )  # fmt: skip
+        conn.execute("DELETE FROM recipients WHERE queue_id = ?", (queue_id,))
+        conn.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(rcpts)
