@@ -21,8 +21,11 @@ var/tls/cert.pem: | $(VENV)/.installed
 	$(BIN)/python -m cmcd.devcert var/tls
 
 run: venv var/tls/cert.pem
-	mkdir -p var/spool var/backups
-	$(BIN)/cmcd serve --config $(CONFIG)
+	mkdir -p var/spool var/backups var/outbox
+	$(BIN)/python -m cmcd.devsink --listen 127.0.0.1:2526 --dir var/outbox & devsink=$$!; \
+	trap 'kill $$devsink 2>/dev/null; wait $$devsink' EXIT; \
+	$(BIN)/cmcd serve --config $(CONFIG) & daemon=$$!; trap 'kill $$daemon 2>/dev/null' INT TERM; \
+	wait $$daemon; rc=$$?; while kill -0 $$daemon 2>/dev/null; do wait $$daemon; rc=$$?; done; exit $$rc
 
 lint: venv
 	$(BIN)/ruff check cmcd tests bench

@@ -251,6 +251,15 @@ class Cmcd:
             r["rcpt"] = keys.decrypt(r.pop("rcpt_enc"))
         return rows
 
+    def ops_log(self) -> list[dict[str, Any]]:
+        """Operation-log rows, oldest first."""
+        conn = sqlite3.connect(f"file:{self.root / 'cmcd.db'}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute("SELECT * FROM ops_log ORDER BY id")]
+        finally:
+            conn.close()
+
     def wait_mail_log(
         self, done: Callable[[list[dict[str, Any]]], bool], queue_id: str | None = None, timeout: float = 20
     ) -> list[dict[str, Any]]:

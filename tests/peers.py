@@ -433,7 +433,7 @@ class DnsServer:
 class Received:
     """One message a Sink accepted."""
 
-    mail_from: str
+    mail_from: str  # "" for the null reverse-path
     rcpt_tos: list[str]
     data: bytes  # exactly as received, after un-dot-stuffing
     tls: bool  # the session had done STARTTLS
@@ -448,12 +448,13 @@ class _SinkProtocol(SMTP):
     def __init__(self, sink: Sink, handler: Any, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._sink = sink
-        self._raw_transport: asyncio.BaseTransport | None = None
+        self._raw_transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None  # connection_made runs again after STARTTLS, on the TLS transport
         super().connection_made(transport)
         if first:
+            assert isinstance(transport, asyncio.Transport)
             self._raw_transport = transport
             self._sink._opened(self)
 
@@ -478,7 +479,8 @@ class _SinkHandler:
         sink = self.sink
         with sink._lock:
             sink.transactions += 1
-        reply = sink.mail_reply(address) if sink.mail_reply else None
+        # aiosmtpd keeps the null reverse-path as "<>" (and needs it truthy); scripts and Received see ""
+        reply = sink.mail_reply("" if address == "<>" else address) if sink.mail_reply else None
         if reply:
             return reply
         envelope.mail_from = address
@@ -506,7 +508,7 @@ class _SinkHandler:
         content = envelope.original_content if envelope.original_content is not None else envelope.content
         data = content if isinstance(content, bytes) else (content or "").encode("utf-8", "surrogateescape")
         message = Received(
-            mail_from=envelope.mail_from or "",
+            mail_from="" if envelope.mail_from in (None, "<>") else str(envelope.mail_from),
             rcpt_tos=list(envelope.rcpt_tos),
             data=data,
             tls=session.ssl is not None,
@@ -657,6 +659,10 @@ class Sink:
             if not self._cond.wait_for(lambda: len(self.messages) >= n, timeout):
                 raise TimeoutError(f"sink {self.address}: {len(self.messages)} messages after {timeout}s, not {n}")
             return list(self.messages)
+
+    async def wait_for_async(self, n: int, timeout: float = 10.0) -> list[Received]:
+        """wait_for() for async tests: waits in a worker thread, so the test's event loop keeps running."""
+        return await asyncio.to_thread(self.wait_for, n, timeout)
 
     def clear(self) -> None:
         with self._lock:
@@ -827,7 +833,7 @@ class SmtpSinkProcess:
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         pending = b""
-        while chunk := proc.stdout.read1(4096):
+        while chunk := os.read(proc.stdout.fileno(), 4096):
             pending += chunk
             *lines, pending = re.split(rb"[\r\n]", pending)
             for line in lines:
@@ -843,6 +849,10 @@ class SmtpSinkProcess:
             if not self._cond.wait_for(lambda: self.count >= n, timeout):
                 raise TimeoutError(f"smtp-sink {self.address}: {self.count} messages after {timeout}s, not {n}")
             return self.count
+
+    async def wait_for_async(self, n: int, timeout: float = 10.0) -> int:
+        """wait_for() for async tests: waits in a worker thread, so the test's event loop keeps running."""
+        return await asyncio.to_thread(self.wait_for, n, timeout)
 
     def messages(self) -> list[bytes]:
         """The dumped messages (dump=True), oldest first; still available after stop()."""
@@ -887,12 +897,38 @@ class SmtpSinkProcess:
 
 POSTFIX_DIR = Path("/etc/postfix")
 _POSTFIX_BACKUP = POSTFIX_DIR / "cmcd-peers-backup.json"
-_POSTFIX_LOCK = Path("/run/lock/cmcd-system-postfix.lock")
+POSTFIX_LOCK = Path("/run/lock/cmcd-system-postfix.lock")
 _POSTFIX_LOG = Path("/var/log/postfix.log")
+_POSTFIX_PID = Path("/var/spool/postfix/pid/master.pid")
 
 
 def _postfix_running() -> bool:
-    return subprocess.run([need("postfix"), "status"], capture_output=True).returncode == 0
+    """Whether the system Postfix's master runs (from its pid file: `postfix status` needs a main.cf, and every
+    Postfix program that dies with a fatal error sleeps a second first)."""
+    try:
+        pid = int(_POSTFIX_PID.read_text().split()[0])
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "master"
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _wait_postfix_gone(timeout: float = 10.0) -> None:
+    """`postfix stop` returns once the master gave up its lock, which can be a moment before it is gone."""
+    deadline = time.monotonic() + timeout
+    while _postfix_running():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the system Postfix did not stop")
+        time.sleep(0.02)
+
+
+def _write_config(path: Path, text: str, mtime: float | None = None) -> None:
+    """Write a Postfix configuration file with an mtime in the past: Postfix programs wait (in steps of
+    0.3 s) while main.cf is not older than the current second."""
+    tmp = path.with_name(path.name + ".cmcd-tmp")
+    tmp.write_text(text)
+    stamp = time.time() - 2 if mtime is None else mtime
+    os.utime(tmp, (stamp, stamp))
+    tmp.replace(path)
 
 
 def _postfix_restore() -> None:
@@ -905,9 +941,7 @@ def _postfix_restore() -> None:
         if saved[name] is None:
             path.unlink(missing_ok=True)
         else:
-            tmp = path.with_suffix(".cmcd-tmp")
-            tmp.write_text(saved[name])
-            tmp.replace(path)
+            _write_config(path, saved[name]["text"], saved[name]["mtime"])
     _POSTFIX_BACKUP.unlink()
 
 
@@ -980,7 +1014,7 @@ class PostfixMx:
         assert self.base is not None, "not started"
         return self.base / "catchall"
 
-    def main_cf(self) -> str:
+    def main_cf(self, *, log_file: bool = True) -> str:
         assert self.base is not None
         error = "error:cmcd PostfixMx delivers to its own domains only"
         params = {
@@ -1025,11 +1059,13 @@ class PostfixMx:
                 "smtpd_tls_received_header": "yes",
             }
         params |= self.settings
+        if not log_file:
+            del params["maillog_file"]
         return "".join(f"{k} = {v}\n" for k, v in params.items())
 
     def _take_lock(self) -> None:
-        _POSTFIX_LOCK.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(_POSTFIX_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        POSTFIX_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(POSTFIX_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + self.lock_timeout
         while True:
             try:
@@ -1038,7 +1074,7 @@ class PostfixMx:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    raise TimeoutError(f"another PostfixMx holds {_POSTFIX_LOCK}") from None
+                    raise TimeoutError(f"another PostfixMx holds {POSTFIX_LOCK}") from None
                 time.sleep(0.1)
         self._lock_fd = fd
 
@@ -1054,7 +1090,11 @@ class PostfixMx:
         return result
 
     def _purge_queue(self) -> None:
-        subprocess.run([need("postsuper"), "-d", "ALL"], capture_output=True, timeout=60)
+        """Delete every queued message. Run it while Postfix runs, or with a main.cf without maillog_file:
+        postsuper runs as the postfix user and cannot open the log file itself when postlogd does not run."""
+        result = subprocess.run([need("postsuper"), "-d", "ALL"], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"postsuper -d ALL failed: {result.stderr}")
 
     def start(self, timeout: float = 20.0) -> Self:
         need("postfix")
@@ -1064,6 +1104,11 @@ class PostfixMx:
             if _POSTFIX_BACKUP.exists():  # a PostfixMx that did not get to stop(): its Postfix, its config
                 if _postfix_running():
                     subprocess.run([need("postfix"), "stop"], capture_output=True, timeout=60)
+                    _wait_postfix_gone()
+                old_main = POSTFIX_DIR / "main.cf"
+                stale = old_main.exists() and re.search(r"^virtual_mailbox_base = (/\S+)$", old_main.read_text(), re.M)
+                if stale and Path(stale.group(1)).name.startswith("cmcd-postfix-mx-"):
+                    shutil.rmtree(stale.group(1), ignore_errors=True)
                 _postfix_restore()
             if _postfix_running():
                 raise RuntimeError("the system Postfix is already running (a benchmark?); `postfix stop` it first")
@@ -1074,18 +1119,17 @@ class PostfixMx:
             os.chown(self.base, 65534, 65534)
             main, master = POSTFIX_DIR / "main.cf", POSTFIX_DIR / "master.cf"
             backup = {
-                "main.cf": main.read_text() if main.exists() else None,
-                "master.cf": master.read_text() if master.exists() else None,
+                p.name: {"text": p.read_text(), "mtime": p.stat().st_mtime} if p.exists() else None
+                for p in (main, master)
             }
-            master_source = backup["master.cf"] or (POSTFIX_DIR / "master.cf.proto").read_text()
-            tmp = _POSTFIX_BACKUP.with_suffix(".tmp")
-            tmp.write_text(json.dumps(backup))
-            tmp.replace(_POSTFIX_BACKUP)
+            master_source = master.read_text() if master.exists() else (POSTFIX_DIR / "master.cf.proto").read_text()
+            _write_config(_POSTFIX_BACKUP, json.dumps(backup))
             self._started = True
-            main.write_text(self.main_cf())
-            master.write_text(_master_cf(master_source, f"{self.host}:{self.port}"))
+            _write_config(main, self.main_cf(log_file=False))
+            self._purge_queue()  # what an earlier run left must not land in this run's maildir
+            _write_config(main, self.main_cf())
+            _write_config(master, _master_cf(master_source, f"{self.host}:{self.port}"))
             self._log_offset = _POSTFIX_LOG.stat().st_size if _POSTFIX_LOG.exists() else 0
-            self._purge_queue()
             self._postfix("start")
             wait_port(self.host, self.port, timeout)
         except BaseException:
@@ -1124,6 +1168,10 @@ class PostfixMx:
                 raise TimeoutError(f"{len(found)} messages in {self.maildir} after {timeout}s, not {n}:\n{self.log()}")
             time.sleep(0.05)
 
+    async def wait_for_async(self, n: int, timeout: float = 10.0) -> list[bytes]:
+        """wait_for() for async tests: waits in a worker thread, so the test's event loop keeps running."""
+        return await asyncio.to_thread(self.wait_for, n, timeout)
+
     def queue(self) -> list[dict[str, Any]]:
         """Postfix's queue (postqueue -j), one dict per message."""
         out = subprocess.run([need("postqueue"), "-j"], capture_output=True, text=True, timeout=30).stdout
@@ -1133,8 +1181,10 @@ class PostfixMx:
         try:
             if self._started:
                 if _postfix_running():
+                    with contextlib.suppress(RuntimeError):
+                        self._purge_queue()  # nothing this MX queued (a bounce, say) outlives it
                     self._postfix("stop", check=False)
-                self._purge_queue()
+                    _wait_postfix_gone()
                 _postfix_restore()
                 self._started = False
             if self.base is not None:

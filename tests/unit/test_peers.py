@@ -30,7 +30,9 @@ from tests.peers import (
     txt_rdata,
 )
 
-MESSAGE = b"From: <a@acme.test>\r\nTo: <b@dst.test>\r\nSubject: hi\r\n\r\n.a line that starts with a dot\r\n..two\r\nend\r\n"
+MESSAGE = (
+    b"From: <a@acme.test>\r\nTo: <b@dst.test>\r\nSubject: hi\r\n\r\n.a line that starts with a dot\r\n..two\r\nend\r\n"
+)
 DKIM_KEY = "v=DKIM1; k=rsa; p=" + "A" * 392  # as long as a 2048-bit RSA key: more than one TXT string
 
 
@@ -139,6 +141,16 @@ def test_txt_rdata_and_loopback_guard() -> None:
         Sink("0.0.0.0")
 
 
+async def test_dns_and_sink_on_ipv6_loopback() -> None:
+    with DnsServer("::1") as server, Sink("::1") as sink:
+        server.add("dst.test", "AAAA", "::1")
+        answer = await server.resolver().resolve("dst.test", "AAAA")
+        assert [r.address for r in answer] == ["::1"] and server.address == f"[::1]:{server.port}"
+        with smtp("::1", sink.port) as client:
+            client.sendmail("a@acme.test", ["b@dst.test"], MESSAGE)
+        assert (await sink.wait_for_async(1))[0].peer[0] == "::1"
+
+
 # -- Sink --------------------------------------------------------------------------------------------
 
 
@@ -148,11 +160,20 @@ def test_sink_receives_exact_bytes() -> None:
             assert client.sendmail("a@acme.test", ["b@dst.test", "c@dst.test"], MESSAGE) == {}
         (got,) = sink.wait_for(1)
         assert got.data == MESSAGE
-        assert (got.mail_from, got.rcpt_tos, got.tls, got.helo) == ("a@acme.test", ["b@dst.test", "c@dst.test"], False, "client.test")
-        assert got.peer[0] == "127.0.0.1" and "SIZE=%d" % len(MESSAGE) in got.mail_options
+        assert (got.mail_from, got.rcpt_tos, got.tls, got.helo) == (
+            "a@acme.test",
+            ["b@dst.test", "c@dst.test"],
+            False,
+            "client.test",
+        )
+        assert got.peer[0] == "127.0.0.1" and f"SIZE={len(MESSAGE)}" in got.mail_options
         assert (sink.connections, sink.transactions) == (1, 1)
         with pytest.raises(TimeoutError):
             sink.wait_for(2, timeout=0.05)
+        with smtp("127.0.0.2", sink.port) as client:
+            client.sendmail("", ["postmaster@dst.test"], MESSAGE)  # a bounce: null reverse-path
+        assert sink.wait_for(2)[1].mail_from == ""
+        assert (sink.connections, sink.transactions) == (2, 2)
 
 
 def test_sink_starttls(ca: trustme.CA) -> None:
@@ -230,7 +251,9 @@ def test_smtp_sink_process_counts_and_dumps() -> None:
 
 @pytest.mark.peer
 def test_postfix_mx_delivers_into_maildir(ca: trustme.CA, tmp_path: Path) -> None:
-    before = {n: (POSTFIX_DIR / n).read_bytes() if (POSTFIX_DIR / n).exists() else None for n in ("main.cf", "master.cf")}
+    before = {
+        n: (POSTFIX_DIR / n).read_bytes() if (POSTFIX_DIR / n).exists() else None for n in ("main.cf", "master.cf")
+    }
     cert = ca.issue_cert("127.0.0.2", "mx.dst.test")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
@@ -247,14 +270,17 @@ def test_postfix_mx_delivers_into_maildir(ca: trustme.CA, tmp_path: Path) -> Non
         assert b"Delivered-To: b@dst.test" in first and b"Delivered-To: c@dst.test" in second
         assert b"using TLS" in second
         assert "warning" not in mx.log(), mx.log()
-        print(mx.log())
-    after = {n: (POSTFIX_DIR / n).read_bytes() if (POSTFIX_DIR / n).exists() else None for n in ("main.cf", "master.cf")}
+    after = {
+        n: (POSTFIX_DIR / n).read_bytes() if (POSTFIX_DIR / n).exists() else None for n in ("main.cf", "master.cf")
+    }
     assert after == before
 
 
 @pytest.mark.peer
 async def test_nsd_answers_mx() -> None:
-    zones = {"dst.test": [("@", "MX", "10 mx1.dst.test."), ("mx1", "A", "127.0.0.2"), ("sel._domainkey", "TXT", DKIM_KEY)]}
+    zones = {
+        "dst.test": [("@", "MX", "10 mx1.dst.test."), ("mx1", "A", "127.0.0.2"), ("sel._domainkey", "TXT", DKIM_KEY)]
+    }
     with Nsd(zones) as nsd:
         resolver = nsd.resolver()
         mx = await resolver.resolve("dst.test", "MX")
