@@ -112,13 +112,16 @@ class Cmcd:
             cfg.setdefault(section, {}).update(values)
         self.config = cfg
         self.config_path = root / "cmcd.toml"
-        self.config_path.write_text(to_toml(cfg))
+        self.write_config()
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
         self._ready = threading.Event()
         self.smtp_port = self.smtps_port = 0
 
     # -- process ---------------------------------------------------------------------------
+
+    def write_config(self) -> None:
+        self.config_path.write_text(to_toml(self.config))
 
     def start(self, timeout: float = 20) -> Cmcd:
         ready = self._ready = threading.Event()  # a new event: a previous process's reader cannot set it
