@@ -159,6 +159,10 @@ class DeliveryEngine:
                 job.recipients = [d for d in job.recipients if d not in suppressed]
                 if not job.recipients:
                     return
+        cached = self.router.cached(job.domain)
+        if isinstance(cached, Route):  # the common case: no task, no await
+            self._enqueue(self._site(cached, job.domain), job)
+            return
         waiting = self._resolving.get(job.domain)
         if waiting is not None:
             waiting.append(job)

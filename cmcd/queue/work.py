@@ -40,6 +40,8 @@ class Due:
     rid: int
     address: str
     attempts: int  # failed attempts so far
+    enc: bytes = b""  # the address as stored (encrypted) and its index, reused for mail-log events
+    hmac: bytes = b""
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Job:
     message_id: str
     recipients: list[Due] = field(default_factory=list)
     body: bytes | None = None  # None: read it from the spool before sending
+    sender_enc: bytes = b""
+    sender_hmac: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def claim_due(conn: sqlite3.Connection, keys: DataKeys, now: float, limit: int) 
     is simply still queued, and recover() turns any inflight row back into queued anyway.
     """
     rows = conn.execute(
-        "SELECT id, queue_id, domain, rcpt_enc, attempts FROM recipients "
+        "SELECT id, queue_id, domain, rcpt_enc, attempts, rcpt_hmac FROM recipients "
         "WHERE state IN ('queued', 'deferred') AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
         (now, limit),
     ).fetchall()
@@ -110,12 +114,13 @@ def claim_due(conn: sqlite3.Connection, keys: DataKeys, now: float, limit: int) 
     for chunk in _chunks(qids):
         for m in conn.execute(
             "SELECT queue_id, tenant_id, sender_enc, size_bytes, received, message_id, "
-            f"CASE WHEN size_bytes <= {INLINE_BODY} THEN body END FROM messages WHERE queue_id IN ({_marks(len(chunk))})",
+            f"CASE WHEN size_bytes <= {INLINE_BODY} THEN body END, sender_hmac "
+            f"FROM messages WHERE queue_id IN ({_marks(len(chunk))})",
             chunk,
         ):
             envelopes[m[0]] = m
     jobs: dict[tuple[str, str], Job] = {}
-    for rid, qid, domain, rcpt_enc, attempts in rows:
+    for rid, qid, domain, rcpt_enc, attempts, rcpt_hmac in rows:
         m = envelopes.get(qid)
         if m is None:  # cannot happen inside one transaction; never deliver without an envelope
             log.error("event=orphan_recipient queue_id=%s", qid)
@@ -123,8 +128,10 @@ def claim_due(conn: sqlite3.Connection, keys: DataKeys, now: float, limit: int) 
         job = jobs.get((qid, domain))
         if job is None:
             body = keys.decrypt_bytes(bytes(m[6]), qid.encode()) if m[6] is not None else None
-            job = jobs[(qid, domain)] = Job(qid, m[1], keys.decrypt(m[2]), domain, m[4], m[3], m[5], [], body)
-        job.recipients.append(Due(rid, keys.decrypt(rcpt_enc), attempts))
+            job = jobs[(qid, domain)] = Job(
+                qid, m[1], keys.decrypt(m[2]), domain, m[4], m[3], m[5], [], body, bytes(m[2]), bytes(m[7])
+            )
+        job.recipients.append(Due(rid, keys.decrypt(rcpt_enc), attempts, bytes(rcpt_enc), bytes(rcpt_hmac)))
     return list(jobs.values())
 
 
@@ -182,7 +189,8 @@ def apply_results(
             touched.add(job.queue_id)
             events.append(
                 (f"{job.queue_id}:{due.rid}:{attempt}:{r.state}", now, job.tenant_id, job.queue_id, r.state,
-                 keys.encrypt(job.sender), keys.index(job.sender), keys.encrypt(due.address), keys.index(due.address),
+                 job.sender_enc or keys.encrypt(job.sender), job.sender_hmac or keys.index(job.sender),
+                 due.enc or keys.encrypt(due.address), due.hmac or keys.index(due.address),
                  job.domain, r.state, r.response, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
                  job.message_id, 1 if r.suppress else 0)
             )  # fmt: skip

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""A big deferred queue: start-up time, idle CPU, restart after kill -9, and admin queries.
+
+    .venv/bin/python bench/queue_idle.py [--recipients 1000000] [--per-message 5] [--idle 10]
+
+Builds a spool holding N deferred recipients (N / per-message messages, 1 KB bodies encrypted
+with the daemon's key, next attempt in an hour) straight through SQLite, then:
+
+1. starts cmcd on it and times start to "ready" (recovery included);
+2. samples the daemon's CPU time over --idle seconds while nothing is due (should be ~0);
+3. marks 10 % of the recipients inflight (as a crash mid-delivery leaves them), kill -9's the
+   daemon and times the restart (inflight -> queued recovery included);
+4. times `queue list` (first page and a page deep in the queue) and `queue summary`.
+
+Loopback only: DNS points at a closed loopback port and every domain is routed to a closed port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cmcd import crypto  # noqa: E402
+from cmcd.queue.ids import QueueIdGenerator  # noqa: E402
+from cmcd.queue.spool import Spool  # noqa: E402
+from cmcd.store import open_store  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def build(tmp: Path, recipients: int, per_message: int) -> float:
+    t0 = time.monotonic()
+    store = open_store(tmp / "cmcd.db", tmp / "data.key")
+    tenant = store.tenant_add("bench")
+    store.domain_add("bench", "bench.test")
+    keys = store.keys
+    store.close()
+    spool = Spool(tmp / "spool", keys)  # creates the schema
+    spool.stop()
+    conn = sqlite3.connect(str(tmp / "spool" / "queue.db"))
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    ids = QueueIdGenerator()
+    now = time.time()
+    body = b"Subject: queued\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    sender_enc, sender_hmac = keys.encrypt("sender@bench.test"), keys.index("sender@bench.test")
+    messages = recipients // per_message
+    rng = random.Random(1)
+    with conn:
+        for start in range(0, messages, 10_000):
+            msgs, rcpts = [], []
+            for _ in range(min(10_000, messages - start)):
+                qid = ids.next(now - rng.uniform(0, 86400))
+                msgs.append((qid, tenant.id, 1, sender_enc, sender_hmac, len(body), now - 3600,
+                             keys.encrypt_bytes(body, qid.encode()), f"<{qid}@bench.test>"))  # fmt: skip
+                for i in range(per_message):
+                    address = f"r{start}-{i}@dst{rng.randrange(1000)}.test"
+                    rcpts.append((qid, keys.encrypt(address), keys.index(address), address.split("@")[1],
+                                  "deferred", 1, now + 3600 + rng.uniform(0, 3600), "451 4.3.0 later"))  # fmt: skip
+            conn.executemany(
+                "INSERT INTO messages(queue_id, tenant_id, user_id, sender_enc, sender_hmac, size_bytes, received, "
+                "body, message_id) VALUES (?,?,?,?,?,?,?,?,?)",
+                msgs,
+            )
+            conn.executemany(
+                "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, state, attempts, next_attempt, "
+                "last_response) VALUES (?,?,?,?,?,?,?,?)",
+                rcpts,
+            )
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return time.monotonic() - t0
+
+
+def config(tmp: Path) -> Path:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    path = tmp / "cmcd.toml"
+    path.write_text(
+        f"""
+[server]
+hostname = "bench.test"
+[smtp]
+listen = ["127.0.0.1:0"]
+tls_cert = "{tmp / "cert.pem"}"
+tls_key = "{tmp / "key.pem"}"
+[spool]
+dir = "{tmp / "spool"}"
+[store]
+path = "{tmp / "cmcd.db"}"
+key_file = "{tmp / "data.key"}"
+[admin]
+socket = "{tmp / "admin.sock"}"
+[dns]
+nameservers = ["127.0.0.1:{port}"]
+[delivery.routes]
+"*" = "127.0.0.1:{port}"
+"""
+    )
+    subprocess.run([sys.executable, "-m", "cmcd.devcert", str(tmp)], check=True, cwd=ROOT, capture_output=True)
+    return path
+
+
+class Daemon:
+    def __init__(self, cfg: Path):
+        self.cfg = cfg
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+
+    def start(self) -> float:
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cmcd.daemon", "serve", "--config", str(self.cfg)],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        ready = threading.Event()
+
+        def drain() -> None:
+            assert self.proc is not None and self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line.rstrip())
+                if "event=ready" in line:
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not ready.wait(300) or self.proc.poll() is not None:
+            raise RuntimeError("cmcd did not start:\n" + "\n".join(self.lines[-20:]))
+        return time.monotonic() - t0
+
+    def cpu_s(self) -> float:
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+
+def admin(sock: Path, verb: str, **args: Any) -> tuple[float, Any]:
+    t0 = time.monotonic()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(300)
+        s.connect(str(sock))
+        s.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            data += s.recv(1 << 20)
+    reply = json.loads(data)
+    assert reply["ok"], reply
+    return time.monotonic() - t0, reply["result"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipients", type=int, default=1_000_000)
+    ap.add_argument("--per-message", type=int, default=5)
+    ap.add_argument("--idle", type=float, default=10.0)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cmcd-bench-queue-") as name:
+        tmp = Path(name)
+        built = build(tmp, a.recipients, a.per_message)
+        size = sum(p.stat().st_size for p in (tmp / "spool").iterdir())
+        print(f"built {a.recipients} deferred recipients in {built:.1f}s (spool {size / 1e6:.0f} MB)")
+        d = Daemon(config(tmp))
+        try:
+            print(f"start to ready: {d.start():.2f}s")
+            time.sleep(1.0)
+            c0 = d.cpu_s()
+            time.sleep(a.idle)
+            used = d.cpu_s() - c0
+            print(f"idle CPU over {a.idle:.0f}s: {used:.2f}s ({100 * used / a.idle:.1f}% of one core)")
+            t, page = admin(tmp / "admin.sock", "queue.list", limit=100)
+            print(f"queue list, first page: {1000 * t:.0f} ms")
+            cursor = page["next"]
+            for _ in range(3):
+                t, page = admin(tmp / "admin.sock", "queue.list", limit=100, after=cursor, domain="dst7.test")
+                cursor = page["next"] or cursor
+            print(f"queue list --domain, a later page: {1000 * t:.0f} ms")
+            t, summary = admin(tmp / "admin.sock", "queue.summary")
+            print(f"queue summary: {1000 * t:.0f} ms ({summary['states']})")
+            d.kill9()
+            conn = sqlite3.connect(str(tmp / "spool" / "queue.db"))
+            with conn:
+                n = conn.execute(
+                    "UPDATE recipients SET state = 'inflight' WHERE id % 10 = 0 AND state = 'deferred'"
+                ).rowcount
+            conn.close()
+            took = d.start()
+            recovered = [line for line in d.lines if "event=spool_recovered" in line][-1]
+            m = re.search(r"inflight_requeued=(\d+)", recovered)
+            print(f"restart after kill -9 with {n} inflight: {took:.2f}s to ready (requeued {m and m.group(1)})")
+        finally:
+            d.stop()
+
+
+if __name__ == "__main__":
+    main()
