@@ -252,7 +252,9 @@ class SmtpClient:
         Returns (MAIL reply if refused, one reply per RCPT, final DATA reply or None when no
         recipient was accepted). Raises SmtpError when the connection fails midway.
         """
-        if self.transactions:
+        pipelining = "PIPELINING" in self.extensions
+        reset = self.transactions > 0
+        if reset and not pipelining:
             rset = await self.command("RSET")
             if rset.code != 250:
                 raise SmtpError(f"RSET refused: {rset}")
@@ -265,8 +267,13 @@ class SmtpClient:
         if "SMTPUTF8" in self.extensions and not (sender.isascii() and all(r.isascii() for r in recipients)):
             params += " SMTPUTF8"
         commands = [f"MAIL FROM:<{sender}>{params}"] + [f"RCPT TO:<{r}>" for r in recipients]
-        if "PIPELINING" in self.extensions:
-            self.send(("\r\n".join(commands) + "\r\nDATA\r\n").encode("utf-8"))
+        if pipelining:
+            # RFC 2920: RSET, MAIL, every RCPT and DATA in one write, the replies read in order
+            self.send((("RSET\r\n" if reset else "") + "\r\n".join(commands) + "\r\nDATA\r\n").encode("utf-8"))
+            if reset:
+                rset = await self.reply()
+                if rset.code != 250:
+                    raise SmtpError(f"RSET refused: {rset}")
             mail = await self.reply()
             rcpt_replies = [await self.reply() for _ in recipients]
             data = await self.reply()

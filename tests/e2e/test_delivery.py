@@ -328,3 +328,28 @@ def test_dead_site_defers_without_connecting(make_cmcd: Any, dns: DnsServer, por
     rows = d.wait_mail_log(lambda rows: any(r["event"] == "deferred" for r in rows), second)
     assert "refused" in rows[-1]["response"].lower() or "connect" in rows[-1]["response"]
     assert sum("event=connect_failed" in line for line in d.log) == 1  # the second never connected
+
+
+def test_per_domain_connection_limit_and_message_rate(make_cmcd: Any, dns: DnsServer, port: int) -> None:
+    for name, ip in (("limited.test", "127.0.0.2"), ("paced.test", "127.0.0.3")):
+        dns.add(name, "MX", f"10 mx.{name}.")
+        dns.add(f"mx.{name}", "A", ip)
+    with Sink("127.0.0.2", port, data_delay=0.2) as limited, Sink("127.0.0.3", port) as paced:
+        policies = {"limited.test": {"connection_limit": 2}, "paced.test": {"rate": "4/s"}}
+        d = start(make_cmcd, dns, port, domains=policies, connection_limit=10, initial_concurrency=10)
+        with d.smtp() as c:
+            for n in range(8):
+                c.sendmail("alice@acme.test", [f"r{n}@limited.test"], message(to=f"r{n}@limited.test"))
+            for n in range(8):
+                c.sendmail("alice@acme.test", [f"r{n}@paced.test"], message(to=f"r{n}@paced.test"))
+        most = 0
+        deadline = time.monotonic() + 20
+        while len(limited.messages) < 8 and time.monotonic() < deadline:
+            most = max(most, limited.active)
+            time.sleep(0.01)
+        assert len(limited.messages) == 8 and 1 <= most <= 2
+        paced.wait_for(8)
+        rows = d.wait_mail_log(lambda rows: sum(r["event"] == "delivered" for r in rows) == 16)
+        times = sorted(r["ts"] for r in rows if r["event"] == "delivered" and r["rcpt"].endswith("@paced.test"))
+        # 4/s with a burst of 4: the last of 8 cannot go before about one second after the first
+        assert times[-1] - times[0] >= 0.8
