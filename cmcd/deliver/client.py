@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 MAX_REPLY_LINES = 100
@@ -24,9 +25,12 @@ class SmtpError(Exception):
     .enhanced is the RFC 3463 code the recipients' deferral is logged with.
     """
 
-    def __init__(self, message: str, enhanced: str = "4.4.2"):
+    def __init__(self, message: str, enhanced: str = "4.4.2", *, stale: bool = False):
         super().__init__(message)
         self.enhanced = enhanced
+        #: the connection failed before this transaction began (a reused connection the server had
+        #: already dropped): nothing was sent for the message, so it can go on another connection
+        self.stale = stale
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class _Protocol(asyncio.Protocol):
         self.error: SmtpError | None = None
         self.paused = False
         self.drained: asyncio.Future[None] | None = None
+        self.closing = False  # the server said 421: it is closing the connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -84,6 +89,8 @@ class _Protocol(asyncio.Protocol):
                     return
                 continue
             code = self.lines[-1][0]
+            if code == 421:
+                self.closing = True
             texts = tuple(t for _, t in self.lines)
             self.replies.append(Reply(code, " ".join(t for t in texts if t), texts))
             self.lines = []
@@ -147,7 +154,8 @@ class SmtpClient:
 
     @property
     def closed(self) -> bool:
-        return self._p.error is not None or self._p.transport is None or self._p.transport.is_closing()
+        p = self._p
+        return p.error is not None or p.closing or p.transport is None or p.transport.is_closing()
 
     def abort(self) -> None:
         if self._p.transport is not None:
@@ -255,9 +263,7 @@ class SmtpClient:
         pipelining = "PIPELINING" in self.extensions
         reset = self.transactions > 0
         if reset and not pipelining:
-            rset = await self.command("RSET")
-            if rset.code != 250:
-                raise SmtpError(f"RSET refused: {rset}")
+            await self._reset(self.command("RSET"))
         self.transactions += 1
         params = ""
         if "SIZE" in self.extensions:
@@ -271,9 +277,7 @@ class SmtpClient:
             # RFC 2920: RSET, MAIL, every RCPT and DATA in one write, the replies read in order
             self.send((("RSET\r\n" if reset else "") + "\r\n".join(commands) + "\r\nDATA\r\n").encode("utf-8"))
             if reset:
-                rset = await self.reply()
-                if rset.code != 250:
-                    raise SmtpError(f"RSET refused: {rset}")
+                await self._reset(self.reply())
             mail = await self.reply()
             rcpt_replies = [await self.reply() for _ in recipients]
             data = await self.reply()
@@ -300,6 +304,14 @@ class SmtpClient:
         self.send(dot_stuff(body))
         await self.drain()
         return None, rcpt_replies, await self.reply(self.data_timeout)
+
+    async def _reset(self, reply: Awaitable[Reply]) -> None:
+        try:
+            rset = await reply
+        except SmtpError as exc:
+            raise SmtpError(str(exc), exc.enhanced, stale=True) from None
+        if rset.code != 250:
+            raise SmtpError(f"RSET refused: {rset}", stale=True)
 
     async def quit(self) -> None:
         if self.closed:

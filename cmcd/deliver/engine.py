@@ -235,12 +235,16 @@ class DeliveryEngine:
                 return
             sent = 0
             while sent < self.d.messages_per_connection and not client.closed:
-                job = await self._next_job(site)
+                job = await self._next_job(site, client)
                 if job is None:
                     break
                 await self._rate_wait(site)
                 await self._send(site, client, job)
                 sent += 1
+        except Exception:  # a bug must not leave the site without connections or a job unaccounted for
+            log.exception("event=connection_error site=%s", site.key)
+            if client is not None:
+                client.abort()
         finally:
             if client is not None:
                 try:
@@ -305,8 +309,10 @@ class DeliveryEngine:
             while site.queue:
                 self._finish(site.queue.popleft(), failure, None)
 
-    async def _next_job(self, site: Site) -> Job | None:
+    async def _next_job(self, site: Site, client: SmtpClient) -> Job | None:
         while True:
+            if client.closed:  # dropped while idle: leave the job for a new connection
+                return None
             if site.queue:
                 return site.queue.popleft()
             if self.d.connection_idle <= 0 or self._closing:
@@ -340,17 +346,26 @@ class DeliveryEngine:
 
     async def _send(self, site: Site, client: SmtpClient, job: Job) -> None:
         body = job.body
-        if body is None:
-            body = await self.spool.read(functools.partial(read_body, keys=self.spool.keys, queue_id=job.queue_id))
-            if body is None:  # deleted by an operator while it waited
-                self.release(len(job.recipients))
-                return
         where = (client.host, client.address, client.tls_version)
         try:
+            if body is None:
+                body = await self.spool.read(functools.partial(read_body, keys=self.spool.keys, queue_id=job.queue_id))
+                if body is None:  # deleted by an operator while it waited
+                    self.release(len(job.recipients))
+                    return
             mail, rcpt_replies, data = await client.transaction(job.sender, [d.address for d in job.recipients], body)
         except SmtpError as exc:
             client.abort()
+            if exc.stale and job.moved < 2:
+                job.moved += 1
+                site.queue.appendleft(job)  # nothing was sent: another connection takes it
+                return
             self._finish(job, policy.network_fault(f"{client.host}[{client.address}]: {exc}", exc.enhanced), where)
+            return
+        except Exception as exc:
+            client.abort()
+            log.exception("event=send_error queue_id=%s", job.queue_id)
+            self._finish(job, policy.network_fault(f"internal error: {exc!r}", "4.3.0"), where)
             return
         if mail is not None:
             self._finish(job, policy.classify(mail.code, mail.text), where)

@@ -59,6 +59,7 @@ class Job:
     body: bytes | None = None  # None: read it from the spool before sending
     sender_enc: bytes = b""
     sender_hmac: bytes = b""
+    moved: int = 0  # times it was put back for another connection (a stale one failed before sending)
 
 
 @dataclass(frozen=True)

@@ -353,3 +353,21 @@ def test_per_domain_connection_limit_and_message_rate(make_cmcd: Any, dns: DnsSe
         times = sorted(r["ts"] for r in rows if r["event"] == "delivered" and r["rcpt"].endswith("@paced.test"))
         # 4/s with a burst of 4: the last of 8 cannot go before about one second after the first
         assert times[-1] - times[0] >= 0.8
+
+
+def test_a_connection_the_server_dropped_while_idle_is_not_a_deferral(
+    make_cmcd: Any, dns: DnsServer, port: int
+) -> None:
+    dns.add("dst.test", "MX", "10 mx1.dst.test.")
+    dns.add("mx1.dst.test", "A", "127.0.0.2")
+    with Sink("127.0.0.2", port, timeout=0.3) as sink:  # aiosmtpd closes a session idle for 0.3 s
+        d = start(make_cmcd, dns, port, connection_idle="5s")
+        first = submit(d, ["a@dst.test"])
+        sink.wait_for(1)
+        time.sleep(1.0)  # cmcd still holds the connection; the server has closed it
+        second = submit(d, ["b@dst.test"])
+        sink.wait_for(2)
+        for q in (first, second):
+            rows = d.wait_mail_log(lambda rows: final(rows, 1), q)
+            assert [e for _, e in events(rows)] == ["delivered"]
+        assert sink.connections == 2
