@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import time
 import tomllib
 import types
 import typing
@@ -221,6 +222,18 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    #: selectors of new keys, as strftime formats (cmc202611r, cmc202611e)
+    rsa_selector: str = "cmc%Y%mr"
+    ed25519_selector: str = "cmc%Y%me"
+    rsa_bits: int = 2048
+    #: also make and sign with an Ed25519 key (RFC 8463), beside RSA
+    ed25519: bool = True
+    #: x= (signature expiry) this long after t=; 0 = no x= tag
+    expire_after: Duration = Duration(0)
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     socket: str = "/run/cmcd/admin.sock"
 
@@ -252,6 +265,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -396,6 +410,8 @@ _RANGES = (
     ("delivery.connection_idle", 0.0, 3600.0),
     ("delivery.dead_site_backoff", 0.0, 86400.0),
     ("delivery.max_inflight", 100, 10_000_000),
+    ("dkim.rsa_bits", 1024, 4096),
+    ("dkim.expire_after", 0.0, 365 * 86400.0),
 )
 
 
@@ -405,6 +421,10 @@ def _check_ranges(cfg: Config, errors: list[str]) -> None:
         value = getattr(getattr(cfg, section), name)
         if not low <= value <= high:  # also refuses nan and inf
             errors.append(f"{path}: expected a value from {low:g} to {high:g}, got {value!r}")
+    for name in ("rsa_selector", "ed25519_selector"):
+        made = time.strftime(getattr(cfg.dkim, name), time.gmtime(0))
+        if not _HOSTNAME_RE.match(made) or "." in made:
+            errors.append(f'dkim.{name}: expected a selector format like "cmc%Y%mr" (letters, digits, -), got {made!r}')
     if not cfg.delivery.retry_schedule:
         errors.append("delivery.retry_schedule: expected at least one duration")
     for i, step in enumerate(cfg.delivery.retry_schedule):

@@ -225,14 +225,15 @@ class Cmcd:
         return crypto.read_key_file(self.root / "data.key")
 
     def spooled(self) -> dict[str, dict[str, Any]]:
-        """queue id -> {body, sender, recipients}, read from the spool database."""
+        """queue id -> {raw, body, sender, recipients}, read from the spool database; body is raw
+        without the DKIM-Signature fields cmcd put in front (intake tests compare the rest)."""
         keys = self.keys()
         conn = sqlite3.connect(f"file:{Path(self.config['spool']['dir']) / 'queue.db'}?mode=ro", uri=True)
         try:
             out: dict[str, dict[str, Any]] = {}
             for qid, sender, body in conn.execute("SELECT queue_id, sender_enc, body FROM messages"):
-                plain = keys.decrypt_bytes(bytes(body), qid.encode())
-                out[qid] = {"body": plain, "sender": keys.decrypt(sender), "recipients": []}
+                raw = keys.decrypt_bytes(bytes(body), qid.encode())
+                out[qid] = {"raw": raw, "body": strip_signatures(raw), "sender": keys.decrypt(sender), "recipients": []}
             for qid, rcpt, state in conn.execute("SELECT queue_id, rcpt_enc, state FROM recipients ORDER BY id"):
                 out[qid]["recipients"].append((keys.decrypt(rcpt), state))
             return out
@@ -287,6 +288,18 @@ class Cmcd:
                     return line
             time.sleep(0.02)
         raise AssertionError(f"no log line matching {pattern!r}; last lines:\n" + "\n".join(self.log[-20:]))
+
+
+_SIGNATURE = re.compile(rb"\ADKIM-Signature:[^\r]*\r\n(?:[ \t][^\r]*\r\n)*")
+
+
+def strip_signatures(raw: bytes) -> bytes:
+    """RAW without the DKIM-Signature fields at its start."""
+    while True:
+        m = _SIGNATURE.match(raw)
+        if m is None:
+            return raw
+        raw = raw[m.end() :]
 
 
 def message(

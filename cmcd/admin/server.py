@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from cmcd import crypto
+from cmcd.admin import dkim_keys
 from cmcd.config import Config
 from cmcd.deliver.engine import DeliveryEngine
+from cmcd.deliver.routing import make_resolver
 from cmcd.errors import CmcdError, NotFound, StoreError
 from cmcd.queue import manage
 from cmcd.queue.scheduler import Scheduler
@@ -153,6 +155,7 @@ class AdminServer:
         suppressions: Suppressions | None = None,
     ):
         self._path = config.path(config.admin.socket)
+        self._config = config
         self._scheduler = scheduler
         self._engine = engine
         self._suppressions = suppressions
@@ -376,8 +379,93 @@ class AdminServer:
         return {"tenant": tenant, "login": login, "cidr": cidr, "deleted": True}
 
     async def _domain_add(self, a: _Args) -> Any:
-        d = await self._astore.call(self._store.domain_add, a.text("tenant"), a.text("domain"))
-        return {"tenant": d.tenant, "domain": d.name}
+        tenant, name = a.text("tenant"), a.text("domain").strip().lower().rstrip(".")
+        await self._astore.call(self._store.tenant, tenant)  # refuse an unknown tenant before making keys
+        try:
+            keys = await asyncio.get_running_loop().run_in_executor(
+                None, dkim_keys.new_keys, self._config.dkim, name, set(), time.time()
+            )
+        except ValueError:
+            raise BadRequest(f"{name!r} is not a domain name (like example.com)") from None
+        d = await self._astore.call(self._store.domain_add, tenant, name, keys)
+        return {"tenant": d.tenant, "domain": d.name, "selectors": [k.selector for k in keys]}
+
+    async def _domain_keys(self, a: _Args) -> Any:
+        return await self._astore.call(self._store.dkim_keys, a.text("tenant"), a.text("domain"))
+
+    async def _domain_records(self, a: _Args) -> list[dict[str, Any]]:
+        tenant, domain = a.text("tenant"), a.text("domain").strip().lower().rstrip(".")
+        keys = await self._astore.call(self._store.dkim_keys, tenant, domain)
+        return dkim_keys.records(domain, keys, self._config.server.hostname)
+
+    async def _domain_dns(self, a: _Args) -> Any:
+        recs = await self._domain_records(a)
+        return {"records": recs, "zone": dkim_keys.zone_lines(recs)}
+
+    async def _domain_check(self, a: _Args) -> Any:
+        recs = await self._domain_records(a)
+        results = await dkim_keys.check(make_resolver(self._config), recs)
+        states = {
+            r["selector"]: res["status"]
+            for r, res in zip(recs, results)
+            if "selector" in r and res["status"] in ("published", "missing", "mismatch")
+        }
+        await self._astore.call(self._store.dkim_set_dns, a.text("tenant"), a.text("domain"), states)
+        return results
+
+    async def _dkim_rotate(self, a: _Args) -> Any:
+        tenant, domain = a.text("tenant"), a.text("domain").strip().lower().rstrip(".")
+        current = await self._astore.call(self._store.dkim_keys, tenant, domain)
+        if any(k["state"] == "pending" for k in current):
+            raise BadRequest(f"{domain} already has pending keys: activate or retire them first")
+        taken = {k["selector"] for k in current}
+        keys = await asyncio.get_running_loop().run_in_executor(
+            None, dkim_keys.new_keys, self._config.dkim, domain, taken, time.time()
+        )
+        await self._astore.call(self._store.dkim_add, tenant, domain, keys, "pending")
+        return {"domain": domain, "pending": [k.selector for k in keys]}
+
+    async def _dkim_activate(self, a: _Args) -> Any:
+        tenant, domain = a.text("tenant"), a.text("domain").strip().lower().rstrip(".")
+        keys = await self._astore.call(self._store.dkim_keys, tenant, domain)
+        pending = [k for k in keys if k["state"] == "pending"]
+        if not pending:
+            raise BadRequest(f"{domain} has no pending keys (dkim-rotate makes them)")
+        unready = [k["selector"] for k in pending if k["dns_state"] != "published"]
+        if unready and a.raw.get("force") is not True:
+            raise BadRequest(
+                f"{domain}: DNS does not show {', '.join(unready)} yet; run domain check after publishing (or force)"
+            )
+        algorithms = {k["algorithm"] for k in pending}
+        # the keys they replace stay published but unused (standby) until dkim-retire
+        old = {k["selector"] for k in keys if k["state"] == "active" and k["algorithm"] in algorithms}
+        await self._astore.call(self._store.dkim_transition, tenant, domain, {"active": "standby"}, old)
+        await self._astore.call(self._store.dkim_transition, tenant, domain, {"pending": "active"})
+        return {"domain": domain, "active": [k["selector"] for k in pending], "standby": sorted(old)}
+
+    async def _dkim_retire(self, a: _Args) -> Any:
+        tenant, domain = a.text("tenant"), a.text("domain").strip().lower().rstrip(".")
+        n = await self._astore.call(self._store.dkim_transition, tenant, domain, {"standby": "retired"})
+        if not n:
+            raise BadRequest(f"{domain} has no standby keys to retire")
+        return {"domain": domain, "retired": n}
+
+    async def _domain_import_key(self, a: _Args) -> Any:
+        tenant, domain = a.text("tenant"), a.text("domain").strip().lower().rstrip(".")
+        selector, pem = a.text("selector").lower(), a.text("pem")
+        try:
+            key = dkim_keys.imported_key(domain, selector, pem.encode())
+        except ValueError as exc:
+            raise BadRequest(f"domain.import-key: {exc}") from None
+        await self._astore.call(self._store.domain, tenant, domain)
+        old = {
+            k["selector"]
+            for k in await self._astore.call(self._store.dkim_keys, tenant, domain)
+            if k["state"] == "active" and k["algorithm"] == key.algorithm
+        }
+        await self._astore.call(self._store.dkim_add, tenant, domain, [key], "active")
+        await self._astore.call(self._store.dkim_transition, tenant, domain, {"active": "standby"}, old)
+        return {"domain": domain, "selector": selector, "algorithm": key.algorithm, "standby": sorted(old)}
 
     async def _domain_list(self, a: _Args) -> Any:
         domains = await self._astore.call(self._store.domains, a.optional_text("tenant"))
@@ -528,6 +616,17 @@ VERBS: dict[str, _Verb] = {
     "ipcred.delete": _Verb(AdminServer._ipcred_delete, ("tenant", "login", "cidr"), target="{tenant}/{login} {cidr}"),
     "domain.add": _Verb(AdminServer._domain_add, ("tenant", "domain"), target="{tenant}/{domain}"),
     "domain.list": _Verb(AdminServer._domain_list, ("tenant",)),
+    "domain.keys": _Verb(AdminServer._domain_keys, ("tenant", "domain")),
+    "domain.dns": _Verb(AdminServer._domain_dns, ("tenant", "domain")),
+    "domain.check": _Verb(AdminServer._domain_check, ("tenant", "domain"), target="{tenant}/{domain}"),
+    "domain.dkim-rotate": _Verb(AdminServer._dkim_rotate, ("tenant", "domain"), target="{tenant}/{domain}"),
+    "domain.dkim-activate": _Verb(
+        AdminServer._dkim_activate, ("tenant", "domain", "force"), target="{tenant}/{domain}"
+    ),
+    "domain.dkim-retire": _Verb(AdminServer._dkim_retire, ("tenant", "domain"), target="{tenant}/{domain}"),
+    "domain.import-key": _Verb(
+        AdminServer._domain_import_key, ("tenant", "domain", "selector", "pem"), target="{tenant}/{domain} {selector}"
+    ),
     "tenant.set": _Verb(
         AdminServer._tenant_set, ("name", "dsn", "suppressed_rcpt"), target="{name}", tenant_arg="name"
     ),

@@ -62,23 +62,29 @@ def _ip(value: str) -> str | None:
         return None
 
 
+def make_resolver(config: Config) -> dns.asyncresolver.Resolver:
+    """dnspython's async resolver on dns.nameservers (ip:port each), or the system's when none is set."""
+    if config.dns.nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        servers: list[str | dns.nameserver.Nameserver] = []
+        for hp in config.dns.nameservers:
+            host, port = split_hostport(hp)
+            servers.append(dns.nameserver.Do53Nameserver(host, port))
+        resolver.nameservers = servers
+    else:
+        resolver = dns.asyncresolver.Resolver()
+    resolver.lifetime = config.dns.timeout
+    resolver.timeout = max(0.5, config.dns.timeout / 2)
+    return resolver
+
+
 class Router:
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.clock = clock
         self.port = config.delivery.port
         self.routes = dict(config.delivery.routes)
-        if config.dns.nameservers:
-            self.resolver = dns.asyncresolver.Resolver(configure=False)
-            servers: list[str | dns.nameserver.Nameserver] = []
-            for hp in config.dns.nameservers:
-                host, port = split_hostport(hp)
-                servers.append(dns.nameserver.Do53Nameserver(host, port))
-            self.resolver.nameservers = servers
-        else:
-            self.resolver = dns.asyncresolver.Resolver()
-        self.resolver.lifetime = config.dns.timeout
-        self.resolver.timeout = max(0.5, config.dns.timeout / 2)
+        self.resolver = make_resolver(config)
         self._cache: dict[str, tuple[float, Route | Outcome]] = {}
         self._pending: dict[str, asyncio.Future[Route | Outcome]] = {}
         self.lookups = 0

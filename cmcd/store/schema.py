@@ -109,6 +109,23 @@ MIGRATIONS: list[str] = [
     ALTER TABLE tenants ADD COLUMN suppressed_rcpt TEXT NOT NULL DEFAULT 'accept';
     CREATE INDEX suppressions_tenant ON suppressions(tenant_id);
     """,
+    # 4: DKIM keys per domain; private keys encrypted with the data key
+    """
+    CREATE TABLE dkim_keys (
+        id INTEGER PRIMARY KEY,
+        domain_id INTEGER NOT NULL REFERENCES domains(id),
+        selector TEXT NOT NULL,
+        algorithm TEXT NOT NULL CHECK (algorithm IN ('rsa-sha256', 'ed25519-sha256')),
+        private_enc BLOB NOT NULL,
+        public_txt TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'active', 'standby', 'retired')),
+        dns_state TEXT NOT NULL DEFAULT 'unchecked' CHECK (dns_state IN ('unchecked', 'published', 'missing', 'mismatch')),
+        created REAL NOT NULL,
+        changed REAL NOT NULL,
+        UNIQUE (domain_id, selector)
+    );
+    CREATE INDEX dkim_keys_domain ON dkim_keys(domain_id);
+    """,
 ]
 
 

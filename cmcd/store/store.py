@@ -11,7 +11,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,16 @@ class LoginRecord:
     result: str
     tenant_id: int | None = None
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A DKIM key to store: its selector, algorithm, private PEM (encrypted before it is written) and TXT value."""
+
+    selector: str
+    algorithm: str
+    private_pem: bytes = field(repr=False)
+    public_txt: str
 
 
 class Store:
@@ -241,7 +251,8 @@ class Store:
 
     # -- domains ---------------------------------------------------------------------------
 
-    def domain_add(self, tenant: str, name: str) -> Domain:
+    def domain_add(self, tenant: str, name: str, keys: list[NewKey] | None = None) -> Domain:
+        """Register NAME for TENANT, with its first DKIM keys (active) in the same transaction."""
         t = self.tenant(tenant)
         name = name.strip().lower().rstrip(".")
         if not _DOMAIN_RE.match(name):
@@ -251,9 +262,102 @@ class Store:
                 cur = self.conn.execute(
                     "INSERT INTO domains(tenant_id, name, created) VALUES (?,?,?)", (t.id, name, time.time())
                 )
+                domain_id = int(cur.lastrowid or 0)
+                for k in keys or []:
+                    self._insert_key(domain_id, name, k, "active")
         except sqlite3.IntegrityError:
             raise StoreError(f"domain {name!r} is already registered") from None
-        return Domain(id=int(cur.lastrowid or 0), tenant_id=t.id, tenant=t.name, name=name)
+        return Domain(id=domain_id, tenant_id=t.id, tenant=t.name, name=name)
+
+    def domain(self, tenant: str, name: str) -> Domain:
+        """TENANT's domain NAME; another tenant's domain is "not found" like a missing one."""
+        t = self.tenant(tenant)
+        name = name.strip().lower().rstrip(".")
+        row = self.conn.execute("SELECT id FROM domains WHERE tenant_id = ? AND name = ?", (t.id, name)).fetchone()
+        if row is None:
+            raise NotFound(f"tenant {tenant!r} has no domain {name!r}")
+        return Domain(id=row[0], tenant_id=t.id, tenant=t.name, name=name)
+
+    # -- DKIM keys -------------------------------------------------------------------------
+
+    @staticmethod
+    def _key_aad(domain: str, selector: str) -> bytes:
+        return f"dkim:{domain}:{selector}".encode()
+
+    def _insert_key(self, domain_id: int, domain: str, k: NewKey, state: str) -> None:
+        now = time.time()
+        try:
+            self.conn.execute(
+                "INSERT INTO dkim_keys(domain_id, selector, algorithm, private_enc, public_txt, state, created, changed) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (domain_id, k.selector, k.algorithm, self.keys.encrypt_bytes(k.private_pem, self._key_aad(domain, k.selector)),
+                 k.public_txt, state, now, now),
+            )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise StoreError(f"domain {domain!r} already has a key with selector {k.selector!r}") from None
+
+    def dkim_keys(self, tenant: str, domain: str) -> list[dict[str, Any]]:
+        """The domain's keys without their private parts, newest first."""
+        d = self.domain(tenant, domain)
+        rows = self.conn.execute(
+            "SELECT selector, algorithm, public_txt, state, dns_state, created, changed FROM dkim_keys "
+            "WHERE domain_id = ? ORDER BY id DESC",
+            (d.id,),
+        )
+        keys = ("selector", "algorithm", "public_txt", "state", "dns_state", "created", "changed")
+        return [dict(zip(keys, r)) | {"domain": d.name} for r in rows]
+
+    def dkim_add(self, tenant: str, domain: str, keys: list[NewKey], state: str) -> None:
+        d = self.domain(tenant, domain)
+        with self.conn:
+            for k in keys:
+                self._insert_key(d.id, d.name, k, state)
+
+    def dkim_selectors(self, tenant: str, domain: str) -> set[str]:
+        d = self.domain(tenant, domain)
+        return {r[0] for r in self.conn.execute("SELECT selector FROM dkim_keys WHERE domain_id = ?", (d.id,))}
+
+    def dkim_transition(
+        self, tenant: str, domain: str, moves: dict[str, str], selectors: set[str] | None = None
+    ) -> int:
+        """Move keys from state to state (e.g. {"active": "standby", "pending": "active"}), in one
+        transaction; SELECTORS limits it to those keys. Retired keys lose their private part."""
+        d = self.domain(tenant, domain)
+        now = time.time()
+        rows = self.conn.execute("SELECT id, selector, state FROM dkim_keys WHERE domain_id = ?", (d.id,)).fetchall()
+        changed = 0
+        with self.conn:
+            for key_id, selector, state in rows:
+                target = moves.get(state)
+                if target is None or (selectors is not None and selector not in selectors):
+                    continue
+                if target == "retired":
+                    self.conn.execute(
+                        "UPDATE dkim_keys SET state = 'retired', private_enc = X'', changed = ? WHERE id = ?",
+                        (now, key_id),
+                    )
+                else:
+                    self.conn.execute("UPDATE dkim_keys SET state = ?, changed = ? WHERE id = ?", (target, now, key_id))
+                changed += 1
+        return changed
+
+    def dkim_set_dns(self, tenant: str, domain: str, results: dict[str, str]) -> None:
+        """Record what a DNS check found per selector: published, missing or mismatch."""
+        d = self.domain(tenant, domain)
+        with self.conn:
+            self.conn.executemany(
+                "UPDATE dkim_keys SET dns_state = ? WHERE domain_id = ? AND selector = ?",
+                [(state, d.id, selector) for selector, state in results.items()],
+            )
+
+    def dkim_signing_keys(self) -> list[tuple[str, str, str, bytes]]:
+        """(domain, selector, algorithm, private PEM) of every key that signs: active, and not known
+        to be missing from (or wrong in) DNS."""
+        rows = self.conn.execute(
+            "SELECT d.name, k.selector, k.algorithm, k.private_enc FROM dkim_keys k JOIN domains d ON d.id = k.domain_id "
+            "WHERE k.state = 'active' AND k.dns_state NOT IN ('missing', 'mismatch') ORDER BY d.name, k.algorithm DESC"
+        ).fetchall()
+        return [(r[0], r[1], r[2], self.keys.decrypt_bytes(bytes(r[3]), self._key_aad(r[0], r[1]))) for r in rows]
 
     def domains(self, tenant: str | None = None) -> list[Domain]:
         sql = "SELECT d.id, d.tenant_id, t.name, d.name FROM domains d JOIN tenants t ON t.id = d.tenant_id"

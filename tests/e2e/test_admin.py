@@ -373,8 +373,9 @@ async def test_ipcred_add_list_delete(daemon: Daemon) -> None:
 async def test_domain_add_list(daemon: Daemon) -> None:
     await ok(daemon, "tenant", "add", "acme")
     await ok(daemon, "tenant", "add", "globex")
-    assert (await ok(daemon, "domain", "add", "acme", "Mail.ACME.example.")).strip() == (
-        "added domain mail.acme.example to tenant acme"
+    assert re.fullmatch(
+        r"added domain mail\.acme\.example to tenant acme \(DKIM selectors: cmc\d{6}r, cmc\d{6}e\)",
+        (await ok(daemon, "domain", "add", "acme", "Mail.ACME.example.")).strip(),
     )
     await ok(daemon, "domain", "add", "globex", "globex.example")
     assert "is not a domain name" in await refused(daemon, "domain", "add", "acme", "not_a_domain")

@@ -79,8 +79,6 @@ def test_retry_schedule_must_not_be_empty() -> None:
         policy.retry_delay(1, (), 0.0, 0.0)
 
 
-@pytest.mark.parametrize(
-    ("age", "expired"), [(0, False), (5 * 86400 - 1, False), (5 * 86400, True), (6 * 86400, True)]
-)
+@pytest.mark.parametrize(("age", "expired"), [(0, False), (5 * 86400 - 1, False), (5 * 86400, True), (6 * 86400, True)])
 def test_expiry(age: float, expired: bool) -> None:
     assert policy.expired(1_000_000.0, 1_000_000.0 + age, 5 * 86400) is expired
