@@ -193,6 +193,8 @@ class DeliveryConfig:
     initial_concurrency: int = 5
     max_connections: int = 500
     messages_per_connection: int = 100
+    #: recipients in one transaction; a message's recipients at domains that share a next hop go together
+    recipients_per_transaction: int = 50
     #: how long a connection with nothing to send stays open for the next message
     connection_idle: Duration = Duration(2)
     connect_timeout: Duration = Duration(30)
@@ -404,6 +406,7 @@ _RANGES = (
     ("delivery.initial_concurrency", 1, 10_000),
     ("delivery.max_connections", 1, 100_000),
     ("delivery.messages_per_connection", 1, 100_000),
+    ("delivery.recipients_per_transaction", 1, 1000),
     ("delivery.connect_timeout", 0.1, 3600.0),
     ("delivery.command_timeout", 0.1, 3600.0),
     ("delivery.data_timeout", 0.1, 3600.0),

@@ -55,6 +55,9 @@ class Site:
     window: float
     rate: tuple[float, float]  # (messages, per seconds); (0, 0) = unlimited
     queue: deque[Job] = field(default_factory=deque)
+    #: queue id -> its job waiting in the queue, so the message's recipients at other domains that
+    #: go to this same site join it (one transaction per message and next hop, as Postfix does)
+    open_jobs: dict[str, Job] = field(default_factory=dict)
     idle: deque[asyncio.Future[bool]] = field(default_factory=deque)
     active: int = 0
     starting: int = 0  # connections not yet ready to take a job
@@ -66,6 +69,12 @@ class Site:
 
     def room(self) -> int:
         return min(self.limit, max(1, int(self.window))) - self.active
+
+    def pop(self) -> Job:
+        job = self.queue.popleft()
+        if self.open_jobs.get(job.queue_id) is job:
+            del self.open_jobs[job.queue_id]
+        return job
 
 
 class DeliveryEngine:
@@ -203,6 +212,12 @@ class DeliveryEngine:
                 return
             site.dead_until = 0.0
             site.window = 1.0  # back from the dead: one probing connection first
+        if not self.d.domains.get(job.domain):  # domains with a policy of their own keep their own transactions
+            queued = site.open_jobs.get(job.queue_id)
+            if queued is not None and len(queued.recipients) + len(job.recipients) <= self.d.recipients_per_transaction:
+                queued.recipients.extend(job.recipients)
+                return
+            site.open_jobs[job.queue_id] = job
         site.queue.append(job)
         while site.idle:
             waiter = site.idle.popleft()
@@ -298,7 +313,7 @@ class DeliveryEngine:
         site.last_failure = failure
         site.window -= 1
         if site.queue:  # the job this connection was for is deferred now, not after every retry
-            self._finish(site.queue.popleft(), failure, None)
+            self._finish(site.pop(), failure, None)
         log.info("event=connect_failed site=%s window=%g reason=%r", site.key, site.window, failure.text)
         if site.window <= 0 and site.active <= 1:
             site.dead_until = self.clock() + self.d.dead_site_backoff
@@ -307,14 +322,14 @@ class DeliveryEngine:
                 site.dead_until = 0.0
                 site.window = 1.0
             while site.queue:
-                self._finish(site.queue.popleft(), failure, None)
+                self._finish(site.pop(), failure, None)
 
     async def _next_job(self, site: Site, client: SmtpClient) -> Job | None:
         while True:
             if client.closed:  # dropped while idle: leave the job for a new connection
                 return None
             if site.queue:
-                return site.queue.popleft()
+                return site.pop()
             if self.d.connection_idle <= 0 or self._closing:
                 return None
             loop = asyncio.get_running_loop()

@@ -42,11 +42,13 @@ class Due:
     attempts: int  # failed attempts so far
     enc: bytes = b""  # the address as stored (encrypted) and its index, reused for mail-log events
     hmac: bytes = b""
+    domain: str = ""
 
 
 @dataclass
 class Job:
-    """One message to one destination domain: the recipients that go in one SMTP transaction."""
+    """One message to one destination: the recipients that go in one SMTP transaction (one domain's,
+    or several domains' when they share a next hop)."""
 
     queue_id: str
     tenant_id: int
@@ -132,7 +134,7 @@ def claim_due(conn: sqlite3.Connection, keys: DataKeys, now: float, limit: int) 
             job = jobs[(qid, domain)] = Job(
                 qid, m[1], keys.decrypt(m[2]), domain, m[4], m[3], m[5], [], body, bytes(m[2]), bytes(m[7])
             )
-        job.recipients.append(Due(rid, keys.decrypt(rcpt_enc), attempts, bytes(rcpt_enc), bytes(rcpt_hmac)))
+        job.recipients.append(Due(rid, keys.decrypt(rcpt_enc), attempts, bytes(rcpt_enc), bytes(rcpt_hmac), domain))
     return list(jobs.values())
 
 
@@ -192,7 +194,7 @@ def apply_results(
                 (f"{job.queue_id}:{due.rid}:{attempt}:{r.state}", now, job.tenant_id, job.queue_id, r.state,
                  job.sender_enc or keys.encrypt(job.sender), job.sender_hmac or keys.index(job.sender),
                  due.enc or keys.encrypt(due.address), due.hmac or keys.index(due.address),
-                 job.domain, r.state, r.response, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
+                 due.domain or job.domain, r.state, r.response, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
                  job.message_id, 1 if r.suppress else 0)
             )  # fmt: skip
         conn.executemany(INSERT_EVENT, events)

@@ -371,3 +371,18 @@ def test_a_connection_the_server_dropped_while_idle_is_not_a_deferral(
             rows = d.wait_mail_log(lambda rows: final(rows, 1), q)
             assert [e for _, e in events(rows)] == ["delivered"]
         assert sink.connections == 2
+
+
+def test_domains_sharing_a_next_hop_share_a_transaction(make_cmcd: Any, dns: DnsServer, port: int) -> None:
+    with Sink("127.0.0.2", port) as hop:
+        d = start(make_cmcd, dns, port, routes={"*": hop.address}, domains={"own.test": {"rate": "100/s"}})
+        qid = submit(d, ["a@x.test", "b@y.test", "c@z.test", "d@own.test"])
+        got = hop.wait_for(2)
+        assert sorted(m.rcpt_tos for m in got) == [["a@x.test", "b@y.test", "c@z.test"], ["d@own.test"]]
+        rows = d.wait_mail_log(lambda rows: final(rows, 4), qid)
+        assert {(r["rcpt"], r["rcpt_domain"]) for r in rows if r["event"] == "delivered"} == {
+            ("a@x.test", "x.test"),
+            ("b@y.test", "y.test"),
+            ("c@z.test", "z.test"),
+            ("d@own.test", "own.test"),
+        }
