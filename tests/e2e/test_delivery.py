@@ -386,3 +386,42 @@ def test_domains_sharing_a_next_hop_share_a_transaction(make_cmcd: Any, dns: Dns
             ("c@z.test", "z.test"),
             ("d@own.test", "own.test"),
         }
+
+
+def test_a_failed_tls_handshake_defers_unless_the_domain_allows_plain_text(
+    make_cmcd: Any, dns: DnsServer, port: int, ca: trustme.CA
+) -> None:
+    for name, ip in (("strict.test", "127.0.0.2"), ("lenient.test", "127.0.0.3")):
+        dns.add(name, "MX", f"10 mx.{name}.")
+        dns.add(f"mx.{name}", "A", ip)
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # offers STARTTLS, but no cipher cmcd's client has in common
+    ca.issue_cert("mx.strict.test").configure_cert(old)
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    old.set_ciphers("PSK-AES128-CBC-SHA")
+    with Sink("127.0.0.2", port, tls_context=old) as strict, Sink("127.0.0.3", port, tls_context=old) as lenient:
+        d = start(make_cmcd, dns, port, retry_schedule=["1h"], domains={"lenient.test": {"tls": "opportunistic+plain"}})
+        deferred = submit(d, ["a@strict.test"])
+        plain = submit(d, ["b@lenient.test"])
+        rows = d.wait_mail_log(lambda rows: len(rows) > 1, deferred)
+        assert rows[1]["event"] == "deferred" and rows[1]["response"].startswith("4.7.5")
+        assert strict.messages == []
+        (got,) = lenient.wait_for(1)
+        assert got.tls is False
+        rows = d.wait_mail_log(lambda rows: final(rows, 1), plain)
+        assert [(r["event"], r["tls"]) for r in rows[1:]] == [("delivered", "")]
+
+
+def test_a_bounce_that_bounces_is_dropped_not_bounced_again(make_cmcd: Any, dns: DnsServer, port: int) -> None:
+    dns.remove("acme.test", "MX")
+    dns.add("acme.test", "MX", "0 .")  # the sender's own domain takes no mail: its bounce cannot be delivered
+    dns.add("null.test", "MX", "0 .")
+    d = start(make_cmcd, dns, port)
+    qid = submit(d, ["rcpt@null.test"])
+    d.wait_mail_log(lambda rows: final(rows, 1), qid)
+    line = d.wait_log("event=bounce_dropped")
+    rows = d.mail_log()
+    bounce_ids = {r["queue_id"] for r in rows if r["sender"] == ""}
+    assert len(bounce_ids) == 1 and "5.1.10" in line
+    assert [r["event"] for r in rows if r["queue_id"] in bounce_ids] == ["accepted", "bounced"]
+    time.sleep(1.0)
+    assert len({r["queue_id"] for r in d.mail_log()}) == 2  # no bounce of the bounce
