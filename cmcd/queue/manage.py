@@ -11,6 +11,7 @@ import sqlite3
 from typing import Any
 
 from cmcd.crypto import DataKeys
+from cmcd.db import transaction
 from cmcd.errors import NotFound, StoreError
 from cmcd.queue.spool import INSERT_EVENT
 
@@ -172,7 +173,7 @@ def retry(
     tenant_id: int | None = None,
 ) -> int:
     """Make deferred (and queued) recipients due now; returns how many."""
-    with conn:
+    with transaction(conn):
         if queue_id is not None:
             qids = _message_ids(conn, queue_id, tenant_id)
             return _each(
@@ -197,7 +198,7 @@ def retry(
 def hold(conn: sqlite3.Connection, *, queue_id: str | None = None, tenant_id: int | None = None) -> int:
     """Hold messages: their waiting recipients are never scheduled until released; an attempt
     already under way finishes, and is held if it is deferred."""
-    with conn:
+    with transaction(conn):
         qids = _message_ids(conn, queue_id, tenant_id)
         _each(conn, "UPDATE messages SET held = 1 WHERE queue_id = ?", qids)
         return _each(
@@ -206,7 +207,7 @@ def hold(conn: sqlite3.Connection, *, queue_id: str | None = None, tenant_id: in
 
 
 def release(conn: sqlite3.Connection, now: float, *, queue_id: str | None = None, tenant_id: int | None = None) -> int:
-    with conn:
+    with transaction(conn):
         qids = _message_ids(conn, queue_id, tenant_id)
         _each(conn, "UPDATE messages SET held = 0 WHERE queue_id = ?", qids)
         return _each(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cmcd.crypto import DataKeys
+from cmcd.db import transaction
 from cmcd.errors import SpoolError
 from cmcd.records import SpoolMessage
 
@@ -127,7 +128,7 @@ def take_events(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
 
 
 def drop_events(conn: sqlite3.Connection, up_to_id: int) -> None:
-    with conn:
+    with transaction(conn):
         conn.execute("DELETE FROM events WHERE id <= ?", (up_to_id,))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cmcd.crypto import DataKeys
+from cmcd.db import transaction
 from cmcd.queue import dsn
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import INSERT_EVENT, insert_messages
@@ -108,7 +109,7 @@ def claim_due(conn: sqlite3.Connection, keys: DataKeys, now: float, limit: int) 
         return []
     conn.execute("PRAGMA synchronous=NORMAL")
     try:
-        with conn:
+        with transaction(conn):
             conn.executemany("UPDATE recipients SET state = 'inflight' WHERE id = ?", [(r[0],) for r in rows])
     finally:
         conn.execute("PRAGMA synchronous=FULL")

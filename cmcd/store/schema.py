@@ -6,6 +6,8 @@ import sqlite3
 
 import sqlite_utils
 
+from cmcd.db import transaction
+
 MIGRATIONS: list[str] = [
     # 1: tenants, users, IP credentials, domains, suppression, logs
     """
@@ -143,7 +145,7 @@ def migrate(db: sqlite_utils.Database) -> int:
         db.table("meta").create({"key": str, "value": str}, pk="key")
     version = schema_version(db)
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        with conn:
+        with transaction(conn):
             for statement in script.split(";"):
                 if statement.strip():
                     conn.execute(statement)

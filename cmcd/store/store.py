@@ -18,6 +18,7 @@ from typing import Any
 import sqlite_utils
 
 from cmcd import crypto
+from cmcd.db import transaction
 from cmcd.errors import KeyFileError, NotFound, StoreError
 from cmcd.records import Domain, IpCredential, Tenant, User
 from cmcd.store.schema import migrate
@@ -87,7 +88,7 @@ class Store:
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'key_check'").fetchone()
         if row is None:
             blob = self.keys.encrypt(_KEY_CHECK).hex()
-            with self.conn:
+            with transaction(self.conn):
                 self.conn.execute("INSERT INTO meta(key, value) VALUES ('key_check', ?)", (blob,))
             return
         try:
@@ -108,7 +109,7 @@ class Store:
         if not _NAME_RE.match(name):
             raise StoreError(f"tenant name {name!r}: use letters, digits, '.', '_' or '-' (up to 63)")
         try:
-            with self.conn:
+            with transaction(self.conn):
                 cur = self.conn.execute("INSERT INTO tenants(name, created) VALUES (?, ?)", (name, time.time()))
         except sqlite3.IntegrityError:
             raise StoreError(f"tenant {name!r} already exists") from None
@@ -146,7 +147,7 @@ class Store:
         if role not in ROLES:
             raise StoreError(f"role {role!r}: expected one of {', '.join(ROLES)}")
         try:
-            with self.conn:
+            with transaction(self.conn):
                 cur = self.conn.execute(
                     "INSERT INTO users(tenant_id, login, role, password_hash, enabled, created) VALUES (?,?,?,?,1,?)",
                     (t.id, login, role, password_hash, time.time()),
@@ -186,7 +187,7 @@ class Store:
         self, tenant: str, login: str, *, password_hash: str | None = None, enabled: bool | None = None
     ) -> User:
         u = self.user(tenant, login)
-        with self.conn:
+        with transaction(self.conn):
             if password_hash is not None:
                 self.conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, u.id))
             if enabled is not None:
@@ -195,7 +196,7 @@ class Store:
 
     def user_delete(self, tenant: str, login: str) -> None:
         u = self.user(tenant, login)
-        with self.conn:
+        with transaction(self.conn):
             self.conn.execute("DELETE FROM ip_credentials WHERE user_id = ?", (u.id,))
             self.conn.execute("DELETE FROM users WHERE id = ?", (u.id,))
 
@@ -218,7 +219,7 @@ class Store:
             if other.tenant_id != u.tenant_id and theirs.version == net.version and theirs.overlaps(net):
                 raise StoreError(f"{net} overlaps {theirs}, an IP credential of another tenant")
         try:
-            with self.conn:
+            with transaction(self.conn):
                 self.conn.execute(
                     "INSERT INTO ip_credentials(tenant_id, user_id, cidr, created) VALUES (?,?,?,?)",
                     (u.tenant_id, u.id, str(net), time.time()),
@@ -244,7 +245,7 @@ class Store:
             net = str(ipaddress.ip_network(cidr, strict=False))
         except ValueError:
             raise StoreError(f"{cidr!r} is not an address or CIDR network") from None
-        with self.conn:
+        with transaction(self.conn):
             cur = self.conn.execute("DELETE FROM ip_credentials WHERE user_id = ? AND cidr = ?", (u.id, net))
         if cur.rowcount == 0:
             raise NotFound(f"{login!r} in tenant {tenant!r} has no credential {net}")
@@ -258,7 +259,7 @@ class Store:
         if not _DOMAIN_RE.match(name):
             raise StoreError(f"{name!r} is not a domain name (like example.com)")
         try:
-            with self.conn:
+            with transaction(self.conn):
                 cur = self.conn.execute(
                     "INSERT INTO domains(tenant_id, name, created) VALUES (?,?,?)", (t.id, name, time.time())
                 )
@@ -309,7 +310,7 @@ class Store:
 
     def dkim_add(self, tenant: str, domain: str, keys: list[NewKey], state: str) -> None:
         d = self.domain(tenant, domain)
-        with self.conn:
+        with transaction(self.conn):
             for k in keys:
                 self._insert_key(d.id, d.name, k, state)
 
@@ -326,7 +327,7 @@ class Store:
         now = time.time()
         rows = self.conn.execute("SELECT id, selector, state FROM dkim_keys WHERE domain_id = ?", (d.id,)).fetchall()
         changed = 0
-        with self.conn:
+        with transaction(self.conn):
             for key_id, selector, state in rows:
                 target = moves.get(state)
                 if target is None or (selectors is not None and selector not in selectors):
@@ -344,7 +345,7 @@ class Store:
     def dkim_set_dns(self, tenant: str, domain: str, results: dict[str, str]) -> None:
         """Record what a DNS check found per selector: published, missing or mismatch."""
         d = self.domain(tenant, domain)
-        with self.conn:
+        with transaction(self.conn):
             self.conn.executemany(
                 "UPDATE dkim_keys SET dns_state = ? WHERE domain_id = ? AND selector = ?",
                 [(state, d.id, selector) for selector, state in results.items()],
@@ -370,7 +371,7 @@ class Store:
     # -- logs ------------------------------------------------------------------------------
 
     def log_logins(self, records: list[LoginRecord]) -> None:
-        with self.conn:
+        with transaction(self.conn):
             self.conn.executemany(
                 "INSERT INTO login_log(ts, tenant_id, login, client_ip, mechanism, result, detail) VALUES (?,?,?,?,?,?,?)",
                 [(r.ts, r.tenant_id, r.login, r.client_ip, r.mechanism, r.result, r.detail) for r in records],
@@ -387,7 +388,7 @@ class Store:
         tenant_id: int | None = None,
         detail: str = "",
     ) -> None:
-        with self.conn:
+        with transaction(self.conn):
             self.conn.execute(
                 "INSERT INTO ops_log(ts, actor_uid, actor, tenant_id, action, target, result, detail) "
                 "VALUES (?,?,?,?,?,?,?,?)",
@@ -408,7 +409,7 @@ class Store:
         cols = ", ".join(self.MAIL_EVENT_COLUMNS)
         marks = ", ".join("?" for _ in self.MAIL_EVENT_COLUMNS)
         i = {c: k for k, c in enumerate(self.MAIL_EVENT_COLUMNS)}
-        with self.conn:
+        with transaction(self.conn):
             before = self.conn.total_changes
             self.conn.executemany(f"INSERT OR IGNORE INTO mail_log({cols}) VALUES ({marks})", [r[:n] for r in rows])
             added = self.conn.total_changes - before
@@ -443,7 +444,7 @@ class Store:
     def suppression_add(self, tenant: str, address: str, reason: str) -> bool:
         t = self.tenant(tenant)
         domain = address.rpartition("@")[2].lower()
-        with self.conn:
+        with transaction(self.conn):
             cur = self.conn.execute(
                 "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, created) "
                 "VALUES (?,?,?,?,?,?)",
@@ -453,7 +454,7 @@ class Store:
 
     def suppression_delete(self, tenant: str, address: str) -> None:
         t = self.tenant(tenant)
-        with self.conn:
+        with transaction(self.conn):
             cur = self.conn.execute(
                 "DELETE FROM suppressions WHERE tenant_id = ? AND address_hmac = ?", (t.id, self.keys.index(address))
             )
@@ -468,7 +469,7 @@ class Store:
         t = self.tenant(name)
         if suppressed_rcpt is not None and suppressed_rcpt not in ("accept", "refuse"):
             raise StoreError(f"suppressed_rcpt must be 'accept' or 'refuse', not {suppressed_rcpt!r}")
-        with self.conn:
+        with transaction(self.conn):
             if dsn is not None:
                 self.conn.execute("UPDATE tenants SET dsn = ? WHERE id = ?", (int(dsn), t.id))
             if suppressed_rcpt is not None:

@@ -1,0 +1,24 @@
+"""SQLite transactions for connections opened in autocommit mode (isolation_level=None).
+
+In autocommit mode `with conn:` does not open a transaction: every statement would commit (and
+fsync) on its own. Everything that changes more than one row goes through transaction().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK when the body (or the COMMIT) fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
