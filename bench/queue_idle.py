@@ -35,7 +35,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cmcd import crypto  # noqa: E402
 from cmcd.queue.ids import QueueIdGenerator  # noqa: E402
 from cmcd.queue.spool import Spool  # noqa: E402
 from cmcd.store import open_store  # noqa: E402
