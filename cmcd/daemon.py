@@ -18,6 +18,7 @@ import click
 
 from cmcd import __version__
 from cmcd import config as config_mod
+from cmcd.admin.retention import RetentionJob
 from cmcd.admin.server import AdminServer
 from cmcd.config import Config
 from cmcd.deliver.engine import DeliveryEngine
@@ -139,8 +140,11 @@ class Daemon:
             scheduler=scheduler,
             engine=engine,
             suppressions=service.suppressions,
+            drop_sessions=smtp.ctx.sessions.drop_tenant,
         )
         await admin.start()
+        retention = RetentionJob(cfg, astore)
+        retention.start()
 
         log.info(
             "event=ready version=%s pid=%d smtp=%s smtps=%s admin=%s",
@@ -156,6 +160,7 @@ class Daemon:
         log.info("event=stopping grace_s=%g", cfg.server.shutdown_grace)
         sd_notify(self.notify_socket, "STOPPING=1")
         await admin.close()
+        await retention.close()
         await smtp.close(cfg.server.shutdown_grace)
         await scheduler.close()
         await engine.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import datetime
+import itertools
 import json
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +60,32 @@ class Client:
         if not reply.get("ok"):
             raise CtlError(str(reply.get("error") or "request refused (no reason given)"))
         return reply.get("result")
+
+    def stream(self, verb: str, **args: Any) -> Iterator[dict[str, Any]]:
+        """Rows of a streamed result as they arrive; raise CtlError on refusal or a broken stream."""
+        request = {"verb": verb, "args": {k: v for k, v in args.items() if v is not None}}
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(REPLY_TIMEOUT_S)
+        with sock:
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                raise CtlError(
+                    f"cannot reach cmcd at {self.socket_path}: {exc.strerror or exc} (is the daemon running?)"
+                ) from None
+            sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+            with sock.makefile("rb") as lines:
+                head = json.loads(lines.readline() or b"{}")
+                if not head.get("ok"):
+                    raise CtlError(str(head.get("error") or "cmcd closed the connection without replying"))
+                for line in lines:
+                    row = json.loads(line)
+                    if row.get("end") is True and set(row) <= {"end", "rows", "error"}:
+                        if row.get("error"):
+                            raise CtlError(row["error"])
+                        return
+                    yield row
+        raise CtlError("the listing was cut off before its end; see the daemon log")
 
     def show(self, result: Any, human: Callable[[Any], None]) -> None:
         """Print RESULT as JSON with --json, else the way HUMAN formats it."""
@@ -563,6 +591,112 @@ def suppression_add(c: Client, tenant_name: str, address: str) -> None:
 def suppression_delete(c: Client, tenant_name: str, address: str) -> None:
     """Remove ADDRESS from a tenant's suppression list."""
     c.show(c.call("suppression.delete", tenant=tenant_name, address=address), said(f"removed {address}"))
+
+
+LOG_COLUMNS = {
+    "mail": ("time", "tenant", "queue_id", "event", "sender", "rcpt", "status", "attempt", "mx", "ip", "tls",
+             "delay", "size", "message_id", "response"),
+    "login": ("time", "tenant", "login", "client_ip", "mechanism", "result", "detail"),
+    "ops": ("time", "tenant", "actor", "actor_uid", "action", "target", "result", "detail"),
+}  # fmt: skip
+
+
+def _emit(rows: Iterator[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> int:
+    """Write ROWS to stdout as they come: csv (UTF-8, header row), json (one array) or an aligned table."""
+    out = sys.stdout
+    n = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+            n += 1
+    elif fmt == "json":
+        out.write("[")
+        for row in rows:
+            out.write(("\n" if n == 0 else ",\n") + json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False))
+            n += 1
+        out.write("\n]\n" if n else "]\n")
+    else:  # widths from the first page; later rows just run longer
+        first: list[dict[str, Any]] = []
+        for row in rows:
+            first.append(row)
+            if len(first) == 500:
+                break
+        widths = [max([len(c)] + [len(cell(c, r.get(c))) for r in first]) for c in columns]
+        out.write("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+        for row in itertools.chain(first, rows):
+            out.write("  ".join(cell(c, row.get(c)).ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+            n += 1
+    out.flush()
+    return n
+
+
+@cli.group("log")
+def log_group() -> None:
+    """Query the mail, login and operation logs (times in server.timezone)."""
+
+
+def _log_command(kind: str, doc: str, mail: bool) -> None:
+    @log_group.command(kind, help=doc)
+    @click.option("--tenant", "tenant_name", default=None, metavar="T")
+    @click.option("--since", default=None, metavar="WHEN", help="ISO 8601, or relative: -2h, -7d")
+    @click.option("--until", default=None, metavar="WHEN", help="ISO 8601, or relative: -2h, -7d")
+    @click.option("--status", default=None, help="mail: event or state (delivered, bounced...); login/ops: result")
+    @click.option("--rcpt", default=None, metavar="ADDRESS", hidden=not mail)
+    @click.option("--sender", default=None, metavar="ADDRESS", hidden=not mail)
+    @click.option("--queue-id", "queue_id", default=None, metavar="QUEUE-ID", hidden=not mail)
+    @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+    @click.option("--limit", type=click.IntRange(0, None), default=0, help="at most this many rows (0: all)")
+    @pass_client
+    def command(c: Client, tenant_name: str | None, since: str | None, until: str | None, status: str | None,
+                rcpt: str | None, sender: str | None, queue_id: str | None, fmt: str, limit: int) -> None:  # fmt: skip
+        if not mail and (rcpt or sender or queue_id):
+            raise CtlError(f"log {kind}: --rcpt, --sender and --queue-id are for the mail log")
+        args: dict[str, Any] = {"tenant": tenant_name, "since": since, "until": until, "status": status}
+        if mail:
+            args |= {"rcpt": rcpt, "sender": sender, "queue_id": queue_id}
+        rows = c.stream(f"log.{kind}", limit=limit or None, **args)
+        if c.as_json:
+            fmt = "json"
+        _emit(rows, LOG_COLUMNS[kind], fmt)
+
+
+_log_command("mail", "Mail log: one row per recipient and attempt (addresses decrypted).", True)
+_log_command("login", "Login log: every AUTH and IP-credential login, good and bad.", False)
+_log_command("ops", "Operation log: every administrative change and refusal, with the caller.", False)
+
+
+@cli.group()
+def retention() -> None:
+    """Log retention (mail log retention.mail_log_days, login and ops logs retention.audit_log_days)."""
+
+
+@retention.command("run")
+@pass_client
+def retention_run(c: Client) -> None:
+    """Delete log rows past their retention now (the daemon also does it daily)."""
+    c.show(c.call("retention.run"), lambda r: click.echo(" ".join(f"{k}={v}" for k, v in r.items()) + " rows deleted"))
+
+
+@tenant.command("delete")
+@click.argument("name")
+@click.option("--purge", is_flag=True, help="required: erase the tenant and everything it owns")
+@click.option("--yes", is_flag=True, help="do not ask for the tenant name again")
+@pass_client
+def tenant_delete(c: Client, name: str, purge: bool, yes: bool) -> None:
+    """Erase a tenant: sessions closed, queued mail, users, credentials, domains and keys,
+    suppression list and logs deleted, the store and spool vacuumed."""
+    if not purge:
+        raise CtlError("tenant delete erases everything the tenant owns; say so with --purge")
+    if not yes:
+        again = click.prompt(f"This erases tenant {name!r} and all its data. Type the tenant name to confirm")
+        if again != name:
+            raise CtlError("the names differ; nothing was deleted")
+    c.show(
+        c.call("tenant.delete", name=name, purge=True),
+        lambda r: click.echo(f"purged tenant {name}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "tenant")),
+    )
 
 
 def main() -> None:

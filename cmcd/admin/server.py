@@ -19,13 +19,15 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from cmcd import crypto
-from cmcd.admin import dkim_keys
+from cmcd.admin import dkim_keys, logs
+from cmcd.admin.retention import run_retention
 from cmcd.config import Config
 from cmcd.deliver.engine import DeliveryEngine
 from cmcd.deliver.routing import make_resolver
@@ -62,7 +64,8 @@ class Caller:
 class _Args:
     """A verb's arguments, checked: unknown keys refused, values typed; errors never quote values."""
 
-    def __init__(self, verb: str, raw: Any, allowed: tuple[str, ...]):
+    def __init__(self, verb: str, raw: Any, allowed: tuple[str, ...], caller: Caller | None = None):
+        self.caller = caller
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -153,12 +156,14 @@ class AdminServer:
         scheduler: Scheduler | None = None,
         engine: DeliveryEngine | None = None,
         suppressions: Suppressions | None = None,
+        drop_sessions: Callable[[int], int] | None = None,
     ):
         self._path = config.path(config.admin.socket)
         self._config = config
         self._scheduler = scheduler
         self._engine = engine
         self._suppressions = suppressions
+        self._drop_sessions = drop_sessions
         self._astore = astore
         self._store = astore.store
         self._spool = spool
@@ -233,7 +238,10 @@ class AdminServer:
                 conn.busy = True
                 try:
                     reply = await self._handle(caller, line)
-                    await _send(writer, reply)
+                    if isinstance(reply.get("result"), Stream):
+                        await _stream(writer, reply["result"])
+                    else:
+                        await _send(writer, reply)
                 finally:
                     conn.busy = False
         except OSError as exc:
@@ -268,7 +276,7 @@ class AdminServer:
         result: Any = None
         error: str | None = None
         try:
-            result = await spec.handler(self, _Args(verb, raw_args, spec.args))
+            result = await spec.handler(self, _Args(verb, raw_args, spec.args, caller))
         except (StoreError, BadRequest) as exc:
             error = str(exc)
         except Exception as exc:
@@ -568,6 +576,63 @@ class AdminServer:
             self._engine.erased()
         return {"queue_id": a.text("queue_id"), "recipients": n, "deleted": True}
 
+    # -- logs, retention, purge -------------------------------------------------------------
+
+    async def _log(self, a: _Args, kind: str) -> Stream:
+        tz = ZoneInfo(self._config.server.timezone)
+        now = time.time()
+        filters: dict[str, Any] = {}
+        try:
+            for key in ("since", "until"):
+                text = a.optional_text(key)
+                if text is not None:
+                    filters[key] = logs.parse_when(text, now, tz)
+        except logs.TimeError as exc:
+            raise BadRequest(f"{a.verb}: {exc}") from None
+        filters["tenant_id"] = await self._tenant_scope(a)
+        filters["status"] = a.optional_text("status")
+        if kind == "mail":
+            filters |= {k: a.optional_text(k) for k in ("rcpt", "sender", "queue_id")}
+        limit = a.integer("limit", 0, 0, 100_000_000) or None
+        return Stream(logs.rows(self._astore, kind, tz, limit, **filters))
+
+    async def _log_mail(self, a: _Args) -> Any:
+        return await self._log(a, "mail")
+
+    async def _log_login(self, a: _Args) -> Any:
+        return await self._log(a, "login")
+
+    async def _log_ops(self, a: _Args) -> Any:
+        return await self._log(a, "ops")
+
+    async def _retention_run(self, a: _Args) -> Any:
+        caller = a.caller
+        return await run_retention(
+            self._config, self._astore, time.time(), actor=caller.name if caller else "cmcd",
+            actor_uid=caller.uid if caller else None,
+        )  # fmt: skip
+
+    async def _tenant_delete(self, a: _Args) -> Any:
+        name = a.text("name")
+        if a.raw.get("purge") is not True:
+            raise BadRequest("tenant.delete: a tenant is only removed with everything it owns; pass purge: true")
+        tenant = await self._astore.call(self._store.tenant, name)
+        sessions = self._drop_sessions(tenant.id) if self._drop_sessions is not None else 0
+        messages = await self._spool.call(functools.partial(manage.purge_tenant, tenant_id=tenant.id))
+        counts = await self._astore.call(self._store.tenant_purge, name)
+        await self._astore.call(self._store.checkpoint, True)
+        if self._suppressions is not None:
+            self._suppressions.load(await self._astore.call(self._store.suppression_index))
+        caller = a.caller
+        # one row that the purge happened: the tenant's number, no name, login or address
+        await self._astore.call(
+            self._store.log_op, actor_uid=caller.uid if caller else None, actor=caller.name if caller else "cmcd",
+            action="tenant.purge", target=f"tenant #{tenant.id}", result="ok",
+            detail=f"sessions={sessions} messages={messages} " + " ".join(f"{k}={v}" for k, v in counts.items()),
+        )  # fmt: skip
+        self._changed()
+        return {"tenant": name, "sessions": sessions, "messages": messages} | counts
+
     async def _tenant_set(self, a: _Args) -> Any:
         name = a.text("name")
         dsn = a.raw.get("dsn")
@@ -627,6 +692,13 @@ VERBS: dict[str, _Verb] = {
     "domain.import-key": _Verb(
         AdminServer._domain_import_key, ("tenant", "domain", "selector", "pem"), target="{tenant}/{domain} {selector}"
     ),
+    "tenant.delete": _Verb(AdminServer._tenant_delete, ("name", "purge")),
+    "log.mail": _Verb(
+        AdminServer._log_mail, ("tenant", "since", "until", "rcpt", "sender", "queue_id", "status", "limit")
+    ),
+    "log.login": _Verb(AdminServer._log_login, ("tenant", "since", "until", "status", "limit")),
+    "log.ops": _Verb(AdminServer._log_ops, ("tenant", "since", "until", "status", "limit")),
+    "retention.run": _Verb(AdminServer._retention_run, ()),
     "tenant.set": _Verb(
         AdminServer._tenant_set, ("name", "dsn", "suppressed_rcpt"), target="{name}", tenant_arg="name"
     ),
@@ -643,6 +715,29 @@ VERBS: dict[str, _Verb] = {
     "suppression.add": _Verb(AdminServer._suppression_add, ("tenant", "address"), target="{tenant}"),
     "suppression.delete": _Verb(AdminServer._suppression_delete, ("tenant", "address"), target="{tenant}"),
 }
+
+
+@dataclass
+class Stream:
+    """A result sent as many lines: {"ok": true, "stream": true}, one JSON object per row, then
+    {"end": true, "rows": N} (or {"end": true, "error": ...}). Memory stays flat for any size."""
+
+    rows: AsyncIterator[dict[str, Any]]
+
+
+async def _stream(writer: asyncio.StreamWriter, stream: Stream) -> None:
+    await _send(writer, {"ok": True, "stream": True})
+    n = 0
+    try:
+        async for row in stream.rows:
+            writer.write(json.dumps(row).encode("utf-8") + b"\n")
+            n += 1
+            if n % 500 == 0:
+                await writer.drain()
+    except (StoreError, BadRequest) as exc:
+        await _send(writer, {"end": True, "rows": n, "error": str(exc)})
+        return
+    await _send(writer, {"end": True, "rows": n})
 
 
 class _Overlong(Exception):

@@ -248,3 +248,19 @@ def delete(conn: sqlite3.Connection, now: float, queue_id: str, tenant_id: int |
         conn.execute("ROLLBACK")
         raise
     return len(rcpts)
+
+
+def purge_tenant(conn: sqlite3.Connection, tenant_id: int) -> int:
+    """Delete every queued message of TENANT_ID with its recipients, its pending mail-log events and
+    its daily counts (secure_delete overwrites the pages), then checkpoint and vacuum the spool.
+    Returns the number of messages removed."""
+    with transaction(conn):
+        qids = [(r[0],) for r in conn.execute("SELECT queue_id FROM messages WHERE tenant_id = ?", (tenant_id,))]
+        conn.executemany("DELETE FROM recipients WHERE queue_id = ?", qids)
+        conn.execute("DELETE FROM messages WHERE tenant_id = ?", (tenant_id,))
+        conn.execute("DELETE FROM events WHERE tenant_id = ?", (tenant_id,))
+        conn.execute("DELETE FROM daily_counts WHERE tenant_id = ?", (tenant_id,))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("VACUUM")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return len(qids)

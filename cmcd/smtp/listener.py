@@ -61,6 +61,17 @@ class SessionRegistry:
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         return None
 
+    def drop_tenant(self, tenant_id: int) -> int:
+        """Close every session authenticated as TENANT_ID (its tenant is being removed)."""
+        dropped = 0
+        for proto in list(self.live):
+            session = getattr(proto, "session", None)
+            sender = getattr(session, "sender", None)
+            if sender is not None and sender.tenant_id == tenant_id:
+                proto._close("421 4.7.0 Your account has been closed")
+                dropped += 1
+        return dropped
+
     def release(self, proto: Any) -> None:
         if proto in self.live:
             self.live.discard(proto)

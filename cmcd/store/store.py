@@ -410,6 +410,9 @@ class Store:
         marks = ", ".join("?" for _ in self.MAIL_EVENT_COLUMNS)
         i = {c: k for k, c in enumerate(self.MAIL_EVENT_COLUMNS)}
         with transaction(self.conn):
+            # a tenant purged meanwhile gets none of its in-flight events back
+            tenants = {r[0] for r in self.conn.execute("SELECT id FROM tenants")}
+            rows = [r for r in rows if r[i["tenant_id"]] in tenants]
             before = self.conn.total_changes
             self.conn.executemany(f"INSERT OR IGNORE INTO mail_log({cols}) VALUES ({marks})", [r[:n] for r in rows])
             added = self.conn.total_changes - before
@@ -474,6 +477,129 @@ class Store:
                 self.conn.execute("UPDATE tenants SET dsn = ? WHERE id = ?", (int(dsn), t.id))
             if suppressed_rcpt is not None:
                 self.conn.execute("UPDATE tenants SET suppressed_rcpt = ? WHERE id = ?", (suppressed_rcpt, t.id))
+
+    # -- log queries (paged by id, so an export of any size never sits in memory) ---------------
+
+    _LOG_QUERIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+        "mail": (
+            "mail_log",
+            "SELECT x.id, x.ts, t.name, x.queue_id, x.event, x.sender_enc, x.rcpt_enc, x.rcpt_domain, x.status, "
+            "x.response, x.attempt, x.mx, x.ip, x.tls, x.delay, x.size, x.message_id FROM mail_log x "
+            "LEFT JOIN tenants t ON t.id = x.tenant_id",
+            ("id", "ts", "tenant", "queue_id", "event", "sender", "rcpt", "rcpt_domain", "status", "response",
+             "attempt", "mx", "ip", "tls", "delay", "size", "message_id"),
+        ),
+        "login": (
+            "login_log",
+            "SELECT x.id, x.ts, t.name, x.login, x.client_ip, x.mechanism, x.result, x.detail FROM login_log x "
+            "LEFT JOIN tenants t ON t.id = x.tenant_id",
+            ("id", "ts", "tenant", "login", "client_ip", "mechanism", "result", "detail"),
+        ),
+        "ops": (
+            "ops_log",
+            "SELECT x.id, x.ts, t.name, x.actor_uid, x.actor, x.action, x.target, x.result, x.detail FROM ops_log x "
+            "LEFT JOIN tenants t ON t.id = x.tenant_id",
+            ("id", "ts", "tenant", "actor_uid", "actor", "action", "target", "result", "detail"),
+        ),
+    }  # fmt: skip
+
+    def log_page(
+        self,
+        kind: str,
+        *,
+        tenant_id: int | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        rcpt: str | None = None,
+        sender: str | None = None,
+        queue_id: str | None = None,
+        status: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """One page of log rows in id (time) order after id AFTER; addresses found through their
+        HMAC index and returned decrypted."""
+        table, select, keys = self._LOG_QUERIES[kind]
+        if since is not None and after == 0:  # start at the first row of the window (ts index), not at row 1
+            first = self.conn.execute(f"SELECT MIN(id) FROM {table} WHERE ts >= ?", (since,)).fetchone()[0]
+            if first is None:
+                return []
+            after = first - 1
+        where: list[str] = ["x.id > ?"]
+        args: list[Any] = [after]
+        for column, value in (("x.tenant_id", tenant_id), ("x.queue_id", queue_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append("x.ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("x.ts < ?")
+            args.append(until)
+        if rcpt is not None:
+            where.append("x.rcpt_hmac = ?")
+            args.append(self.keys.index(rcpt))
+        if sender is not None:
+            where.append("x.sender_hmac = ?")
+            args.append(self.keys.index(sender))
+        if status is not None:
+            where.append("(x.event = ? OR x.status = ?)" if kind == "mail" else "x.result = ?")
+            args += [status, status] if kind == "mail" else [status]
+        sql = f"{select} WHERE {' AND '.join(where)} ORDER BY x.id LIMIT ?"
+        out = []
+        for r in self.conn.execute(sql, (*args, limit)):
+            row = dict(zip(keys, r))
+            if kind == "mail":
+                row["sender"] = self.keys.decrypt(bytes(r[5])) if r[5] is not None else ""
+                row["rcpt"] = self.keys.decrypt(bytes(r[6])) if r[6] is not None else ""
+            out.append(row)
+        return out
+
+    # -- tenant purge --------------------------------------------------------------------------
+
+    def tenant_purge(self, name: str) -> dict[str, int]:
+        """Delete TENANT and everything of it: users, IP credentials, domains and their keys,
+        suppression list, mail, login and operation log rows. One transaction; the caller
+        checkpoints and vacuums afterwards so no page keeps the deleted rows."""
+        t = self.tenant(name)
+        logins = [r[0] for r in self.conn.execute("SELECT login FROM users WHERE tenant_id = ?", (t.id,))]
+        counts: dict[str, int] = {}
+        with transaction(self.conn):
+            c = self.conn.execute
+            counts["dkim_keys"] = c(
+                "DELETE FROM dkim_keys WHERE domain_id IN (SELECT id FROM domains WHERE tenant_id = ?)", (t.id,)
+            ).rowcount
+            for table in ("ip_credentials", "users", "domains", "suppressions", "mail_log", "login_log", "ops_log"):
+                counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (t.id,)).rowcount
+            # failed logins with one of its login names were logged without a tenant
+            counts["login_log"] += sum(
+                c("DELETE FROM login_log WHERE tenant_id IS NULL AND login = ?", (login,)).rowcount for login in logins
+            )
+            c("DELETE FROM tenants WHERE id = ?", (t.id,))
+        return counts
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def expire_rows(self, table: str, cutoff: float, batch: int = 5000) -> int:
+        """Delete up to BATCH rows of TABLE older than CUTOFF in one transaction (secure_delete is on);
+        the caller repeats until it returns less than BATCH, so no transaction holds the store long."""
+        if table not in ("mail_log", "login_log", "ops_log"):
+            raise StoreError(f"no log table {table!r}")
+        with transaction(self.conn):
+            cur = self.conn.execute(
+                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? ORDER BY ts LIMIT ?)",
+                (cutoff, batch),
+            )
+        return cur.rowcount
+
+    def checkpoint(self, vacuum: bool = False) -> None:
+        """Move the WAL into the database and truncate it (and rewrite the file, with VACUUM), so no
+        page of either still holds deleted rows."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if vacuum:
+            self.conn.execute("VACUUM")
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def login_log(self, limit: int = 100) -> list[dict[str, Any]]:
         cur = self.conn.execute(
