@@ -68,10 +68,27 @@ def sd_notify(notify_socket: str | None, message: str) -> None:
         s.sendall(message.encode())
 
 
+#: settings read once at start; a SIGHUP reload names them in the log when they changed
+RESTART_ONLY = (
+    "server.timezone", "smtp.listen", "smtp.listen_tls", "spool.dir", "store.path", "store.key_file",
+    "admin.socket", "metrics.listen", "backup.dir", "backup.key_file", "dns.nameservers", "dns.timeout",
+)  # fmt: skip
+
+
+def _changed(old: Config, new: Config, paths: tuple[str, ...]) -> list[str]:
+    def get(cfg: Config, path: str) -> Any:
+        section, key = path.split(".")
+        return getattr(getattr(cfg, section), key)
+
+    return [p for p in paths if get(old, p) != get(new, p)]
+
+
 class Daemon:
-    def __init__(self, config: Config, notify_socket: str | None = None):
+    def __init__(self, config: Config, notify_socket: str | None = None, config_path: str | None = None):
         self.config = config
+        self.config_path = config_path
         self.notify_socket = notify_socket
+        self.admin: AdminServer | None = None
         self.started = time.time()
         self.stop_event = asyncio.Event()
         self.smtp: SmtpListeners | None = None
@@ -101,6 +118,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
 
         store = await asyncio.to_thread(open_store, cfg.path(cfg.store.path), cfg.path(cfg.store.key_file))
         astore = AsyncStore(store)
@@ -143,6 +161,7 @@ class Daemon:
             drop_sessions=smtp.ctx.sessions.drop_tenant,
         )
         await admin.start()
+        self.admin = admin
         retention = RetentionJob(cfg, astore)
         retention.start()
 
@@ -155,7 +174,10 @@ class Daemon:
             cfg.path(cfg.admin.socket),
         )
         sd_notify(self.notify_socket, "READY=1")
+        watchdog = loop.create_task(self._watchdog()) if self.notify_socket else None
         await self.stop_event.wait()
+        if watchdog is not None:
+            watchdog.cancel()
 
         log.info("event=stopping grace_s=%g", cfg.server.shutdown_grace)
         sd_notify(self.notify_socket, "STOPPING=1")
@@ -170,11 +192,55 @@ class Daemon:
         await asyncio.to_thread(astore.close)
         log.info("event=stopped")
 
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half of systemd's WatchdogSec, from the event loop: a stuck loop misses it."""
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if usec <= 0:
+            return
+        while True:
+            sd_notify(self.notify_socket, "WATCHDOG=1")
+            await asyncio.sleep(usec / 2e6)
 
-def serve(config: Config, notify_socket: str | None = None) -> None:
+    async def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change while running: limits,
+        timeouts, routes, the retry schedule and delivery settings, DKIM settings, the TLS
+        certificate. Open sessions and connections stay. What only a restart changes is logged."""
+        if self.config_path is None:
+            log.warning("event=reload_skipped reason=no_config_path")
+            return
+        try:
+            new = await asyncio.to_thread(config_mod.load, self.config_path)
+        except ConfigError as exc:
+            log.error("event=reload_failed problems=%r", exc.problems)
+            return
+        old = self.config
+        stuck = _changed(old, new, RESTART_ONLY)
+        if stuck:
+            log.warning("event=reload_needs_restart keys=%s", ",".join(stuck))
+        self.config = new
+        if self.service is not None:
+            self.service.config = new
+            self.service.dkim.config = new.dkim
+            self.service._tenant_limits.clear()
+        if self.smtp is not None:
+            try:
+                await asyncio.to_thread(self.smtp.reload, new)
+            except (OSError, ValueError) as exc:
+                log.error("event=reload_tls_failed error=%r", str(exc))
+        if self.engine is not None:
+            self.engine.reconfigure(new)
+        if self.scheduler is not None:
+            self.scheduler.max_inflight = new.delivery.max_inflight
+            self.scheduler.wake()
+        if self.admin is not None:
+            self.admin._config = new
+        log.info("event=reloaded config=%s", self.config_path)
+
+
+def serve(config: Config, notify_socket: str | None = None, config_path: str | None = None) -> None:
     import uvloop
 
-    uvloop.run(Daemon(config, notify_socket).run())
+    uvloop.run(Daemon(config, notify_socket, config_path).run())
 
 
 DEFAULT_CONFIG = "/etc/cmcd/cmcd.toml"
@@ -202,7 +268,7 @@ def serve_command(config_path: str) -> None:
     os.umask(0o077)  # the store, spool and keys are for the daemon's user only
     setup_logging()
     try:
-        serve(cfg, notify_socket=os.environ.get("NOTIFY_SOCKET"))
+        serve(cfg, notify_socket=os.environ.get("NOTIFY_SOCKET"), config_path=config_path)
     except CmcdError as exc:
         click.echo(f"cmcd: {exc}", err=True)
         sys.exit(1)

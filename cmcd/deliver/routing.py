@@ -111,6 +111,13 @@ class Router:
         fut.set_result(result)
         return result
 
+    def reconfigure(self, config: Config) -> None:
+        """New routes and port; every cached answer is dropped (the resolver itself needs a restart)."""
+        self.config = config
+        self.port = config.delivery.port
+        self.routes = dict(config.delivery.routes)
+        self._cache.clear()
+
     def cached(self, domain: str) -> Route | Outcome | None:
         entry = self._cache.get(domain)
         return entry[1] if entry is not None and entry[0] > self.clock() else None

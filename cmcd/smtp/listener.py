@@ -112,6 +112,17 @@ class SmtpListeners:
         self.servers: list[asyncio.AbstractServer] = []
         self.bound: dict[str, list[str]] = {"smtp": [], "smtps": []}
 
+    def reload(self, config: Config) -> None:
+        """New limits and timeouts for new commands and sessions; the certificate is read again
+        (rotated in place) for new handshakes. Runs off the event loop (file reads)."""
+        smtp = config.smtp
+        if self.ctx.tls_context is not None and smtp.tls_cert and smtp.tls_key:
+            self.ctx.tls_context.load_cert_chain(str(config.path(smtp.tls_cert)), str(config.path(smtp.tls_key)))
+        self.ctx.sessions.max_total = smtp.max_connections
+        self.ctx.sessions.max_per_ip = smtp.max_connections_per_ip
+        self.ctx.config = config
+        self.config = config
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ctx = self.ctx
