@@ -787,6 +787,9 @@ dir = "{spool}"
 path = "{tmp / "cmcd.db"}"
 key_file = "{tmp / "data.key"}"
 
+[metrics]
+listen = ""
+
 [admin]
 socket = "{sock}"
 

@@ -105,6 +105,9 @@ dir = "{tmp / "spool"}"
 [store]
 path = "{tmp / "cmcd.db"}"
 key_file = "{tmp / "data.key"}"
+[metrics]
+listen = ""
+
 [admin]
 socket = "{tmp / "admin.sock"}"
 [dns]

@@ -556,6 +556,9 @@ dir = {toml_str(str(tmp / "spool"))}
 path = {toml_str(str(tmp / "cmcd.db"))}
 key_file = {toml_str(str(tmp / "data.key"))}
 
+[metrics]
+listen = ""
+
 [admin]
 socket = {toml_str(str(tmp / "admin.sock"))}
 

@@ -242,7 +242,8 @@ class AdminConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str = ""
+    #: Prometheus /metrics listener, "host:port"; "" turns it off
+    listen: str = "127.0.0.1:9465"
 
 
 @dataclass(frozen=True)

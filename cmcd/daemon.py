@@ -18,6 +18,7 @@ import click
 
 from cmcd import __version__
 from cmcd import config as config_mod
+from cmcd.admin.metrics import MetricsServer
 from cmcd.admin.retention import RetentionJob
 from cmcd.admin.server import AdminServer
 from cmcd.config import Config
@@ -162,6 +163,8 @@ class Daemon:
         )
         await admin.start()
         self.admin = admin
+        metrics = MetricsServer(cfg, service=service, engine=engine, scheduler=scheduler, spool=spool)
+        await metrics.start()
         retention = RetentionJob(cfg, astore)
         retention.start()
 
@@ -181,6 +184,7 @@ class Daemon:
 
         log.info("event=stopping grace_s=%g", cfg.server.shutdown_grace)
         sd_notify(self.notify_socket, "STOPPING=1")
+        await metrics.close()
         await admin.close()
         await retention.close()
         await smtp.close(cfg.server.shutdown_grace)

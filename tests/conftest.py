@@ -102,6 +102,7 @@ class Cmcd:
             "spool": {"dir": str(root / "spool")},
             "store": {"path": str(root / "cmcd.db"), "key_file": str(root / "data.key")},
             "admin": {"socket": str(root / "admin.sock")},
+            "metrics": {"listen": ""},  # tests that scrape set a port of their own
             # intake tests see the queue as intake left it: delivery off, and even so nothing could
             # leave loopback (every domain routed to a closed port, DNS only on loopback). Delivery
             # tests turn it on and route to sinks and a DNS server on loopback.

@@ -31,6 +31,7 @@ from cmcd.policy import Outcome
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import Spool
 from cmcd.queue.work import Due, Job, Result, apply_results, checkpoint, read_body
+from cmcd.stats import DELIVERY_BUCKETS_S, Histogram
 from cmcd.store.suppressions import Suppressions
 
 log = logging.getLogger("cmcd.deliver")
@@ -112,6 +113,7 @@ class DeliveryEngine:
         self._checkpointer: asyncio.Task[None] | None = None
         self._closing = False
         self.counts = {"delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "suppressed": 0}
+        self.delivery_seconds = Histogram(DELIVERY_BUCKETS_S)  # received to final state, read by /metrics
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -137,6 +139,18 @@ class DeliveryEngine:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded configuration: new routes, limits, schedule and timeouts for what comes next.
+        Idle sites are forgotten (re-made with the new limits); busy ones get the new default limit."""
+        self.config = config
+        self.d = config.delivery
+        self.router.reconfigure(config)
+        for key, site in list(self.sites.items()):
+            if site.active or site.queue:
+                site.limit = self.d.connection_limit
+            else:
+                del self.sites[key]
 
     def revive(self, domain: str) -> None:
         """An operator's retry: the domain's site (if known and dead) may connect again at once."""
@@ -422,6 +436,8 @@ class DeliveryEngine:
 
     def _result(self, result: Result) -> None:
         self.counts[result.state] = self.counts.get(result.state, 0) + 1
+        if result.state != "deferred":
+            self.delivery_seconds.observe(self.clock() - result.job.received)
         self._results.append(result)
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())

@@ -148,6 +148,7 @@ class SubmissionSMTP(SMTP):
         if self.transport is None:  # the first call; STARTTLS calls it again
             peer = transport.get_extra_info("peername")
             self.client_ip = peer[0] if peer else ""
+            self.ctx.service.stats.smtp_connections += 1
             refusal = self.ctx.sessions.admit(self)
             if refusal:
                 self._refused = True
@@ -546,6 +547,8 @@ class SubmissionSMTP(SMTP):
             try:
                 raw, problem = await self._read_data()
                 status = problem if raw is None else await self._call_handler_hook("DATA_BYTES", raw)
+                if raw is None:  # refused while reading (size, content, memory); the service counts its own
+                    self.ctx.service.stats.refused(problem)
             finally:
                 self._set_post_data_state()  # a failed transaction must not leave its envelope behind
             if status:

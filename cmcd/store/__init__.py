@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from cmcd.stats import STORE_BUCKETS_S, Histogram
 from cmcd.store.store import LoginRecord, Store, open_store
 
 T = TypeVar("T")
@@ -21,10 +22,13 @@ class AsyncStore:
     def __init__(self, store: Store):
         self.store = store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self.call_seconds = Histogram(STORE_BUCKETS_S)  # each call on the store thread, read by /metrics
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(
+            self._executor, self.call_seconds.timed, functools.partial(fn, *args, **kwargs)
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

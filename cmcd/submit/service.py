@@ -26,6 +26,7 @@ from cmcd.errors import SpoolError
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import DayClock, Spool
 from cmcd.records import Recipient, Sender, SpoolMessage
+from cmcd.stats import IntakeStats, counts_refusals, counts_refusals_async
 from cmcd.store import AsyncStore, LoginRecord
 from cmcd.store.suppressions import Suppressions
 from cmcd.submit import headers
@@ -112,6 +113,7 @@ class SubmitService:
         self._flush_task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None
         self.accepted = 0
+        self.stats = IntakeStats()  # read by /metrics
 
     # -- set-up and caches -----------------------------------------------------------------
 
@@ -201,6 +203,7 @@ class SubmitService:
             result = await self._authenticate_once(login, password, client_ip, mechanism)
             if generation == self._generation:
                 break
+        self.stats.authenticated(isinstance(result, Sender), throttled=result == REPLY_AUTH_THROTTLED)
         if isinstance(result, Sender):
             self._log_login(LoginRecord(self.clock(), login, client_ip, mechanism, "ok", result.tenant_id))
         return result
@@ -277,6 +280,7 @@ class SubmitService:
     def owns_domain(self, sender: Sender, domain: str) -> bool:
         return domain.lower().rstrip(".") in self._tenant_domains.get(sender.tenant_id, frozenset())
 
+    @counts_refusals
     def check_mail(self, sender: Sender, address: str, smtputf8: bool) -> str | None:
         if not address:
             return "550 5.7.1 A null sender is not allowed for submission"
@@ -297,6 +301,7 @@ class SubmitService:
             )
         return None
 
+    @counts_refusals
     def check_rcpt(self, sender: Sender, address: str, accepted_so_far: int, smtputf8: bool) -> str | None:
         if accepted_so_far >= self.config.smtp.max_recipients:
             return f"452 4.5.3 Too many recipients (limit {self.config.smtp.max_recipients} per message)"
@@ -308,6 +313,7 @@ class SubmitService:
 
     # -- end of data -----------------------------------------------------------------------
 
+    @counts_refusals_async
     async def finish(self, sender: Sender, mail_from: str, rcpts: list[str], body: bytes, info: SessionInfo) -> str:
         """Check the header, fix it, sign, spool; return the final reply."""
         if mail_from and not self.owns_domain(sender, mail_from.rpartition("@")[2]):
@@ -349,6 +355,7 @@ class SubmitService:
             self._daily[key] -= 1
             return REPLY_SPOOL_FAILED
         self.accepted += 1
+        self.stats.accept(sender.tenant)
         return f"250 2.0.0 Ok: queued as {qid}"
 
     def _received(self, qid: str, sender: Sender, info: SessionInfo, now: float) -> bytes:

@@ -1,0 +1,332 @@
+"""Prometheus metrics on a loopback HTTP listener; reads what the daemon already counts, counts nothing itself.
+
+GET /metrics is answered on the event loop from plain counters (cmcd/stats.py, the delivery
+engine's counts and sites, the scheduler) through a custom collector, so the hot paths never
+touch prometheus_client. The queue figures (recipients by state, the oldest message, spool
+bytes) come from the spool database, read on a thread of this module's own with its own
+read-only connection: a large queue neither blocks the event loop nor delays delivery's body
+reads. That read is repeated at most every max(MIN_REFRESH_S, REFRESH_COST x its last duration)
+seconds (a 0.2 s count of a million rows: every 10 s); scrapes in between see the figures cached.
+
+Setting: [metrics] listen = "host:port" ("" = off). Loopback only in any sane deployment: the
+endpoint has no authentication (it shows tenant names and destination hosts, never addresses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from cmcd import __version__
+from cmcd.config import Config, split_hostport
+from cmcd.deliver.engine import DeliveryEngine
+from cmcd.queue.scheduler import Scheduler
+from cmcd.queue.spool import PENDING, Spool
+from cmcd.stats import Histogram
+from cmcd.submit.service import SubmitService
+
+log = logging.getLogger("cmcd.metrics")
+
+#: destination sites shown by name in cmcd_destination_connections; the rest are summed as "_other"
+TOP_SITES = 20
+MIN_REFRESH_S = 1.0
+REFRESH_COST = 50.0
+REQUEST_TIMEOUT_S = 10.0
+MAX_REQUEST_BYTES = 16384
+DELIVERY_RESULTS = ("delivered", "deferred", "bounced", "expired", "suppressed")
+
+
+@dataclass(frozen=True)
+class QueueFigures:
+    recipients: dict[str, int] = field(default_factory=dict)  # state -> rows
+    oldest_received: float | None = None  # epoch seconds of the oldest message not held; None: there is none
+    spool_bytes: int = 0  # queue.db and its write-ahead log
+
+
+def read_queue(conn: sqlite3.Connection, path: Path) -> QueueFigures:
+    """The queue figures: one count grouped by state, one minimum, two stat calls."""
+    recipients = {state: n for state, n in conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state")}
+    (oldest,) = conn.execute("SELECT MIN(received) FROM messages WHERE held = 0").fetchone()
+    size = 0
+    for p in (path, path.with_name(path.name + "-wal")):
+        try:
+            size += os.stat(p).st_size
+        except FileNotFoundError:
+            pass
+    return QueueFigures(recipients, oldest, size)
+
+
+def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
+    cumulative, total = hist.snapshot()
+    return [("+Inf" if math.isinf(b) else repr(b), float(n)) for b, n in cumulative], total
+
+
+class DaemonCollector(Collector):
+    """Turns the daemon's counters into metric families at each scrape; every read is O(1) but
+    the destination sites (one pass over them for the busiest TOP_SITES)."""
+
+    def __init__(
+        self,
+        *,
+        service: SubmitService,
+        engine: DeliveryEngine,
+        scheduler: Scheduler,
+        queue: Callable[[], QueueFigures],
+        backup_last_success: Callable[[], float],
+        clock: Callable[[], float],
+    ):
+        self.service = service
+        self.engine = engine
+        self.scheduler = scheduler
+        self.queue = queue
+        self.backup_last_success = backup_last_success
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.service.stats
+        now = self.clock()
+
+        info = GaugeMetricFamily("cmcd_build_info", "cmcd's version (always 1).", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+        yield CounterMetricFamily(
+            "cmcd_smtp_connections", "SMTP connections opened by clients (refused ones too).", stats.smtp_connections
+        )
+        auth = CounterMetricFamily("cmcd_smtp_auth", "SMTP AUTH attempts by result.", labels=["result"])
+        for result, n in stats.auth.items():
+            auth.add_metric([result], n)
+        yield auth
+        accepted = CounterMetricFamily(
+            "cmcd_messages_accepted", "Messages accepted (250 after DATA) by tenant.", labels=["tenant"]
+        )
+        for tenant, n in sorted(stats.accepted.items()):
+            accepted.add_metric([tenant], n)
+        yield accepted
+        rejected = CounterMetricFamily(
+            "cmcd_messages_rejected", "Refusals at MAIL, RCPT and end of data by reason.", labels=["reason"]
+        )
+        for reason, n in stats.rejected.items():
+            rejected.add_metric([reason], n)
+        yield rejected
+
+        deliveries = CounterMetricFamily(
+            "cmcd_deliveries", "Delivery attempt outcomes per recipient by result.", labels=["result"]
+        )
+        counts = self.engine.counts
+        for result in DELIVERY_RESULTS:
+            deliveries.add_metric([result], counts.get(result, 0))
+        yield deliveries
+        buckets, total = _buckets(self.engine.delivery_seconds)
+        yield HistogramMetricFamily(
+            "cmcd_delivery_seconds", "Seconds from acceptance to a final state, per recipient.", buckets, total
+        )
+
+        figures = self.queue()
+        recipients = GaugeMetricFamily("cmcd_queue_recipients", "Queued recipients by state.", labels=["state"])
+        for state in PENDING:
+            recipients.add_metric([state], figures.recipients.get(state, 0))
+        yield recipients
+        oldest = 0.0 if figures.oldest_received is None else max(0.0, now - figures.oldest_received)
+        yield GaugeMetricFamily(
+            "cmcd_queue_oldest_seconds", "Age of the oldest message in the queue (held ones aside).", oldest
+        )
+        yield GaugeMetricFamily("cmcd_spool_bytes", "Bytes of the spool database and its WAL.", figures.spool_bytes)
+        yield GaugeMetricFamily(
+            "cmcd_scheduler_inflight_recipients",
+            "Recipients handed to delivery, not yet done.",
+            self.scheduler.inflight,
+        )
+
+        yield GaugeMetricFamily(
+            "cmcd_delivery_connections", "Outbound SMTP connections open now.", self.engine.connections
+        )
+        sites = self.engine.sites.values()
+        busy = [s for s in sites if s.active > 0]
+        top = heapq.nlargest(TOP_SITES, busy, key=lambda s: (s.active, s.key))
+        per_site = GaugeMetricFamily(
+            "cmcd_destination_connections",
+            f'Outbound connections per destination site, for the {TOP_SITES} busiest; the rest as site="_other".',
+            labels=["site"],
+        )
+        for site in top:
+            per_site.add_metric([site.key], site.active)
+        if len(busy) > len(top):
+            per_site.add_metric(["_other"], sum(s.active for s in busy) - sum(s.active for s in top))
+        yield per_site
+        yield GaugeMetricFamily(
+            "cmcd_destinations_dead",
+            "Destination sites backed off as dead (every connection failed).",
+            sum(1 for s in sites if s.dead_until > now),
+        )
+
+        yield GaugeMetricFamily(
+            "cmcd_backup_last_success_timestamp_seconds",
+            "When the last backup succeeded (Unix time; 0: none known).",
+            self.backup_last_success(),
+        )
+        buckets, total = _buckets(self.service.astore.call_seconds)
+        yield HistogramMetricFamily(
+            "cmcd_store_write_seconds", "Seconds each store call took on the store thread.", buckets, total
+        )
+
+
+class MetricsServer:
+    """Serves /metrics on [metrics] listen (nothing when it is empty)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        service: SubmitService,
+        engine: DeliveryEngine,
+        scheduler: Scheduler,
+        spool: Spool,
+        backup_last_success: Callable[[], float] = lambda: 0.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.listen = config.metrics.listen
+        self.spool_path = spool.path
+        self.registry = CollectorRegistry()
+        self.registry.register(
+            DaemonCollector(
+                service=service, engine=engine, scheduler=scheduler, queue=lambda: self._figures,
+                backup_last_success=backup_last_success, clock=clock,
+            )
+        )  # fmt: skip
+        self.bound: list[str] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
+        self._conn: sqlite3.Connection | None = None
+        self._figures = QueueFigures()
+        self._read_at = -math.inf  # time.monotonic() of the last queue read
+        self._read_cost_s = 0.0
+        self._reading: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if not self.listen:
+            return
+        host, port = split_hostport(self.listen)
+        self._server = await asyncio.start_server(self._client, host, port, limit=MAX_REQUEST_BYTES, reuse_address=True)
+        for sock in self._server.sockets:
+            name = sock.getsockname()
+            self.bound.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+        log.info("event=metrics_listening listen=%s", ",".join(self.bound))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._clients):
+                task.cancel()
+            await asyncio.gather(*self._clients, return_exceptions=True)
+            await self._server.wait_closed()
+        if self._reading is not None:
+            await asyncio.gather(self._reading, return_exceptions=True)
+        if self._conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn)
+        self._executor.shutdown(wait=True)
+
+    # -- the queue figures ---------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Read the queue figures again unless the last read is recent for its cost; concurrent
+        scrapes wait for one read together."""
+        if self._reading is None:
+            if time.monotonic() - self._read_at < max(MIN_REFRESH_S, REFRESH_COST * self._read_cost_s):
+                return
+            self._reading = asyncio.get_running_loop().create_task(self._read())
+        await asyncio.shield(self._reading)
+
+    async def _read(self) -> None:
+        start = time.monotonic()
+        try:
+            self._figures = await asyncio.get_running_loop().run_in_executor(self._executor, self._read_queue)
+        except Exception:  # a failed read keeps the last figures; the next scrape tries again
+            log.exception("event=metrics_queue_read_failed")
+        finally:
+            self._read_at = time.monotonic()
+            self._read_cost_s = self._read_at - start
+            self._reading = None
+
+    def _read_queue(self) -> QueueFigures:
+        if self._conn is None:
+            self._conn = sqlite3.connect(f"file:{self.spool_path}?mode=ro", uri=True, check_same_thread=False)
+        return read_queue(self._conn, self.spool_path)
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._clients.add(task)
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                return
+            try:
+                status, headers, body = await self.respond(head.decode("latin-1"))
+            except Exception:  # a bug here must not leave the scraper waiting for its timeout
+                log.exception("event=metrics_scrape_failed")
+                status, headers, body = "500 Internal Server Error", *_text(b"cmcd could not collect its metrics\n")
+            lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers.items()), "Connection: close"]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self._clients.discard(task)
+            writer.close()
+
+    async def respond(self, head: str) -> tuple[str, dict[str, str], bytes]:
+        """(status, headers, body) for one HTTP request head."""
+        request_line, *header_lines = head.split("\r\n")
+        parts = request_line.split()
+        if len(parts) != 3:
+            return "400 Bad Request", {"Content-Length": "0"}, b""
+        method, target, _ = parts
+        path = target.split("?", 1)[0]
+        if path not in ("/metrics", "/"):
+            return "404 Not Found", *_text(NOT_FOUND)
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", {"Allow": "GET, HEAD", "Content-Length": "0"}, b""
+        if path == "/":
+            headers, body = _text(INDEX)
+            return "200 OK", headers, body if method == "GET" else b""
+        accept = ""
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "accept":
+                accept = value.strip()
+        await self.refresh()
+        encoder, content_type = choose_encoder(accept)
+        body = encoder(self.registry)
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        return "200 OK", headers, body if method == "GET" else b""
+
+
+NOT_FOUND = b"not found; cmcd's metrics are at /metrics\n"
+INDEX = b"cmcd: metrics are at /metrics\n"
+
+
+def _text(body: bytes) -> tuple[dict[str, str], bytes]:
+    return {"Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(body))}, body
