@@ -196,3 +196,16 @@ def test_tenant_purge_leaves_nothing_behind(make_cmcd: Any) -> None:
     assert len(ops) == 1 and ops[0]["target"] == "tenant #2" and "beta" not in json.dumps(ops[0])
     with pytest.raises(Exception, match="no tenant"):
         d.admin("tenant.show", name="beta")
+
+
+def test_tenant_delete_asks_for_the_name_again(make_cmcd: Any) -> None:
+    d = make_cmcd()
+    base = [*CMCCTL, "--socket", str(d.root / "admin.sock"), "tenant", "delete", "beta"]
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "--purge" in refused.stderr
+    wrong = subprocess.run([*base, "--purge"], input="betta\n", capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and "nothing was deleted" in wrong.stderr
+    assert "beta" in [t["name"] for t in d.admin("tenant.list")]
+    right = subprocess.run([*base, "--purge"], input="beta\n", capture_output=True, text=True, timeout=60)
+    assert right.returncode == 0, right.stderr
+    assert [t["name"] for t in d.admin("tenant.list")] == ["acme"]
