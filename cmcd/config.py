@@ -399,6 +399,7 @@ _RANGES = (
     ("server.shutdown_grace", 0.0, 3600.0),
     ("dns.timeout", 0.1, 300.0),
     ("backup.interval", 60.0, 30 * 86400.0),
+    ("backup.keep", 1, 100_000),
     ("delivery.port", 1, 65535),
     ("smtp.messages_per_second", 0.0, 1e6),
     ("delivery.retry_jitter", 0.0, 0.5),

@@ -18,9 +18,11 @@ import click
 
 from cmcd import __version__
 from cmcd import config as config_mod
+from cmcd.admin.backup_cli import restore_command
+from cmcd.admin.backup_verbs import BACKUP_VERBS, BackupScheduler
 from cmcd.admin.metrics import MetricsServer
 from cmcd.admin.retention import RetentionJob
-from cmcd.admin.server import AdminServer
+from cmcd.admin.server import VERBS, AdminServer
 from cmcd.config import Config
 from cmcd.deliver.engine import DeliveryEngine
 from cmcd.deliver.routing import Router
@@ -33,6 +35,7 @@ from cmcd.store import AsyncStore, open_store
 from cmcd.submit.service import SubmitService
 
 log = logging.getLogger("cmcd")
+VERBS.update(BACKUP_VERBS)  # the backup.* verbs live in admin/backup_verbs.py, which imports server.py
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -90,6 +93,7 @@ class Daemon:
         self.config_path = config_path
         self.notify_socket = notify_socket
         self.admin: AdminServer | None = None
+        self.backups: BackupScheduler | None = None
         self.started = time.time()
         self.stop_event = asyncio.Event()
         self.smtp: SmtpListeners | None = None
@@ -163,10 +167,15 @@ class Daemon:
         )
         await admin.start()
         self.admin = admin
-        metrics = MetricsServer(cfg, service=service, engine=engine, scheduler=scheduler, spool=spool)
+        self.backups = backups = BackupScheduler(cfg, cfg.path(cfg.store.path))
+        metrics = MetricsServer(
+            cfg, service=service, engine=engine, scheduler=scheduler, spool=spool,
+            backup_last_success=lambda: backups.last_success,
+        )  # fmt: skip
         await metrics.start()
         retention = RetentionJob(cfg, astore)
         retention.start()
+        backups.start()
 
         log.info(
             "event=ready version=%s pid=%d smtp=%s smtps=%s admin=%s",
@@ -187,6 +196,7 @@ class Daemon:
         await metrics.close()
         await admin.close()
         await retention.close()
+        await backups.close()
         await smtp.close(cfg.server.shutdown_grace)
         await scheduler.close()
         await engine.close()
@@ -238,6 +248,8 @@ class Daemon:
             self.scheduler.wake()
         if self.admin is not None:
             self.admin._config = new
+        if self.backups is not None:
+            self.backups.config = new
         log.info("event=reloaded config=%s", self.config_path)
 
 
@@ -288,6 +300,8 @@ def check_config(config_path: str) -> None:
     _load(config_path)
     click.echo(f"{config_path}: ok")
 
+
+main.add_command(restore_command)
 
 if __name__ == "__main__":
     main()

@@ -29,3 +29,10 @@ class NotFound(StoreError):
 
 class SpoolError(CmcdError):
     """The spool could not commit (disk full, I/O error); nothing was written."""
+
+
+class BackupError(StoreError):
+    """A backup of the store could not be taken, read, verified or restored; the store was not changed.
+
+    A StoreError, so the admin socket reports its message as a refusal rather than an internal failure.
+    """

@@ -699,6 +699,11 @@ def tenant_delete(c: Client, name: str, purge: bool, yes: bool) -> None:
     )
 
 
+from cmcd.admin.backup_cli import backup  # noqa: E402  (here, not at the top: backup_cli is built on this module)
+
+cli.add_command(backup)
+
+
 def main() -> None:
     cli(prog_name="cmcctl")
 
