@@ -116,6 +116,7 @@ class Daemon:
             "inflight": self.scheduler.inflight if self.scheduler else 0,
             "outbound_connections": self.engine.connections if self.engine else 0,
             "delivery": dict(self.engine.counts) if self.engine else {},
+            "possible_duplicates": self.engine.possible_duplicates if self.engine else 0,
         }
 
     async def run(self) -> None:

@@ -25,9 +25,11 @@ class SmtpError(Exception):
     .enhanced is the RFC 3463 code the recipients' deferral is logged with.
     """
 
-    def __init__(self, message: str, enhanced: str = "4.4.2", *, stale: bool = False):
+    def __init__(self, message: str, enhanced: str = "4.4.2", *, stale: bool = False, after_data: bool = False):
         super().__init__(message)
         self.enhanced = enhanced
+        #: the body and its final dot were sent; a retry may deliver the message twice
+        self.after_data = after_data
         #: the connection failed before this transaction began (a reused connection the server had
         #: already dropped): nothing was sent for the message, so it can go on another connection
         self.stale = stale
@@ -303,7 +305,13 @@ class SmtpClient:
             return None, rcpt_replies, None
         self.send(dot_stuff(body))
         await self.drain()
-        return None, rcpt_replies, await self.reply(self.data_timeout)
+        try:
+            return None, rcpt_replies, await self.reply(self.data_timeout)
+        except SmtpError as exc:
+            # the whole message went out: the server may have queued it before the connection failed
+            raise SmtpError(
+                f"{exc} after the message was sent (possible duplicate)", exc.enhanced, after_data=True
+            ) from None
 
     async def _reset(self, reply: Awaitable[Reply]) -> None:
         try:

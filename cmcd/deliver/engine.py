@@ -113,6 +113,7 @@ class DeliveryEngine:
         self._checkpointer: asyncio.Task[None] | None = None
         self._closing = False
         self.counts = {"delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "suppressed": 0}
+        self.possible_duplicates = 0  # recipients deferred after their message was fully sent
         self.delivery_seconds = Histogram(DELIVERY_BUCKETS_S)  # received to final state, read by /metrics
 
     # -- life cycle --------------------------------------------------------------------------
@@ -385,6 +386,9 @@ class DeliveryEngine:
             mail, rcpt_replies, data = await client.transaction(job.sender, [d.address for d in job.recipients], body)
         except SmtpError as exc:
             client.abort()
+            if exc.after_data:
+                self.possible_duplicates += len(job.recipients)
+                log.warning("event=possible_duplicate queue_id=%s host=%s", job.queue_id, client.host)
             if exc.stale and job.moved < 2:
                 job.moved += 1
                 site.queue.appendleft(job)  # nothing was sent: another connection takes it

@@ -425,3 +425,55 @@ def test_a_bounce_that_bounces_is_dropped_not_bounced_again(make_cmcd: Any, dns:
     assert [r["event"] for r in rows if r["queue_id"] in bounce_ids] == ["accepted", "bounced"]
     time.sleep(1.0)
     assert len({r["queue_id"] for r in d.mail_log()}) == 2  # no bounce of the bounce
+
+
+def test_a_reset_after_the_dot_defers_and_counts_a_possible_duplicate(make_cmcd: Any) -> None:
+    """A server that takes the whole message and resets before its reply: deferred, retried, never lost."""
+    import socket
+    import struct
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.2", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 evil.test\r\n")
+            for line in lines:  # no PIPELINING offered: one command, one reply
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    conn.sendall(b"250 evil.test\r\n")
+                elif verb == b"DATA":
+                    conn.sendall(b"354 go ahead\r\n")
+                    for body_line in lines:
+                        if body_line == b".\r\n":
+                            break
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, no reply
+                    return
+                else:
+                    conn.sendall(b"250 OK\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with Sink("127.0.0.3", free_port("127.0.0.3")) as second:
+            d = make_cmcd({"delivery": FAST | {"routes": {"*": f"127.0.0.2:{port}"}, "retry_schedule": ["1s"]}})
+            qid = submit(d, ["rcpt@dst.test"])
+            rows = d.wait_mail_log(lambda rows: any(r["event"] == "deferred" for r in rows), qid)
+            deferred = [r for r in rows if r["event"] == "deferred"][0]
+            assert "possible duplicate" in deferred["response"]
+            assert d.admin("status")["possible_duplicates"] == 1
+            thread.join(5)
+            # the next attempt goes to a well-behaved server: delivered, nothing lost
+            d.config["delivery"]["routes"] = {"*": second.address}
+            d.write_config()
+            assert d.proc is not None
+            d.proc.send_signal(__import__("signal").SIGHUP)
+            d.wait_log("event=reloaded")
+            second.wait_for(1, timeout=20)
+            d.wait_mail_log(lambda rows: final(rows, 1), qid)
+    finally:
+        listener.close()
