@@ -477,3 +477,18 @@ def test_a_reset_after_the_dot_defers_and_counts_a_possible_duplicate(make_cmcd:
             d.wait_mail_log(lambda rows: final(rows, 1), qid)
     finally:
         listener.close()
+
+
+def test_a_dns_server_that_stops_answering_defers_then_recovers(make_cmcd: Any, dns: DnsServer, port: int) -> None:
+    dns.add("dst.test", "MX", "10 mx1.dst.test.")
+    dns.add("mx1.dst.test", "A", "127.0.0.2")
+    dns.blackhole("dst.test")
+    with Sink("127.0.0.2", port) as sink:
+        d = start(make_cmcd, dns, port)
+        qid = submit(d, ["rcpt@dst.test"])
+        rows = d.wait_mail_log(lambda rows: any(r["event"] == "deferred" for r in rows), qid)
+        assert "4.4.3" in [r for r in rows if r["event"] == "deferred"][0]["response"]
+        dns.clear_faults()
+        sink.wait_for(1, timeout=20)
+        rows = d.wait_mail_log(lambda rows: final(rows, 1), qid)
+        assert [e for _, e in events(rows)][-1] == "delivered"
