@@ -492,3 +492,18 @@ def test_a_dns_server_that_stops_answering_defers_then_recovers(make_cmcd: Any, 
         sink.wait_for(1, timeout=20)
         rows = d.wait_mail_log(lambda rows: final(rows, 1), qid)
         assert [e for _, e in events(rows)][-1] == "delivered"
+
+
+def test_the_store_locked_by_another_process_loses_nothing(make_cmcd: Any) -> None:
+    d = make_cmcd()
+    lock = sqlite3.connect(str(d.root / "cmcd.db"), timeout=5, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # another process holds the store: no reader, no writer gets in
+        qid = submit(d, ["rcpt@dst.test"])  # intake does not wait for the store: the spool keeps the event
+        time.sleep(1.0)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    rows = d.wait_mail_log(lambda rows: len(rows) == 1, qid)
+    assert rows[0]["event"] == "accepted"
+    assert qid in d.spooled()
