@@ -306,6 +306,10 @@ class SubmitService:
         if accepted_so_far >= self.config.smtp.max_recipients:
             return f"452 4.5.3 Too many recipients (limit {self.config.smtp.max_recipients} per message)"
         problem = address_problem(address, smtputf8)
+        if problem is None and address.endswith("]"):
+            # an address literal names a host, not a mail domain: no transactional mail needs one,
+            # and delivering to whatever IP a tenant writes would let it aim cmcd at any host
+            return "550 5.1.2 Address literals are not accepted as recipients"
         if problem is None and sender.tenant_id in self.refuse_suppressed:
             if self.suppressions.contains(sender.tenant_id, address):
                 return "550 5.7.1 Recipient address is on your suppression list (it bounced before)"

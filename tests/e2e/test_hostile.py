@@ -1,0 +1,349 @@
+"""Hostile clients over real sockets: open-relay probes, credential attacks, greedy and oversized clients.
+
+Slow clients (a byte a second, idle sessions) are covered elsewhere; AUTH basics in test_submission.
+"""
+
+from __future__ import annotations
+
+import base64
+import resource
+import shutil
+import smtplib
+import socket
+import sqlite3
+import statistics
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import PASSWORD, Cmcd, message, queue_id
+
+DOMAIN = "relay.test"  # stands in for nmap.scanme.org
+IP = "127.0.0.1"  # the server's own address literal
+SRV = "mx.cmcd.test"  # the name in the server's banner (server.hostname)
+
+#: nmap smtp-open-relay's sixteen MAIL FROM / RCPT TO pairs (from "antispam", to "relaytest").
+NMAP_RELAY_TESTS = [
+    ("", f"relaytest@{DOMAIN}"),
+    (f"antispam@{DOMAIN}", f"relaytest@{DOMAIN}"),
+    (f"antispam@{SRV}", f"relaytest@{DOMAIN}"),
+    (f"antispam@[{IP}]", f"relaytest@{DOMAIN}"),
+    (f"antispam@[{IP}]", f"relaytest%{DOMAIN}@[{IP}]"),
+    (f"antispam@[{IP}]", f"relaytest%{DOMAIN}@{SRV}"),
+    (f"antispam@[{IP}]", f'"relaytest@{DOMAIN}"'),
+    (f"antispam@[{IP}]", f'"relaytest%{DOMAIN}"'),
+    (f"antispam@[{IP}]", f"relaytest@{DOMAIN}@[{IP}]"),
+    (f"antispam@[{IP}]", f'"relaytest@{DOMAIN}"@[{IP}]'),
+    (f"antispam@[{IP}]", f"relaytest@{DOMAIN}@{SRV}"),
+    (f"antispam@[{IP}]", f"@[{IP}]:relaytest@{DOMAIN}"),
+    (f"antispam@[{IP}]", f"@{SRV}:relaytest@{DOMAIN}"),
+    (f"antispam@[{IP}]", f"{DOMAIN}!relaytest"),
+    (f"antispam@[{IP}]", f"{DOMAIN}!relaytest@[{IP}]"),
+    (f"antispam@[{IP}]", f"{DOMAIN}!relaytest@{SRV}"),
+]
+
+BAD_SYNTAX = "501 5.1.3"
+NO_LITERAL = "550 5.1.2"  # a recipient at an address literal ([127.0.0.1]) is refused
+
+#: What cmcd does with each relay-probe recipient form from an authenticated sender: refuse it
+#: (501 5.1.3 bad syntax, 550 5.1.2 address literal), or queue it as one plain address, the one given (a source route is dropped, RFC
+#: 5321 C; a percent hack or bang path is never rewritten into another address).
+AUTHENTICATED_RCPT = [
+    (f"relaytest@{DOMAIN}", f"relaytest@{DOMAIN}"),
+    (f"relaytest%{DOMAIN}@[{IP}]", NO_LITERAL),
+    (f"relaytest%{DOMAIN}@{SRV}", f"relaytest%{DOMAIN}@{SRV}"),
+    (f'"relaytest@{DOMAIN}"', BAD_SYNTAX),
+    (f'"relaytest%{DOMAIN}"', BAD_SYNTAX),
+    (f"relaytest@{DOMAIN}@[{IP}]", BAD_SYNTAX),
+    (f'"relaytest@{DOMAIN}"@[{IP}]', NO_LITERAL),
+    (f"relaytest@{DOMAIN}@{SRV}", BAD_SYNTAX),
+    (f"@[{IP}]:relaytest@{DOMAIN}", f"relaytest@{DOMAIN}"),
+    (f"@{SRV}:relaytest@{DOMAIN}", f"relaytest@{DOMAIN}"),
+    (f"@a.test,@b.test:relaytest@{DOMAIN}", f"relaytest@{DOMAIN}"),
+    (f"{DOMAIN}!relaytest", BAD_SYNTAX),
+    (f"{DOMAIN}!relaytest@[{IP}]", NO_LITERAL),
+    (f"{DOMAIN}!relaytest@{SRV}", f"{DOMAIN}!relaytest@{SRV}"),
+]
+
+
+def _client(d: Cmcd, source: str = "127.0.0.1", *, starttls: bool = True) -> smtplib.SMTP:
+    """An EHLO'd (and STARTTLS'd) client connecting from SOURCE (any 127.0.0.x), not authenticated."""
+    c = smtplib.SMTP("127.0.0.1", d.smtp_port, local_hostname="client.test", timeout=30, source_address=(source, 0))
+    c.ehlo()
+    if starttls:
+        c.starttls(context=d.client_context())
+        c.ehlo()
+    return c
+
+
+def _plain(login: str, password: str) -> str:
+    return "PLAIN " + base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+def _login_rows(d: Cmcd, client_ip: str) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(f"file:{d.root / 'cmcd.db'}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM login_log WHERE client_ip = ? ORDER BY id", (client_ip,))]
+    finally:
+        conn.close()
+
+
+def _wait_rows(d: Cmcd, client_ip: str, n: int, timeout: float = 10) -> list[dict[str, Any]]:
+    """The login-log rows for CLIENT_IP once there are at least N (rows are written in batches)."""
+    deadline = time.monotonic() + timeout
+    rows = _login_rows(d, client_ip)
+    while len(rows) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = _login_rows(d, client_ip)
+    return rows
+
+
+# -- open relay ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sender", "rcpt"), NMAP_RELAY_TESTS, ids=[f"nmap{i + 1}" for i in range(16)])
+def test_unauthenticated_relay_probe_gets_no_250(cmcd: Cmcd, sender: str, rcpt: str) -> None:
+    before = len(cmcd.spooled())
+    for starttls in (False, True):
+        with _client(cmcd, starttls=starttls) as c:
+            code, text = c.docmd("MAIL", f"FROM:<{sender}>")
+            assert (code, text[:5]) == (530, b"5.7.0"), (starttls, text)
+            code, text = c.docmd("RCPT", f"TO:<{rcpt}>")
+            assert code != 250 and code >= 500, (starttls, code, text)
+            code, _ = c.docmd("DATA")
+            assert code >= 500
+    assert len(cmcd.spooled()) == before
+
+
+@pytest.mark.parametrize("sender", sorted({s for s, _ in NMAP_RELAY_TESTS if s}))
+def test_authenticated_user_cannot_use_relay_probe_senders(cmcd: Cmcd, sender: str) -> None:
+    with cmcd.smtp() as c:
+        code, text = c.docmd("MAIL", f"FROM:<{sender}>")
+        assert (code, text[:5]) == (553, b"5.7.1")
+
+
+@pytest.mark.parametrize(("rcpt", "outcome"), AUTHENTICATED_RCPT, ids=[r for r, _ in AUTHENTICATED_RCPT])
+def test_authenticated_relay_forms_are_refused_or_queued_verbatim(cmcd: Cmcd, rcpt: str, outcome: str) -> None:
+    with cmcd.smtp() as c:
+        assert c.docmd("MAIL", "FROM:<alice@acme.test>")[0] == 250
+        code, text = c.docmd("RCPT", f"TO:<{rcpt}>")
+        if outcome in (BAD_SYNTAX, NO_LITERAL):
+            assert f"{code} {text[:5].decode()}" == outcome, text
+            return
+        assert code == 250, text
+        reply = c.data(message(subject=f"relay form {rcpt}"))
+    assert reply[0] == 250
+    assert cmcd.spooled()[queue_id(reply)]["recipients"] == [(outcome, "queued")]
+
+
+def test_nmap_smtp_open_relay_script(cmcd: Cmcd) -> None:
+    nmap = shutil.which("nmap")
+    if nmap is None:
+        pytest.skip("nmap is not installed")
+    before = len(cmcd.spooled())
+    out = subprocess.run(
+        [nmap, "-n", "-Pn", "-p", str(cmcd.smtp_port), "--script", "+smtp-open-relay",
+         "--script-args", f"smtp-open-relay.domain={DOMAIN}", "127.0.0.1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    print(out.stdout)  # "+" runs the script although nmap does not know the port as SMTP
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "smtp-open-relay:" in out.stdout, out.stdout
+    assert "is an open relay" not in out.stdout
+    assert "doesn't seem to be an open relay" in out.stdout or "isn't an open relay" in out.stdout, out.stdout
+    assert len(cmcd.spooled()) == before
+
+
+# -- credential attacks ----------------------------------------------------------------------
+
+
+def test_fifty_bad_auths_in_one_session_are_throttled_and_logged(make_cmcd) -> None:
+    d = make_cmcd({"smtp": {"auth_fail_limit": 10}})
+    codes: list[tuple[int, bytes]] = []
+    with _client(d) as c:
+        for i in range(50):
+            try:
+                codes.append(c.docmd("AUTH", _plain("alice", f"guess{i}")))
+            except smtplib.SMTPServerDisconnected:
+                break
+    # ten failures, then 421 and the connection is closed: the other 39 guesses never reach a check
+    assert [code for code, _ in codes] == [535] * 10 + [421], codes
+    assert all(text.startswith(b"5.7.8") for _, text in codes[:10])
+    assert codes[10][1].startswith(b"4.7.0")
+    # the address stays throttled, even for the right password, on a new session
+    with _client(d) as c:
+        code, text = c.docmd("AUTH", _plain("alice", PASSWORD))
+        assert (code, text[:5]) == (421, b"4.7.0")
+    rows = _wait_rows(d, "127.0.0.1", 12)
+    assert [r["result"] for r in rows] == ["fail"] * 10 + ["throttled"] * 2
+    assert all(r["login"] == "alice" and r["mechanism"] == "PLAIN" for r in rows)
+    assert all(r["detail"] == "bad password" for r in rows[:10])
+    # another address is not affected
+    with _client(d, "127.0.0.2") as c:
+        assert c.docmd("AUTH", _plain("alice", PASSWORD))[0] == 235
+
+
+def test_fifty_sessions_of_bad_auth_from_one_address(make_cmcd) -> None:
+    d = make_cmcd({"smtp": {"auth_fail_limit": 10}})
+    codes = []
+    t0 = time.monotonic()
+    for i in range(50):
+        with _client(d, "127.0.0.2") as c:
+            login = ("alice", "bob", f"nobody{i}")[i % 3]
+            code, text = c.docmd("AUTH", _plain(login, f"guess{i}"))
+            codes.append(code)
+            if code == 421:
+                with pytest.raises(smtplib.SMTPServerDisconnected):
+                    c.noop()
+            else:
+                assert text.startswith(b"5.7.8")
+    print(f"\n50 bad-AUTH sessions: {time.monotonic() - t0:.2f} s")
+    assert codes == [535] * 10 + [421] * 40
+    rows = _wait_rows(d, "127.0.0.2", 50)
+    assert len(rows) == 50
+    assert [r["result"] for r in rows] == ["fail"] * 10 + ["throttled"] * 40
+    assert [r["login"] for r in rows] == [("alice", "bob", f"nobody{i}")[i % 3] for i in range(50)]
+    assert {r["detail"] for r in rows[:10]} == {"bad password", "unknown login"}
+    with _client(d, "127.0.0.3") as c:
+        assert c.docmd("AUTH", _plain("alice", PASSWORD))[0] == 235
+
+
+def test_login_of_one_user_with_password_of_another_fails(make_cmcd) -> None:
+    d = make_cmcd()
+    d.admin("user.passwd", tenant="beta", login="bob", password="bob's own secret")
+    with d.smtp(login="bob", password="bob's own secret"):
+        pass
+    with d.smtp(login=None) as c:
+        code, text = c.docmd("AUTH", _plain("alice", "bob's own secret"))
+        assert (code, text[:5]) == (535, b"5.7.8")
+        # the same session still works with the right password
+        assert c.docmd("AUTH", _plain("alice", PASSWORD))[0] == 235
+    rows = _wait_rows(d, "127.0.0.1", 3)
+    assert [(r["login"], r["result"]) for r in rows] == [("bob", "ok"), ("alice", "fail"), ("alice", "ok")]
+
+
+def test_unknown_login_costs_as_much_as_a_wrong_password(make_cmcd) -> None:
+    d = make_cmcd({"smtp": {"auth_fail_limit": 1_000_000}})
+    times: dict[str, list[float]] = {"unknown": [], "known": []}
+    for i in range(30):
+        order = ("unknown", "known") if i % 2 else ("known", "unknown")
+        for kind in order:
+            login = f"nobody{i}" if kind == "unknown" else "alice"
+            with _client(d) as c:
+                t0 = time.perf_counter()
+                code, _ = c.docmd("AUTH", _plain(login, f"wrong{i}"))
+                times[kind].append(time.perf_counter() - t0)
+                assert code == 535
+    unknown, known = statistics.median(times["unknown"]), statistics.median(times["known"])
+    print(f"\nmedian failed AUTH: unknown login {unknown * 1000:.1f} ms, known login {known * 1000:.1f} ms")
+    assert 0.5 <= unknown / known <= 2.0
+
+
+# -- greedy clients --------------------------------------------------------------------------
+
+
+def _open(port: int, source: str) -> tuple[socket.socket, bytes, float]:
+    """A connection from SOURCE, its first reply line and how long that took."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.settimeout(10)
+        s.bind((source, 0))
+        t0 = time.monotonic()
+        s.connect(("127.0.0.1", port))
+        line = b""
+        while not line.endswith(b"\r\n"):
+            chunk = s.recv(512)
+            if not chunk:
+                break
+            line += chunk
+        return s, line, time.monotonic() - t0
+    except BaseException:
+        s.close()
+        raise
+
+
+def test_a_thousand_idle_connections_hit_the_per_ip_and_global_limits(make_cmcd) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:  # raised before the daemon starts, so it inherits it too
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    d = make_cmcd({"smtp": {"max_connections_per_ip": 100, "max_connections": 150}})
+    socks: list[socket.socket] = []
+    replies: dict[str, list[bytes]] = {"127.0.0.1": [], "127.0.0.2": [], "127.0.0.3": []}
+    slowest_refusal = 0.0
+    t0 = time.monotonic()
+    try:
+        for source, n in (("127.0.0.1", 1000), ("127.0.0.2", 100), ("127.0.0.3", 50)):
+            for _ in range(n):
+                s, line, took = _open(d.smtp_port, source)
+                socks.append(s)
+                replies[source].append(line)
+                if line.startswith(b"421"):
+                    slowest_refusal = max(slowest_refusal, took)
+        print(f"\n1150 connections in {time.monotonic() - t0:.2f} s; slowest 421: {slowest_refusal * 1000:.1f} ms")
+        per_ip = b"421 4.7.0 Too many connections from your address; try again later\r\n"
+        total = b"421 4.7.0 Too many connections; try again later\r\n"
+        one, two, three = replies["127.0.0.1"], replies["127.0.0.2"], replies["127.0.0.3"]
+        assert all(r.startswith(b"220 ") for r in one[:100])
+        assert one[100:] == [per_ip] * 900
+        assert all(r.startswith(b"220 ") for r in two[:50])
+        assert two[50:] == [total] * 50
+        assert three == [total] * 50
+        assert slowest_refusal < 2.0
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 15
+    while True:  # the daemon notices the closed connections and frees their slots
+        try:
+            c = d.smtp()
+            break
+        except smtplib.SMTPConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    with c:
+        c.mail("alice@acme.test")
+        c.rcpt("rcpt@dst.test")
+        assert c.data(message())[0] == 250
+    assert any("reason=ip_limit" in line for line in d.log)
+    assert any("reason=global_limit" in line for line in d.log)
+
+
+def _vm(pid: int, field: str) -> int:
+    """A /proc/PID/status field in kB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(field)
+
+
+def test_tenfold_size_overrun_is_refused_in_bounded_memory(make_cmcd) -> None:
+    d = make_cmcd({"smtp": {"max_message_size": "1MB"}})
+    assert d.proc is not None
+    baseline = _vm(d.proc.pid, "VmHWM")
+    line = b"x" * 998 + b"\r\n"
+    chunk = b"From: <alice@acme.test>\r\nTo: <rcpt@dst.test>\r\nSubject: big\r\n\r\n" + line * 1000  # ~1 MB
+    with d.smtp() as c:
+        assert c.mail("alice@acme.test")[0] == 250  # no SIZE=
+        assert c.rcpt("rcpt@dst.test")[0] == 250
+        c.putcmd("data")
+        assert c.getreply()[0] == 354
+        t0 = time.monotonic()
+        assert c.sock is not None
+        for i in range(10):
+            c.sock.sendall(chunk if i == 0 else line * 1000)
+        c.sock.sendall(b".\r\n")
+        code, text = c.getreply()
+        took = time.monotonic() - t0
+        assert (code, text[:5]) == (552, b"5.3.4"), text
+        assert c.noop()[0] == 250  # the session goes on
+    peak = _vm(d.proc.pid, "VmHWM")
+    print(
+        f"\n10 MB into a 1 MB limit: {took:.2f} s; daemon VmHWM {baseline // 1024} MB before, {peak // 1024} MB after"
+    )
+    assert peak < 200 * 1024
+    assert d.spooled() == {}
