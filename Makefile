@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= etc/cmcd.dev.toml
 
-.PHONY: run test lint bench clean venv
+.PHONY: run test lint bench fuzz clean venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,9 @@ lint: venv
 
 test: venv lint
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+fuzz: venv
+	CMCD_FUZZ_EXAMPLES=500 CMCD_FUZZ_RANDOM=1 $(BIN)/pytest -q -p no:cacheprovider tests/fuzz
 
 bench: venv
 	$(BIN)/python bench/intake.py

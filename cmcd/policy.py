@@ -20,11 +20,17 @@ class DataVerdict:
     problem: str = ""
 
 
+_STUFFED = re.compile(rb"(\A|\r\n)\.(?!\r\n|\Z)")
+
+
 def unstuff(raw: bytes) -> bytes:
-    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on data that ends with CRLF or is empty."""
-    if raw.startswith(b".."):
-        raw = raw[1:]
-    return raw.replace(b"\r\n..", b"\r\n.")
+    """Undo SMTP dot-stuffing (RFC 5321 4.5.2) on data that ends with CRLF or is empty: a line that
+    starts with a period and has more characters loses that first period. (A line of a single
+    period cannot arrive over SMTP, where it ends DATA; one made by bare-newline normalisation
+    is content and stays.)"""
+    if not raw.startswith(b".") and b"\r\n." not in raw:
+        return raw
+    return _STUFFED.sub(rb"\1", raw)
 
 
 def check_data(raw: bytes, bare_newlines: str) -> DataVerdict:
