@@ -30,6 +30,7 @@ AUTH_RESULTS = ("ok", "failed", "throttled")
 _REASONS = (
     ("null sender", "null_sender"),
     ("5.1.3", "bad_address"),
+    ("Address literals", "bad_address"),
     ("Sender address rejected", "sender_domain"),
     ("Daily quota", "daily_quota"),
     ("Rate limit", "rate_limit"),
