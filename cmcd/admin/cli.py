@@ -31,20 +31,25 @@ class Client:
     socket_path: str
     as_json: bool
 
-    def call(self, verb: str, **args: Any) -> Any:
-        """Send one request and return its result; raise CtlError with the daemon's message on refusal."""
+    def _send(self, verb: str, args: dict[str, Any]) -> socket.socket:
+        """A connected socket that has sent one request (arguments left out when None)."""
         request = {"verb": verb, "args": {k: v for k, v in args.items() if v is not None}}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(REPLY_TIMEOUT_S)
-        with sock:
+        try:
+            sock.connect(self.socket_path)
+            sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
+        except OSError as exc:
+            sock.close()
+            raise CtlError(
+                f"cannot reach cmcd at {self.socket_path}: {exc.strerror or exc} (is the daemon running?)"
+            ) from None
+        return sock
+
+    def call(self, verb: str, **args: Any) -> Any:
+        """Send one request and return its result; raise CtlError with the daemon's message on refusal."""
+        with self._send(verb, args) as sock:
             try:
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                raise CtlError(
-                    f"cannot reach cmcd at {self.socket_path}: {exc.strerror or exc} (is the daemon running?)"
-                ) from None
-            try:
-                sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
                 with sock.makefile("rb") as replies:
                     line = replies.readline()
             except TimeoutError:
@@ -63,28 +68,17 @@ class Client:
 
     def stream(self, verb: str, **args: Any) -> Iterator[dict[str, Any]]:
         """Rows of a streamed result as they arrive; raise CtlError on refusal or a broken stream."""
-        request = {"verb": verb, "args": {k: v for k, v in args.items() if v is not None}}
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(REPLY_TIMEOUT_S)
-        with sock:
-            try:
-                sock.connect(self.socket_path)
-            except OSError as exc:
-                raise CtlError(
-                    f"cannot reach cmcd at {self.socket_path}: {exc.strerror or exc} (is the daemon running?)"
-                ) from None
-            sock.sendall(json.dumps(request).encode("utf-8") + b"\n")
-            with sock.makefile("rb") as lines:
-                head = json.loads(lines.readline() or b"{}")
-                if not head.get("ok"):
-                    raise CtlError(str(head.get("error") or "cmcd closed the connection without replying"))
-                for line in lines:
-                    row = json.loads(line)
-                    if row.get("end") is True and set(row) <= {"end", "rows", "error"}:
-                        if row.get("error"):
-                            raise CtlError(row["error"])
-                        return
-                    yield row
+        with self._send(verb, args) as sock, sock.makefile("rb") as lines:
+            head = json.loads(lines.readline() or b"{}")
+            if not head.get("ok"):
+                raise CtlError(str(head.get("error") or "cmcd closed the connection without replying"))
+            for line in lines:
+                row = json.loads(line)
+                if row.get("end") is True and set(row) <= {"end", "rows", "error"}:
+                    if row.get("error"):
+                        raise CtlError(row["error"])
+                    return
+                yield row
         raise CtlError("the listing was cut off before its end; see the daemon log")
 
     def show(self, result: Any, human: Callable[[Any], None]) -> None:
