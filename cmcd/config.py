@@ -155,6 +155,9 @@ class SmtpConfig:
 @dataclass(frozen=True)
 class SpoolConfig:
     dir: str = "/var/spool/cmcd"
+    #: free space the spool's file system must keep: below it (plus a MAIL's SIZE=), MAIL gets
+    #: 452 4.3.1, like Postfix's queue_minfree; "0" turns the check off
+    min_free: Size = Size(64 * 1024**2)
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,8 @@ _HOSTNAME_RE = re.compile(
 )
 #: (dotted path, lowest allowed, highest allowed): values that parse but make no sense.
 _RANGES = (
-    ("smtp.max_message_size", 1024, 2 * 1024**3 - 1),  # SQLite's largest blob is 2 GiB
+    ("smtp.max_message_size", 1024, 2 * 1024**3 - 1),
+    ("spool.min_free", 0, 2**50),  # SQLite's largest blob is 2 GiB
     ("smtp.max_recipients", 1, 100_000),
     ("smtp.command_timeout", 1.0, 86400.0),
     ("smtp.data_timeout", 1.0, 86400.0),

@@ -41,6 +41,7 @@ _REASONS = (
     ("Could not write the message to the queue", "spool_failed"),
     ("5.3.4", "too_big"),
     ("5.6.0", "bad_content"),
+    ("queue's disk is nearly full", "spool_low"),
     ("4.3.1", "busy"),
 )
 REJECT_REASONS = (*dict.fromkeys(reason for _, reason in _REASONS), "other")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -222,6 +224,9 @@ class Spool:
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.transactions = 0
+        self._free = 0
+        self._free_checked = -2.0
+        self._wal_oversized = False
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -259,6 +264,16 @@ class Spool:
             self._read_conn = None
 
     # -- requests from the event loop ------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        """Space left to unprivileged writers on the spool's file system, read at most once a second
+        (statvfs is a cheap, non-blocking system call; the cache keeps it off the per-MAIL path)."""
+        now = time.monotonic()
+        if now - self._free_checked >= 1.0:
+            st = os.statvfs(self.directory)
+            self._free = st.f_bavail * st.f_frsize
+            self._free_checked = now
+        return self._free
 
     async def commit(self, msg: SpoolMessage, day: str) -> None:
         """Return once MSG is on stable storage; raise SpoolError if it could not be written.
@@ -336,13 +351,27 @@ class Spool:
         except Exception as exc:
             log.error("event=spool_commit_failed messages=%d error=%r", len(commits), str(exc))
             error = SpoolError(f"spool commit failed: {exc}")
+            # pages of the rolled-back transaction that spilled into the WAL keep their disk space
+            # (on a full disk: all of it); give it back now, or after the next commit that works
+            self._wal_oversized = True
         else:
             self.commits += len(commits)
             self.transactions += 1
+        if self._wal_oversized:
+            self._truncate_wal()
         # one wake-up of the event loop for the whole group, not one per message
         commits[0].loop.call_soon_threadsafe(
             _resolve_all, [c.future for c in commits], error, self.on_commit if error is None else None
         )
+
+
+    def _truncate_wal(self) -> None:
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:  # the data file could not grow: still full
+            log.warning("event=spool_checkpoint_failed error=%r", str(exc))
+            return
+        self._wal_oversized = bool(busy)
 
 
 class DayClock:

@@ -503,7 +503,7 @@ class SubmissionSMTP(SMTP):
         if service.reloading:
             await service.current()
         session: Any = self.session
-        problem = service.check_mail(session.sender, address, False)
+        problem = service.check_mail(session.sender, address, False, int(size) if size else 0)
         if problem:
             await self.push(problem)
             return

@@ -281,9 +281,12 @@ class SubmitService:
         return domain.lower().rstrip(".") in self._tenant_domains.get(sender.tenant_id, frozenset())
 
     @counts_refusals
-    def check_mail(self, sender: Sender, address: str, smtputf8: bool) -> str | None:
+    def check_mail(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> str | None:
         if not address:
             return "550 5.7.1 A null sender is not allowed for submission"
+        min_free = self.config.spool.min_free
+        if min_free and self.spool.free_bytes() < min_free + size:
+            return "452 4.3.1 Insufficient system storage: the queue's disk is nearly full; try again later"
         problem = address_problem(address, smtputf8)
         if problem:
             return problem

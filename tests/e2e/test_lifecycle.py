@@ -88,25 +88,65 @@ def test_connections_past_the_per_ip_limit_get_421(make_cmcd) -> None:  # type: 
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a small tmpfs")
-def test_full_disk_gets_451_and_leaves_nothing_half_written(make_cmcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_full_disk_refuses_then_recovers_when_space_returns(make_cmcd, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The spool on a 2 MB tmpfs. Filled from elsewhere: MAIL gets 452 4.3.1 (below
+    spool.min_free). A message that does not fit: 451 4.3.0, nothing half-written; declared with
+    SIZE=: 452 4.3.1 up front. When space returns (the file removed, the file system grown) the
+    same session accepts mail again, the WAL's leftover from the failed write is given back, and
+    everything accepted is in the spool byte for byte."""
     spool = tmp_path / "smallspool"
     spool.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(spool)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(spool)], check=True)
     try:
-        d = make_cmcd({"spool": {"dir": str(spool)}})
+        d = make_cmcd({"spool": {"dir": str(spool), "min_free": "256KB"}})
+        big = message(subject="big", body="z" * 2_500_000)
+        wal = spool / "queue.db-wal"
         with d.smtp() as c:
             c.mail("alice@acme.test")
             c.rcpt("rcpt@dst.test")
-            ok_id = queue_id(c.data(message(body="small")))
-            c.mail("alice@acme.test")
-            c.rcpt("rcpt@dst.test")
-            code, text = c.data(message(body="z" * 1_500_000))
+            first = queue_id(c.data(message(subject="first", body="small")))
+
+            filler = spool / "filler"
+            with open(filler, "wb") as f:  # the disk fills up from elsewhere
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+            time.sleep(1.1)  # free space is read at most once a second
+            code, text = c.mail("alice@acme.test")
+            assert (code, text[:5]) == (452, b"4.3.1"), text
+            assert b"disk" in text
+
+            filler.unlink()
+            time.sleep(1.1)
+            assert c.mail("alice@acme.test")[0] == 250  # no SIZE=: the write itself runs out of space
+            assert c.rcpt("rcpt@dst.test")[0] == 250
+            code, text = c.data(big)
             assert (code, text[:5]) == (451, b"4.3.0")
             assert c.noop()[0] == 250
+            time.sleep(1.1)
+            code, text = c.mail("alice@acme.test", [f"SIZE={len(big)}"])  # declared: refused up front
+            assert (code, text[:5]) == (452, b"4.3.1"), text
+            c.rset()
+
+            subprocess.run(["mount", "-o", "remount,size=16m", str(spool)], check=True)
+            time.sleep(1.1)
+            assert c.mail("alice@acme.test")[0] == 250
+            assert c.rcpt("rcpt@dst.test")[0] == 250
+            second = queue_id(c.data(message(subject="second", body="after")))
+            assert wal.stat().st_size < 256 * 1024  # the failed write's 2 MB are given back
+            assert c.mail("alice@acme.test", [f"SIZE={len(big)}"])[0] == 250
+            assert c.rcpt("rcpt@dst.test")[0] == 250
+            third = queue_id(c.data(big))
+
         spooled = d.spooled()
-        assert list(spooled) == [ok_id]
+        assert sorted(spooled) == sorted([first, second, third])
+        assert spooled[third]["body"].partition(b"\r\n\r\n")[2] == big.partition(b"\r\n\r\n")[2]
+        assert spooled[second]["body"].endswith(b"\r\n\r\nafter\r\n")
         conn = sqlite3.connect(f"file:{spool / 'queue.db'}?mode=ro", uri=True)
-        assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 3
         conn.close()
         d.stop()
     finally:
