@@ -392,8 +392,8 @@ _HOSTNAME_RE = re.compile(
 )
 #: (dotted path, lowest allowed, highest allowed): values that parse but make no sense.
 _RANGES = (
-    ("smtp.max_message_size", 1024, 2 * 1024**3 - 1),
-    ("spool.min_free", 0, 2**50),  # SQLite's largest blob is 2 GiB
+    ("smtp.max_message_size", 1024, 2 * 1024**3 - 1),  # SQLite's largest blob is 2 GiB
+    ("spool.min_free", 0, 2**50),
     ("smtp.max_recipients", 1, 100_000),
     ("smtp.command_timeout", 1.0, 86400.0),
     ("smtp.data_timeout", 1.0, 86400.0),

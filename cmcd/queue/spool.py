@@ -364,7 +364,6 @@ class Spool:
             _resolve_all, [c.future for c in commits], error, self.on_commit if error is None else None
         )
 
-
     def _truncate_wal(self) -> None:
         try:
             busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
