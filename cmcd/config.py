@@ -250,6 +250,24 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    #: HTTPS listener "host:port" for the tenant API (smtp.tls_cert and tls_key); "" turns it off
+    listen: str = ""
+    #: lifetime of a session token from a tenant admin's password + TOTP login
+    session_ttl: Duration = Duration(3600)
+    #: how long an Idempotency-Key and its response are kept
+    idempotency_ttl: Duration = Duration(86400)
+    #: largest request body; a bigger one gets 413
+    max_request_size: Size = Size(40 * 1024**2)
+    #: webhook URLs may resolve to loopback, link-local or private addresses (off: SSRF guard)
+    webhook_allow_private: bool = False
+    #: seconds one webhook request may take
+    webhook_timeout: Duration = Duration(10)
+    #: how long a failing webhook batch is retried (with backoff) before it is dropped
+    webhook_retry_for: Duration = Duration(86400)
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     mail_log_days: int = 40
     audit_log_days: int = 1825
@@ -274,6 +292,7 @@ class Config:
     dkim: DkimConfig = field(default_factory=DkimConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     #: directory relative paths are resolved against (the config file's project root)
@@ -394,6 +413,11 @@ _HOSTNAME_RE = re.compile(
 _RANGES = (
     ("smtp.max_message_size", 1024, 2 * 1024**3 - 1),  # SQLite's largest blob is 2 GiB
     ("spool.min_free", 0, 2**50),
+    ("api.session_ttl", 60.0, 86400.0),
+    ("api.idempotency_ttl", 60.0, 30 * 86400.0),
+    ("api.max_request_size", 1024, 1024**3),
+    ("api.webhook_timeout", 1.0, 300.0),
+    ("api.webhook_retry_for", 60.0, 7 * 86400.0),
     ("smtp.max_recipients", 1, 100_000),
     ("smtp.command_timeout", 1.0, 86400.0),
     ("smtp.data_timeout", 1.0, 86400.0),
@@ -451,6 +475,13 @@ def _check_ranges(cfg: Config, errors: list[str]) -> None:
 def _check_tls(cfg: Config, errors: list[str]) -> None:
     if (cfg.smtp.listen or cfg.smtp.listen_tls) and not (cfg.smtp.tls_cert and cfg.smtp.tls_key):
         errors.append("smtp.tls_cert: expected a certificate path (AUTH is only offered over TLS)")
+    if cfg.api.listen:
+        if not (cfg.smtp.tls_cert and cfg.smtp.tls_key):
+            errors.append("api.listen: the API is HTTPS only; set smtp.tls_cert and smtp.tls_key")
+        try:
+            split_hostport(cfg.api.listen)
+        except ValueError:
+            errors.append(f'api.listen: expected "host:port", got {cfg.api.listen!r}')
     for i, hp in enumerate(cfg.dns.nameservers):
         if hp is None:
             continue  # already reported

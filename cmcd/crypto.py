@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import ssl
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,3 +137,11 @@ def dummy_hash() -> str:
 
 def generate_password() -> str:
     return secrets.token_urlsafe(18)
+
+
+def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The TLS context of cmcd's listeners (SMTP and the API): TLS 1.2 or later, OpenSSL's defaults."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx

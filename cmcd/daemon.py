@@ -18,11 +18,13 @@ import click
 
 from cmcd import __version__
 from cmcd import config as config_mod
+from cmcd.admin.api_verbs import API_VERBS
 from cmcd.admin.backup_cli import restore_command
 from cmcd.admin.backup_verbs import BACKUP_VERBS, BackupScheduler
 from cmcd.admin.metrics import MetricsServer
 from cmcd.admin.retention import RetentionJob
 from cmcd.admin.server import VERBS, AdminServer
+from cmcd.api.server import ApiServer
 from cmcd.config import Config
 from cmcd.deliver.engine import DeliveryEngine
 from cmcd.deliver.routing import Router
@@ -35,6 +37,7 @@ from cmcd.store import AsyncStore, open_store
 from cmcd.submit.service import SubmitService
 
 log = logging.getLogger("cmcd")
+VERBS.update(API_VERBS)  # apikey.* and user.otp-* (admin/api_verbs.py)
 VERBS.update(BACKUP_VERBS)  # the backup.* verbs live in admin/backup_verbs.py, which imports server.py
 
 
@@ -75,7 +78,7 @@ def sd_notify(notify_socket: str | None, message: str) -> None:
 #: settings read once at start; a SIGHUP reload names them in the log when they changed
 RESTART_ONLY = (
     "server.timezone", "smtp.listen", "smtp.listen_tls", "spool.dir", "store.path", "store.key_file",
-    "admin.socket", "metrics.listen", "backup.dir", "backup.key_file", "dns.nameservers", "dns.timeout",
+    "admin.socket", "metrics.listen", "api.listen", "backup.dir", "backup.key_file", "dns.nameservers", "dns.timeout",
 )  # fmt: skip
 
 
@@ -101,6 +104,7 @@ class Daemon:
         self.spool: Spool | None = None
         self.scheduler: Scheduler | None = None
         self.engine: DeliveryEngine | None = None
+        self.api: ApiServer | None = None
 
     def status(self) -> dict[str, Any]:
         sessions = self.smtp.ctx.sessions if self.smtp else None
@@ -174,17 +178,21 @@ class Daemon:
             backup_last_success=lambda: backups.last_success,
         )  # fmt: skip
         await metrics.start()
+        if cfg.api.listen:
+            self.api = ApiServer(cfg, service, astore)
+            await self.api.start()
         retention = RetentionJob(cfg, astore)
         retention.start()
         backups.start()
 
         log.info(
-            "event=ready version=%s pid=%d smtp=%s smtps=%s admin=%s",
+            "event=ready version=%s pid=%d smtp=%s smtps=%s admin=%s api=%s",
             __version__,
             os.getpid(),
             ",".join(smtp.bound["smtp"]) or "-",
             ",".join(smtp.bound["smtps"]) or "-",
             cfg.path(cfg.admin.socket),
+            f"{cfg.api.listen.rpartition(':')[0]}:{self.api.port}" if self.api is not None else "-",
         )
         sd_notify(self.notify_socket, "READY=1")
         watchdog = loop.create_task(self._watchdog()) if self.notify_socket else None
@@ -195,6 +203,8 @@ class Daemon:
         log.info("event=stopping grace_s=%g", cfg.server.shutdown_grace)
         sd_notify(self.notify_socket, "STOPPING=1")
         await metrics.close()
+        if self.api is not None:
+            await self.api.close()
         await admin.close()
         await retention.close()
         await backups.close()
@@ -242,6 +252,12 @@ class Daemon:
                 await asyncio.to_thread(self.smtp.reload, new)
             except (OSError, ValueError) as exc:
                 log.error("event=reload_tls_failed error=%r", str(exc))
+        if self.api is not None:
+            self.api.config = new
+            try:
+                await asyncio.to_thread(self.api.reload_certificate)
+            except (OSError, ValueError) as exc:
+                log.error("event=reload_tls_failed listener=api error=%r", str(exc))
         if self.engine is not None:
             self.engine.reconfigure(new)
         if self.scheduler is not None:

@@ -103,6 +103,17 @@ class TokenBucket:
         self._state[key] = (tokens - 1.0, now)
         return True
 
+    def charge(self, key: object, rate_per_s: float, now: float, n: int) -> bool:
+        """Admit a request of N messages if a token is there, then take all N: the bucket may go
+        below zero, so later requests wait until the average rate is back under the limit."""
+        if rate_per_s <= 0 or n <= 0:
+            return True
+        if not self.take(key, rate_per_s, now):
+            return False
+        tokens, last = self._state[key]
+        self._state[key] = (tokens - (n - 1), last)
+        return True
+
 
 def over_daily_quota(sent_today: int, limit: int) -> bool:
     return limit > 0 and sent_today >= limit

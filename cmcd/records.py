@@ -68,3 +68,4 @@ class SpoolMessage:
     body: bytes
     received_ts: float
     message_id: str = ""
+    tags: tuple[str, ...] = ()  # chosen by the tenant through the API, kept in the mail log's tag index

@@ -18,6 +18,8 @@ import ssl
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -117,7 +119,7 @@ class Cmcd:
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
         self._ready = threading.Event()
-        self.smtp_port = self.smtps_port = 0
+        self.smtp_port = self.smtps_port = self.api_port = 0
 
     # -- process ---------------------------------------------------------------------------
 
@@ -147,6 +149,8 @@ class Cmcd:
             if "event=ready" in line:
                 self.smtp_port = int(re.search(r" smtp=\S+:(\d+)", line).group(1))  # type: ignore[union-attr]
                 self.smtps_port = int(re.search(r" smtps=\S+:(\d+)", line).group(1))  # type: ignore[union-attr]
+                api = re.search(r" api=\S+:(\d+)", line)
+                self.api_port = int(api.group(1)) if api else 0
                 ready.set()
         proc.stderr.close()
         ready.set()  # the process ended: start() stops waiting and reports it
@@ -194,6 +198,36 @@ class Cmcd:
         return self
 
     # -- clients ---------------------------------------------------------------------------
+
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, dict[str, str], Any]:
+        """One HTTPS request to the API (urllib, certificate checked against the test CA):
+        (status, headers, the JSON body decoded, or the text when it is not JSON)."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(f"https://127.0.0.1:{self.api_port}{path}", data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, context=self.client_context(), timeout=60) as resp:
+                status, got, payload = resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as exc:
+            status, got, payload = exc.code, dict(exc.headers), exc.read()
+        try:
+            return status, got, json.loads(payload) if payload else None
+        except ValueError:
+            return status, got, payload.decode()
 
     def client_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context()

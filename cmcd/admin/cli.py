@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import itertools
 import json
 import socket
@@ -92,7 +93,7 @@ class Client:
 # -- output helpers -----------------------------------------------------------------------
 
 #: result keys holding a Unix time, shown as UTC in tables
-TIME_KEYS = frozenset({"created", "received", "next_attempt"})
+TIME_KEYS = frozenset({"created", "received", "next_attempt", "revoked"})
 
 
 def cell(key: str, value: Any) -> str:
@@ -267,6 +268,102 @@ def _user_change(verb: str, done: str, doc: str) -> None:
 _user_change("disable", "disabled", "Disable LOGIN of TENANT: it can no longer authenticate.")
 _user_change("enable", "enabled", "Enable LOGIN of TENANT again.")
 _user_change("delete", "deleted", "Delete LOGIN of TENANT and its IP credentials.")
+
+
+def _show_qr(text: str) -> None:
+    """TEXT as a QR code drawn with block characters (scannable from most terminals)."""
+    try:
+        import qrcode
+    except ImportError:  # pragma: no cover - a dependency; the URI is printed anyway
+        return
+    qr = qrcode.QRCode(border=2)
+    qr.add_data(text)
+    qr.make(fit=True)
+    out = io.StringIO()
+    qr.print_ascii(out=out, invert=True)
+    click.echo(out.getvalue().rstrip("\n"))
+
+
+@user.command("otp-enroll")
+@tenant_arg
+@click.argument("login")
+@pass_client
+def user_otp_enroll(c: Client, tenant_name: str, login: str) -> None:
+    """Start TOTP enrolment of tenant admin LOGIN: prints the provisioning URI and its QR code.
+
+    Scan it with an authenticator app, then confirm with `cmcctl user otp-confirm TENANT LOGIN CODE`."""
+    r = c.call("user.otp-enroll", tenant=tenant_name, login=login)
+
+    def human(r: dict[str, Any]) -> None:
+        _show_qr(r["uri"])
+        click.echo(f"provisioning URI: {r['uri']}")
+        click.echo(f"secret (to type in by hand): {r['secret']}")
+        click.echo(f"Confirm with the first code: cmcctl user otp-confirm {tenant_name} {login} CODE")
+
+    c.show(r, human)
+
+
+@user.command("otp-confirm")
+@tenant_arg
+@click.argument("login")
+@click.argument("code")
+@pass_client
+def user_otp_confirm(c: Client, tenant_name: str, login: str, code: str) -> None:
+    """Confirm LOGIN's TOTP enrolment with the app's current CODE; prints the recovery codes once."""
+    r = c.call("user.otp-confirm", tenant=tenant_name, login=login, code=code)
+
+    def human(r: dict[str, Any]) -> None:
+        click.echo(f"TOTP enrolment of {login} in tenant {tenant_name} confirmed. Recovery codes (each works once):")
+        for code in r["recovery_codes"]:
+            click.echo(f"  {code}")
+        click.echo("Store them now: cmcd keeps only their hashes and cannot show them again.")
+
+    c.show(r, human)
+
+
+_user_change("otp-disable", "removed the TOTP enrolment of", "Remove LOGIN's TOTP enrolment (and its sessions).")
+
+
+@cli.group()
+def apikey() -> None:
+    """API keys of tenant users for the HTTP API (shown once, stored as a hash)."""
+
+
+@apikey.command("add")
+@tenant_arg
+@click.argument("login")
+@click.option("--role", type=click.Choice(["sender", "admin", "viewer"]), default=None,
+              help="what the key may do [default: the user's role]")  # fmt: skip
+@pass_client
+def apikey_add(c: Client, tenant_name: str, login: str, role: str | None) -> None:
+    """Make an API key for LOGIN of TENANT; the token is printed once."""
+    r = c.call("apikey.add", tenant=tenant_name, login=login, role=role)
+
+    def human(r: dict[str, Any]) -> None:
+        click.echo(f"added API key {r['key_id']} ({r['role']}) for {login} in tenant {tenant_name}")
+        click.echo(f"token: {r['token']}")
+        click.echo("Store it now: cmcd keeps only a hash and cannot show this token again.")
+
+    c.show(r, human)
+
+
+@apikey.command("list")
+@tenant_arg
+@click.argument("login", required=False)
+@pass_client
+def apikey_list(c: Client, tenant_name: str, login: str | None) -> None:
+    """List the API keys of TENANT (or of one LOGIN); never the tokens."""
+    columns = {"KEY": "key_id", "LOGIN": "login", "ROLE": "role", "CREATED": "created", "REVOKED": "revoked"}
+    c.show(c.call("apikey.list", tenant=tenant_name, login=login), tabled(columns, f"no API keys in {tenant_name}"))
+
+
+@apikey.command("revoke")
+@tenant_arg
+@click.argument("key_id", metavar="KEY")
+@pass_client
+def apikey_revoke(c: Client, tenant_name: str, key_id: str) -> None:
+    """Revoke API key KEY of TENANT; requests with it are refused from now on."""
+    c.show(c.call("apikey.revoke", tenant=tenant_name, key_id=key_id), said(f"revoked API key {key_id}"))
 
 
 @cli.group()

@@ -28,6 +28,7 @@ async def run_retention(
     store = astore.store
     cutoffs = {
         "mail_log": now - config.retention.mail_log_days * DAY_S,
+        "message_tags": now - config.retention.mail_log_days * DAY_S,
         "login_log": now - config.retention.audit_log_days * DAY_S,
         "ops_log": now - config.retention.audit_log_days * DAY_S,
     }

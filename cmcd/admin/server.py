@@ -117,7 +117,8 @@ Handler = Callable[["AdminServer", _Args], Awaitable[Any]]
 class _Verb:
     handler: Handler
     args: tuple[str, ...]
-    #: for mutations: how the operation log names the target, e.g. "{tenant}/{login}"
+    #: for mutations: how the operation log names the target, e.g. "{tenant}/{login}"; parts
+    #: (space-separated) naming an argument the request did not give are left out
     target: str | None = None
     #: for mutations: the argument naming the tenant the change belongs to
     tenant_arg: str = "tenant"
@@ -127,9 +128,16 @@ class _Verb:
         return self.target is not None
 
 
-class _Target(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return "?"
+def _render_target(template: str, names: dict[str, str]) -> str:
+    """TEMPLATE's space-separated parts filled from NAMES; a part naming an argument not given is
+    left out ("{queue_id} tenant={tenant}" -> "25X... " alone when no tenant was named)."""
+    out = []
+    for part in template.split(" "):
+        try:
+            out.append(part.format_map(names))
+        except KeyError:
+            continue
+    return " ".join(out) or "-"
 
 
 def _user(u: User) -> dict[str, Any]:
@@ -282,8 +290,10 @@ class AdminServer:
         except Exception as exc:
             log.exception("event=admin_request_failed verb=%s uid=%d", verb, caller.uid)
             error = f"{verb} failed inside cmcd ({exc}); see the daemon log"
-        if spec.mutation:
-            args = raw_args if isinstance(raw_args, dict) else {}
+        args = raw_args if isinstance(raw_args, dict) else {}
+        if spec.mutation or (error is not None and args):
+            # every change, and every refusal of a request that named something (a read of another
+            # tenant's queue id or domain is refused, and the attempt is on record)
             await self._log_op(caller, verb, spec, args, error)
             if error is None:
                 self._changed()
@@ -292,9 +302,8 @@ class AdminServer:
         return {"ok": True, "result": result}
 
     async def _log_op(self, caller: Caller, verb: str, spec: _Verb, args: dict[str, Any], error: str | None) -> None:
-        assert spec.target is not None
-        names = _Target({k: v for k, v in args.items() if isinstance(v, str) and k != "password"})
-        target = spec.target.format_map(names)
+        names = {k: v for k, v in args.items() if isinstance(v, str) and k != "password" and v}
+        target = _render_target(spec.target or " ".join(f"{k}={{{k}}}" for k in spec.args), names)
         tenant = args.get(spec.tenant_arg)
         try:
             tenant_id = await self._astore.call(_tenant_id, self._store, tenant) if isinstance(tenant, str) else None
@@ -706,11 +715,13 @@ VERBS: dict[str, _Verb] = {
     "queue.show": _Verb(AdminServer._queue_show, ("queue_id", "tenant")),
     "queue.summary": _Verb(AdminServer._queue_summary, ("tenant",)),
     "queue.retry": _Verb(
-        AdminServer._queue_retry, ("queue_id", "domain", "all", "tenant"), target="{queue_id}{domain}"
+        AdminServer._queue_retry,
+        ("queue_id", "domain", "all", "tenant"),
+        target="{queue_id} domain={domain} tenant={tenant}",
     ),
-    "queue.hold": _Verb(AdminServer._queue_hold, ("queue_id", "tenant"), target="{queue_id}{tenant}"),
-    "queue.release": _Verb(AdminServer._queue_release, ("queue_id", "tenant"), target="{queue_id}{tenant}"),
-    "queue.delete": _Verb(AdminServer._queue_delete, ("queue_id", "tenant"), target="{queue_id}"),
+    "queue.hold": _Verb(AdminServer._queue_hold, ("queue_id", "tenant"), target="{queue_id} tenant={tenant}"),
+    "queue.release": _Verb(AdminServer._queue_release, ("queue_id", "tenant"), target="{queue_id} tenant={tenant}"),
+    "queue.delete": _Verb(AdminServer._queue_delete, ("queue_id", "tenant"), target="{queue_id} tenant={tenant}"),
     "suppression.list": _Verb(AdminServer._suppression_list, ("tenant", "limit")),
     "suppression.add": _Verb(AdminServer._suppression_add, ("tenant", "address"), target="{tenant}"),
     "suppression.delete": _Verb(AdminServer._suppression_delete, ("tenant", "address"), target="{tenant}"),

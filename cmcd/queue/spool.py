@@ -83,6 +83,17 @@ CREATE TABLE IF NOT EXISTS events (
     message_id TEXT NOT NULL DEFAULT '',
     suppress INTEGER NOT NULL DEFAULT 0  -- 1: the store adds the recipient to the tenant's suppression list
 );
+CREATE TABLE IF NOT EXISTS api_requests (
+    -- API requests sent with an Idempotency-Key, committed with the messages they queued
+    tenant_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    request_hash BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    response TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (tenant_id, key)
+);
+CREATE INDEX IF NOT EXISTS api_requests_created ON api_requests(created);
 CREATE TABLE IF NOT EXISTS daily_counts (
     tenant_id INTEGER NOT NULL,
     day TEXT NOT NULL,
@@ -99,7 +110,7 @@ _ADDED_COLUMNS = {
     "events": (
         "attempt INTEGER NOT NULL DEFAULT 0", "mx TEXT NOT NULL DEFAULT ''", "ip TEXT NOT NULL DEFAULT ''",
         "tls TEXT NOT NULL DEFAULT ''", "delay REAL NOT NULL DEFAULT 0", "size INTEGER NOT NULL DEFAULT 0",
-        "message_id TEXT NOT NULL DEFAULT ''", "suppress INTEGER NOT NULL DEFAULT 0",
+        "message_id TEXT NOT NULL DEFAULT ''", "suppress INTEGER NOT NULL DEFAULT 0", "tags TEXT NOT NULL DEFAULT ''",
     ),
 }  # fmt: skip
 
@@ -126,7 +137,7 @@ def _upgrade(conn: sqlite3.Connection) -> None:
 
 def take_events(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
     """The oldest outbox events, with their outbox id last (run through Spool.call)."""
-    return conn.execute(f"SELECT {_EVENT_COLUMNS}, id FROM events ORDER BY id LIMIT ?", (limit,)).fetchall()
+    return conn.execute(f"SELECT {_EVENT_COLUMNS}, tags, id FROM events ORDER BY id LIMIT ?", (limit,)).fetchall()
 
 
 def drop_events(conn: sqlite3.Connection, up_to_id: int) -> None:
@@ -151,7 +162,7 @@ def insert_messages(conn: sqlite3.Connection, k: DataKeys, messages: list[SpoolM
             events.append(
                 (f"{m.queue_id}:{n}:accepted", m.received_ts, m.tenant_id, m.queue_id, "accepted", sender_enc,
                  sender_hmac, rcpt_enc, rcpt_hmac, r.domain, "queued", "", 0, "", "", "", 0.0, len(m.body),
-                 m.message_id, 0)
+                 m.message_id, 0, ",".join(m.tags))
             )  # fmt: skip
     conn.executemany(
         "INSERT INTO messages(queue_id, tenant_id, user_id, sender_enc, sender_hmac, size_bytes, received, body, "
@@ -161,7 +172,34 @@ def insert_messages(conn: sqlite3.Connection, k: DataKeys, messages: list[SpoolM
     conn.executemany(
         "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, next_attempt) VALUES (?,?,?,?,?)", rcpts
     )
-    conn.executemany(INSERT_EVENT, events)
+    conn.executemany(f"INSERT INTO events({_EVENT_COLUMNS}, tags) VALUES ({_EVENT_MARKS}, ?)", events)
+
+
+def add_daily_counts(conn: sqlite3.Connection, counts: dict[tuple[int, str], int]) -> None:
+    conn.executemany(
+        "INSERT INTO daily_counts(tenant_id, day, messages) VALUES (?,?,?) "
+        "ON CONFLICT(tenant_id, day) DO UPDATE SET messages = messages + excluded.messages",
+        [(t, d, n) for (t, d), n in counts.items()],
+    )
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """An API request's Idempotency-Key and the response it produced, committed with its messages."""
+
+    tenant_id: int
+    key: str
+    request_hash: bytes
+    status: int
+    response: str
+
+
+def find_api_request(conn: sqlite3.Connection, tenant_id: int, key: str, since: float) -> tuple[bytes, int, str] | None:
+    row = conn.execute(
+        "SELECT request_hash, status, response FROM api_requests WHERE tenant_id = ? AND key = ? AND created >= ?",
+        (tenant_id, key, since),
+    ).fetchone()
+    return None if row is None else (bytes(row[0]), row[1], row[2])
 
 
 @dataclass(frozen=True)
@@ -285,6 +323,43 @@ class Spool:
         self._jobs.put(_Commit(msg, day, fut, loop))
         await fut
 
+    async def commit_all(
+        self, messages: list[SpoolMessage], day: str, request: ApiRequest | None, forget_before: float
+    ) -> None:
+        """Commit MESSAGES (and the API request that produced them) in one transaction: all are on
+        stable storage when this returns, or none is and SpoolError is raised. API requests older
+        than FORGET_BEFORE are dropped on the way."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    insert_messages(conn, self.keys, messages)
+                    add_daily_counts(conn, _count(messages, day))
+                    if request is not None:
+                        conn.execute("DELETE FROM api_requests WHERE created < ?", (forget_before,))
+                        conn.execute(
+                            "INSERT INTO api_requests(tenant_id, key, request_hash, status, response, created) "
+                            "VALUES (?,?,?,?,?,?)",
+                            (request.tenant_id, request.key, request.request_hash, request.status, request.response,
+                             time.time()),
+                        )  # fmt: skip
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except Exception as exc:
+                log.error("event=spool_commit_failed messages=%d error=%r", len(messages), str(exc))
+                self._wal_oversized = True
+                self._truncate_wal()
+                raise SpoolError(f"spool commit failed: {exc}") from None
+            self.commits += len(messages)
+            self.transactions += 1
+
+        await self.call(run)
+        if self.on_commit is not None:
+            self.on_commit()
+
     async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run FN(read-only connection) on the spool's reader thread, beside the writer (WAL lets
         readers and the writer proceed together), so a long listing never delays a 250."""
@@ -339,11 +414,7 @@ class Spool:
                 for c in commits:
                     key = (c.msg.tenant_id, c.day)
                     counts[key] = counts.get(key, 0) + 1
-                conn.executemany(
-                    "INSERT INTO daily_counts(tenant_id, day, messages) VALUES (?,?,?) "
-                    "ON CONFLICT(tenant_id, day) DO UPDATE SET messages = messages + excluded.messages",
-                    [(t, d, n) for (t, d), n in counts.items()],
-                )
+                add_daily_counts(conn, counts)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -371,6 +442,13 @@ class Spool:
             log.warning("event=spool_checkpoint_failed error=%r", str(exc))
             return
         self._wal_oversized = bool(busy)
+
+
+def _count(messages: list[SpoolMessage], day: str) -> dict[tuple[int, str], int]:
+    counts: dict[tuple[int, str], int] = {}
+    for m in messages:
+        counts[(m.tenant_id, day)] = counts.get((m.tenant_id, day), 0) + 1
+    return counts
 
 
 class DayClock:

@@ -9,19 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cmcd.config import Config, split_hostport
+from cmcd.crypto import server_tls_context
 from cmcd.smtp.session import SubmissionSMTP
 from cmcd.submit.service import SubmitService
 
 log = logging.getLogger("cmcd.smtp")
 
 HANDSHAKE_TIMEOUT_S = 10.0
-
-
-def make_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
 
 
 class SubmissionHandler:
@@ -101,7 +95,7 @@ class SmtpListeners:
 
     def __init__(self, config: Config, service: SubmitService):
         smtp = config.smtp
-        tls = make_tls_context(str(config.path(smtp.tls_cert)), str(config.path(smtp.tls_key)))
+        tls = server_tls_context(str(config.path(smtp.tls_cert)), str(config.path(smtp.tls_key)))
         self.ctx = SmtpContext(
             config,
             service,

@@ -128,6 +128,61 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX dkim_keys_domain ON dkim_keys(domain_id);
     """,
+    # 5: the tenant HTTP API: API keys, TOTP, session tokens, webhooks, tags of accepted messages
+    """
+    CREATE TABLE api_keys (
+        id INTEGER PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        key_id TEXT NOT NULL UNIQUE,
+        key_hash BLOB NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'sender', 'viewer')),
+        created REAL NOT NULL,
+        revoked REAL,
+        last_used REAL
+    );
+    CREATE INDEX api_keys_user ON api_keys(user_id);
+    CREATE TABLE otp (
+        user_id INTEGER PRIMARY KEY REFERENCES users(id),
+        tenant_id INTEGER NOT NULL,
+        secret_enc BLOB NOT NULL,
+        confirmed INTEGER NOT NULL DEFAULT 0,
+        recovery TEXT NOT NULL DEFAULT '',
+        last_step INTEGER NOT NULL DEFAULT 0,
+        created REAL NOT NULL
+    );
+    CREATE TABLE api_sessions (
+        token_hash BLOB PRIMARY KEY,
+        user_id INTEGER NOT NULL,
+        tenant_id INTEGER NOT NULL,
+        expires REAL NOT NULL
+    );
+    CREATE TABLE webhooks (
+        id INTEGER PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        secret_enc BLOB NOT NULL,
+        created REAL NOT NULL,
+        cursor INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        failing_since REAL,
+        next_attempt REAL NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        last_success REAL,
+        sent INTEGER NOT NULL DEFAULT 0,
+        dropped INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX webhooks_tenant ON webhooks(tenant_id);
+    CREATE TABLE message_tags (
+        queue_id TEXT PRIMARY KEY,
+        tenant_id INTEGER NOT NULL,
+        tags TEXT NOT NULL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX message_tags_ts ON message_tags(ts);
+    CREATE INDEX message_tags_tenant ON message_tags(tenant_id);
+    """,
 ]
 
 

@@ -21,6 +21,7 @@ from cmcd import crypto
 from cmcd.db import transaction
 from cmcd.errors import KeyFileError, NotFound, StoreError
 from cmcd.records import Domain, IpCredential, Tenant, User
+from cmcd.store.api_store import ApiStore
 from cmcd.store.schema import migrate
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -67,7 +68,7 @@ class NewKey:
     public_txt: str
 
 
-class Store:
+class Store(ApiStore):
     def __init__(self, path: Path, keys: crypto.DataKeys):
         self.path = path
         self.keys = keys
@@ -197,7 +198,8 @@ class Store:
     def user_delete(self, tenant: str, login: str) -> None:
         u = self.user(tenant, login)
         with transaction(self.conn):
-            self.conn.execute("DELETE FROM ip_credentials WHERE user_id = ?", (u.id,))
+            for table in ("ip_credentials", "api_keys", "otp", "api_sessions"):
+                self.conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (u.id,))
             self.conn.execute("DELETE FROM users WHERE id = ?", (u.id,))
 
     # -- IP credentials --------------------------------------------------------------------
@@ -402,9 +404,10 @@ class Store:
 
     def insert_mail_events(self, rows: list[tuple[Any, ...]]) -> int:
         """Add mail-log rows (addresses already encrypted, in MAIL_EVENT_COLUMNS order, then a
-        suppress flag); a row whose event_key is already present is skipped. A row flagged
-        suppress puts its recipient on the tenant's suppression list, in the same transaction.
-        Returns how many rows were new."""
+        suppress flag and the message's tags); a row whose event_key is already present is skipped.
+        A row flagged suppress puts its recipient on the tenant's suppression list, and the tags of
+        an accepted message are kept for filtering, in the same transaction. Returns how many rows
+        were new."""
         n = len(self.MAIL_EVENT_COLUMNS)
         cols = ", ".join(self.MAIL_EVENT_COLUMNS)
         marks = ", ".join("?" for _ in self.MAIL_EVENT_COLUMNS)
@@ -426,6 +429,14 @@ class Store:
                     if len(r) > n and r[n]
                 ],
             )  # fmt: skip
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO message_tags(queue_id, tenant_id, tags, ts) VALUES (?,?,?,?)",
+                [
+                    (r[i["queue_id"]], r[i["tenant_id"]], r[n + 1], r[i["ts"]])
+                    for r in rows
+                    if len(r) > n + 1 and r[n + 1]
+                ],
+            )
             return added
 
     # -- suppression and tenant settings ------------------------------------------------------
@@ -514,6 +525,8 @@ class Store:
         sender: str | None = None,
         queue_id: str | None = None,
         status: str | None = None,
+        events: tuple[str, ...] | None = None,
+        tag: str | None = None,
         after: int = 0,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
@@ -546,6 +559,15 @@ class Store:
         if status is not None:
             where.append("(x.event = ? OR x.status = ?)" if kind == "mail" else "x.result = ?")
             args += [status, status] if kind == "mail" else [status]
+        if events is not None and kind == "mail":
+            where.append(f"x.event IN ({','.join('?' * len(events))})")
+            args += events
+        if tag is not None and kind == "mail":
+            where.append(
+                "x.queue_id IN (SELECT queue_id FROM message_tags WHERE tenant_id = x.tenant_id "
+                "AND ',' || tags || ',' LIKE ? ESCAPE '\\')"
+            )
+            args.append("%," + tag.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + ",%")
         sql = f"{select} WHERE {' AND '.join(where)} ORDER BY x.id LIMIT ?"
         out = []
         for r in self.conn.execute(sql, (*args, limit)):
@@ -570,6 +592,8 @@ class Store:
             counts["dkim_keys"] = c(
                 "DELETE FROM dkim_keys WHERE domain_id IN (SELECT id FROM domains WHERE tenant_id = ?)", (t.id,)
             ).rowcount
+            for table in ("api_keys", "otp", "api_sessions", "message_tags"):
+                counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (t.id,)).rowcount
             for table in ("ip_credentials", "users", "domains", "suppressions", "mail_log", "login_log", "ops_log"):
                 counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (t.id,)).rowcount
             # failed logins with one of its login names were logged without a tenant
@@ -584,11 +608,11 @@ class Store:
     def expire_rows(self, table: str, cutoff: float, batch: int = 5000) -> int:
         """Delete up to BATCH rows of TABLE older than CUTOFF in one transaction (secure_delete is on);
         the caller repeats until it returns less than BATCH, so no transaction holds the store long."""
-        if table not in ("mail_log", "login_log", "ops_log"):
+        if table not in ("mail_log", "login_log", "ops_log", "message_tags"):
             raise StoreError(f"no log table {table!r}")
         with transaction(self.conn):
             cur = self.conn.execute(
-                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? ORDER BY ts LIMIT ?)",
+                f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE ts < ? ORDER BY ts LIMIT ?)",
                 (cutoff, batch),
             )
         return cur.rowcount

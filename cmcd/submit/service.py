@@ -24,7 +24,7 @@ from cmcd import crypto, policy
 from cmcd.config import Config, SendingLimits
 from cmcd.errors import SpoolError
 from cmcd.queue.ids import QueueIdGenerator
-from cmcd.queue.spool import DayClock, Spool
+from cmcd.queue.spool import ApiRequest, DayClock, Spool
 from cmcd.records import Recipient, Sender, SpoolMessage
 from cmcd.stats import IntakeStats, counts_refusals, counts_refusals_async
 from cmcd.store import AsyncStore, LoginRecord
@@ -56,6 +56,7 @@ class SessionInfo:
     helo: str
     tls_version: str | None
     tls_cipher: str | None
+    protocol: str = ""  # set by ways in other than SMTP ("HTTPS")
 
 
 def address_problem(address: str, smtputf8: bool) -> str | None:
@@ -282,16 +283,9 @@ class SubmitService:
 
     @counts_refusals
     def check_mail(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> str | None:
-        if not address:
-            return "550 5.7.1 A null sender is not allowed for submission"
-        min_free = self.config.spool.min_free
-        if min_free and self.spool.free_bytes() < min_free + size:
-            return "452 4.3.1 Insufficient system storage: the queue's disk is nearly full; try again later"
-        problem = address_problem(address, smtputf8)
+        problem = self.check_sender(sender, address, smtputf8, size)
         if problem:
             return problem
-        if not self.owns_domain(sender, address.rpartition("@")[2]):
-            return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
         now = self.clock()
         limits = self._limits(sender.tenant)
         if policy.over_daily_quota(
@@ -302,6 +296,20 @@ class SubmitService:
             return (
                 f"451 4.7.1 Rate limit of {limits.messages_per_second:g} messages per second reached; try again later"
             )
+        return None
+
+    def check_sender(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> str | None:
+        """MAIL's checks without the quota and rate (an API request is counted as a whole: check_batch)."""
+        if not address:
+            return "550 5.7.1 A null sender is not allowed for submission"
+        min_free = self.config.spool.min_free
+        if min_free and self.spool.free_bytes() < min_free + size:
+            return "452 4.3.1 Insufficient system storage: the queue's disk is nearly full; try again later"
+        problem = address_problem(address, smtputf8)
+        if problem:
+            return problem
+        if not self.owns_domain(sender, address.rpartition("@")[2]):
+            return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
         return None
 
     @counts_refusals
@@ -323,6 +331,36 @@ class SubmitService:
     @counts_refusals_async
     async def finish(self, sender: Sender, mail_from: str, rcpts: list[str], body: bytes, info: SessionInfo) -> str:
         """Check the header, fix it, sign, spool; return the final reply."""
+        prepared = await self.prepare(sender, mail_from, rcpts, body, info)
+        if isinstance(prepared, str):
+            return prepared
+        now = prepared.received_ts
+        day = self._days.day(now)
+        key = (sender.tenant_id, day)
+        quota = self._limits(sender.tenant).messages_per_day
+        if policy.over_daily_quota(self._daily.get(key, 0), quota):  # concurrent sessions passed MAIL together
+            return f"550 5.7.1 Daily quota of {quota} messages reached for this tenant"
+        self._reserve(key, 1)  # given back if the commit fails
+        try:
+            await self.spool.commit(prepared, day)
+        except SpoolError:
+            self._daily[key] -= 1
+            return REPLY_SPOOL_FAILED
+        self.accepted += 1
+        self.stats.accept(sender.tenant)
+        return f"250 2.0.0 Ok: queued as {prepared.queue_id}"
+
+    async def prepare(
+        self,
+        sender: Sender,
+        mail_from: str,
+        rcpts: list[str],
+        body: bytes,
+        info: SessionInfo,
+        tags: tuple[str, ...] = (),
+    ) -> SpoolMessage | str:
+        """The message as it will be spooled (sender domain and From: checked, Received:,
+        Message-ID and Date added, DKIM-signed off the loop), or the refusal reply."""
         if mail_from and not self.owns_domain(sender, mail_from.rpartition("@")[2]):
             return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
         hdr = headers.parse(body)
@@ -338,15 +376,7 @@ class SubmitService:
         if self.signer is not None and (self.signer is not self.dkim or self.dkim.keys_for(domains[0])):
             loop = asyncio.get_running_loop()  # RSA is ~1 ms of CPU: never on the event loop
             body = await loop.run_in_executor(None, self.signer, body, domains[0])
-        day = self._days.day(now)
-        key = (sender.tenant_id, day)
-        quota = self._limits(sender.tenant).messages_per_day
-        if policy.over_daily_quota(self._daily.get(key, 0), quota):  # concurrent sessions passed MAIL together
-            return f"550 5.7.1 Daily quota of {quota} messages reached for this tenant"
-        if key not in self._daily:  # a new day (or tenant): forget the counts of past days
-            self._daily = {k: n for k, n in self._daily.items() if k[1] == day}
-        self._daily[key] = self._daily.get(key, 0) + 1  # reserved now; given back if the commit fails
-        msg = SpoolMessage(
+        return SpoolMessage(
             queue_id=qid,
             tenant_id=sender.tenant_id,
             user_id=sender.user_id,
@@ -355,19 +385,54 @@ class SubmitService:
             body=body,
             received_ts=now,
             message_id=hdr.message_id or f"<{qid}@{self.config.server.hostname}>",
+            tags=tags,
         )
+
+    def _reserve(self, key: tuple[int, str], n: int) -> None:
+        if key not in self._daily:  # a new day (or tenant): forget the counts of past days
+            self._daily = {k: c for k, c in self._daily.items() if k[1] == key[1]}
+        self._daily[key] = self._daily.get(key, 0) + n
+
+    def check_batch(self, sender: Sender, n: int) -> str | None:
+        """Before an API request queues N messages: the daily quota must leave room for all N, and
+        the per-second rate admits the request if a token is there and charges all N (the bucket
+        may go negative, so the average rate holds). A reply string when refused."""
+        now = self.clock()
+        limits = self._limits(sender.tenant)
+        day = self._days.day(now)
+        if limits.messages_per_day and self._daily.get((sender.tenant_id, day), 0) + n > limits.messages_per_day:
+            return f"550 5.7.1 Daily quota of {limits.messages_per_day} messages would be exceeded for this tenant"
+        if not self._rates.charge(sender.tenant_id, limits.messages_per_second, now, n):
+            return (
+                f"451 4.7.1 Rate limit of {limits.messages_per_second:g} messages per second reached; try again later"
+            )
+        return None
+
+    async def commit_all(self, sender: Sender, messages: list[SpoolMessage], request: ApiRequest | None) -> str | None:
+        """Spool MESSAGES prepared for one API request in one transaction (with the request's
+        Idempotency-Key): None once all are on disk, else the refusal reply (none was queued)."""
+        day = self._days.day(self.clock())
+        key = (sender.tenant_id, day)
+        quota = self._limits(sender.tenant).messages_per_day
+        if quota and self._daily.get(key, 0) + len(messages) > quota:
+            return f"550 5.7.1 Daily quota of {quota} messages would be exceeded for this tenant"
+        self._reserve(key, len(messages))
+        forget_before = self.clock() - self.config.api.idempotency_ttl
         try:
-            await self.spool.commit(msg, day)
+            await self.spool.commit_all(messages, day, request, forget_before)
         except SpoolError:
-            self._daily[key] -= 1
+            self._daily[key] -= len(messages)
             return REPLY_SPOOL_FAILED
-        self.accepted += 1
-        self.stats.accept(sender.tenant)
-        return f"250 2.0.0 Ok: queued as {qid}"
+        self.accepted += len(messages)
+        for _ in messages:
+            self.stats.accept(sender.tenant)
+        return None
 
     def _received(self, qid: str, sender: Sender, info: SessionInfo, now: float) -> bytes:
         protocol = "ESMTPSA" if info.tls_version else "ESMTPA"
-        if sender.mechanism == "IP":
+        if info.protocol:
+            protocol = info.protocol
+        elif sender.mechanism == "IP":
             protocol = "ESMTPS" if info.tls_version else "ESMTP"
         tls = f"\r\n\t(using {info.tls_version} with cipher {info.tls_cipher})" if info.tls_version else ""
         helo = _BAD_ADDRESS_CHARS.sub("", info.helo)[:255] or "unknown"
@@ -402,6 +467,14 @@ class SubmitService:
         return self._stamp
 
     # -- records ---------------------------------------------------------------------------
+
+    def log_login(self, record: LoginRecord) -> None:
+        """Buffer a login-log row (written in batches, off the loop); for other ways in, like the API."""
+        self._log_login(record)
+
+    def note_auth_failure(self, client_ip: str) -> None:
+        """Count a failed login of another way in (the API) against CLIENT_IP's throttle."""
+        self._auth_failures.add(throttle_key(client_ip), self.clock())
 
     def _log_login(self, record: LoginRecord) -> None:
         self._pending_logins.append(record)

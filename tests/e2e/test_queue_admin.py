@@ -122,5 +122,7 @@ def test_hold_a_whole_tenant_and_refusals_are_logged(d: Cmcd) -> None:
         ("queue.retry", "refused"),
         ("queue.retry", "refused"),
         ("queue.hold", "refused"),
+        ("queue.list", "refused"),  # a refused read that named something is on record too
+        ("queue.list", "refused"),
         ("queue.delete", "refused"),
     ]

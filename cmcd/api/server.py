@@ -1,0 +1,615 @@
+"""The tenant HTTP API: JSON over HTTPS under /v1/, on the daemon's event loop (aiohttp).
+
+Sending goes through SubmitService exactly like SMTP (sender domain, limits, suppression, DKIM,
+the spool's durability contract): a 202 is sent only after the spool committed every message of
+the request, together with its Idempotency-Key. Records are read from the store, always filtered
+by the caller's tenant. Errors are RFC 9457 problem details carrying the equivalent SMTP reply.
+
+aiohttp's low-level web.Application is used with an explicit route table and one middleware for
+errors; authentication is a plain function each handler calls, so the whole path is visible here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import datetime
+import hashlib
+import io
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from cmcd import crypto, totp
+from cmcd.api.compose import Composed, ComposeError, compose_bulk, compose_one
+from cmcd.config import Config, split_hostport
+from cmcd.errors import NotFound, StoreError
+from cmcd.queue.spool import ApiRequest, find_api_request
+from cmcd.records import Sender, SpoolMessage
+from cmcd.store import AsyncStore, LoginRecord
+from cmcd.store.api_store import ApiCaller
+from cmcd.submit.service import SessionInfo, SubmitService
+
+log = logging.getLogger("cmcd.api")
+
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+PROBLEM_TYPE = "urn:cmcd:problem:"
+#: what each role may do; admin may do everything
+PERMISSIONS = {"sender": {"send"}, "viewer": {"read"}, "admin": {"send", "read", "manage"}}
+#: mail-log events each record endpoint lists
+DELIVERY_EVENTS = ("accepted", "deferred", "delivered", "bounced", "expired", "suppressed", "deleted")
+BOUNCE_EVENTS = ("bounced", "expired")
+PAGE_MAX = 1000
+PREPARE_CONCURRENCY = 32
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_ISO_HINT = 'an ISO 8601 time like "2026-11-26T10:00:00Z"'
+
+
+class Problem(Exception):
+    """An error response: status, a short slug for the type URI, a title and a detail."""
+
+    def __init__(
+        self, status: int, slug: str, detail: str, *, smtp: str = "", extra: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.slug, self.detail, self.smtp = status, slug, detail, smtp
+        self.extra = extra or {}
+        self.headers: dict[str, str] = {}
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {
+            "type": PROBLEM_TYPE + self.slug,
+            "title": _TITLES.get(self.status, "Error"),
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.smtp:
+            body["smtp"] = self.smtp
+        body.update(self.extra)
+        return web.json_response(
+            body, status=self.status, content_type="application/problem+json", headers=self.headers
+        )
+
+
+_TITLES = {
+    400: "Bad request",
+    401: "Not authenticated",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    413: "Request too large",
+    405: "Method not allowed",
+    415: "Unsupported media type",
+    422: "Unprocessable request",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Service unavailable",
+}
+
+
+def smtp_problem(reply: str, field: str = "") -> Problem:
+    """The HTTP problem for an SMTP-style refusal from SubmitService."""
+    code, _, text = reply.partition(" ")
+    enhanced = text.split(" ", 1)[0]
+    status, slug = 422, "refused"
+    if enhanced == "5.7.1" and ("domain" in text):
+        status, slug = 403, "sender-domain"
+    elif "suppression list" in text:
+        status, slug = 422, "suppressed"
+    elif "Daily quota" in text:
+        status, slug = 429, "daily-quota"
+    elif "Rate limit" in text:
+        status, slug = 429, "rate-limit"
+    elif enhanced.startswith("4.3") or code.startswith("45"):
+        status, slug = 503, "try-later"
+    elif enhanced.startswith("5.1") or enhanced.startswith("5.5"):
+        status, slug = 422, "bad-address"
+    p = Problem(status, slug, text.split(" ", 1)[1] if " " in text else text, smtp=reply,
+                extra={"field": field} if field else None)  # fmt: skip
+    if status in (429, 503):
+        p.headers["Retry-After"] = "1" if slug != "daily-quota" else "3600"
+    return p
+
+
+def _iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_time(name: str, value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        t = datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise Problem(400, "bad-parameter", f"{name}: expected {_ISO_HINT}", extra={"field": name}) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.UTC)
+    return t.timestamp()
+
+
+def _cursor_out(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"c{last_id}".encode()).decode().rstrip("=")
+
+
+def _cursor_in(value: str | None) -> int:
+    if not value:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
+        if raw.startswith("c") and raw[1:].isdigit():
+            return int(raw[1:])
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise Problem(400, "bad-parameter", "cursor: not a cursor this API returned", extra={"field": "cursor"})
+
+
+def _limit(value: str | None) -> int:
+    if value is None or value == "":
+        return 100
+    if not value.isdigit() or not 1 <= int(value) <= PAGE_MAX:
+        raise Problem(400, "bad-parameter", f"limit: expected 1 to {PAGE_MAX}", extra={"field": "limit"})
+    return int(value)
+
+
+class ApiServer:
+    def __init__(
+        self,
+        config: Config,
+        service: SubmitService,
+        astore: AsyncStore,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.service = service
+        self.astore = astore
+        self.store = astore.store
+        self.clock = clock
+        self.tls = crypto.server_tls_context(
+            str(config.path(config.smtp.tls_cert)), str(config.path(config.smtp.tls_key))
+        )
+        self._runner: web.AppRunner | None = None
+        self._in_progress: set[tuple[int, str]] = set()
+        self._openapi = OPENAPI_PATH.read_bytes()
+        self.port = 0
+        self.requests = 0
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.api.max_request_size, middlewares=[self._errors])
+        r = app.router
+        r.add_get("/v1/openapi.json", self._get_openapi)
+        r.add_post("/v1/sessions", self._post_session)
+        r.add_post("/v1/emails", self._post_email)
+        r.add_post("/v1/emails/bulk", self._post_bulk)
+        r.add_get("/v1/deliveries", self._get_deliveries)
+        r.add_get("/v1/bounces", self._get_bounces)
+        r.add_get("/v1/blocks", self._get_blocks)
+        r.add_post("/v1/blocks", self._post_block)
+        r.add_delete("/v1/blocks/{address}", self._delete_block)
+        r.add_get("/v1/audit", self._get_audit)
+        return app
+
+    async def start(self) -> None:
+        host, port = split_hostport(self.config.api.listen)
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.tls, backlog=512)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        log.info("event=api_listening listen=%s port=%d", self.config.api.listen, self.port)
+
+    def reload_certificate(self) -> None:
+        """SIGHUP: new connections get the certificate now on disk."""
+        self.tls.load_cert_chain(str(self.config.path(self.config.smtp.tls_cert)),
+                                 str(self.config.path(self.config.smtp.tls_key)))  # fmt: skip
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        self.requests += 1
+        try:
+            return await handler(request)
+        except Problem as problem:
+            return problem.response()
+        except web.HTTPRequestEntityTooLarge:
+            return Problem(413, "too-large", f"request body over {self.config.api.max_request_size} bytes").response()
+        except web.HTTPMethodNotAllowed as exc:
+            p = Problem(
+                405, "method", f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}"
+            )
+            p.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+            return p.response()
+        except web.HTTPNotFound:
+            return Problem(404, "not-found", f"no endpoint {request.path}; see /v1/openapi.json").response()
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("event=api_request_failed method=%s path=%s", request.method, request.path)
+            return Problem(500, "internal", "the request failed inside cmcd; see the daemon log").response()
+
+    @staticmethod
+    def _client_ip(request: web.Request) -> str:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        return str(peer[0]) if peer else "?"
+
+    async def _caller(self, request: web.Request, need: str) -> ApiCaller:
+        """The authenticated caller (Authorization: Bearer API key or session token), allowed NEED."""
+        ip = self._client_ip(request)
+        if self.service.auth_throttled(ip):
+            raise Problem(429, "throttled", "too many failed logins from your address; try again later")
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            p = Problem(401, "unauthenticated", "send Authorization: Bearer <API key or session token>")
+            p.headers["WWW-Authenticate"] = 'Bearer realm="cmcd"'
+            raise p
+        token = token.strip()
+        if token.startswith("cmk_"):
+            caller = await self.astore.call(self.store.apikey_caller, token)
+        else:
+            caller = await self.astore.call(self.store.session_caller, token, self.clock())
+        if caller is None:
+            self.service.note_auth_failure(ip)
+            self.service.log_login(LoginRecord(self.clock(), token[:16], ip, "API", "fail", None, "bad token"))
+            p = Problem(401, "unauthenticated", "the API key or session token is unknown, revoked or expired")
+            p.headers["WWW-Authenticate"] = 'Bearer realm="cmcd", error="invalid_token"'
+            raise p
+        if need not in PERMISSIONS.get(caller.role, set()):
+            raise Problem(403, "forbidden", f"a {caller.role} credential may not {need}; it needs the "
+                          f"{'sender or admin' if need == 'send' else 'viewer or admin' if need == 'read' else 'admin'} role")  # fmt: skip
+        return caller
+
+    async def _json(self, request: web.Request) -> tuple[Any, bytes]:
+        ctype = request.content_type
+        if ctype != "application/json":
+            raise Problem(415, "media-type", "send the request body as application/json")
+        raw = await request.read()
+        try:
+            return json.loads(raw), raw
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise Problem(400, "bad-json", f"the body is not valid JSON: {exc}") from None
+
+    async def _log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:
+        try:
+            await self.astore.call(
+                self.store.log_op,
+                actor_uid=None,
+                actor=f"api:{caller.login} ({caller.credential})",
+                action=action,
+                target=target,
+                result="ok" if error is None else "refused",
+                tenant_id=caller.tenant_id,
+                detail=error or detail,
+            )
+        except Exception:
+            log.exception("event=ops_log_failed action=%s", action)
+
+    # -- endpoints: documents and sessions -----------------------------------------------------
+
+    async def _get_openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    async def _post_session(self, request: web.Request) -> web.Response:
+        """A tenant admin's login: password + TOTP code (or a recovery code) -> a session token."""
+        body, _ = await self._json(request)
+        ip = self._client_ip(request)
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("login"), str)
+            or not isinstance(body.get("password"), str)
+        ):
+            raise Problem(422, "invalid", 'expected {"login": ..., "password": ..., "otp": "123456"} '
+                          '(or "recovery_code" instead of "otp")')  # fmt: skip
+        unknown = set(body) - {"login", "password", "otp", "recovery_code"}
+        if unknown:
+            raise Problem(422, "invalid", f"unknown field {sorted(unknown)[0]!r}", extra={"field": sorted(unknown)[0]})
+        login, password = body["login"], body["password"]
+        otp, recovery = body.get("otp"), body.get("recovery_code")
+        if (
+            not isinstance(otp, str | None)
+            or not isinstance(recovery, str | None)
+            or (otp is None) == (recovery is None)
+        ):
+            raise Problem(422, "invalid", 'give exactly one of "otp" (the 6-digit code) or "recovery_code"')
+        sender = await self.service.authenticate(login, password, ip, "API-SESSION")
+        if not isinstance(sender, Sender):
+            status = 429 if sender.startswith("421") else 401
+            raise Problem(
+                status, "login-failed", "login failed" if status == 401 else "too many failed logins; try later"
+            )
+        user = await self.astore.call(self.store.user, sender.tenant, login)
+        state = await self.astore.call(self.store.otp_state, user.id)
+        detail = ""
+        ok = False
+        if user.role == "admin" and state is not None and state[1]:
+            secret, _, _, last_step = state
+            if otp is not None:
+                step = totp.verify(secret, otp, self.clock(), last_step)
+                ok = step is not None and await self.astore.call(self.store.otp_use_step, user.id, step)
+                detail = "" if ok else "bad or reused one-time code"
+            else:
+                assert recovery is not None
+                ok = await self.astore.call(self.store.otp_use_recovery, user.id, totp.hash_recovery(recovery))
+                detail = "recovery code used" if ok else "bad recovery code"
+        else:
+            detail = "not a tenant admin with TOTP enrolled"
+        if not ok:
+            self.service.note_auth_failure(ip)
+            self.service.log_login(LoginRecord(self.clock(), login, ip, "API-SESSION", "fail", user.tenant_id, detail))
+            raise Problem(
+                401,
+                "login-failed",
+                "login failed: a tenant admin with TOTP enrolled, and a valid one-time code, is needed",
+            )
+        token = "cms_" + secrets.token_urlsafe(32)
+        expires = self.clock() + self.config.api.session_ttl
+        await self.astore.call(self.store.session_add, token, user.id, user.tenant_id, expires)
+        self.service.log_login(LoginRecord(self.clock(), login, ip, "API-SESSION", "ok", user.tenant_id, detail))
+        return web.json_response({"token": token, "expires": _iso(expires)}, status=201)
+
+    # -- endpoints: sending --------------------------------------------------------------------
+
+    async def _post_email(self, request: web.Request) -> web.Response:
+        return await self._send(request, bulk=False)
+
+    async def _post_bulk(self, request: web.Request) -> web.Response:
+        return await self._send(request, bulk=True)
+
+    async def _send(self, request: web.Request, *, bulk: bool) -> web.Response:
+        caller = await self._caller(request, "send")
+        action = "api.emails.bulk" if bulk else "api.emails.send"
+        key = request.headers.get("Idempotency-Key")
+        body, raw = await self._json(request)
+        request_hash = hashlib.sha256(f"{request.method} {request.path}\n".encode() + raw).digest()
+        slot: tuple[int, str] | None = None
+        if key is not None:
+            if not _IDEMPOTENCY_KEY.match(key):
+                raise Problem(400, "bad-idempotency-key", "Idempotency-Key: 1 to 255 visible ASCII characters")
+            since = self.clock() - self.config.api.idempotency_ttl
+            spool = self.service.spool
+            found = await spool.read(lambda conn: find_api_request(conn, caller.tenant_id, key, since))
+            if found is not None:
+                if found[0] != request_hash:
+                    raise Problem(422, "idempotency-key-reused",
+                                  "this Idempotency-Key was used for a different request")  # fmt: skip
+                return web.Response(text=found[2], status=found[1], content_type="application/json",
+                                    headers={"Idempotent-Replayed": "true"})  # fmt: skip
+            slot = (caller.tenant_id, key)
+            if slot in self._in_progress:
+                raise Problem(409, "in-progress", "a request with this Idempotency-Key is still being processed")
+            self._in_progress.add(slot)
+        try:
+            try:
+                status, response, count = await self._queue(caller, body, bulk, key, request_hash, request)
+            except Problem as p:
+                await self._log_op(caller, action, "-", f"{p.status} {p.detail}")
+                raise
+            await self._log_op(caller, action, f"{count} message(s)", None, response[:200])
+            return web.Response(text=response, status=status, content_type="application/json")
+        finally:
+            if slot is not None:
+                self._in_progress.discard(slot)
+
+    async def _queue(
+        self, caller: ApiCaller, body: Any, bulk: bool, key: str | None, request_hash: bytes, request: web.Request
+    ) -> tuple[int, str, int]:
+        max_size = self.config.smtp.max_message_size
+        try:
+            composed = compose_bulk(body, max_size=max_size) if bulk else [compose_one(body, max_size=max_size)]
+        except ComposeError as exc:
+            raise Problem(422, "invalid", exc.detail, extra={"field": exc.field}) from None
+        service = self.service
+        if service.reloading:
+            await service.current()
+        sender = Sender(caller.user_id, caller.tenant_id, caller.tenant, caller.login, "API")
+        first = composed[0]
+        problem = service.check_sender(sender, first.mail_from, False, sum(len(c.body) for c in composed))
+        if problem:
+            raise smtp_problem(problem, "from")
+        for n, c in enumerate(composed):
+            for i, rcpt in enumerate(c.rcpts):
+                problem = service.check_rcpt(sender, rcpt, i, False)
+                if problem:
+                    raise smtp_problem(problem, f"recipients[{n}].to" if bulk else "to")
+        problem = service.check_batch(sender, len(composed))
+        if problem:
+            raise smtp_problem(problem)
+        tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+        info = SessionInfo(self._client_ip(request), "api", tls.version() if tls else None,
+                           tls.cipher()[0] if tls else None, "HTTPS")  # fmt: skip
+        prepared = await self._prepare_all(sender, composed, info)
+        queued = [{"index": n, "id": m.queue_id, "message_id": m.message_id} for n, m in enumerate(prepared)]
+        if bulk:
+            response = json.dumps({"count": len(prepared), "messages": queued})
+        else:
+            response = json.dumps({"id": queued[0]["id"], "message_id": queued[0]["message_id"],
+                                   "recipients": len(first.rcpts)})  # fmt: skip
+        record = ApiRequest(caller.tenant_id, key, request_hash, 202, response) if key is not None else None
+        problem = await service.commit_all(sender, prepared, record)
+        if problem:
+            raise smtp_problem(problem)
+        return 202, response, len(prepared)
+
+    async def _prepare_all(self, sender: Sender, composed: list[Composed], info: SessionInfo) -> list[SpoolMessage]:
+        """Each message through SubmitService.prepare (header checks, Received:, DKIM off the loop),
+        a bounded number at once; the first refusal refuses the whole request."""
+        slots = asyncio.Semaphore(PREPARE_CONCURRENCY)
+
+        async def one(c: Composed) -> SpoolMessage:
+            async with slots:
+                result = await self.service.prepare(sender, c.mail_from, c.rcpts, c.body, info, c.tags)
+            if isinstance(result, str):
+                raise smtp_problem(result, "from")
+            return result
+
+        return list(await asyncio.gather(*(one(c) for c in composed)))
+
+    # -- endpoints: records --------------------------------------------------------------------
+
+    async def _get_deliveries(self, request: web.Request) -> web.StreamResponse:
+        return await self._mail_records(request, DELIVERY_EVENTS)
+
+    async def _get_bounces(self, request: web.Request) -> web.StreamResponse:
+        return await self._mail_records(request, BOUNCE_EVENTS)
+
+    async def _mail_records(self, request: web.Request, events: tuple[str, ...]) -> web.StreamResponse:
+        caller = await self._caller(request, "read")
+        q = request.query
+        _known(q, {"since", "until", "recipient", "status", "tag", "queue_id", "cursor", "limit", "format"})
+        status = q.get("status")
+        if status is not None and status not in events:
+            raise Problem(
+                400, "bad-parameter", f"status: expected one of {', '.join(events)}", extra={"field": "status"}
+            )
+        rows = await self.astore.call(
+            self.store.log_page,
+            "mail",
+            tenant_id=caller.tenant_id,
+            since=_parse_time("since", q.get("since")),
+            until=_parse_time("until", q.get("until")),
+            rcpt=q.get("recipient") or None,
+            queue_id=q.get("queue_id") or None,
+            events=(status,) if status else events,
+            tag=q.get("tag") or None,
+            after=_cursor_in(q.get("cursor")),
+            limit=_limit(q.get("limit")),
+        )
+        tags = await self.astore.call(self.store.message_tags, sorted({r["queue_id"] for r in rows}))
+        out = [
+            {
+                "time": _iso(r["ts"]), "queue_id": r["queue_id"], "event": r["event"], "status": r["status"],
+                "sender": r["sender"], "recipient": r["rcpt"], "domain": r["rcpt_domain"], "response": r["response"] or "",
+                "attempt": r["attempt"], "mx": r["mx"], "ip": r["ip"], "tls": r["tls"], "delay": round(r["delay"], 3),
+                "size": r["size"], "message_id": r["message_id"], "tags": tags.get(r["queue_id"], []),
+            }
+            for r in rows
+        ]  # fmt: skip
+        return _page(request, out, rows[-1]["id"] if len(rows) == _limit(q.get("limit")) else None)
+
+    async def _get_blocks(self, request: web.Request) -> web.StreamResponse:
+        caller = await self._caller(request, "read")
+        q = request.query
+        _known(q, {"recipient", "cursor", "limit", "format"})
+        limit = _limit(q.get("limit"))
+        rows = await self.astore.call(
+            self.store.suppression_page,
+            caller.tenant_id,
+            _cursor_in(q.get("cursor")),
+            limit,
+            q.get("recipient") or None,
+        )
+        out = [{"address": r["address"], "domain": r["domain"], "reason": r["reason"], "created": _iso(r["created"])}
+               for r in rows]  # fmt: skip
+        return _page(request, out, rows[-1]["id"] if len(rows) == limit else None)
+
+    async def _post_block(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request, "manage")
+        body, _ = await self._json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("address"), str) or set(body) - {"address", "reason"}:
+            raise Problem(422, "invalid", 'expected {"address": "user@example.com", "reason": "optional text"}')
+        address = body["address"].strip()
+        problem = _address_problem(address)
+        if problem:
+            await self._log_op(caller, "api.blocks.add", "-", problem)
+            raise Problem(422, "bad-address", problem, extra={"field": "address"})
+        reason = str(body.get("reason") or "added through the API")[:200]
+        added = await self.astore.call(self.store.suppression_add, caller.tenant, address, reason)
+        if added:
+            self.service.suppressions.add(caller.tenant_id, address)
+        await self._log_op(caller, "api.blocks.add", "1 address", None, "added" if added else "already listed")
+        return web.json_response({"address": address, "added": added}, status=201 if added else 200)
+
+    async def _delete_block(self, request: web.Request) -> web.Response:
+        caller = await self._caller(request, "manage")
+        address = request.match_info["address"]
+        try:
+            await self.astore.call(self.store.suppression_delete, caller.tenant, address)
+        except NotFound:
+            await self._log_op(caller, "api.blocks.delete", "1 address", "not on the list")
+            raise Problem(404, "not-found", "that address is not on your block list") from None
+        self.service.suppressions.discard(caller.tenant_id, address)
+        await self._log_op(caller, "api.blocks.delete", "1 address", None)
+        return web.Response(status=204)
+
+    async def _get_audit(self, request: web.Request) -> web.StreamResponse:
+        caller = await self._caller(request, "read")
+        q = request.query
+        _known(q, {"log", "since", "until", "status", "cursor", "limit", "format"})
+        kind = q.get("log", "ops")
+        if kind not in ("ops", "login"):
+            raise Problem(400, "bad-parameter", "log: expected ops or login", extra={"field": "log"})
+        limit = _limit(q.get("limit"))
+        rows = await self.astore.call(
+            self.store.log_page,
+            kind,
+            tenant_id=caller.tenant_id,
+            since=_parse_time("since", q.get("since")),
+            until=_parse_time("until", q.get("until")),
+            status=q.get("status") or None,
+            after=_cursor_in(q.get("cursor")),
+            limit=limit,
+        )
+        skip = {"id", "ts", "tenant", "actor_uid"}
+        out = [{"time": _iso(r["ts"]), **{k: v for k, v in r.items() if k not in skip}} for r in rows]
+        return _page(request, out, rows[-1]["id"] if len(rows) == limit else None)
+
+
+def _known(query: Any, allowed: set[str]) -> None:
+    for name in query:
+        if name not in allowed:
+            raise Problem(400, "bad-parameter", f"unknown parameter {name!r}; known: {', '.join(sorted(allowed))}",
+                          extra={"field": name})  # fmt: skip
+
+
+def _address_problem(address: str) -> str | None:
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or len(address) > 254 or not address.isascii():
+        return "address: expected local-part@domain"
+    if any(c.isspace() or ord(c) < 32 for c in address) or domain.startswith("["):
+        return "address: expected local-part@domain without spaces or address literals"
+    return None
+
+
+def _page(request: web.Request, rows: list[dict[str, Any]], last_id: int | None) -> web.StreamResponse:
+    """One page as JSON ({"data": [...], "next_cursor": ...}) or CSV (?format=csv; the next cursor
+    in the Link header)."""
+    fmt = request.query.get("format", "json")
+    cursor = _cursor_out(last_id) if last_id is not None else None
+    if fmt == "json":
+        return web.json_response({"data": rows, "next_cursor": cursor})
+    if fmt != "csv":
+        raise Problem(400, "bad-parameter", "format: expected json or csv", extra={"field": "format"})
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\r\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ",".join(v) if isinstance(v, list) else v for k, v in r.items()})
+    headers = {}
+    if cursor:
+        query = dict(request.query)
+        query["cursor"] = cursor
+        headers["Link"] = f'<{request.url.with_query(query).path_qs}>; rel="next"'
+    return web.Response(text=buf.getvalue(), content_type="text/csv", charset="utf-8", headers=headers)
+
+
+__all__ = ["ApiServer", "Problem", "StoreError"]
