@@ -292,10 +292,17 @@ class Cmcd:
 
     def ops_log(self) -> list[dict[str, Any]]:
         """Operation-log rows, oldest first."""
+        return self._rows("ops_log")
+
+    def login_log(self) -> list[dict[str, Any]]:
+        """Login-log rows, oldest first."""
+        return self._rows("login_log")
+
+    def _rows(self, table: str) -> list[dict[str, Any]]:
         conn = sqlite3.connect(f"file:{self.root / 'cmcd.db'}?mode=ro", uri=True)
         conn.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in conn.execute("SELECT * FROM ops_log ORDER BY id")]
+            return [dict(r) for r in conn.execute(f"SELECT * FROM {table} ORDER BY id")]
         finally:
             conn.close()
 

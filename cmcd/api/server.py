@@ -330,7 +330,7 @@ class ApiServer:
             or (otp is None) == (recovery is None)
         ):
             raise Problem(422, "invalid", 'give exactly one of "otp" (the 6-digit code) or "recovery_code"')
-        sender = await self.service.authenticate(login, password, ip, "API-SESSION")
+        sender = await self.service.authenticate(login, password, ip, "API-SESSION", log_ok=False)
         if not isinstance(sender, Sender):
             status = 429 if sender.startswith("421") else 401
             raise Problem(

@@ -193,8 +193,11 @@ class SubmitService:
         key = throttle_key(client_ip)
         return limit > 0 and self._auth_failures.count(key, self.clock()) + self._auth_pending.get(key, 0) >= limit
 
-    async def authenticate(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | str:
+    async def authenticate(
+        self, login: str, password: str, client_ip: str, mechanism: str, *, log_ok: bool = True
+    ) -> Sender | str:
         """A Sender on success, or the reply to send (535, or 421 once the IP is throttled).
+        LOG_OK false leaves the success row to the caller (a second factor follows).
 
         If an administrative change lands while the password is being checked (user disabled,
         password changed), the check is made again against the new state.
@@ -205,7 +208,7 @@ class SubmitService:
             if generation == self._generation:
                 break
         self.stats.authenticated(isinstance(result, Sender), throttled=result == REPLY_AUTH_THROTTLED)
-        if isinstance(result, Sender):
+        if isinstance(result, Sender) and log_ok:
             self._log_login(LoginRecord(self.clock(), login, client_ip, mechanism, "ok", result.tenant_id))
         return result
 

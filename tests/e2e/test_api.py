@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -167,7 +169,9 @@ def test_idempotent_retry_sends_once(world: Any) -> None:
          None),
     ],
 )  # fmt: skip
-def test_refusals_are_problem_details(world: Any, body: dict[str, Any], status: int, slug: str, field: str | None) -> None:
+def test_refusals_are_problem_details(
+    world: Any, body: dict[str, Any], status: int, slug: str, field: str | None
+) -> None:
     d, _, _, keys = world
     got, headers, problem = d.http("POST", "/v1/emails", body, token=keys["acme-sender"])
     assert got == status, problem
@@ -243,7 +247,9 @@ def test_records_are_scoped_by_tenant_and_paged(world: Any) -> None:
     # beta's message is invisible to acme, by queue id too; beta sees it
     assert d.http("GET", f"/v1/deliveries?queue_id={beta_id}", token=keys["acme-viewer"])[2]["data"] == []
     assert d.http("GET", f"/v1/deliveries?queue_id={beta_id}", token=keys["beta-admin"])[2]["data"]
-    csv_status, headers, text = d.http("GET", "/v1/deliveries?tag=rec&status=delivered&format=csv", token=keys["acme-viewer"])
+    csv_status, headers, text = d.http(
+        "GET", "/v1/deliveries?tag=rec&status=delivered&format=csv", token=keys["acme-viewer"]
+    )
     assert csv_status == 200 and headers["Content-Type"].startswith("text/csv")
     assert text.splitlines()[0].startswith("time,queue_id,event") and len(text.strip().splitlines()) == 4
     assert d.http("GET", "/v1/deliveries?since=yesterday", token=keys["acme-viewer"])[0] == 400
@@ -268,3 +274,71 @@ def test_blocks_and_audit(world: Any) -> None:
     assert not any(a["action"] == "api.blocks.add" for a in beta_audit)
     logins = d.http("GET", "/v1/audit?log=login", token=keys["acme-admin"])[2]["data"]
     assert all("login" in r for r in logins)
+
+
+def test_totp_enrolment_and_session_login(world: Any) -> None:
+    """Enrol acme-admin (the provisioning URI, confirmed by a first code from pyotp, a second
+    TOTP implementation), log in with password + code for a session token, use it; a reused code,
+    a wrong password, a sender without TOTP and a used recovery code are refused and logged."""
+    pyotp = pytest.importorskip("pyotp")
+    d, _, _, _ = world
+    enrol = d.admin("user.otp-enroll", tenant="acme", login="acme-admin")
+    assert enrol["uri"].startswith("otpauth://totp/") and enrol["secret"] in enrol["uri"]
+    otp = pyotp.TOTP(enrol["secret"])
+    now = time.time()
+    with pytest.raises(Exception, match="does not match"):
+        d.admin(
+            "user.otp-confirm",
+            tenant="acme",
+            login="acme-admin",
+            code="000000" if otp.at(now) != "000000" else "111111",
+        )
+    confirmed = d.admin("user.otp-confirm", tenant="acme", login="acme-admin", code=otp.at(now - 30))  # the last step
+    codes = confirmed["recovery_codes"]
+    assert len(codes) == 10 and len(set(codes)) == 10
+    with pytest.raises(Exception, match="already enrolled"):
+        d.admin("user.otp-enroll", tenant="acme", login="acme-admin")
+
+    login = {"login": "acme-admin", "password": "pw-acme-admin"}
+    status, _, session = d.http("POST", "/v1/sessions", dict(login, otp=otp.at(time.time())))
+    assert status == 201, session
+    token = session["token"]
+    assert d.http("GET", "/v1/blocks", token=token)[0] == 200
+    # the same code again (replay), a wrong password, and a recovery code used twice
+    assert d.http("POST", "/v1/sessions", dict(login, otp=otp.at(time.time())))[0] == 401
+    assert d.http("POST", "/v1/sessions", {"login": "acme-admin", "password": "wrong", "otp": "123456"})[0] == 401
+    assert d.http("POST", "/v1/sessions", dict(login, recovery_code=codes[0].upper()))[0] == 201
+    assert d.http("POST", "/v1/sessions", dict(login, recovery_code=codes[0]))[0] == 401
+    # a sender has no TOTP and cannot get a session
+    assert (
+        d.http("POST", "/v1/sessions", {"login": "alice", "password": "correct horse battery", "otp": "123456"})[0]
+        == 401
+    )
+    # the logins are in the login log, with the tenant
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = [r for r in d.login_log() if r["mechanism"] == "API-SESSION"]
+        if len(rows) >= 6:
+            break
+        time.sleep(0.2)
+    results = [(r["login"], r["result"]) for r in rows]
+    assert results.count(("acme-admin", "ok")) == 2 and ("acme-admin", "fail") in results
+    # disabling TOTP ends the sessions
+    d.admin("user.otp-disable", tenant="acme", login="acme-admin")
+    assert d.http("GET", "/v1/blocks", token=token)[0] == 401
+
+
+def test_otp_enroll_prints_a_qr_code(world: Any) -> None:
+    d, _, _, _ = world
+    d.admin("user.add", tenant="acme", login="qr-admin", role="admin", password="pw-qr")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cmcd.admin.cli", "--socket", str(d.root / "admin.sock"), "user", "otp-enroll", "acme", "qr-admin"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("provisioning URI: otpauth://totp/") for line in lines)
+    qr = [line for line in lines if "█" in line or "▀" in line or "▄" in line]
+    assert len(qr) >= 10 and len({len(line) for line in qr}) == 1  # a square block of the same width
+    with pytest.raises(Exception, match="only tenant admins"):
+        d.admin("user.otp-enroll", tenant="acme", login="alice")
