@@ -15,6 +15,7 @@ import asyncio
 import base64
 import csv
 import datetime
+import functools
 import hashlib
 import io
 import json
@@ -29,7 +30,9 @@ from typing import Any
 from aiohttp import web
 
 from cmcd import crypto, totp
+from cmcd.api import users
 from cmcd.api.compose import Composed, ComposeError, compose_bulk, compose_one
+from cmcd.api.problems import Problem, iso, smtp_problem
 from cmcd.config import Config, split_hostport
 from cmcd.errors import NotFound, StoreError
 from cmcd.queue.spool import ApiRequest, find_api_request
@@ -41,7 +44,6 @@ from cmcd.submit.service import SessionInfo, SubmitService
 log = logging.getLogger("cmcd.api")
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-PROBLEM_TYPE = "urn:cmcd:problem:"
 #: what each role may do; admin may do everything
 PERMISSIONS = {"sender": {"send"}, "viewer": {"read"}, "admin": {"send", "read", "manage"}}
 #: mail-log events each record endpoint lists
@@ -51,76 +53,6 @@ PAGE_MAX = 1000
 PREPARE_CONCURRENCY = 32
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _ISO_HINT = 'an ISO 8601 time like "2026-11-26T10:00:00Z"'
-
-
-class Problem(Exception):
-    """An error response: status, a short slug for the type URI, a title and a detail."""
-
-    def __init__(
-        self, status: int, slug: str, detail: str, *, smtp: str = "", extra: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.status, self.slug, self.detail, self.smtp = status, slug, detail, smtp
-        self.extra = extra or {}
-        self.headers: dict[str, str] = {}
-
-    def response(self) -> web.Response:
-        body: dict[str, Any] = {
-            "type": PROBLEM_TYPE + self.slug,
-            "title": _TITLES.get(self.status, "Error"),
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if self.smtp:
-            body["smtp"] = self.smtp
-        body.update(self.extra)
-        return web.json_response(
-            body, status=self.status, content_type="application/problem+json", headers=self.headers
-        )
-
-
-_TITLES = {
-    400: "Bad request",
-    401: "Not authenticated",
-    403: "Forbidden",
-    404: "Not found",
-    409: "Conflict",
-    413: "Request too large",
-    405: "Method not allowed",
-    415: "Unsupported media type",
-    422: "Unprocessable request",
-    429: "Too many requests",
-    500: "Internal error",
-    503: "Service unavailable",
-}
-
-
-def smtp_problem(reply: str, field: str = "") -> Problem:
-    """The HTTP problem for an SMTP-style refusal from SubmitService."""
-    code, _, text = reply.partition(" ")
-    enhanced = text.split(" ", 1)[0]
-    status, slug = 422, "refused"
-    if enhanced == "5.7.1" and ("domain" in text):
-        status, slug = 403, "sender-domain"
-    elif "suppression list" in text:
-        status, slug = 422, "suppressed"
-    elif "Daily quota" in text:
-        status, slug = 429, "daily-quota"
-    elif "Rate limit" in text:
-        status, slug = 429, "rate-limit"
-    elif enhanced.startswith("4.3") or code.startswith("45"):
-        status, slug = 503, "try-later"
-    elif enhanced.startswith("5.1") or enhanced.startswith("5.5"):
-        status, slug = 422, "bad-address"
-    p = Problem(status, slug, text.split(" ", 1)[1] if " " in text else text, smtp=reply,
-                extra={"field": field} if field else None)  # fmt: skip
-    if status in (429, 503):
-        p.headers["Retry-After"] = "1" if slug != "daily-quota" else "3600"
-    return p
-
-
-def _iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _parse_time(name: str, value: str | None) -> float | None:
@@ -196,6 +128,12 @@ class ApiServer:
         r.add_post("/v1/blocks", self._post_block)
         r.add_delete("/v1/blocks/{address}", self._delete_block)
         r.add_get("/v1/audit", self._get_audit)
+        r.add_get("/v1/users", functools.partial(users.list_users, self))
+        r.add_post("/v1/users", functools.partial(users.add_user, self))
+        r.add_delete("/v1/users/{login}", functools.partial(users.delete_user, self))
+        r.add_get("/v1/apikeys", functools.partial(users.list_keys, self))
+        r.add_post("/v1/apikeys", functools.partial(users.add_key, self))
+        r.add_delete("/v1/apikeys/{key_id}", functools.partial(users.revoke_key, self))
         return app
 
     async def start(self) -> None:
@@ -251,7 +189,7 @@ class ApiServer:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         return str(peer[0]) if peer else "?"
 
-    async def _caller(self, request: web.Request, need: str) -> ApiCaller:
+    async def caller(self, request: web.Request, need: str) -> ApiCaller:
         """The authenticated caller (Authorization: Bearer API key or session token), allowed NEED."""
         ip = self._client_ip(request)
         if self.service.auth_throttled(ip):
@@ -278,7 +216,7 @@ class ApiServer:
                           f"{'sender or admin' if need == 'send' else 'viewer or admin' if need == 'read' else 'admin'} role")  # fmt: skip
         return caller
 
-    async def _json(self, request: web.Request) -> tuple[Any, bytes]:
+    async def read_json(self, request: web.Request) -> tuple[Any, bytes]:
         ctype = request.content_type
         if ctype != "application/json":
             raise Problem(415, "media-type", "send the request body as application/json")
@@ -288,7 +226,7 @@ class ApiServer:
         except (ValueError, UnicodeDecodeError) as exc:
             raise Problem(400, "bad-json", f"the body is not valid JSON: {exc}") from None
 
-    async def _log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:
+    async def log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:
         try:
             await self.astore.call(
                 self.store.log_op,
@@ -310,7 +248,7 @@ class ApiServer:
 
     async def _post_session(self, request: web.Request) -> web.Response:
         """A tenant admin's login: password + TOTP code (or a recovery code) -> a session token."""
-        body, _ = await self._json(request)
+        body, _ = await self.read_json(request)
         ip = self._client_ip(request)
         if (
             not isinstance(body, dict)
@@ -364,7 +302,7 @@ class ApiServer:
         expires = self.clock() + self.config.api.session_ttl
         await self.astore.call(self.store.session_add, token, user.id, user.tenant_id, expires)
         self.service.log_login(LoginRecord(self.clock(), login, ip, "API-SESSION", "ok", user.tenant_id, detail))
-        return web.json_response({"token": token, "expires": _iso(expires)}, status=201)
+        return web.json_response({"token": token, "expires": iso(expires)}, status=201)
 
     # -- endpoints: sending --------------------------------------------------------------------
 
@@ -375,10 +313,10 @@ class ApiServer:
         return await self._send(request, bulk=True)
 
     async def _send(self, request: web.Request, *, bulk: bool) -> web.Response:
-        caller = await self._caller(request, "send")
+        caller = await self.caller(request, "send")
         action = "api.emails.bulk" if bulk else "api.emails.send"
         key = request.headers.get("Idempotency-Key")
-        body, raw = await self._json(request)
+        body, raw = await self.read_json(request)
         request_hash = hashlib.sha256(f"{request.method} {request.path}\n".encode() + raw).digest()
         slot: tuple[int, str] | None = None
         if key is not None:
@@ -401,9 +339,9 @@ class ApiServer:
             try:
                 status, response, count = await self._queue(caller, body, bulk, key, request_hash, request)
             except Problem as p:
-                await self._log_op(caller, action, "-", f"{p.status} {p.detail}")
+                await self.log_op(caller, action, "-", f"{p.status} {p.detail}")
                 raise
-            await self._log_op(caller, action, f"{count} message(s)", None, response[:200])
+            await self.log_op(caller, action, f"{count} message(s)", None, response[:200])
             return web.Response(text=response, status=status, content_type="application/json")
         finally:
             if slot is not None:
@@ -472,7 +410,7 @@ class ApiServer:
         return await self._mail_records(request, BOUNCE_EVENTS)
 
     async def _mail_records(self, request: web.Request, events: tuple[str, ...]) -> web.StreamResponse:
-        caller = await self._caller(request, "read")
+        caller = await self.caller(request, "read")
         q = request.query
         _known(q, {"since", "until", "recipient", "status", "tag", "queue_id", "cursor", "limit", "format"})
         status = q.get("status")
@@ -496,7 +434,7 @@ class ApiServer:
         tags = await self.astore.call(self.store.message_tags, sorted({r["queue_id"] for r in rows}))
         out = [
             {
-                "time": _iso(r["ts"]), "queue_id": r["queue_id"], "event": r["event"], "status": r["status"],
+                "time": iso(r["ts"]), "queue_id": r["queue_id"], "event": r["event"], "status": r["status"],
                 "sender": r["sender"], "recipient": r["rcpt"], "domain": r["rcpt_domain"], "response": r["response"] or "",
                 "attempt": r["attempt"], "mx": r["mx"], "ip": r["ip"], "tls": r["tls"], "delay": round(r["delay"], 3),
                 "size": r["size"], "message_id": r["message_id"], "tags": tags.get(r["queue_id"], []),
@@ -506,7 +444,7 @@ class ApiServer:
         return _page(request, out, rows[-1]["id"] if len(rows) == _limit(q.get("limit")) else None)
 
     async def _get_blocks(self, request: web.Request) -> web.StreamResponse:
-        caller = await self._caller(request, "read")
+        caller = await self.caller(request, "read")
         q = request.query
         _known(q, {"recipient", "cursor", "limit", "format"})
         limit = _limit(q.get("limit"))
@@ -517,41 +455,41 @@ class ApiServer:
             limit,
             q.get("recipient") or None,
         )
-        out = [{"address": r["address"], "domain": r["domain"], "reason": r["reason"], "created": _iso(r["created"])}
+        out = [{"address": r["address"], "domain": r["domain"], "reason": r["reason"], "created": iso(r["created"])}
                for r in rows]  # fmt: skip
         return _page(request, out, rows[-1]["id"] if len(rows) == limit else None)
 
     async def _post_block(self, request: web.Request) -> web.Response:
-        caller = await self._caller(request, "manage")
-        body, _ = await self._json(request)
+        caller = await self.caller(request, "manage")
+        body, _ = await self.read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("address"), str) or set(body) - {"address", "reason"}:
             raise Problem(422, "invalid", 'expected {"address": "user@example.com", "reason": "optional text"}')
         address = body["address"].strip()
         problem = _address_problem(address)
         if problem:
-            await self._log_op(caller, "api.blocks.add", "-", problem)
+            await self.log_op(caller, "api.blocks.add", "-", problem)
             raise Problem(422, "bad-address", problem, extra={"field": "address"})
         reason = str(body.get("reason") or "added through the API")[:200]
         added = await self.astore.call(self.store.suppression_add, caller.tenant, address, reason)
         if added:
             self.service.suppressions.add(caller.tenant_id, address)
-        await self._log_op(caller, "api.blocks.add", "1 address", None, "added" if added else "already listed")
+        await self.log_op(caller, "api.blocks.add", "1 address", None, "added" if added else "already listed")
         return web.json_response({"address": address, "added": added}, status=201 if added else 200)
 
     async def _delete_block(self, request: web.Request) -> web.Response:
-        caller = await self._caller(request, "manage")
+        caller = await self.caller(request, "manage")
         address = request.match_info["address"]
         try:
             await self.astore.call(self.store.suppression_delete, caller.tenant, address)
         except NotFound:
-            await self._log_op(caller, "api.blocks.delete", "1 address", "not on the list")
+            await self.log_op(caller, "api.blocks.delete", "1 address", "not on the list")
             raise Problem(404, "not-found", "that address is not on your block list") from None
         self.service.suppressions.discard(caller.tenant_id, address)
-        await self._log_op(caller, "api.blocks.delete", "1 address", None)
+        await self.log_op(caller, "api.blocks.delete", "1 address", None)
         return web.Response(status=204)
 
     async def _get_audit(self, request: web.Request) -> web.StreamResponse:
-        caller = await self._caller(request, "read")
+        caller = await self.caller(request, "read")
         q = request.query
         _known(q, {"log", "since", "until", "status", "cursor", "limit", "format"})
         kind = q.get("log", "ops")
@@ -569,7 +507,7 @@ class ApiServer:
             limit=limit,
         )
         skip = {"id", "ts", "tenant", "actor_uid"}
-        out = [{"time": _iso(r["ts"]), **{k: v for k, v in r.items() if k not in skip}} for r in rows]
+        out = [{"time": iso(r["ts"]), **{k: v for k, v in r.items() if k not in skip}} for r in rows]
         return _page(request, out, rows[-1]["id"] if len(rows) == limit else None)
 
 

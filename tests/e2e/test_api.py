@@ -342,3 +342,40 @@ def test_otp_enroll_prints_a_qr_code(world: Any) -> None:
     assert len(qr) >= 10 and len({len(line) for line in qr}) == 1  # a square block of the same width
     with pytest.raises(Exception, match="only tenant admins"):
         d.admin("user.otp-enroll", tenant="acme", login="alice")
+
+
+def test_tenant_admin_manages_users_and_keys(world: Any) -> None:
+    """An admin adds a user (password generated, shown once) and a key for it, the key works for
+    its role, then revokes it and deletes the user; another tenant's admin sees none of it and
+    cannot touch it; non-admins are refused; every change is in the operation log."""
+    d, _, _, keys = world
+    admin, other = keys["acme-admin"], keys["beta-admin"]
+    status, _, user = d.http("POST", "/v1/users", {"login": "reporting", "role": "viewer"}, token=admin)
+    assert status == 201 and user["role"] == "viewer" and len(user["password"]) >= 16
+    assert d.http("POST", "/v1/users", {"login": "reporting"}, token=admin)[0] == 409  # logins are unique
+    assert d.http("POST", "/v1/users", {"login": "x y"}, token=admin)[0] == 422
+    assert d.http("POST", "/v1/users", {"login": "n", "role": "root"}, token=admin)[0] == 422
+    assert "reporting" in [u["login"] for u in d.http("GET", "/v1/users", token=admin)[2]["data"]]
+    assert "reporting" not in [u["login"] for u in d.http("GET", "/v1/users", token=other)[2]["data"]]
+    status, _, key = d.http("POST", "/v1/apikeys", {"login": "reporting"}, token=admin)
+    assert status == 201 and key["role"] == "viewer" and key["token"].startswith("cmk_")
+    assert d.http("GET", "/v1/deliveries?limit=1", token=key["token"])[0] == 200
+    assert d.http("POST", "/v1/apikeys", {"login": "reporting", "role": "admin"}, token=admin)[0] == 422
+    assert d.http("POST", "/v1/apikeys", {"login": "reporting"}, token=other)[0] == 404  # not beta's user
+    assert d.http("DELETE", f"/v1/apikeys/{key['key_id']}", token=other)[0] == 404
+    listed = d.http("GET", "/v1/apikeys", token=admin)[2]["data"]
+    assert key["key_id"] in [k["key_id"] for k in listed] and "token" not in str(listed)
+    assert d.http("DELETE", f"/v1/apikeys/{key['key_id']}", token=admin)[0] == 204
+    assert d.http("GET", "/v1/deliveries?limit=1", token=key["token"])[0] == 401
+    assert d.http("DELETE", "/v1/users/reporting", token=other)[0] == 404
+    assert d.http("GET", "/v1/users", token=keys["acme-sender"])[0] == 403
+    assert d.http("DELETE", "/v1/users/reporting", token=admin)[0] == 204
+    assert d.http("DELETE", "/v1/users/acme-admin", token=admin)[0] == 409  # not yourself
+    actions = [
+        (o["action"], o["result"])
+        for o in d.ops_log()
+        if o["action"].startswith("api.users") or o["action"].startswith("api.apikeys")
+    ]
+    assert ("api.users.add", "ok") in actions and ("api.users.add", "refused") in actions
+    assert ("api.apikeys.revoke", "ok") in actions and ("api.users.delete", "ok") in actions
+    assert ("api.apikeys.add", "refused") in actions and ("api.users.delete", "refused") in actions

@@ -1,0 +1,80 @@
+"""RFC 9457 problem details for the tenant API, and the mapping from SubmitService's SMTP replies."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from aiohttp import web
+
+PROBLEM_TYPE = "urn:cmcd:problem:"
+
+
+class Problem(Exception):
+    """An error response: status, a short slug for the type URI, a title and a detail."""
+
+    def __init__(
+        self, status: int, slug: str, detail: str, *, smtp: str = "", extra: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.slug, self.detail, self.smtp = status, slug, detail, smtp
+        self.extra = extra or {}
+        self.headers: dict[str, str] = {}
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {
+            "type": PROBLEM_TYPE + self.slug,
+            "title": _TITLES.get(self.status, "Error"),
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.smtp:
+            body["smtp"] = self.smtp
+        body.update(self.extra)
+        return web.json_response(
+            body, status=self.status, content_type="application/problem+json", headers=self.headers
+        )
+
+
+_TITLES = {
+    400: "Bad request",
+    401: "Not authenticated",
+    403: "Forbidden",
+    404: "Not found",
+    409: "Conflict",
+    413: "Request too large",
+    405: "Method not allowed",
+    415: "Unsupported media type",
+    422: "Unprocessable request",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Service unavailable",
+}
+
+
+def smtp_problem(reply: str, field: str = "") -> Problem:
+    """The HTTP problem for an SMTP-style refusal from SubmitService."""
+    code, _, text = reply.partition(" ")
+    enhanced = text.split(" ", 1)[0]
+    status, slug = 422, "refused"
+    if enhanced == "5.7.1" and ("domain" in text):
+        status, slug = 403, "sender-domain"
+    elif "suppression list" in text:
+        status, slug = 422, "suppressed"
+    elif "Daily quota" in text:
+        status, slug = 429, "daily-quota"
+    elif "Rate limit" in text:
+        status, slug = 429, "rate-limit"
+    elif enhanced.startswith("4.3") or code.startswith("45"):
+        status, slug = 503, "try-later"
+    elif enhanced.startswith("5.1") or enhanced.startswith("5.5"):
+        status, slug = 422, "bad-address"
+    p = Problem(status, slug, text.split(" ", 1)[1] if " " in text else text, smtp=reply,
+                extra={"field": field} if field else None)  # fmt: skip
+    if status in (429, 503):
+        p.headers["Retry-After"] = "1" if slug != "daily-quota" else "3600"
+    return p
+
+
+def iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
