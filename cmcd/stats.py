@@ -100,6 +100,11 @@ class IntakeStats:
         self.auth = dict.fromkeys(AUTH_RESULTS, 0)
         self.accepted: dict[str, int] = {}  # tenant name -> messages
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
+        self.api_requests: dict[tuple[str, str], int] = {}  # (route, status code) -> requests
+
+    def api_request(self, route: str, status: int) -> None:
+        key = (route, str(status))
+        self.api_requests[key] = self.api_requests.get(key, 0) + 1
 
     def authenticated(self, ok: bool, *, throttled: bool) -> None:
         self.auth["ok" if ok else "throttled" if throttled else "failed"] += 1

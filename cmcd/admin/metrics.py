@@ -122,6 +122,12 @@ class DaemonCollector(Collector):
         for reason, n in stats.rejected.items():
             rejected.add_metric([reason], n)
         yield rejected
+        api = CounterMetricFamily(
+            "cmcd_api_requests", "Tenant API requests by route and HTTP status.", labels=["route", "code"]
+        )
+        for (route, code), n in sorted(stats.api_requests.items()):
+            api.add_metric([route, code], n)
+        yield api
 
         deliveries = CounterMetricFamily(
             "cmcd_deliveries", "Delivery attempt outcomes per recipient by result.", labels=["result"]

@@ -111,7 +111,6 @@ class ApiServer:
         self._in_progress: set[tuple[int, str]] = set()
         self._openapi = OPENAPI_PATH.read_bytes()
         self.port = 0
-        self.requests = 0
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -163,7 +162,14 @@ class ApiServer:
     async def _errors(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        self.requests += 1
+        response = await self._respond(request, handler)
+        resource = request.match_info.route.resource
+        self.service.stats.api_request(resource.canonical if resource is not None else "unmatched", response.status)
+        return response
+
+    async def _respond(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         try:
             return await handler(request)
         except Problem as problem:

@@ -15,7 +15,10 @@ import pytest
 
 from tests.conftest import Cmcd, strip_signatures
 from tests.e2e.test_dkim import dkimpy_results, publish
-from tests.peers import DnsServer, Sink
+from tests.e2e.test_metrics import scrape
+from tests.peers import DnsServer, Sink, free_port
+
+METRICS_PORT = free_port()
 
 
 def _key(d: Cmcd, tenant: str, login: str, role: str | None = None) -> str:
@@ -33,6 +36,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Any:
         ca,
         {
             "api": {"listen": "127.0.0.1:0"},
+            "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"},
             "delivery": {"enabled": True, "routes": {"*": f"127.0.0.1:{sink.port}"}, "retry_schedule": ["1s"]},
         },
     )
@@ -379,3 +383,16 @@ def test_tenant_admin_manages_users_and_keys(world: Any) -> None:
     assert ("api.users.add", "ok") in actions and ("api.users.add", "refused") in actions
     assert ("api.apikeys.revoke", "ok") in actions and ("api.users.delete", "ok") in actions
     assert ("api.apikeys.add", "refused") in actions and ("api.users.delete", "refused") in actions
+
+
+def test_api_requests_are_counted_in_metrics(world: Any) -> None:
+    d, _, _, keys = world
+    before = scrape(METRICS_PORT)
+    route = {"route": "/v1/blocks", "code": "200"}
+    start = before.value("cmcd_api_requests_total", **route) if "cmcd_api_requests" in before.families else 0.0
+    for _ in range(3):
+        assert d.http("GET", "/v1/blocks", token=keys["acme-admin"])[0] == 200
+    assert d.http("GET", "/v1/nothing", token=keys["acme-admin"])[0] == 404
+    after = scrape(METRICS_PORT)
+    assert after.value("cmcd_api_requests_total", **route) == start + 3
+    assert after.value("cmcd_api_requests_total", route="unmatched", code="404") >= 1
