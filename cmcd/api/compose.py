@@ -10,7 +10,6 @@ may hold a line break. Bcc recipients reach the envelope only. Errors name the o
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import html
@@ -227,6 +226,8 @@ def _mailbox(value: object, field: str) -> _Mailbox:
     elif isinstance(value, str):
         if len(value) > 600:
             raise ComposeError(field, f"is {len(value)} characters long; an address with its name fits in 600")
+        if _NAME_BAD.search(value):
+            raise ComposeError(field, f"{_show(value)} contains control characters or line breaks")
         if "<" in value or ">" in value:
             m = _NAME_ADDR.fullmatch(value)
             if m is None:
@@ -387,7 +388,7 @@ def _attachment(item: object, field: str, max_size: int) -> MIMEPart:
     if len(compact) // 4 * 3 > max_size:
         raise ComposeError("size", f"{field} alone decodes to more than the {max_size}-byte message limit")
     try:
-        data = base64.b64decode(compact, validate=True)
+        data = binascii.a2b_base64(compact.encode("ascii"), strict_mode=True)
     except (binascii.Error, ValueError):
         raise ComposeError(f"{field}.content", "is not valid base64 (standard alphabet, with padding)") from None
     part = MIMEPart(policy=_BUILD_POLICY)
@@ -510,27 +511,34 @@ def compose_one(
 
 @dataclass(frozen=True)
 class _Template:
-    """A string split once into literal pieces around `{{name}}` placeholders."""
+    """A string parsed once: `{{name}}` placeholders become positional fields of a str.format string (literal
+    braces doubled), so filling one in is a C-speed format call."""
 
-    literals: tuple[str, ...]  # one more than names
-    names: tuple[str, ...]
+    text: str  # as given; what a template without placeholders renders to
+    fmt: str
+    names: tuple[str, ...]  # distinct, in order of first use; field i of `fmt` is names[i]
 
     @classmethod
     def parse(cls, text: str) -> _Template:
-        pieces = _PLACEHOLDER.split(text)
-        return cls(tuple(pieces[0::2]), tuple(pieces[1::2]))
+        pieces = _PLACEHOLDER.split(text)  # literal, name, literal, ...
+        names = tuple(dict.fromkeys(pieces[1::2]))
+        index = {name: i for i, name in enumerate(names)}
+        fmt = "".join(
+            piece.replace("{", "{{").replace("}", "}}") if i % 2 == 0 else f"{{{index[piece]}}}"
+            for i, piece in enumerate(pieces)
+        )
+        return cls(text, fmt, names)
 
     def fill(self, values: Mapping[str, str], field: str, where: str) -> str:
         if not self.names:
-            return self.literals[0]
-        out = [self.literals[0]]
-        for name, literal in zip(self.names, self.literals[1:]):
-            value = values.get(name)
-            if value is None:
-                raise ComposeError(f"{field}.merge.{name}", f"no value for {{{{{name}}}}}, which the {where} uses")
-            out.append(value)
-            out.append(literal)
-        return "".join(out)
+            return self.text
+        try:
+            return self.fmt.format(*[values[name] for name in self.names])
+        except KeyError as missing:
+            name = str(missing.args[0])
+            raise ComposeError(
+                f"{field}.merge.{name}", f"no value for {{{{{name}}}}}, which the {where} uses"
+            ) from None
 
 
 def _merge_values(value: object, field: str) -> dict[str, str]:
@@ -544,12 +552,17 @@ def _merge_values(value: object, field: str) -> dict[str, str]:
     for key, item in value.items():
         if not isinstance(key, str) or not _MERGE_KEY.fullmatch(key):
             raise ComposeError(f"{field}.merge", f"{_show(key)} is not a merge name: 1-64 of letters, digits and _")
-        if isinstance(item, bool) or not isinstance(item, str | int | float):
+        if type(item) is str:
+            if len(item) > MAX_MERGE_VALUE_CHARS:
+                raise ComposeError(f"{field}.merge.{key}", f"is longer than {MAX_MERGE_VALUE_CHARS} characters")
+            out[key] = item
+            continue
+        if isinstance(item, bool) or not isinstance(item, int | float):
             raise ComposeError(f"{field}.merge.{key}", f"must be a string or a number, not {_kind(item)}")
         if isinstance(item, float) and not math.isfinite(item):
             raise ComposeError(f"{field}.merge.{key}", "must be a finite number")
         try:
-            text = item if isinstance(item, str) else str(item)
+            text = str(item)
         except ValueError:  # an int beyond sys.get_int_max_str_digits()
             text = "x" * (MAX_MERGE_VALUE_CHARS + 1)
         if len(text) > MAX_MERGE_VALUE_CHARS:

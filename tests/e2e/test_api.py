@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -396,3 +399,29 @@ def test_api_requests_are_counted_in_metrics(world: Any) -> None:
     after = scrape(METRICS_PORT)
     assert after.value("cmcd_api_requests_total", **route) == start + 3
     assert after.value("cmcd_api_requests_total", route="unmatched", code="404") >= 1
+
+
+def _served_certificate(d: Cmcd, *, version: ssl.TLSVersion | None = None) -> bytes:
+    ctx = d.client_context()
+    ctx.check_hostname = False
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    with socket.create_connection(("127.0.0.1", d.api_port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+        cert = tls.getpeercert(binary_form=True)
+        assert cert is not None
+        return cert
+
+
+def test_api_certificate_reloads_on_sighup(world: Any) -> None:
+    """(Protocols and ciphers of the API's TLS: test_tls_scan.py runs sslscan against it.)"""
+    d, _, _, keys = world
+    before = _served_certificate(d, version=ssl.TLSVersion.TLSv1_2)
+    fresh = d.ca.issue_cert("renewed.test", "127.0.0.1", "localhost")
+    fresh.cert_chain_pems[0].write_to_path(str(d.root / "tls" / "cert.pem"))
+    fresh.private_key_pem.write_to_path(str(d.root / "tls" / "key.pem"))
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_log("event=reloaded")
+    after = _served_certificate(d)
+    assert after != before and b"renewed.test" in after
+    assert d.http("GET", "/v1/blocks", token=keys["acme-admin"])[0] == 200

@@ -1,21 +1,22 @@
-"""TLS as a scanner sees it: sslscan against the implicit-TLS port and STARTTLS on the submission port."""
+"""TLS as a scanner sees it: sslscan against the implicit-TLS port, STARTTLS on the submission port and the API."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.conftest import Cmcd, need
 
 WEAK = re.compile(r"RC4|DES|NULL|EXPORT|anon|MD5|IDEA|SEED|CAMELLIA128", re.I)
 
 
-def scan(d: Cmcd, starttls: bool) -> str:
+def scan(port: int, starttls: bool) -> str:
     sslscan = need("sslscan")
-    port = d.smtp_port if starttls else d.smtps_port
     args = [sslscan, "--no-colour", "--no-fallback", "--no-heartbleed", "--no-check-certificate"]
     if starttls:
         args.append("--starttls-smtp")
@@ -24,10 +25,18 @@ def scan(d: Cmcd, starttls: bool) -> str:
     return proc.stdout
 
 
+@pytest.fixture(scope="module")
+def with_api(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[Cmcd]:
+    d = Cmcd(tmp_path_factory.mktemp("tls-api"), ca, {"api": {"listen": "127.0.0.1:0"}}).start()
+    yield d
+    d.stop()
+
+
 @pytest.mark.peer
-@pytest.mark.parametrize("starttls", [False, True], ids=["implicit-tls", "starttls"])
-def test_no_protocol_below_tls_1_2_and_no_weak_cipher(cmcd: Any, starttls: bool) -> None:
-    out = scan(cmcd, starttls)
+@pytest.mark.parametrize("listener", ["implicit-tls", "starttls", "api"])
+def test_no_protocol_below_tls_1_2_and_no_weak_cipher(with_api: Cmcd, listener: str) -> None:
+    port = {"implicit-tls": with_api.smtps_port, "starttls": with_api.smtp_port, "api": with_api.api_port}[listener]
+    out = scan(port, listener == "starttls")
     protocols = dict(re.findall(r"^(SSLv[23]|TLSv1\.[0-3])\s+(enabled|disabled)", out, re.M))
     assert protocols.get("TLSv1.2") == "enabled" and protocols.get("TLSv1.3") == "enabled", out
     for old in ("SSLv2", "SSLv3", "TLSv1.0", "TLSv1.1"):
