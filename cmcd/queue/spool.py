@@ -331,30 +331,9 @@ class Spool:
         than FORGET_BEFORE are dropped on the way."""
 
         def run(conn: sqlite3.Connection) -> None:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    insert_messages(conn, self.keys, messages)
-                    add_daily_counts(conn, _count(messages, day))
-                    if request is not None:
-                        conn.execute("DELETE FROM api_requests WHERE created < ?", (forget_before,))
-                        conn.execute(
-                            "INSERT INTO api_requests(tenant_id, key, request_hash, status, response, created) "
-                            "VALUES (?,?,?,?,?,?)",
-                            (request.tenant_id, request.key, request.request_hash, request.status, request.response,
-                             time.time()),
-                        )  # fmt: skip
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            except Exception as exc:
-                log.error("event=spool_commit_failed messages=%d error=%r", len(messages), str(exc))
-                self._wal_oversized = True
-                self._truncate_wal()
-                raise SpoolError(f"spool commit failed: {exc}") from None
-            self.commits += len(messages)
-            self.transactions += 1
+            error = self._write(messages, [day] * len(messages), request, forget_before)
+            if error is not None:
+                raise error
 
         await self.call(run)
         if self.on_commit is not None:
@@ -403,37 +382,55 @@ class Spool:
                 return
 
     def _commit_group(self, commits: list[_Commit]) -> None:
+        error = self._write([c.msg for c in commits], [c.day for c in commits])
+        # one wake-up of the event loop for the whole group, not one per message
+        commits[0].loop.call_soon_threadsafe(
+            _resolve_all, [c.future for c in commits], error, self.on_commit if error is None else None
+        )
+
+    def _write(
+        self,
+        messages: list[SpoolMessage],
+        days: list[str],
+        request: ApiRequest | None = None,
+        forget_before: float = 0.0,
+    ) -> SpoolError | None:
+        """One transaction on the writer thread: MESSAGES (counted against DAYS), and REQUEST if
+        given; None when it committed, else the error (nothing of it was written)."""
         conn = self._conn
-        k = self.keys
-        error: BaseException | None = None
+        error: SpoolError | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
+                insert_messages(conn, self.keys, messages)
                 counts: dict[tuple[int, str], int] = {}
-                insert_messages(conn, k, [c.msg for c in commits])
-                for c in commits:
-                    key = (c.msg.tenant_id, c.day)
-                    counts[key] = counts.get(key, 0) + 1
+                for m, day in zip(messages, days, strict=True):
+                    counts[(m.tenant_id, day)] = counts.get((m.tenant_id, day), 0) + 1
                 add_daily_counts(conn, counts)
+                if request is not None:
+                    conn.execute("DELETE FROM api_requests WHERE created < ?", (forget_before,))
+                    conn.execute(
+                        "INSERT INTO api_requests(tenant_id, key, request_hash, status, response, created) "
+                        "VALUES (?,?,?,?,?,?)",
+                        (request.tenant_id, request.key, request.request_hash, request.status, request.response,
+                         time.time()),
+                    )  # fmt: skip
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
         except Exception as exc:
-            log.error("event=spool_commit_failed messages=%d error=%r", len(commits), str(exc))
+            log.error("event=spool_commit_failed messages=%d error=%r", len(messages), str(exc))
             error = SpoolError(f"spool commit failed: {exc}")
             # pages of the rolled-back transaction that spilled into the WAL keep their disk space
             # (on a full disk: all of it); give it back now, or after the next commit that works
             self._wal_oversized = True
         else:
-            self.commits += len(commits)
+            self.commits += len(messages)
             self.transactions += 1
         if self._wal_oversized:
             self._truncate_wal()
-        # one wake-up of the event loop for the whole group, not one per message
-        commits[0].loop.call_soon_threadsafe(
-            _resolve_all, [c.future for c in commits], error, self.on_commit if error is None else None
-        )
+        return error
 
     def _truncate_wal(self) -> None:
         try:
@@ -442,13 +439,6 @@ class Spool:
             log.warning("event=spool_checkpoint_failed error=%r", str(exc))
             return
         self._wal_oversized = bool(busy)
-
-
-def _count(messages: list[SpoolMessage], day: str) -> dict[tuple[int, str], int]:
-    counts: dict[tuple[int, str], int] = {}
-    for m in messages:
-        counts[(m.tenant_id, day)] = counts.get((m.tenant_id, day), 0) + 1
-    return counts
 
 
 class DayClock:
