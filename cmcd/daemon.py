@@ -24,10 +24,12 @@ from cmcd.admin.backup_verbs import BACKUP_VERBS, BackupScheduler
 from cmcd.admin.metrics import MetricsServer
 from cmcd.admin.retention import RetentionJob
 from cmcd.admin.server import VERBS, AdminServer
+from cmcd.admin.webhook_verbs import WEBHOOK_VERBS
 from cmcd.api.server import ApiServer
+from cmcd.api.webhooks import WebhookDispatcher
 from cmcd.config import Config
 from cmcd.deliver.engine import DeliveryEngine
-from cmcd.deliver.routing import Router
+from cmcd.deliver.routing import Router, make_resolver
 from cmcd.errors import CmcdError, ConfigError
 from cmcd.queue.events import EventShipper
 from cmcd.queue.scheduler import Scheduler
@@ -39,6 +41,7 @@ from cmcd.submit.service import SubmitService
 log = logging.getLogger("cmcd")
 VERBS.update(API_VERBS)  # apikey.* and user.otp-* (admin/api_verbs.py)
 VERBS.update(BACKUP_VERBS)  # the backup.* verbs live in admin/backup_verbs.py, which imports server.py
+VERBS.update(WEBHOOK_VERBS)  # webhook.* (admin/webhook_verbs.py)
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -105,6 +108,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.engine: DeliveryEngine | None = None
         self.api: ApiServer | None = None
+        self.webhooks: WebhookDispatcher | None = None
 
     def status(self) -> dict[str, Any]:
         sessions = self.smtp.ctx.sessions if self.smtp else None
@@ -181,6 +185,8 @@ class Daemon:
         if cfg.api.listen:
             self.api = ApiServer(cfg, service, astore)
             await self.api.start()
+        self.webhooks = webhooks = WebhookDispatcher(cfg, astore, make_resolver(cfg))
+        webhooks.start()
         retention = RetentionJob(cfg, astore)
         retention.start()
         backups.start()
@@ -205,6 +211,7 @@ class Daemon:
         await metrics.close()
         if self.api is not None:
             await self.api.close()
+        await webhooks.close()
         await admin.close()
         await retention.close()
         await backups.close()
@@ -258,6 +265,8 @@ class Daemon:
                 await asyncio.to_thread(self.api.reload_certificate)
             except (OSError, ValueError) as exc:
                 log.error("event=reload_tls_failed listener=api error=%r", str(exc))
+        if self.webhooks is not None:
+            self.webhooks.config = new
         if self.engine is not None:
             self.engine.reconfigure(new)
         if self.scheduler is not None:

@@ -367,6 +367,71 @@ def apikey_revoke(c: Client, tenant_name: str, key_id: str) -> None:
 
 
 @cli.group()
+def webhook() -> None:
+    """Webhook endpoints of a tenant: mail events posted as signed JSON (add, list, delete, status)."""
+
+
+WEBHOOK_EVENTS = "delivered,deferred,bounced,expired,suppressed"
+
+
+def _webhook_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with their times shown as UTC (the *_iso values the daemon sends along)."""
+    keys = ("created", "last_success", "failing_since", "next_attempt")
+    return [{**r, **{k: (r.get(f"{k}_iso") or "").replace("T", " ") for k in keys}} for r in rows]
+
+
+@webhook.command("add")
+@tenant_arg
+@click.argument("url")
+@click.option("--events", default=WEBHOOK_EVENTS, show_default=True, help="comma-separated mail events to post")
+@pass_client
+def webhook_add(c: Client, tenant_name: str, url: str, events: str) -> None:
+    """Post TENANT's mail events to URL; the signing secret is printed once."""
+    r = c.call("webhook.add", tenant=tenant_name, url=url, events=events)
+
+    def human(r: dict[str, Any]) -> None:
+        click.echo(f"added webhook {r['id']} for tenant {tenant_name}: {r['url']} ({','.join(r['events'])})")
+        click.echo(f"signing secret: {r['secret']}")
+        click.echo("Store it now: cmcd cannot show this secret again. Requests carry")
+        click.echo('X-Cmcd-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>.')
+
+    c.show(r, human)
+
+
+@webhook.command("list")
+@tenant_arg
+@pass_client
+def webhook_list(c: Client, tenant_name: str) -> None:
+    """List TENANT's webhook endpoints; never the secrets."""
+    columns = {"ID": "id", "URL": "url", "EVENTS": "events", "CREATED": "created"}
+    rows = c.call("webhook.list", tenant=tenant_name)
+    c.show(rows, lambda rows: table(columns, _webhook_times(rows), f"no webhooks in tenant {tenant_name}"))
+
+
+@webhook.command("delete")
+@tenant_arg
+@click.argument("webhook_id", metavar="ID")
+@pass_client
+def webhook_delete(c: Client, tenant_name: str, webhook_id: str) -> None:
+    """Delete webhook ID of TENANT; nothing more is posted to it."""
+    c.show(c.call("webhook.delete", tenant=tenant_name, id=webhook_id), said(f"deleted webhook {webhook_id}"))
+
+
+@webhook.command("status")
+@click.argument("tenant_name", metavar="[TENANT]", required=False)
+@pass_client
+def webhook_status(c: Client, tenant_name: str | None) -> None:
+    """Delivery state of every webhook (of TENANT): successes, failures, retries, drops."""
+    columns = {
+        "ID": "id", "TENANT": "tenant", "URL": "url", "EVENTS": "events", "LAST SUCCESS": "last_success",
+        "SENT": "sent", "DROPPED": "dropped", "ATTEMPTS": "attempts", "FAILING SINCE": "failing_since",
+        "NEXT ATTEMPT": "next_attempt", "LAST ERROR": "last_error",
+    }  # fmt: skip
+    rows = c.call("webhook.status", tenant=tenant_name)
+    c.show(rows, lambda rows: table(columns, _webhook_times(rows), "no webhooks"))
+
+
+@cli.group()
 def ipcred() -> None:
     """IP credentials (a user authenticated by client address): add, list, delete."""
 

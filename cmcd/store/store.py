@@ -23,6 +23,7 @@ from cmcd.errors import KeyFileError, NotFound, StoreError
 from cmcd.records import Domain, IpCredential, Tenant, User
 from cmcd.store.api_store import ApiStore
 from cmcd.store.schema import migrate
+from cmcd.store.webhook_store import WebhookStore
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
@@ -68,7 +69,7 @@ class NewKey:
     public_txt: str
 
 
-class Store(ApiStore):
+class Store(ApiStore, WebhookStore):
     def __init__(self, path: Path, keys: crypto.DataKeys):
         self.path = path
         self.keys = keys
@@ -592,7 +593,7 @@ class Store(ApiStore):
             counts["dkim_keys"] = c(
                 "DELETE FROM dkim_keys WHERE domain_id IN (SELECT id FROM domains WHERE tenant_id = ?)", (t.id,)
             ).rowcount
-            for table in ("api_keys", "otp", "api_sessions", "message_tags"):
+            for table in ("api_keys", "otp", "api_sessions", "message_tags", "webhooks"):
                 counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (t.id,)).rowcount
             for table in ("ip_credentials", "users", "domains", "suppressions", "mail_log", "login_log", "ops_log"):
                 counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (t.id,)).rowcount

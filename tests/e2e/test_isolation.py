@@ -83,6 +83,10 @@ COVERAGE: dict[str, str] = {
     "user.otp-enroll": "matrix (refused: B's admin under A)",
     "user.otp-confirm": "matrix (refused: B's admin under A)",
     "user.otp-disable": "matrix (refused: B's admin under A)",
+    "webhook.add": "matrix (refused: a URL that is not http(s) under A's name; the refusal is logged)",
+    "webhook.list": "matrix (scoped: A's endpoints only)",
+    "webhook.delete": "matrix (refused: B's webhook id under A)",
+    "webhook.status": "matrix (scoped: A's endpoints only)",
     "backup.now": "no tenant scope: snapshots the whole store",
     "backup.list": "no tenant scope",
     "backup.verify": "no tenant scope",
@@ -184,7 +188,7 @@ def _send(c: smtplib.SMTP, sender: str, rcpt: str) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[World]:
-    d = Cmcd(tmp_path_factory.mktemp("isolation"), ca)
+    d = Cmcd(tmp_path_factory.mktemp("isolation"), ca, {"api": {"webhook_allow_private": True}})
     d.start().provision()
     ids = {t["name"]: t["id"] for t in d.admin("tenant.list")}
     # B: a second (disabled) user, an IP credential, a suppression, DKIM keys in every state
@@ -200,6 +204,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[
     # B: an admin with a TOTP enrolment waiting for confirmation, and an API key
     d.admin("user.add", tenant="beta", login="beta-admin", role="admin", password="beta admin secret")
     d.admin("user.otp-enroll", tenant="beta", login="beta-admin")
+    # B: a webhook (to a closed port on loopback: this daemon allows private addresses for that)
+    b_hook = d.admin("webhook.add", tenant="beta", url="http://127.0.0.1:9/beta")["id"]
     b_key = d.admin("apikey.add", tenant="beta", login="bob")["key_id"]
     a_key = d.admin("apikey.add", tenant="acme", login="alice")["key_id"]
     # A: its own messages, sent by AUTH and (the SMTP matrix's third path) by an IP credential
@@ -224,7 +230,20 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[
     _wait("bob's login in the login log", lambda: _count(d, "SELECT COUNT(*) FROM login_log WHERE login = 'bob'") == 1)
     _wait("alice's logins", lambda: _count(d, "SELECT COUNT(*) FROM login_log WHERE tenant_id = ?", ids["acme"]) >= 1)
     _wait("A's accepted rows", lambda: len([r for r in d.mail_log() if r["tenant_id"] == ids["acme"]]) == 2)
-    yield World(d, ids["acme"], ids["beta"], a_qids, {"b_queued": b_queued, "b_held": b_held, "pem": str(pem), "b_key": b_key, "a_key": a_key})
+    yield World(
+        d,
+        ids["acme"],
+        ids["beta"],
+        a_qids,
+        {
+            "b_queued": b_queued,
+            "b_held": b_held,
+            "pem": str(pem),
+            "b_key": b_key,
+            "a_key": a_key,
+            "b_hook": str(b_hook),
+        },
+    )
     d.stop()
 
 
@@ -292,6 +311,15 @@ REFUSED = [
     Refused("queue.retry", "queue retry {b_queued} --tenant acme", NO_MESSAGE.format("{b_queued}"), "{b_queued}"),
     Refused("queue.delete", "queue delete {b_queued} --tenant acme", NO_MESSAGE.format("{b_queued}"), "{b_queued}"),
     Refused("apikey.add", "apikey add acme bob", NO_BOB, "acme/bob"),
+    Refused(
+        "webhook.add",
+        "webhook add acme ftp://hooks.beta.test/",
+        "'ftp://hooks.beta.test/': a webhook URL must start with https:// or http://",
+        "acme ftp://hooks.beta.test/",
+    ),
+    Refused(
+        "webhook.delete", "webhook delete acme {b_hook}", "tenant 'acme' has no webhook {b_hook}", "webhook={b_hook}"
+    ),
     Refused("apikey.revoke", "apikey revoke acme {b_key}", "no active API key '{b_key}' in tenant 'acme'", "{b_key}"),
     Refused("user.otp-enroll", "user otp-enroll acme beta-admin", NO_B_ADMIN, "acme/beta-admin"),
     Refused("user.otp-confirm", "user otp-confirm acme beta-admin 123456", NO_B_ADMIN, "acme/beta-admin"),
@@ -333,6 +361,10 @@ class Scoped:
     check: Check  # on the parsed output
     name: str = ""
     undo: tuple[str, dict[str, Any]] | None = None  # an admin call that puts A back as it was
+
+
+def _no_webhooks(w: World, out: Any) -> None:
+    assert out == []  # B's endpoint is not A's
 
 
 def _apikeys(w: World, out: Any) -> None:
@@ -404,6 +436,8 @@ def _suppression_added(w: World, out: Any) -> None:
 SCOPED = [
     Scoped("tenant.show", "tenant show acme", _summary),
     Scoped("apikey.list", "apikey list acme", _apikeys),
+    Scoped("webhook.list", "webhook list acme", _no_webhooks),
+    Scoped("webhook.status", "webhook status acme", _no_webhooks),
     Scoped(
         "tenant.set",
         "tenant set acme --dsn off --suppressed refuse",

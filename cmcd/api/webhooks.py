@@ -1,0 +1,404 @@
+"""Posts tenants' mail events (delivered, deferred, bounced, expired, suppressed) to their webhook
+endpoints, signed; never blocks delivery, never writes the mail log, never follows a redirect.
+
+The dispatcher runs on the daemon's event loop. Every second (at once after a full batch) each
+endpoint that is due gets up to BATCH_SIZE mail-log rows of its tenant after its cursor, posted as
+`{"events": [...]}` with `X-Cmcd-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
+"<t>." + body)>`. A 2xx moves the cursor past the batch; anything else (status, timeout, network
+error, an address the SSRF guard refuses) is a failed attempt, retried with backoff (RETRY_BASE_S
+doubling to RETRY_MAX_S, +-10 % jitter) until the endpoint has failed for api.webhook_retry_for,
+when the batch is dropped (counted, logged, and put on the operation log). State is written to
+the store after every attempt, so a restart resumes where it was: delivery is at-least-once.
+
+SSRF guard (check_url, at add and before every send): http or https, no userinfo, the host's
+every address (through the daemon's resolver on dns.nameservers, never the system's) must be
+public unless api.webhook_allow_private; the request then connects only to the addresses checked
+(PinnedResolver), so a DNS answer that changes in between cannot send it elsewhere. Settings:
+api.webhook_allow_private, api.webhook_timeout, api.webhook_retry_for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from cmcd.config import Config
+from cmcd.errors import CmcdError
+from cmcd.store import AsyncStore
+from cmcd.store.webhook_store import Webhook
+
+log = logging.getLogger("cmcd.webhooks")
+
+BATCH_SIZE = 100
+TICK_S = 1.0
+RETRY_BASE_S = 5.0
+RETRY_MAX_S = 3600.0
+JITTER = 0.10
+#: how often a cursor moved only past rows the endpoint does not want is written to the store
+IDLE_PERSIST_S = 30.0
+USER_AGENT = "cmcd-webhook/1"
+
+AnyAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class WebhookUrlError(CmcdError):
+    """A webhook URL that may not be used: malformed, or its host is refused by the SSRF guard."""
+
+
+# -- pure parts: the address classifier, the signature, the retry schedule --------------------------
+
+
+def _plain_reason(ip: AnyAddress) -> str | None:
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if not ip.is_global:
+        return "non-public"
+    return None
+
+
+def refused_reason(address: str | AnyAddress) -> str | None:
+    """Why a webhook may not connect to ADDRESS ("loopback", "private", ...), or None when it is
+    public. IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4, Teredo) are judged by it."""
+    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return _plain_reason(ip.ipv4_mapped)
+        if ip in _NAT64:
+            return _plain_reason(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            inner = _plain_reason(embedded)
+            if inner is not None:
+                return inner
+    return _plain_reason(ip)
+
+
+def signature(secret: bytes, body: bytes, t: int) -> str:
+    """The X-Cmcd-Signature value: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>."""
+    mac = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def backoff_s(attempts: int, u: float = 0.5) -> float:
+    """Seconds before the next try after ATTEMPTS failed ones: 5 s doubling, capped at an hour,
+    scaled by 0.9 + 0.2*U (U uniform in [0, 1): +-10 % jitter, none at U = 0.5)."""
+    base = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, min(attempts - 1, 30)))
+    return base * (1 - JITTER + 2 * JITTER * u)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A URL that passed the guard: the host to send as (Host, SNI) and the addresses to connect to."""
+
+    url: str
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+
+def split_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a webhook URL, or WebhookUrlError saying what is wrong."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise WebhookUrlError(f"{url!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise WebhookUrlError(f"{url!r}: a webhook URL must start with https:// or http://")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise WebhookUrlError(f"{url!r}: a webhook URL must not carry a user name or password")
+    host = (parts.hostname or "").rstrip(".")
+    if not host:
+        raise WebhookUrlError(f"{url!r}: a webhook URL needs a host name or IP address")
+    if any(c.isspace() for c in url):
+        raise WebhookUrlError(f"{url!r}: a webhook URL must not contain white space")
+    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
+
+
+async def _addresses(host: str, resolver: dns.asyncresolver.Resolver) -> list[str]:
+    out: list[str] = []
+    failed = ""
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(host, rdtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            raise WebhookUrlError(f"host {host} does not exist (NXDOMAIN)") from None
+        except dns.exception.DNSException as exc:
+            failed = type(exc).__name__
+            continue
+        out += [r.to_text() for r in answer.rrset or ()]
+    if not out:
+        why = f"the DNS lookup failed ({failed})" if failed else "it has no A or AAAA record"
+        raise WebhookUrlError(f"host {host} has no address: {why}")
+    return out
+
+
+async def check_url(url: str, resolver: dns.asyncresolver.Resolver, allow_private: bool) -> Target:
+    """URL's target if it may be used, else WebhookUrlError naming the reason. An IP literal is
+    taken as it is; a name is resolved (A and AAAA) and refused if ANY address is not public."""
+    _, host, port = split_url(url)
+    try:
+        literal: AnyAddress | None = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        literal = None
+    addresses = [str(literal)] if literal is not None else await _addresses(host.lower(), resolver)
+    if not allow_private:
+        for address in addresses:
+            reason = refused_reason(address)
+            if reason is not None:
+                said = f"{address} is" if literal is not None else f"{host} resolves to {address},"
+                raise WebhookUrlError(
+                    f"{url}: {said} a {reason} address; set api.webhook_allow_private to allow"
+                )  # fmt: skip
+    return Target(url, host.strip("[]"), port, tuple(addresses))
+
+
+class PinnedResolver(AbstractResolver):
+    """aiohttp's resolver for one request: the checked addresses of the checked host, nothing else."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host.rstrip(".").lower() != self.target.host.lower():
+            raise OSError(f"webhook request for {host}, not the checked host {self.target.host}")
+        out: list[ResolveResult] = []
+        for address in self.target.addresses:
+            ip = ipaddress.ip_address(address)
+            fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+            if family in (socket.AF_UNSPEC, fam):
+                out.append(
+                    ResolveResult(
+                        hostname=host, host=address, port=port, family=fam, proto=0, flags=socket.AI_NUMERICHOST
+                    )
+                )
+        if not out:
+            raise OSError(f"{host} has no checked address of the family asked for")
+        return out
+
+    async def close(self) -> None:
+        return None
+
+
+def _short(error: str, limit: int = 300) -> str:
+    return error if len(error) <= limit else error[: limit - 3] + "..."
+
+
+# -- the dispatcher -----------------------------------------------------------------------------------
+
+
+class WebhookDispatcher:
+    """Runs each due endpoint's deliveries as its own task; see the module docstring."""
+
+    def __init__(
+        self,
+        config: Config,
+        astore: AsyncStore,
+        resolver: dns.asyncresolver.Resolver,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ):
+        self.config = config
+        self.astore = astore
+        self.store = astore.store
+        self.resolver = resolver
+        self.clock = clock
+        self.rand = rand
+        self._task: asyncio.Task[None] | None = None
+        self._running: dict[int, asyncio.Task[None]] = {}
+        #: endpoint id -> (cursor moved past unwanted rows only, when it was last written)
+        self._skipped: dict[int, tuple[int, float]] = {}
+        self._wake = asyncio.Event()
+        self.posts = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="webhooks")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Stop; an attempt in flight is abandoned unrecorded (it is retried after a restart)."""
+        tasks = [t for t in (self._task, *self._running.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        for webhook_id, (cursor, _) in list(self._skipped.items()):
+            await self._save_skip(webhook_id, cursor)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._tick()
+            except Exception:  # a bug here must not end webhooks for good (nor take anything else down)
+                log.exception("event=webhook_tick_failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _tick(self) -> None:
+        endpoints = await self.astore.call(self.store.webhook_endpoints)
+        live = {w.id for w in endpoints}
+        for webhook_id in [i for i in self._skipped if i not in live]:
+            del self._skipped[webhook_id]
+        now = self.clock()
+        for hook in endpoints:
+            if hook.id in self._running or hook.next_attempt > now:
+                continue
+            task = asyncio.get_running_loop().create_task(self._serve(hook), name=f"webhook-{hook.id}")
+            self._running[hook.id] = task
+            task.add_done_callback(functools.partial(self._finished, hook.id))
+
+    def _finished(self, webhook_id: int, _task: asyncio.Task[None]) -> None:
+        self._running.pop(webhook_id, None)
+
+    async def _serve(self, hook: Webhook) -> None:
+        """Post batches to HOOK while full ones are waiting and they succeed; one request at a time."""
+        try:
+            while True:
+                skipped = self._skipped.get(hook.id)
+                if skipped is not None and skipped[0] > hook.cursor:
+                    hook = dataclasses.replace(hook, cursor=skipped[0])
+                next_hook, more = await self._attempt(hook)
+                if next_hook is None or not more:
+                    return
+                hook = next_hook
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("event=webhook_failed webhook=%d", hook.id)
+
+    async def _attempt(self, hook: Webhook) -> tuple[Webhook | None, bool]:
+        """One batch: (the endpoint's state after it or None when it failed, more rows waiting)."""
+        batch = await self.astore.call(self.store.webhook_batch, hook.tenant_id, hook.cursor, hook.events, BATCH_SIZE)
+        if batch.end <= hook.cursor:
+            return hook, False
+        if not batch.events:  # only rows it does not want: move on, write it now and then
+            await self._skip(hook.id, batch.end)
+            return dataclasses.replace(hook, cursor=batch.end), batch.more
+        body = json.dumps({"events": batch.events}, separators=(",", ":")).encode()
+        now = self.clock()
+        error = await self._post(hook, body, int(now))
+        self.posts += 1
+        n = len(batch.events)
+        done = self.clock()
+        if error is None:
+            await self.astore.call(
+                self.store.webhook_record, hook.id, cursor=batch.end, attempts=0, failing_since=None,
+                next_attempt=0.0, success_at=done, sent=n,
+            )  # fmt: skip
+            self._skipped.pop(hook.id, None)
+            log.info("event=webhook_sent webhook=%d tenant=%s events=%d cursor=%d", hook.id, hook.tenant, n, batch.end)
+            hook = dataclasses.replace(hook, cursor=batch.end, attempts=0, failing_since=None, sent=hook.sent + n)
+            return hook, batch.more
+        attempts = hook.attempts + 1
+        failing_since = hook.failing_since if hook.failing_since is not None else now
+        retry_for = float(self.config.api.webhook_retry_for)
+        if done - failing_since > retry_for:
+            await self._drop(hook, batch.events, batch.end, failing_since, error)
+            return None, False
+        next_attempt = done + backoff_s(attempts, self.rand())
+        await self.astore.call(
+            self.store.webhook_record, hook.id, cursor=hook.cursor, attempts=attempts, failing_since=failing_since,
+            next_attempt=next_attempt, last_error=error,
+        )  # fmt: skip
+        log.warning(
+            "event=webhook_failed webhook=%d tenant=%s events=%d attempts=%d retry_in_s=%.1f error=%r",
+            hook.id, hook.tenant, n, attempts, next_attempt - done, error,
+        )  # fmt: skip
+        return None, False
+
+    async def _drop(self, hook: Webhook, events: list[dict[str, Any]], end: int, since: float, error: str) -> None:
+        """The endpoint has failed for longer than api.webhook_retry_for: this batch is given up.
+        Failing since stays (the endpoint still is), so the batches after it get one try each until
+        a request succeeds."""
+        n = len(events)
+        await self.astore.call(
+            self.store.webhook_record, hook.id, cursor=end, attempts=0, failing_since=since,
+            next_attempt=self.clock() + backoff_s(1, self.rand()), last_error=error, dropped=n,
+        )  # fmt: skip
+        self._skipped.pop(hook.id, None)
+        detail = f"{n} events (mail-log ids {events[0]['id']}..{events[-1]['id']}) dropped; last error: {error}"
+        log.warning("event=webhook_dropped webhook=%d tenant=%s events=%d error=%r", hook.id, hook.tenant, n, error)
+        await self.astore.call(
+            self.store.log_op, actor_uid=None, actor="cmcd", action="webhook.dropped",
+            target=f"webhook {hook.id} {hook.url}", result="dropped", tenant_id=hook.tenant_id, detail=detail,
+        )  # fmt: skip
+
+    async def _skip(self, webhook_id: int, cursor: int) -> None:
+        now = self.clock()
+        previous = self._skipped.get(webhook_id)
+        if previous is not None and now - previous[1] < IDLE_PERSIST_S:
+            self._skipped[webhook_id] = (cursor, previous[1])
+            return
+        await self._save_skip(webhook_id, cursor)
+        self._skipped[webhook_id] = (cursor, now)
+
+    async def _save_skip(self, webhook_id: int, cursor: int) -> None:
+        await self.astore.call(self.store.webhook_advance, webhook_id, cursor)
+
+    async def _post(self, hook: Webhook, body: bytes, t: int) -> str | None:
+        """POST BODY to HOOK's URL; None on a 2xx, else what went wrong."""
+        api = self.config.api
+        timeout = float(api.webhook_timeout)
+        try:
+            target = await asyncio.wait_for(check_url(hook.url, self.resolver, api.webhook_allow_private), timeout)
+        except WebhookUrlError as exc:
+            return _short(f"refused: {exc}")
+        except TimeoutError:
+            return f"DNS lookup of the webhook host took longer than {timeout:g}s"
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "X-Cmcd-Webhook-Id": str(hook.id),
+            "X-Cmcd-Signature": signature(hook.secret, body, t),
+        }
+        connector = aiohttp.TCPConnector(resolver=PinnedResolver(target), use_dns_cache=False, force_close=True)
+        try:
+            async with aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout), trust_env=False
+            ) as session:
+                async with session.post(hook.url, data=body, headers=headers, allow_redirects=False) as resp:
+                    if 200 <= resp.status < 300:
+                        return None
+                    return f"HTTP {resp.status} {resp.reason or ''}".rstrip()
+        except TimeoutError:
+            return f"no response within {timeout:g}s (api.webhook_timeout)"
+        except (aiohttp.ClientError, OSError) as exc:
+            return _short(f"{type(exc).__name__}: {exc}")
