@@ -330,9 +330,11 @@ class WebhookDispatcher:
         attempts = hook.attempts + 1
         failing_since = hook.failing_since if hook.failing_since is not None else now
         retry_for = float(self.config.api.webhook_retry_for)
-        if done - failing_since > retry_for:
+        if done - max(failing_since, batch.oldest) > retry_for:
+            # every event of the batch has waited retry_for: give it up, and try the next batch
+            # at once (its events may be as old; a long outage must not drop one batch an hour)
             await self._drop(hook, batch.events, batch.end, failing_since, error)
-            return None, False
+            return dataclasses.replace(hook, cursor=batch.end, attempts=0, failing_since=failing_since), True
         next_attempt = done + backoff_s(attempts, self.rand())
         await self.astore.call(
             self.store.webhook_record, hook.id, cursor=hook.cursor, attempts=attempts, failing_since=failing_since,
@@ -345,9 +347,9 @@ class WebhookDispatcher:
         return None, False
 
     async def _drop(self, hook: Webhook, events: list[dict[str, Any]], end: int, since: float, error: str) -> None:
-        """The endpoint has failed for longer than api.webhook_retry_for: this batch is given up.
-        Failing since stays (the endpoint still is), so the batches after it get one try each until
-        a request succeeds."""
+        """The endpoint has failed, and this batch's events have waited, for longer than
+        api.webhook_retry_for: the batch is given up. Failing since stays (the endpoint still is):
+        a later batch is dropped after one more try once its own events are that old."""
         n = len(events)
         await self.astore.call(
             self.store.webhook_record, hook.id, cursor=end, attempts=0, failing_since=since,

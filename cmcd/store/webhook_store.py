@@ -55,6 +55,7 @@ class Batch:
     events: list[dict[str, Any]]
     end: int
     more: bool
+    oldest: float = 0.0  # time of the first event (0.0 when there is none)
 
 
 def parse_events(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -189,7 +190,7 @@ class WebhookStore:
             }
             for r in rows
         ]  # fmt: skip
-        return Batch(out, end, full or high < newest)
+        return Batch(out, end, full or high < newest, rows[0][1] if rows else 0.0)
 
     def message_tags(self, queue_ids: list[str]) -> dict[str, list[str]]:  # pragma: no cover - ApiStore's
         raise NotImplementedError

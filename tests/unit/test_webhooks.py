@@ -168,15 +168,16 @@ class _Clock:
         return self.now
 
 
-def _log_events(store: Store, tenant: str, *events: tuple[str, str]) -> None:
-    """Mail-log rows of TENANT: (event, recipient) each, from sender app@<tenant>.test."""
+def _log_events(store: Store, tenant: str, *events: tuple[str, str], ts: float | None = None) -> None:
+    """Mail-log rows of TENANT: (event, recipient) each, from sender app@<tenant>.test, at TS (now)."""
+    at = time.time() if ts is None else ts
     tenant_id = store.tenant(tenant).id
     keys = store.keys
     rows = []
     for n, (event, rcpt) in enumerate(events):
         sender = f"app@{tenant}.test"
         rows.append(
-            (f"{tenant}:{rcpt}:{event}:{n}:{time.time()}", time.time(), tenant_id, f"Q{tenant.upper()}{n}", event,
+            (f"{tenant}:{rcpt}:{event}:{n}:{time.time()}", at, tenant_id, f"Q{tenant.upper()}{n}", event,
              keys.encrypt(sender), keys.index(sender), keys.encrypt(rcpt), keys.index(rcpt), "dst.test",
              event, f"250 {event}", 1, "mx.dst.test", "127.0.0.1", "", 0.1, 100, "<m@x>")
         )  # fmt: skip
@@ -271,3 +272,25 @@ def test_full_batches_are_capped(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         store.webhook_delete("acme", hook["id"] + 1)
     store.close()
+
+
+async def test_a_long_outage_drops_only_events_that_waited_the_whole_retry_period(dispatch: Any) -> None:
+    """The endpoint has been failing for longer than webhook_retry_for: a batch of old events is
+    dropped and the next batch is tried at once; a batch of fresh events is kept and retried."""
+    d, store, clock, replies = dispatch
+    hook = store.webhook_add("acme", "https://hooks.example/x", ("delivered",), b"secret")
+    _log_events(store, "acme", *[("delivered", f"old{n}@dst.test") for n in range(100)], ts=clock.now - 700)
+    _log_events(store, "acme", ("delivered", "fresh@dst.test"), ts=clock.now - 10)
+    replies.append("HTTP 502 Bad Gateway")
+    state, more = await d._attempt(await _hook(store, hook["id"]))  # first failure: failing since now
+    assert state is None
+    clock.now += 601
+    state, more = await d._attempt(await _hook(store, hook["id"]))  # the old batch waited long enough
+    assert state is not None and more
+    assert store.webhook("acme", hook["id"])["dropped"] == 100
+    state, more = await d._attempt(state)  # the fresh event (611 s old) has waited long enough too
+    assert store.webhook("acme", hook["id"])["dropped"] == 101
+    _log_events(store, "acme", ("delivered", "new@dst.test"), ts=clock.now)
+    state, more = await d._attempt(await _hook(store, hook["id"]))  # a new event: kept for retries
+    after = store.webhook("acme", hook["id"])
+    assert state is None and after["dropped"] == 101 and after["attempts"] >= 1
