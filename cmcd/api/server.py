@@ -53,6 +53,7 @@ PAGE_MAX = 1000
 PREPARE_CONCURRENCY = 32
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _ISO_HINT = 'an ISO 8601 time like "2026-11-26T10:00:00Z"'
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _parse_time(name: str, value: str | None) -> float | None:
@@ -76,7 +77,7 @@ def _cursor_in(value: str | None) -> int:
         return 0
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
-        if raw.startswith("c") and raw[1:].isdigit():
+        if raw.startswith("c") and raw[1:].isdigit() and int(raw[1:]) < 2**63:  # SQLite's INTEGER range
             return int(raw[1:])
     except (ValueError, UnicodeDecodeError):
         pass
@@ -86,7 +87,7 @@ def _cursor_in(value: str | None) -> int:
 def _limit(value: str | None) -> int:
     if value is None or value == "":
         return 100
-    if not value.isdigit() or not 1 <= int(value) <= PAGE_MAX:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= PAGE_MAX:  # "²".isdigit() is true
         raise Problem(400, "bad-parameter", f"limit: expected 1 to {PAGE_MAX}", extra={"field": "limit"})
     return int(value)
 
@@ -228,8 +229,11 @@ class ApiServer:
             raise Problem(415, "media-type", "send the request body as application/json")
         raw = await request.read()
         try:
-            return json.loads(raw), raw
-        except (ValueError, UnicodeDecodeError) as exc:
+            body = json.loads(raw)
+            if _SURROGATE_ESCAPE.search(raw):  # valid pairs decode to one character; a lone one stays
+                json.dumps(body, ensure_ascii=False).encode()
+            return body, raw
+        except (ValueError, UnicodeDecodeError) as exc:  # UnicodeEncodeError: a lone surrogate (\ud800)
             raise Problem(400, "bad-json", f"the body is not valid JSON: {exc}") from None
 
     async def log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:

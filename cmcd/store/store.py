@@ -148,15 +148,16 @@ class Store(ApiStore, WebhookStore):
             raise StoreError(f"login {login!r}: use letters, digits and . _ @ + - (up to 128)")
         if role not in ROLES:
             raise StoreError(f"role {role!r}: expected one of {', '.join(ROLES)}")
+        now = time.time()
         try:
             with transaction(self.conn):
                 cur = self.conn.execute(
                     "INSERT INTO users(tenant_id, login, role, password_hash, enabled, created) VALUES (?,?,?,?,1,?)",
-                    (t.id, login, role, password_hash, time.time()),
+                    (t.id, login, role, password_hash, now),
                 )
         except sqlite3.IntegrityError:
             raise StoreError(f"login {login!r} already exists") from None
-        return User(id=int(cur.lastrowid or 0), tenant_id=t.id, tenant=t.name, login=login, role=role, enabled=True)
+        return User(int(cur.lastrowid or 0), t.id, t.name, login, role, enabled=True, created=now)
 
     _USER_SQL = (
         "SELECT u.id, u.tenant_id, t.name, u.login, u.role, u.enabled, u.password_hash, u.created "

@@ -40,11 +40,16 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Any:
         {
             "api": {"listen": "127.0.0.1:0"},
             "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"},
+            "smtp": {"tenant_limits": {"gamma": {"messages_per_day": 5}, "delta": {"messages_per_second": 0.2}}},
             "delivery": {"enabled": True, "routes": {"*": f"127.0.0.1:{sink.port}"}, "retry_schedule": ["1s"]},
         },
     )
     d.start().provision()
     publish(d, dns)
+    for tenant in ("gamma", "delta"):
+        d.admin("tenant.add", name=tenant)
+        d.admin("domain.add", tenant=tenant, domain=f"{tenant}.test")
+        d.admin("user.add", tenant=tenant, login=f"{tenant}-app", role="sender", password=f"pw-{tenant}-app")
     d.admin("user.add", tenant="acme", login="acme-admin", role="admin", password="pw-acme-admin")
     d.admin("user.add", tenant="acme", login="acme-viewer", role="viewer", password="pw-acme-viewer")
     d.admin("user.add", tenant="beta", login="beta-admin", role="admin", password="pw-beta-admin")
@@ -54,6 +59,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Any:
         "acme-admin": _key(d, "acme", "acme-admin"),
         "beta-sender": _key(d, "beta", "bob"),
         "beta-admin": _key(d, "beta", "beta-admin"),
+        "gamma": _key(d, "gamma", "gamma-app"),
+        "delta": _key(d, "delta", "delta-app"),
     }
     yield d, sink, dns, keys
     d.stop()
@@ -359,6 +366,7 @@ def test_tenant_admin_manages_users_and_keys(world: Any) -> None:
     admin, other = keys["acme-admin"], keys["beta-admin"]
     status, _, user = d.http("POST", "/v1/users", {"login": "reporting", "role": "viewer"}, token=admin)
     assert status == 201 and user["role"] == "viewer" and len(user["password"]) >= 16
+    assert user["created"].startswith(time.strftime("%Y-", time.gmtime()))
     assert d.http("POST", "/v1/users", {"login": "reporting"}, token=admin)[0] == 409  # logins are unique
     assert d.http("POST", "/v1/users", {"login": "x y"}, token=admin)[0] == 422
     assert d.http("POST", "/v1/users", {"login": "n", "role": "root"}, token=admin)[0] == 422
@@ -425,3 +433,30 @@ def test_api_certificate_reloads_on_sighup(world: Any) -> None:
     after = _served_certificate(d)
     assert after != before and b"renewed.test" in after
     assert d.http("GET", "/v1/blocks", token=keys["acme-admin"])[0] == 200
+
+
+def test_quota_and_rate_limits_apply_to_the_api(world: Any) -> None:
+    """gamma may send 5 messages a day: a bulk send of 6 is refused whole (nothing queued), one of
+    5 passes, the next message is refused. delta may send 0.2 a second: a request is admitted and
+    charged for all its messages, the next one within the window gets 429 with Retry-After."""
+    d, _, _, keys = world
+
+    def bulk(n: int, tenant: str) -> tuple[int, dict[str, str], Any]:
+        recipients = [{"to": f"q{i}@dst.test", "merge": {}} for i in range(n)]
+        body = {"from": f"app@{tenant}.test", "subject": "q", "text": "q", "recipients": recipients}
+        return d.http("POST", "/v1/emails/bulk", body, token=keys[tenant])
+
+    status, headers, problem = bulk(6, "gamma")
+    assert status == 429 and problem["type"].endswith("daily-quota") and "smtp" in problem
+    assert problem["smtp"].startswith("550 5.7.1") and headers.get("Retry-After")
+    assert bulk(5, "gamma")[0] == 202
+    assert bulk(1, "gamma")[0] == 429
+    gamma_id = next(t["id"] for t in d.admin("tenant.list") if t["name"] == "gamma")
+    d.wait_mail_log(lambda rows: len([r for r in rows if r["tenant_id"] == gamma_id]) >= 5)
+    time.sleep(1.0)  # any event of a wrongly queued sixth message would have been shipped by now
+    assert len([r for r in d.mail_log() if r["tenant_id"] == gamma_id and r["event"] == "accepted"]) == 5
+
+    assert bulk(3, "delta")[0] == 202
+    status, headers, problem = bulk(1, "delta")
+    assert status == 429 and problem["type"].endswith("rate-limit") and headers["Retry-After"]
+    assert problem["smtp"].startswith("451 4.7.1")
