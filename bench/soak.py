@@ -87,7 +87,7 @@ def recipients(i: int) -> list[str]:
 
 
 def expected(rcpt: str) -> str:
-    """"deliver", "bounce" or "hole"."""
+    """ "deliver", "bounce" or "hole"."""
     if rcpt.endswith("@hole.test"):
         return "hole"
     if rcpt.startswith("reject-"):
@@ -448,6 +448,7 @@ class Daemon:
         self.generation = 0
         self.problems: list[str] = []
         self.problem_count = 0
+        self.problem_kinds: Counter[str] = Counter()
         self.log_path = tmp / "daemon.log"
 
     def start(self, timeout: float = 120) -> float:
@@ -477,10 +478,14 @@ class Daemon:
                 logf.write(line + "\n")
                 if "event=ready" in line:
                     ready.set()
-                if re.search(r"\blevel=(warn|warning|error|critical)\b|Traceback", line, re.I):
+                m = re.search(r"\blevel=(warn|warning|error|critical)\b", line, re.I)
+                if m or "Traceback" in line:
                     self.problem_count += 1
-                    if len(self.problems) < 30:
-                        self.problems.append(f"[gen {gen}] {line[:300]}")
+                    ev = re.search(r"\bevent=(\S+)", line)
+                    key = f"{m.group(1) if m else 'traceback'}:{ev.group(1) if ev else '?'}"
+                    self.problem_kinds[key] += 1
+                    if self.problem_kinds[key] <= 2:  # the first two of each kind, errors in full
+                        self.problems.append(f"[gen {gen}] {line if 'warn' not in key else line[:300]}")
 
     @property
     def pid(self) -> int:
@@ -695,7 +700,7 @@ def run(args: argparse.Namespace) -> int:
             now = time.monotonic()
             accepted.update()
             for r in pending_restart[:]:
-                first = accepted.first_after(r["killed_at"])
+                first = accepted.first_after(r["dead_at"])
                 if first is not None:
                     r["first_250_s"] = first - r["killed_at"]
                     pending_restart.remove(r)
@@ -707,6 +712,7 @@ def run(args: argparse.Namespace) -> int:
                 r = {"n": n, "at_s": now - t0, "rss_before_kb": rss_kb(d.pid), "old_pid": d.pid}
                 r["killed_at"] = time.monotonic()
                 d.kill9()
+                r["dead_at"] = time.monotonic()  # 250s read after this came from the new process
                 r["ready_s"] = d.start()
                 r["new_pid"] = d.pid
                 r["rss_after_kb"] = rss_kb(d.pid)
@@ -768,6 +774,7 @@ def run(args: argparse.Namespace) -> int:
         res["log_rows"] = len(events)
         res["log_read_s"] = time.monotonic() - t
         log(f"mail log: {len(events)} rows in {res['log_read_s']:.1f} s")
+        res["queue_after_log"] = d.admin("queue.summary")
     finally:
         rc = d.stop()
         res["daemon_rc"] = rc
@@ -811,15 +818,16 @@ def check(res: dict, accepted: Accepted, events: list[dict], sinks: Sinks, d: Da
         logged.add(key)
         if e.get("event") in FINAL:
             final[key] = e["event"]
-    pending_hole = 0
-    for dom in res["queue_end"].get("domains", []):
-        if dom["domain"] == "hole.test":
-            pending_hole = dom["counts"][0]
+    pending_hole = [0, 0]  # before and after the mail log was read (expiries happen in between)
+    for j, q in enumerate((res["queue_end"], res["queue_after_log"])):
+        for dom in q.get("domains", []):
+            if dom["domain"] == "hole.test":
+                pending_hole[j] = dom["counts"][0]
     out: Counter[str] = Counter()
     unexpected: Counter[str] = Counter()
     examples: list[str] = []
     acc_rcpts: set[str] = set()
-    lost = 0
+    lost = no_final_log = 0
     for i, (qid, _t, rcpts) in accepted.msgs.items():
         for r in rcpts:
             r = r.lower()
@@ -831,7 +839,7 @@ def check(res: dict, accepted: Accepted, events: list[dict], sinks: Sinks, d: Da
                 if fin not in (None, "delivered"):
                     unexpected[f"seen at a sink but logged {fin}"] += 1
                 if fin is None:
-                    out["delivered, no final log event"] += 1
+                    no_final_log += 1
             elif fin in ("bounced", "expired", "suppressed", "deleted"):
                 state = fin
             elif fin == "delivered":
@@ -847,7 +855,9 @@ def check(res: dict, accepted: Accepted, events: list[dict], sinks: Sinks, d: Da
             elif state not in ok:
                 unexpected[f"{exp} recipient ended {state}"] += 1
             if (state == "lost" or state not in ok) and len(examples) < 15:
-                examples.append(f"msg {i} qid {qid} rcpt {r}: {state} (log final {fin}, at sinks {seen[r]}x)")
+                hist = " ".join(f"{e.get('event')}#{e.get('attempt')}" for e in events
+                                if e.get("queue_id") == qid and (e.get("rcpt") or "").lower() == r)  # fmt: skip
+                examples.append(f"msg {i} qid {qid} rcpt {r}: {state} (log: {hist or 'nothing'}; at sinks {seen[r]}x)")
     dups = sum(n - 1 for n in seen.values() if n > 1)
     unacked = sum(1 for r in seen if r not in acc_rcpts)
     return {
@@ -859,11 +869,13 @@ def check(res: dict, accepted: Accepted, events: list[dict], sinks: Sinks, d: Da
         "duplicates": dups,
         "dup_rcpts": sum(1 for n in seen.values() if n > 1),
         "unacked_delivered": unacked,
+        "delivered_no_log": no_final_log,
         "token_mismatch": mismatched,
         "dsn": dsn,
         "pending_hole_end": pending_hole,
         "problems": d.problems,
         "problem_count": d.problem_count,
+        "problem_kinds": dict(d.problem_kinds),
     }
 
 
@@ -884,13 +896,15 @@ def report(res: dict, v: dict, args: argparse.Namespace) -> str:
         ("recipients accepted", str(v["rcpts"])),
         ("  delivered (seen at a sink)", str(st.get("delivered", 0))),
         ("  bounced (5xx, final log event)", str(st.get("bounced", 0))),
-        ("  deferred (hole.test, still queued)", f"{st.get('deferred', 0)} (queue says {v['pending_hole_end']})"),
+        ("  deferred (hole.test, still queued)", f"{st.get('deferred', 0)} (hole.test in the queue before/after the log was read: "
+         f"{v['pending_hole_end'][0]}/{v['pending_hole_end'][1]})"),
         ("  expired (hole.test)", str(st.get("expired", 0))),
         ("  LOST", str(v["lost"])),
         ("  in an unexpected final state", str(sum(v["unexpected"].values())) +
          (f" {v['unexpected']}" if v["unexpected"] else "")),
         ("duplicates at the sinks", f"{v['duplicates']} extra copies of {v['dup_rcpts']} recipients"),
         ("delivered without a 250 to the client", str(v["unacked_delivered"])),
+        ("seen at a sink, no final mail-log event", str(v["delivered_no_log"])),
         ("token mismatches at the sinks", str(v["token_mismatch"])),
         ("DSNs received (bounces + expiries)", str(v["dsn"])),
         ("sink replies", f"flaky 4xx {res['sinks'].get('r4xx', {})}, strict 5xx {res['sinks'].get('r5xx', {})}, "
@@ -909,7 +923,7 @@ def report(res: dict, v: dict, args: argparse.Namespace) -> str:
                      f"ready {r['ready_s']:.2f} s, first 250 {f250} after the kill; RSS "
                      f"{mb(r['rss_before_kb'])} before, {mb(r['rss_after_kb'])} just after"))  # fmt: skip
     rows.append(("mail log rows read", f"{res['log_rows']} in {res['log_read_s']:.1f} s"))
-    rows.append(("daemon warnings/errors logged", str(v["problem_count"])))
+    rows.append(("daemon warnings/errors logged", f"{v['problem_count']} {v['problem_kinds']}"))
     rows.append(("daemon exit status at SIGTERM", str(res["daemon_rc"])))
     w = max(len(a) for a, _ in rows)
     lines = ["", "RESULT" + ("  ZERO LOSS" if v["lost"] == 0 else f"  {v['lost']} LOST"), "-" * (w + 40)]
@@ -933,7 +947,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0.0, help="msg/s during the soak (default: 70%% of capacity)")
     ap.add_argument("--sessions", type=int, default=20, help="parallel submission sessions (default 20)")
     ap.add_argument("--kills", type=int, default=3, help="kill -9 + restart this many times, evenly spread (3)")
-    ap.add_argument("--quick", action="store_true", help="smoke check: 2 minutes, 15 s capacity, lifetime 60s")
+    ap.add_argument("--quick", action="store_true", help="smoke check: 2 minutes, 15 s capacity, lifetime 120s")
     ap.add_argument("--capacity-s", type=float, default=25.0, help="unpaced capacity measurement (25 s)")
     ap.add_argument("--lifetime", default="10m", help="delivery.max_lifetime (hole.test mail expires; 10m)")
     ap.add_argument("--drain-timeout", type=float, default=900.0, help="wait at most this long to drain (900 s)")
@@ -951,7 +965,7 @@ def main() -> int:
         submit_worker()
         return 0
     if args.quick:
-        args.minutes, args.capacity_s, args.lifetime, args.report_s = 2.0, 15.0, "60s", 20.0
+        args.minutes, args.capacity_s, args.lifetime, args.report_s = 2.0, 15.0, "120s", 20.0
         args.drain_timeout = min(args.drain_timeout, 300.0)
     return run(args)
 
