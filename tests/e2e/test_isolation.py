@@ -139,7 +139,11 @@ def b_data(w: World) -> dict[str, list[tuple[Any, ...]]]:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         for table in tables:
             columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-            if "tenant_id" in columns:
+            if table == "webhooks":  # the dispatcher moves cursor and attempt state on its own
+                out[table] = _rows(
+                    conn, "SELECT id, url, events, secret_enc, created FROM webhooks WHERE tenant_id = ?", b
+                )
+            elif "tenant_id" in columns:
                 out[table] = _rows(conn, f"SELECT * FROM {table} WHERE tenant_id = ? ORDER BY rowid", b)
         out["tenants"] = _rows(conn, "SELECT * FROM tenants WHERE id = ?", b)
         out["dkim_keys"] = _rows(
