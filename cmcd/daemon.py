@@ -182,10 +182,11 @@ class Daemon:
             backup_last_success=lambda: backups.last_success,
         )  # fmt: skip
         await metrics.start()
+        resolver = make_resolver(cfg)  # for webhook URLs: dns.nameservers, never another resolver
         if cfg.api.listen:
-            self.api = ApiServer(cfg, service, astore)
+            self.api = ApiServer(cfg, service, astore, resolver)
             await self.api.start()
-        self.webhooks = webhooks = WebhookDispatcher(cfg, astore, make_resolver(cfg))
+        self.webhooks = webhooks = WebhookDispatcher(cfg, astore, resolver)
         webhooks.start()
         retention = RetentionJob(cfg, astore)
         retention.start()

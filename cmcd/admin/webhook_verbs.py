@@ -7,18 +7,15 @@ dns.nameservers), never the system's, as the dispatcher does before every reques
 
 from __future__ import annotations
 
-import secrets
 from typing import TYPE_CHECKING, Any
 
 from cmcd.admin.server import BadRequest, _Args, _Verb
-from cmcd.api.webhooks import WebhookUrlError, check_url
+from cmcd.api.webhooks import WebhookUrlError, check_url, new_secret
 from cmcd.deliver.routing import make_resolver
 from cmcd.store.webhook_store import iso, parse_events
 
 if TYPE_CHECKING:
     from cmcd.admin.server import AdminServer
-
-SECRET_PREFIX = "whsec_"
 
 
 def _webhook_id(a: _Args) -> int:
@@ -46,7 +43,7 @@ async def _webhook_add(server: AdminServer, a: _Args) -> Any:
         await check_url(url, make_resolver(server._config), server._config.api.webhook_allow_private)
     except WebhookUrlError as exc:
         raise BadRequest(str(exc)) from None
-    secret = SECRET_PREFIX + secrets.token_hex(32)
+    secret = new_secret()
     row = await server._astore.call(server._store.webhook_add, tenant, url, events, secret.encode())
     return {**_shown(row), "secret": secret}
 

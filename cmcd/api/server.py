@@ -27,10 +27,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import dns.asyncresolver
 from aiohttp import web
 
 from cmcd import crypto, totp
-from cmcd.api import users
+from cmcd.api import hooks, users
 from cmcd.api.compose import Composed, ComposeError, compose_bulk, compose_one
 from cmcd.api.problems import Problem, iso, smtp_problem
 from cmcd.config import Config, split_hostport
@@ -98,9 +99,11 @@ class ApiServer:
         config: Config,
         service: SubmitService,
         astore: AsyncStore,
+        resolver: dns.asyncresolver.Resolver,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.resolver = resolver  # the daemon's (dns.nameservers): webhook URLs are checked with it
         self.service = service
         self.astore = astore
         self.store = astore.store
@@ -134,6 +137,9 @@ class ApiServer:
         r.add_get("/v1/apikeys", functools.partial(users.list_keys, self))
         r.add_post("/v1/apikeys", functools.partial(users.add_key, self))
         r.add_delete("/v1/apikeys/{key_id}", functools.partial(users.revoke_key, self))
+        r.add_get("/v1/webhooks", functools.partial(hooks.list_hooks, self))
+        r.add_post("/v1/webhooks", functools.partial(hooks.add_hook, self))
+        r.add_delete("/v1/webhooks/{webhook_id}", functools.partial(hooks.delete_hook, self))
         return app
 
     async def start(self) -> None:

@@ -28,6 +28,7 @@ import ipaddress
 import json
 import logging
 import random
+import secrets
 import socket
 import time
 import urllib.parse
@@ -404,3 +405,11 @@ class WebhookDispatcher:
             return f"no response within {timeout:g}s (api.webhook_timeout)"
         except (aiohttp.ClientError, OSError) as exc:
             return _short(f"{type(exc).__name__}: {exc}")
+
+
+SECRET_PREFIX = "whsec_"
+
+
+def new_secret() -> str:
+    """A webhook signing secret (256 bits), shown to its owner once."""
+    return SECRET_PREFIX + secrets.token_hex(32)

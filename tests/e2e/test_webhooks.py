@@ -275,6 +275,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Iterator[tuple
         tmp_path_factory.mktemp("guarded"),
         ca,
         {
+            "api": {"listen": "127.0.0.1:0"},
             "dns": {"nameservers": [dns.address], "timeout": "2s"},
             "delivery": {"enabled": True, "routes": {"*": f"127.0.0.1:{sink.port}"}},
         },
@@ -309,6 +310,16 @@ def test_guard_refuses_at_add(guarded: tuple[Cmcd, DnsServer, Sink], url: str, r
     assert any(o["action"] == "webhook.add" and o["result"] == "refused" for o in d.ops_log())
 
 
+def test_guard_applies_to_the_api_too(guarded: tuple[Cmcd, DnsServer, Sink]) -> None:
+    d, _, _ = guarded
+    d.admin("user.add", tenant="acme", login="guard-admin", role="admin", password="guard admin secret")
+    token = d.admin("apikey.add", tenant="acme", login="guard-admin")["token"]
+    for url in ("http://127.0.0.1:9/hook", "https://private.hooks.test/hook"):
+        status, _, problem = d.http("POST", "/v1/webhooks", {"url": url}, token=token)
+        assert status == 422 and problem["field"] == "url" and "webhook_allow_private" in problem["detail"]
+    assert d.http("GET", "/v1/webhooks", token=token)[2] == {"data": []}
+
+
 def test_guard_accepts_public_name_and_refuses_rebinding_at_send(guarded: tuple[Cmcd, DnsServer, Sink]) -> None:
     d, dns, sink = guarded
     hook = d.admin("webhook.add", tenant="beta", url="http://public.hooks.test:9/hook", events="delivered")
@@ -328,3 +339,31 @@ def test_guard_accepts_public_name_and_refuses_rebinding_at_send(guarded: tuple[
     assert state["attempts"] == 1 and state["sent"] == 0, state
     assert "resolves to 127.0.0.1, a loopback address" in state["last_error"]
     d.admin("webhook.delete", tenant="beta", id=str(hook["id"]))
+
+
+def test_tenant_admin_manages_webhooks_over_the_api(world: tuple[Cmcd, Receiver]) -> None:
+    d, receiver = world
+    for tenant, login in (("acme", "hook-admin"), ("beta", "beta-hook-admin")):
+        d.admin("user.add", tenant=tenant, login=login, role="admin", password=f"{login} secret pw")
+    admin = d.admin("apikey.add", tenant="acme", login="hook-admin")["token"]
+    other = d.admin("apikey.add", tenant="beta", login="beta-hook-admin")["token"]
+    sender = d.admin("apikey.add", tenant="acme", login="alice")["token"]
+    body = {"url": receiver.url("/api"), "events": ["delivered"]}
+    assert d.http("POST", "/v1/webhooks", body, token=sender)[0] == 403
+    assert d.http("POST", "/v1/webhooks", {"url": receiver.url("/api"), "events": ["opened"]}, token=admin)[0] == 422
+    status, _, hook = d.http("POST", "/v1/webhooks", body, token=admin)
+    assert status == 201 and hook["secret"].startswith("whsec_") and hook["events"] == ["delivered"]
+    send(d, "alice", "alice@acme.test", "api-hook@dst.test")
+    got = receiver.wait(lambda rs: any(e["recipient"] == "api-hook@dst.test" for e in delivered(rs)), "/api")
+    assert all(verify(hook["secret"], r) for r in got)
+    listed = d.http("GET", "/v1/webhooks", token=admin)[2]["data"]
+    mine = next(w for w in listed if w["id"] == hook["id"])
+    assert mine["sent"] >= 1 and "secret" not in mine
+    assert hook["id"] not in [w["id"] for w in d.http("GET", "/v1/webhooks", token=other)[2]["data"]]
+    assert d.http("DELETE", f"/v1/webhooks/{hook['id']}", token=other)[0] == 404
+    assert d.http("DELETE", "/v1/webhooks/99999999999999999999", token=admin)[0] == 404
+    assert d.http("DELETE", f"/v1/webhooks/{hook['id']}", token=admin)[0] == 204
+    assert hook["id"] not in [w["id"] for w in d.http("GET", "/v1/webhooks", token=admin)[2]["data"]]
+    ops = [(o["action"], o["result"]) for o in d.ops_log() if o["action"].startswith("api.webhooks")]
+    assert ("api.webhooks.add", "ok") in ops and ("api.webhooks.add", "refused") in ops
+    assert ("api.webhooks.delete", "refused") in ops and ("api.webhooks.delete", "ok") in ops
