@@ -180,6 +180,7 @@ class Daemon:
         metrics = MetricsServer(
             cfg, service=service, engine=engine, scheduler=scheduler, spool=spool,
             backup_last_success=lambda: backups.last_success,
+            webhooks=lambda: self.webhooks.counts if self.webhooks is not None else {},
         )  # fmt: skip
         await metrics.start()
         resolver = make_resolver(cfg)  # for webhook URLs: dns.nameservers, never another resolver

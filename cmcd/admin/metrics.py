@@ -87,6 +87,7 @@ class DaemonCollector(Collector):
         queue: Callable[[], QueueFigures],
         backup_last_success: Callable[[], float],
         clock: Callable[[], float],
+        webhooks: Callable[[], dict[str, int]] = dict,
     ):
         self.service = service
         self.engine = engine
@@ -94,6 +95,7 @@ class DaemonCollector(Collector):
         self.queue = queue
         self.backup_last_success = backup_last_success
         self.clock = clock
+        self.webhooks = webhooks
 
     def collect(self) -> Iterator[Metric]:
         stats = self.service.stats
@@ -128,6 +130,20 @@ class DaemonCollector(Collector):
         for (route, code), n in sorted(stats.api_requests.items()):
             api.add_metric([route, code], n)
         yield api
+        hooks = self.webhooks()
+        events = CounterMetricFamily(
+            "cmcd_webhook_events",
+            "Mail events posted to tenants' webhooks, or dropped after retrying.",
+            labels=["result"],
+        )
+        for result in ("sent", "dropped"):
+            events.add_metric([result], hooks.get(result, 0))
+        yield events
+        yield CounterMetricFamily(
+            "cmcd_webhook_failures",
+            "Webhook requests that failed (status, timeout, refused address).",
+            hooks.get("failed", 0),
+        )
 
         deliveries = CounterMetricFamily(
             "cmcd_deliveries", "Delivery attempt outcomes per recipient by result.", labels=["result"]
@@ -203,6 +219,7 @@ class MetricsServer:
         spool: Spool,
         backup_last_success: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.time,
+        webhooks: Callable[[], dict[str, int]] = dict,
     ):
         self.listen = config.metrics.listen
         self.spool_path = spool.path
@@ -210,7 +227,7 @@ class MetricsServer:
         self.registry.register(
             DaemonCollector(
                 service=service, engine=engine, scheduler=scheduler, queue=lambda: self._figures,
-                backup_last_success=backup_last_success, clock=clock,
+                backup_last_success=backup_last_success, clock=clock, webhooks=webhooks,
             )
         )  # fmt: skip
         self.bound: list[str] = []

@@ -244,6 +244,8 @@ class WebhookDispatcher:
         self._skipped: dict[int, tuple[int, float]] = {}
         self._wake = asyncio.Event()
         self.posts = 0
+        #: read by /metrics: events posted, events dropped, failed requests
+        self.counts = {"sent": 0, "dropped": 0, "failed": 0}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="webhooks")
@@ -325,9 +327,11 @@ class WebhookDispatcher:
                 next_attempt=0.0, success_at=done, sent=n,
             )  # fmt: skip
             self._skipped.pop(hook.id, None)
+            self.counts["sent"] += n
             log.info("event=webhook_sent webhook=%d tenant=%s events=%d cursor=%d", hook.id, hook.tenant, n, batch.end)
             hook = dataclasses.replace(hook, cursor=batch.end, attempts=0, failing_since=None, sent=hook.sent + n)
             return hook, batch.more
+        self.counts["failed"] += 1
         attempts = hook.attempts + 1
         failing_since = hook.failing_since if hook.failing_since is not None else now
         retry_for = float(self.config.api.webhook_retry_for)
@@ -352,6 +356,7 @@ class WebhookDispatcher:
         api.webhook_retry_for: the batch is given up. Failing since stays (the endpoint still is):
         a later batch is dropped after one more try once its own events are that old."""
         n = len(events)
+        self.counts["dropped"] += n
         await self.astore.call(
             self.store.webhook_record, hook.id, cursor=end, attempts=0, failing_since=since,
             next_attempt=self.clock() + backoff_s(1, self.rand()), last_error=error, dropped=n,

@@ -23,7 +23,10 @@ from click.testing import CliRunner
 
 from cmcd.admin.cli import cli
 from tests.conftest import AdminError, Cmcd, message
-from tests.peers import DnsServer, Sink
+from tests.e2e.test_metrics import scrape
+from tests.peers import DnsServer, Sink, free_port
+
+METRICS_PORT = free_port()
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Iterator[tuple[C
         ca,
         {
             "api": {"listen": "127.0.0.1:0", "webhook_allow_private": True, "webhook_timeout": "3s"},
+            "metrics": {"listen": f"127.0.0.1:{METRICS_PORT}"},
             "dns": {"nameservers": [dns.address], "timeout": "2s"},
             "delivery": {"enabled": True, "routes": {"*": f"127.0.0.1:{sink.port}"}, "retry_schedule": ["1s"]},
         },
@@ -364,6 +368,11 @@ def test_tenant_admin_manages_webhooks_over_the_api(world: tuple[Cmcd, Receiver]
     assert d.http("DELETE", "/v1/webhooks/99999999999999999999", token=admin)[0] == 404
     assert d.http("DELETE", f"/v1/webhooks/{hook['id']}", token=admin)[0] == 204
     assert hook["id"] not in [w["id"] for w in d.http("GET", "/v1/webhooks", token=admin)[2]["data"]]
+    # /metrics: events posted so far, and the 500 of test_failed_batch_is_retried_and_status_shows_it
+    figures = scrape(METRICS_PORT)
+    assert figures.value("cmcd_webhook_events_total", result="sent") >= len(delivered(got))
+    assert figures.value("cmcd_webhook_failures_total") >= 1
+    assert figures.value("cmcd_webhook_events_total", result="dropped") == 0
     ops = [(o["action"], o["result"]) for o in d.ops_log() if o["action"].startswith("api.webhooks")]
     assert ("api.webhooks.add", "ok") in ops and ("api.webhooks.add", "refused") in ops
     assert ("api.webhooks.delete", "refused") in ops and ("api.webhooks.delete", "ok") in ops
