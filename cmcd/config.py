@@ -259,6 +259,8 @@ class ApiConfig:
     idempotency_ttl: Duration = Duration(86400)
     #: largest request body; a bigger one gets 413
     max_request_size: Size = Size(40 * 1024**2)
+    #: the messages one bulk request builds, all together (recipients x message size)
+    max_bulk_bytes: Size = Size(100 * 1024**2)
     #: webhook URLs may resolve to loopback, link-local or private addresses (off: SSRF guard)
     webhook_allow_private: bool = False
     #: seconds one webhook request may take
@@ -416,6 +418,7 @@ _RANGES = (
     ("api.session_ttl", 60.0, 86400.0),
     ("api.idempotency_ttl", 60.0, 30 * 86400.0),
     ("api.max_request_size", 1024, 1024**3),
+    ("api.max_bulk_bytes", 1024, 4 * 1024**3),
     ("api.webhook_timeout", 1.0, 300.0),
     ("api.webhook_retry_for", 60.0, 7 * 86400.0),
     ("smtp.max_recipients", 1, 100_000),

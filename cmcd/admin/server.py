@@ -128,6 +128,9 @@ class _Verb:
         return self.target is not None
 
 
+_READ_TARGET_ARGS = frozenset({"tenant", "name", "login", "domain", "state", "status"})
+
+
 def _render_target(template: str, names: dict[str, str]) -> str:
     """TEMPLATE's space-separated parts filled from NAMES; a part naming an argument not given is
     left out ("{queue_id} tenant={tenant}" -> "25X... " alone when no tenant was named)."""
@@ -303,7 +306,10 @@ class AdminServer:
 
     async def _log_op(self, caller: Caller, verb: str, spec: _Verb, args: dict[str, Any], error: str | None) -> None:
         names = {k: v for k, v in args.items() if isinstance(v, str) and k != "password" and v}
-        target = _render_target(spec.target or " ".join(f"{k}={{{k}}}" for k in spec.args), names)
+        # a refused read is named by its scope only, never by the addresses or queue id it asked for
+        # (those rows can be shown to the tenant named, through the API's audit records)
+        default = " ".join(f"{k}={{{k}}}" for k in spec.args if k in _READ_TARGET_ARGS)
+        target = _render_target(spec.target or default, names)
         tenant = args.get(spec.tenant_arg)
         try:
             tenant_id = await self._astore.call(_tenant_id, self._store, tenant) if isinstance(tenant, str) else None

@@ -517,6 +517,8 @@ class _Template:
     text: str  # as given; what a template without placeholders renders to
     fmt: str
     names: tuple[str, ...]  # distinct, in order of first use; field i of `fmt` is names[i]
+    uses: tuple[int, ...] = ()  # how often each name occurs
+    literal: int = 0  # characters outside the placeholders
 
     @classmethod
     def parse(cls, text: str) -> _Template:
@@ -527,7 +529,13 @@ class _Template:
             piece.replace("{", "{{").replace("}", "}}") if i % 2 == 0 else f"{{{index[piece]}}}"
             for i, piece in enumerate(pieces)
         )
-        return cls(text, fmt, names)
+        uses = tuple(pieces[1::2].count(name) for name in names)
+        return cls(text, fmt, names, uses, sum(len(p) for p in pieces[0::2]))
+
+    def length(self, values: Mapping[str, str]) -> int:
+        """The characters fill() would produce, counted before building it (a value used many times
+        must not make a huge string first); a missing value counts as empty (fill() reports it)."""
+        return self.literal + sum(n * len(values.get(name, "")) for name, n in zip(self.names, self.uses))
 
     def fill(self, values: Mapping[str, str], field: str, where: str) -> str:
         if not self.names:
@@ -680,7 +688,12 @@ class _Static:
 
 
 def compose_bulk(
-    req: dict[str, Any], *, max_recipients: int = 1000, max_size: int, now: datetime | None = None
+    req: dict[str, Any],
+    *,
+    max_recipients: int = 1000,
+    max_size: int,
+    max_total: int | None = None,
+    now: datetime | None = None,
 ) -> list[Composed]:
     """Build the messages of `POST /v1/emails/bulk`: one per recipient, each with exactly one To, the
     templates filled from that recipient's `merge` values (HTML-escaped in html, line breaks dropped in
@@ -699,6 +712,7 @@ def compose_bulk(
         raise ComposeError("recipients", f"has {len(recipients)} entries; at most {max_recipients} are allowed")
     static = _Static.build(common, _now(now))
     out = []
+    total = 0
     for i, item in enumerate(recipients):
         field = f"recipients[{i}]"
         entry = _check_keys(item, frozenset({"to", "merge"}), field)
@@ -708,6 +722,10 @@ def compose_bulk(
         raw = _merge_values(entry.get("merge"), field)
         flat = {k: _LINE_BREAKS.sub("", v) for k, v in raw.items()}
         escaped = {k: html.escape(v, quote=True) for k, v in raw.items()} if html_t is not None else {}
+        parts = (text_t.length(raw) if text_t else 0) + (html_t.length(escaped) if html_t else 0)
+        if parts > max_size:
+            raise ComposeError(f"{field}.merge", f"the text and html filled in take {parts} characters, over the "
+                               f"message size limit of {max_size} bytes")  # fmt: skip
         headers = [
             (name, _check_header_value(name, t.fill(flat, field, f"header {name}"), f"{field}.headers.{name}"))
             for name, t in header_ts
@@ -720,5 +738,12 @@ def compose_bulk(
             headers=headers,
             max_size=max_size,
         )
+        total += len(body)
+        if max_total is not None and total > max_total:
+            raise ComposeError(
+                "recipients",
+                f"the messages of this request take over {max_total} bytes together (at recipient {i}); "
+                "send fewer recipients per request, or a link instead of a large attachment",
+            )
         out.append(Composed(mail_from=common.sender.addr, rcpts=[to.addr], body=body, tags=common.tags))
     return out

@@ -26,6 +26,17 @@ def _shown(row: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _public_reason(reason: str) -> str:
+    """What a tenant is told about a refused URL: the scheme and form problems as they are; for
+    anything learned through DNS only that the host is not a public, resolvable one."""
+    if "resolves to" in reason or "does not exist" in reason or "address" in reason:
+        return (
+            "the URL's host does not resolve to public addresses only (loopback, private and link-local "
+            "addresses are refused, api.webhook_allow_private allows them)"
+        )
+    return reason
+
+
 async def list_hooks(api: ApiServer, request: web.Request) -> web.Response:
     caller = await api.caller(request, "manage")
     rows = await api.astore.call(api.store.webhooks, caller.tenant)
@@ -43,12 +54,20 @@ async def add_hook(api: ApiServer, request: web.Request) -> web.Response:
     try:
         wanted = parse_events(events)
         await check_url(body["url"], api.resolver, api.config.api.webhook_allow_private)
-    except (StoreError, WebhookUrlError) as exc:
+    except StoreError as exc:
         await api.log_op(caller, "api.webhooks.add", "-", str(exc))
-        field = "events" if isinstance(exc, StoreError) else "url"
-        raise Problem(422, "invalid", str(exc), extra={"field": field}) from None
+        raise Problem(422, "invalid", str(exc), extra={"field": "events"}) from None
+    except WebhookUrlError as exc:
+        # the operation log (the operator's) keeps the reason; the tenant learns no more than that
+        # the URL is not usable, so the daemon's resolver cannot map internal names for it
+        await api.log_op(caller, "api.webhooks.add", "-", str(exc))
+        raise Problem(422, "invalid", _public_reason(str(exc)), extra={"field": "url"}) from None
     secret = new_secret()
-    row = await api.astore.call(api.store.webhook_add, caller.tenant, body["url"], wanted, secret.encode())
+    try:
+        row = await api.astore.call(api.store.webhook_add, caller.tenant, body["url"], wanted, secret.encode())
+    except StoreError as exc:
+        await api.log_op(caller, "api.webhooks.add", "-", str(exc))
+        raise Problem(409, "conflict", str(exc)) from None
     await api.log_op(caller, "api.webhooks.add", f"webhook={row['id']}", None, ",".join(wanted))
     return web.json_response(_shown(row) | {"secret": secret}, status=201)
 

@@ -30,7 +30,7 @@ from typing import Any
 import dns.asyncresolver
 from aiohttp import web
 
-from cmcd import crypto, totp
+from cmcd import crypto, policy, totp
 from cmcd.api import hooks, users
 from cmcd.api.compose import Composed, ComposeError, compose_bulk, compose_one
 from cmcd.api.problems import Problem, iso, smtp_problem
@@ -52,6 +52,12 @@ DELIVERY_EVENTS = ("accepted", "deferred", "delivered", "bounced", "expired", "s
 BOUNCE_EVENTS = ("bounced", "expired")
 PAGE_MAX = 1000
 PREPARE_CONCURRENCY = 32
+LARGE_BODY = 256 * 1024  # request bodies parsed off the event loop from this size on
+SESSION_BODY_MAX = 4096
+OTP_FAIL_LIMIT, OTP_FAIL_WINDOW_S = (
+    10,
+    900.0,
+)  # bad one-time codes per user before a pause  # POST /v1/sessions is unauthenticated: a login is small
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _ISO_HINT = 'an ISO 8601 time like "2026-11-26T10:00:00Z"'
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -113,6 +119,7 @@ class ApiServer:
         )
         self._runner: web.AppRunner | None = None
         self._in_progress: set[tuple[int, str]] = set()
+        self._otp_failures = policy.SlidingWindow(OTP_FAIL_WINDOW_S)  # user id -> failed second factors
         self._openapi = OPENAPI_PATH.read_bytes()
         self.port = 0
 
@@ -205,8 +212,6 @@ class ApiServer:
     async def caller(self, request: web.Request, need: str) -> ApiCaller:
         """The authenticated caller (Authorization: Bearer API key or session token), allowed NEED."""
         ip = self._client_ip(request)
-        if self.service.auth_throttled(ip):
-            raise Problem(429, "throttled", "too many failed logins from your address; try again later")
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -219,6 +224,10 @@ class ApiServer:
         else:
             caller = await self.astore.call(self.store.session_caller, token, self.clock())
         if caller is None:
+            # the throttle holds back guessing from an address; a valid key (256 random bits) from the
+            # same address (a shared NAT) is never held back by it
+            if self.service.auth_throttled(ip):
+                raise Problem(429, "throttled", "too many failed logins from your address; try again later")
             self.service.note_auth_failure(ip)
             self.service.log_login(LoginRecord(self.clock(), token[:16], ip, "API", "fail", None, "bad token"))
             p = Problem(401, "unauthenticated", "the API key or session token is unknown, revoked or expired")
@@ -229,18 +238,20 @@ class ApiServer:
                           f"{'sender or admin' if need == 'send' else 'viewer or admin' if need == 'read' else 'admin'} role")  # fmt: skip
         return caller
 
-    async def read_json(self, request: web.Request) -> tuple[Any, bytes]:
+    async def read_json(self, request: web.Request, limit: int | None = None) -> tuple[Any, bytes]:
+        """The JSON body (at most LIMIT bytes, else api.max_request_size); a large one is parsed on a
+        worker thread so the event loop keeps serving SMTP meanwhile."""
         ctype = request.content_type
         if ctype != "application/json":
             raise Problem(415, "media-type", "send the request body as application/json")
-        raw = await request.read()
-        try:
-            body = json.loads(raw)
-            if _SURROGATE_ESCAPE.search(raw):  # valid pairs decode to one character; a lone one stays
-                json.dumps(body, ensure_ascii=False).encode()
-            return body, raw
-        except (ValueError, UnicodeDecodeError) as exc:  # UnicodeEncodeError: a lone surrogate (\ud800)
-            raise Problem(400, "bad-json", f"the body is not valid JSON: {exc}") from None
+        if limit is not None and (request.content_length or 0) > limit:
+            raise Problem(413, "too-large", f"request body over {limit} bytes")
+        raw = await request.read() if limit is None else await request.content.read(limit + 1)
+        if limit is not None and len(raw) > limit:
+            raise Problem(413, "too-large", f"request body over {limit} bytes")
+        if len(raw) > LARGE_BODY:
+            return await asyncio.get_running_loop().run_in_executor(None, _parse_json, raw), raw
+        return _parse_json(raw), raw
 
     async def log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:
         try:
@@ -264,8 +275,10 @@ class ApiServer:
 
     async def _post_session(self, request: web.Request) -> web.Response:
         """A tenant admin's login: password + TOTP code (or a recovery code) -> a session token."""
-        body, _ = await self.read_json(request)
         ip = self._client_ip(request)
+        if self.service.auth_throttled(ip):
+            raise Problem(429, "throttled", "too many failed logins from your address; try again later")
+        body, _ = await self.read_json(request, SESSION_BODY_MAX)
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("login"), str)
@@ -291,6 +304,12 @@ class ApiServer:
                 status, "login-failed", "login failed" if status == 401 else "too many failed logins; try later"
             )
         user = await self.astore.call(self.store.user, sender.tenant, login)
+        now = self.clock()
+        if self._otp_failures.count(user.id, now) >= OTP_FAIL_LIMIT:
+            # per user, whatever the address: the password is known to whoever gets here
+            self.service.log_login(LoginRecord(now, login, ip, "API-SESSION", "throttled", user.tenant_id,
+                                               "too many bad one-time codes"))  # fmt: skip
+            raise Problem(429, "login-failed", "too many bad one-time codes for this user; try again later")
         state = await self.astore.call(self.store.otp_state, user.id)
         detail = ""
         ok = False
@@ -308,6 +327,7 @@ class ApiServer:
             detail = "not a tenant admin with TOTP enrolled"
         if not ok:
             self.service.note_auth_failure(ip)
+            self._otp_failures.add(user.id, now)
             self.service.log_login(LoginRecord(self.clock(), login, ip, "API-SESSION", "fail", user.tenant_id, detail))
             raise Problem(
                 401,
@@ -338,20 +358,21 @@ class ApiServer:
         if key is not None:
             if not _IDEMPOTENCY_KEY.match(key):
                 raise Problem(400, "bad-idempotency-key", "Idempotency-Key: 1 to 255 visible ASCII characters")
-            since = self.clock() - self.config.api.idempotency_ttl
-            spool = self.service.spool
-            found = await spool.read(lambda conn: find_api_request(conn, caller.tenant_id, key, since))
-            if found is not None:
-                if found[0] != request_hash:
-                    raise Problem(422, "idempotency-key-reused",
-                                  "this Idempotency-Key was used for a different request")  # fmt: skip
-                return web.Response(text=found[2], status=found[1], content_type="application/json",
-                                    headers={"Idempotent-Replayed": "true"})  # fmt: skip
             slot = (caller.tenant_id, key)
-            if slot in self._in_progress:
+            if slot in self._in_progress:  # taken before the lookup: no second request slips in between
                 raise Problem(409, "in-progress", "a request with this Idempotency-Key is still being processed")
             self._in_progress.add(slot)
         try:
+            if key is not None:
+                since = self.clock() - self.config.api.idempotency_ttl
+                spool = self.service.spool
+                found = await spool.read(lambda conn: find_api_request(conn, caller.tenant_id, key, since))
+                if found is not None:
+                    if found[0] != request_hash:
+                        raise Problem(422, "idempotency-key-reused",
+                                      "this Idempotency-Key was used for a different request")  # fmt: skip
+                    return web.Response(text=found[2], status=found[1], content_type="application/json",
+                                        headers={"Idempotent-Replayed": "true"})  # fmt: skip
             try:
                 status, response, count = await self._queue(caller, body, bulk, key, request_hash, request)
             except Problem as p:
@@ -367,8 +388,13 @@ class ApiServer:
         self, caller: ApiCaller, body: Any, bulk: bool, key: str | None, request_hash: bytes, request: web.Request
     ) -> tuple[int, str, int]:
         max_size = self.config.smtp.max_message_size
-        try:
-            composed = compose_bulk(body, max_size=max_size) if bulk else [compose_one(body, max_size=max_size)]
+        build = (
+            functools.partial(compose_bulk, body, max_size=max_size, max_total=self.config.api.max_bulk_bytes)
+            if bulk
+            else lambda: [compose_one(body, max_size=max_size)]
+        )
+        try:  # a bulk send builds up to api.max_bulk_bytes of messages: on a worker thread
+            composed = await asyncio.get_running_loop().run_in_executor(None, build)
         except ComposeError as exc:
             raise Problem(422, "invalid", exc.detail, extra={"field": exc.field}) from None
         service = self.service
@@ -527,6 +553,17 @@ class ApiServer:
         return _page(request, out, rows[-1]["id"] if len(rows) == limit else None)
 
 
+def _parse_json(raw: bytes) -> Any:
+    try:
+        body = json.loads(raw)
+        if _SURROGATE_ESCAPE.search(raw):  # valid pairs decode to one character; a lone one stays
+            json.dumps(body, ensure_ascii=False).encode()
+        return body
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # UnicodeEncodeError: a lone surrogate
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise Problem(400, "bad-json", f"the body is not valid JSON: {detail}") from None
+
+
 def _known(query: Any, allowed: set[str]) -> None:
     for name in query:
         if name not in allowed:
@@ -543,6 +580,14 @@ def _address_problem(address: str) -> str | None:
     return None
 
 
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run as a formula (remote replies and addresses are
+    outsiders' text): a leading = + - @ tab or CR gets a quote in front."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def _page(request: web.Request, rows: list[dict[str, Any]], last_id: int | None) -> web.StreamResponse:
     """One page as JSON ({"data": [...], "next_cursor": ...}) or CSV (?format=csv; the next cursor
     in the Link header)."""
@@ -557,7 +602,7 @@ def _page(request: web.Request, rows: list[dict[str, Any]], last_id: int | None)
         w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\r\n")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ",".join(v) if isinstance(v, list) else v for k, v in r.items()})
+            w.writerow({k: _cell(",".join(v) if isinstance(v, list) else v) for k, v in r.items()})
     headers = {}
     if cursor:
         query = dict(request.query)

@@ -58,7 +58,10 @@ async def add_user(api: ApiServer, request: web.Request) -> web.Response:
         u = await api.astore.call(api.store.user_add, caller.tenant, login, role, digest)
     except StoreError as exc:
         await api.log_op(caller, "api.users.add", login, str(exc))
-        raise Problem(409, "conflict", str(exc), extra={"field": "login"}) from None
+        # logins are unique across tenants: say only that this one is taken, not by whom
+        raise Problem(
+            409, "conflict", "that login is not available; choose another", extra={"field": "login"}
+        ) from None
     api.service.invalidate()
     await api.log_op(caller, "api.users.add", login, None, f"role={role}")
     return web.json_response(_user_row(u, False) | ({"password": secret} if generated else {}), status=201)

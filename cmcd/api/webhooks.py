@@ -143,7 +143,9 @@ def split_url(url: str) -> tuple[str, str, int]:
         raise WebhookUrlError(f"{url!r}: a webhook URL needs a host name or IP address")
     if any(c.isspace() for c in url):
         raise WebhookUrlError(f"{url!r}: a webhook URL must not contain white space")
-    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
+    if not host.isascii():  # one spelling for the check and the request: the name as DNS carries it
+        raise WebhookUrlError(f"{url!r}: write an internationalised host name in its ASCII form (xn--...)")
+    return parts.scheme, host.lower(), port or (443 if parts.scheme == "https" else 80)
 
 
 async def _addresses(host: str, resolver: dns.asyncresolver.Resolver) -> list[str]:

@@ -30,6 +30,8 @@ from cmcd.records import SpoolMessage
 
 log = logging.getLogger("cmcd.spool")
 
+BUSY_TIMEOUT_MS = 30_000  # the writer's wait for a lock another process holds (a backup, sqlite3 shell)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     queue_id TEXT PRIMARY KEY,
@@ -248,7 +250,9 @@ class Spool:
         self.keys = keys
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "queue.db"
-        self._conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA secure_delete=ON")
@@ -422,9 +426,10 @@ class Spool:
         except Exception as exc:
             log.error("event=spool_commit_failed messages=%d error=%r", len(messages), str(exc))
             error = SpoolError(f"spool commit failed: {exc}")
-            # pages of the rolled-back transaction that spilled into the WAL keep their disk space
-            # (on a full disk: all of it); give it back now, or after the next commit that works
-            self._wal_oversized = True
+            if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a constraint
+                # pages of the rolled-back transaction that spilled into the WAL keep their disk space
+                # (on a full disk: all of it); give it back now, or after the next commit that works
+                self._wal_oversized = True
         else:
             self.commits += len(messages)
             self.transactions += 1
@@ -433,11 +438,16 @@ class Spool:
         return error
 
     def _truncate_wal(self) -> None:
+        """Checkpoint and truncate the WAL without waiting: a reader in the way (delivery reading a
+        body) just means the next commit tries again, never that this one stalls."""
+        self._conn.execute("PRAGMA busy_timeout = 0")
         try:
             busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         except sqlite3.Error as exc:  # the data file could not grow: still full
             log.warning("event=spool_checkpoint_failed error=%r", str(exc))
             return
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self._wal_oversized = bool(busy)
 
 

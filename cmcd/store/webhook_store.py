@@ -72,6 +72,10 @@ def parse_events(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
     return tuple(e for e in WEBHOOK_EVENTS if e in wanted)
 
 
+#: endpoints one tenant may have (each costs a store scan a second and a request per batch)
+MAX_PER_TENANT = 10
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -119,6 +123,9 @@ class WebhookStore:
         events = parse_events(list(events))
         secret_enc = self.keys.encrypt_bytes(secret, self._webhook_aad(t.id, url))
         with transaction(self.conn):
+            have = self.conn.execute("SELECT COUNT(*) FROM webhooks WHERE tenant_id = ?", (t.id,)).fetchone()[0]
+            if have >= MAX_PER_TENANT:
+                raise StoreError(f"tenant {tenant!r} has {have} webhooks, the most allowed; delete one first")
             cursor = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM mail_log").fetchone()[0]
             cur = self.conn.execute(
                 "INSERT INTO webhooks(tenant_id, url, events, secret_enc, created, cursor) VALUES (?,?,?,?,?,?)",

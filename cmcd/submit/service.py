@@ -347,7 +347,7 @@ class SubmitService:
         try:
             await self.spool.commit(prepared, day)
         except SpoolError:
-            self._daily[key] -= 1
+            self._daily[key] = self._daily.get(key, 1) - 1
             return REPLY_SPOOL_FAILED
         self.accepted += 1
         self.stats.accept(sender.tenant)
@@ -423,8 +423,8 @@ class SubmitService:
         forget_before = self.clock() - self.config.api.idempotency_ttl
         try:
             await self.spool.commit_all(messages, day, request, forget_before)
-        except SpoolError:
-            self._daily[key] -= len(messages)
+        except SpoolError:  # give the reservation back (the day may have turned meanwhile)
+            self._daily[key] = self._daily.get(key, len(messages)) - len(messages)
             return REPLY_SPOOL_FAILED
         self.accepted += len(messages)
         for _ in messages:

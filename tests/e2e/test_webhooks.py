@@ -321,6 +321,7 @@ def test_guard_applies_to_the_api_too(guarded: tuple[Cmcd, DnsServer, Sink]) -> 
     for url in ("http://127.0.0.1:9/hook", "https://private.hooks.test/hook"):
         status, _, problem = d.http("POST", "/v1/webhooks", {"url": url}, token=token)
         assert status == 422 and problem["field"] == "url" and "webhook_allow_private" in problem["detail"]
+        assert "10.0.0.5" not in problem["detail"]  # the daemon's resolver maps no names for tenants
     assert d.http("GET", "/v1/webhooks", token=token)[2] == {"data": []}
 
 
@@ -376,3 +377,21 @@ def test_tenant_admin_manages_webhooks_over_the_api(world: tuple[Cmcd, Receiver]
     ops = [(o["action"], o["result"]) for o in d.ops_log() if o["action"].startswith("api.webhooks")]
     assert ("api.webhooks.add", "ok") in ops and ("api.webhooks.add", "refused") in ops
     assert ("api.webhooks.delete", "refused") in ops and ("api.webhooks.delete", "ok") in ops
+
+
+def test_a_tenant_has_at_most_ten_webhooks(world: tuple[Cmcd, Receiver]) -> None:
+    d, receiver = world
+    made = []
+    for n in range(11):
+        try:
+            made.append(d.admin("webhook.add", tenant="beta", url=receiver.url(f"/cap{n}"), events="expired")["id"])
+        except AdminError as exc:
+            assert "the most allowed" in str(exc)
+            break
+    assert len(d.admin("webhook.list", tenant="beta")) == 10
+    d.admin("user.add", tenant="beta", login="cap-admin", role="admin", password="cap admin secret")
+    token = d.admin("apikey.add", tenant="beta", login="cap-admin")["token"]
+    status, _, problem = d.http("POST", "/v1/webhooks", {"url": receiver.url("/cap-api")}, token=token)
+    assert status == 409 and "the most allowed" in problem["detail"]
+    for webhook_id in made:
+        d.admin("webhook.delete", tenant="beta", id=str(webhook_id))

@@ -81,8 +81,9 @@ def test_address_classifier(address: str, reason: str | None) -> None:
         ("https:///path", "needs a host"),
         ("https://example.com:99999/", "not a valid URL"),
         ("example.com/hook", "must start with"),
+        ("https://bücher.example/hook", "ASCII form"),
     ],
-    ids=["scheme", "userinfo", "user-only", "no-host", "bad-port", "no-scheme"],
+    ids=["scheme", "userinfo", "user-only", "no-host", "bad-port", "no-scheme", "idna"],
 )
 def test_bad_urls(url: str, message: str) -> None:
     with pytest.raises(WebhookUrlError, match=message):
