@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from intake import VENV_BIN, git_state, loadavg, log, proc_cpu  # noqa: E402
-from relay import Daemon, Sink  # noqa: E402
+from relay import Daemon, Sink, daemon_toml  # noqa: E402
 
 TENANT, DOMAIN, USER, PASSWORD = "bench", "bench.test", "sender1", "bench-password-1"
 SENDER = f"sender@{DOMAIN}"
@@ -253,48 +253,13 @@ def start_daemon(tls_dir: Path, sink: Sink, args: argparse.Namespace) -> tuple[D
     """A fresh provisioned daemon: (daemon, API port, API key)."""
     tmp = Path(tempfile.mkdtemp(prefix="cmcd-bench-api-"))
     (tmp / "spool").mkdir()
-    q = json.dumps
     tuning = "".join(f"{k} = {v}\n" for k, v in args.cmcd_delivery.items())
-    (tmp / "cmcd.toml").write_text(f"""\
-[server]
-hostname = "api.bench.local"
-shutdown_grace = "5s"
-
-[smtp]
-listen = ["127.0.0.1:0"]
-tls_cert = {q(str(tls_dir / "cert.pem"))}
-tls_key = {q(str(tls_dir / "key.pem"))}
-messages_per_second = 0
-messages_per_day = 0
-max_connections_per_ip = 1000
-
-[api]
-listen = "127.0.0.1:0"
-
-[spool]
-dir = {q(str(tmp / "spool"))}
-
-[store]
-path = {q(str(tmp / "cmcd.db"))}
-key_file = {q(str(tmp / "data.key"))}
-
-[metrics]
-listen = ""
-
-[admin]
-socket = {q(str(tmp / "admin.sock"))}
-
-[dns]
-# nothing listens there: cmcd never asks the machine's resolver; "*" below routes every domain
-nameservers = ["127.0.0.1:9"]
-timeout = "2s"
-
-[delivery]
-enabled = true
-{tuning}
-[delivery.routes]
-"*" = "127.0.0.1:{sink.port}"
-""")
+    (tmp / "cmcd.toml").write_text(
+        daemon_toml(
+            tmp, tls_dir, hostname="api.bench.local", delivery=tuning, routes={"*": f"127.0.0.1:{sink.port}"},
+            smtps_listen=None, api=True, comment='"*" routes every domain',
+        )
+    )  # fmt: skip
     proc = subprocess.Popen(
         [str(VENV_BIN / "python"), "-m", "cmcd.daemon", "serve", "--config", str(tmp / "cmcd.toml")],
         cwd=tmp,

@@ -530,52 +530,77 @@ def toml_str(s: str) -> str:
     return json.dumps(s)
 
 
-def start_cmcd(args: argparse.Namespace, peers: Peers, tls_dir: Path) -> Daemon:
-    tmp = Path(tempfile.mkdtemp(prefix="cmcd-bench-relay-"))
-    (tmp / "spool").mkdir()
-    routes = "".join(f"{toml_str(d)} = {toml_str(t)}\n" for d, t in peers.routes().items())
-    tuning = "".join(f"{k} = {v}\n" for k, v in args.cmcd_delivery.items())
-    config = f"""\
+def daemon_toml(
+    tmp: Path,
+    tls_dir: Path,
+    *,
+    hostname: str,
+    delivery: str,
+    routes: dict[str, str],
+    smtp_listen: str = "127.0.0.1:0",
+    smtps_listen: str | None = "127.0.0.1:0",
+    api: bool = False,
+    nameserver: str = "127.0.0.1:9",
+    comment: str = "every domain is routed",
+) -> str:
+    """A benchmark daemon's configuration, everything under TMP and on loopback: limits off,
+    metrics off, DNS at NAMESERVER (where nothing answers), DELIVERY ("key = value" lines) and
+    ROUTES (domain -> "host:port") for [delivery]. Shared by relay.py, api.py and soak.py."""
+    q = toml_str
+    route_lines = "".join(f"{q(d)} = {q(t)}\n" for d, t in routes.items())
+    smtps = f"listen_tls = [{q(smtps_listen)}]" if smtps_listen else "listen_tls = []"
+    api_section = '\n[api]\nlisten = "127.0.0.1:0"\n' if api else ""
+    return f"""\
 [server]
-hostname = "relay.bench.local"
+hostname = {q(hostname)}
 shutdown_grace = "5s"
 
 [smtp]
-listen = ["127.0.0.1:0"]
-listen_tls = ["127.0.0.1:0"]
-tls_cert = {toml_str(str(tls_dir / "cert.pem"))}
-tls_key = {toml_str(str(tls_dir / "key.pem"))}
+listen = [{q(smtp_listen)}]
+{smtps}
+tls_cert = {q(str(tls_dir / "cert.pem"))}
+tls_key = {q(str(tls_dir / "key.pem"))}
 messages_per_second = 0
 messages_per_day = 0
 max_connections_per_ip = 1000
-
+{api_section}
 [spool]
-dir = {toml_str(str(tmp / "spool"))}
+dir = {q(str(tmp / "spool"))}
 
 [store]
-path = {toml_str(str(tmp / "cmcd.db"))}
-key_file = {toml_str(str(tmp / "data.key"))}
+path = {q(str(tmp / "cmcd.db"))}
+key_file = {q(str(tmp / "data.key"))}
 
 [metrics]
 listen = ""
 
 [admin]
-socket = {toml_str(str(tmp / "admin.sock"))}
+socket = {q(str(tmp / "admin.sock"))}
 
 [dns]
-# nothing listens there: cmcd never asks the machine's resolver; every domain has a static route
-nameservers = ["127.0.0.1:9"]
+# nothing listens there: cmcd never asks the machine's resolver; {comment}
+nameservers = [{q(nameserver)}]
 timeout = "2s"
 
 [backup]
-dir = {toml_str(str(tmp / "backups"))}
-key_file = {toml_str(str(tmp / "backup.key"))}
+dir = {q(str(tmp / "backups"))}
+key_file = {q(str(tmp / "backup.key"))}
 
 [delivery]
 enabled = true
-{tuning}
+{delivery}
 [delivery.routes]
-{routes}"""
+{route_lines}"""
+
+
+def start_cmcd(args: argparse.Namespace, peers: Peers, tls_dir: Path) -> Daemon:
+    tmp = Path(tempfile.mkdtemp(prefix="cmcd-bench-relay-"))
+    (tmp / "spool").mkdir()
+    tuning = "".join(f"{k} = {v}\n" for k, v in args.cmcd_delivery.items())
+    config = daemon_toml(
+        tmp, tls_dir, hostname="relay.bench.local", delivery=tuning, routes=peers.routes(),
+        comment="every domain has a static route",
+    )  # fmt: skip
     cfg = tmp / "cmcd.toml"
     cfg.write_text(config)
     proc = subprocess.Popen(

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from intake import VENV_BIN, free_port, git_state, loadavg, log, wait_port  # noqa: E402
+from relay import daemon_toml  # noqa: E402
 
 SENDER = "sender@bench.test"
 USER = "sender1"
@@ -542,55 +543,17 @@ def write_config(tmp: Path, sinks: Sinks, args: argparse.Namespace) -> tuple[Pat
     routes = {d: sinks.ports["fast"] for d in FAST_DOMAINS}
     routes |= {"flaky.test": sinks.ports["flaky"], "strict.test": sinks.ports["strict"]}
     routes |= {"hole.test": sinks.ports["hole"], "bench.test": sinks.ports["dsn"], "*": sinks.ports["dsn"]}
-    route_lines = "".join(f"{q(d)} = {q(f'127.0.0.1:{p}')}\n" for d, p in routes.items())
-    config = f"""\
-[server]
-hostname = "soak.bench.local"
-shutdown_grace = "5s"
-
-[smtp]
-listen = ["127.0.0.1:{port}"]
-listen_tls = []
-tls_cert = {q(str(tls / "cert.pem"))}
-tls_key = {q(str(tls / "key.pem"))}
-messages_per_second = 0
-messages_per_day = 0
-max_connections_per_ip = 1000
-
-[spool]
-dir = {q(str(tmp / "spool"))}
-
-[store]
-path = {q(str(tmp / "cmcd.db"))}
-key_file = {q(str(tmp / "data.key"))}
-
-[metrics]
-listen = ""
-
-[admin]
-socket = {q(str(tmp / "admin.sock"))}
-
-[dns]
-# nothing listens there: cmcd never asks the machine's resolver; every domain has a static route
-nameservers = ["127.0.0.1:{dead}"]
-timeout = "2s"
-
-[backup]
-dir = {q(str(tmp / "backups"))}
-key_file = {q(str(tmp / "backup.key"))}
-
-[delivery]
-enabled = true
-retry_schedule = ["5s", "10s", "20s", "30s"]
-retry_jitter = 0.1
-max_lifetime = {q(args.lifetime)}
-connect_timeout = "5s"
-command_timeout = "10s"
-data_timeout = "30s"
-dead_site_backoff = "20s"
-
-[delivery.routes]
-{route_lines}"""
+    delivery = (
+        'retry_schedule = ["5s", "10s", "20s", "30s"]\nretry_jitter = 0.1\n'
+        f"max_lifetime = {q(args.lifetime)}\n"
+        'connect_timeout = "5s"\ncommand_timeout = "10s"\ndata_timeout = "30s"\ndead_site_backoff = "20s"\n'
+    )
+    config = daemon_toml(
+        tmp, tls, hostname="soak.bench.local", delivery=delivery,
+        routes={d: f"127.0.0.1:{p}" for d, p in routes.items()},
+        smtp_listen=f"127.0.0.1:{port}", smtps_listen=None, nameserver=f"127.0.0.1:{dead}",
+        comment="every domain has a static route",
+    )  # fmt: skip
     cfg = tmp / "cmcd.toml"
     cfg.write_text(config)
     return cfg, port
