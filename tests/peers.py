@@ -1126,6 +1126,9 @@ class PostfixMx:
             _write_config(_POSTFIX_BACKUP, json.dumps(backup))
             self._started = True
             _write_config(main, self.main_cf(log_file=False))
+            # On a machine where Postfix never ran, its queue directories (hold, trace, ...) do not exist
+            # yet and postsuper dies on them: `postfix check` creates whatever is missing, as a first start would.
+            self._postfix("check")
             self._purge_queue()  # what an earlier run left must not land in this run's maildir
             _write_config(main, self.main_cf())
             _write_config(master, _master_cf(master_source, f"{self.host}:{self.port}"))
