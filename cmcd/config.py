@@ -135,6 +135,8 @@ class SmtpConfig:
     max_recipients: int = 100
     command_timeout: Duration = Duration(300)
     data_timeout: Duration = Duration(180)
+    #: a reply the client does not read: its bytes must leave our buffer within this, or the connection is reset
+    write_timeout: Duration = Duration(30)
     #: bytes/s a client must keep up during DATA once min_data_rate_grace has passed
     min_data_rate: Size = Size(1024)
     min_data_rate_grace: Duration = Duration(10)
@@ -150,6 +152,9 @@ class SmtpConfig:
     max_connections_per_ip: int = 100
     #: DATA bytes all sessions together may hold in memory; past it DATA gets 452 4.3.1
     max_data_in_flight: Size = Size(1024**3)
+    #: Received: fields a message may already carry; one more is a loop: 554 5.4.6 at intake, and
+    #: a queued message over the limit is bounced before delivery (Postfix's hopcount_limit)
+    max_hops: int = 50
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,12 @@ class DeliveryConfig:
     connect_timeout: Duration = Duration(30)
     command_timeout: Duration = Duration(300)
     data_timeout: Duration = Duration(600)
+    #: sending the body: each period the server must take 64 KiB more (or the rest), else the
+    #: attempt is deferred (Postfix's smtp_data_xfer_timeout); data_timeout is the wait after the dot
+    data_xfer_timeout: Duration = Duration(180)
+    #: new connections a second to one destination site, at most: a last guard against any
+    #: reconnect loop (hitting it is logged and counted in cmcd_delivery_connect_throttled_total)
+    connect_rate_limit: float = 20.0
     #: a site whose connections all failed gets no new attempt for this long
     dead_site_backoff: Duration = Duration(300)
     tls: str = "opportunistic"
@@ -259,6 +270,8 @@ class ApiConfig:
     idempotency_ttl: Duration = Duration(86400)
     #: largest request body; a bigger one gets 413
     max_request_size: Size = Size(40 * 1024**2)
+    #: a response the client does not read: its bytes must leave our buffer within this, or the connection is reset
+    write_timeout: Duration = Duration(30)
     #: the messages one bulk request builds, all together (recipients x message size)
     max_bulk_bytes: Size = Size(100 * 1024**2)
     #: webhook URLs may resolve to loopback, link-local or private addresses (off: SSRF guard)
@@ -422,8 +435,13 @@ _RANGES = (
     ("api.webhook_timeout", 1.0, 300.0),
     ("api.webhook_retry_for", 60.0, 7 * 86400.0),
     ("smtp.max_recipients", 1, 100_000),
+    ("smtp.max_hops", 1, 1000),
+    ("delivery.data_xfer_timeout", 0.1, 3600.0),
+    ("delivery.connect_rate_limit", 0.1, 100_000.0),
     ("smtp.command_timeout", 1.0, 86400.0),
     ("smtp.data_timeout", 1.0, 86400.0),
+    ("smtp.write_timeout", 1.0, 3600.0),
+    ("api.write_timeout", 1.0, 3600.0),
     ("smtp.min_data_rate_grace", 0.0, 86400.0),
     ("smtp.auth_cache_ttl", 0.0, 86400.0),
     ("smtp.auth_fail_window", 1.0, 30 * 86400.0),

@@ -31,6 +31,7 @@ from cmcd.config import Config
 from cmcd.deliver.engine import DeliveryEngine
 from cmcd.deliver.routing import Router, make_resolver
 from cmcd.errors import CmcdError, ConfigError
+from cmcd.queue.audit import AuditLog
 from cmcd.queue.events import EventShipper
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
@@ -125,6 +126,10 @@ class Daemon:
             "outbound_connections": self.engine.connections if self.engine else 0,
             "delivery": dict(self.engine.counts) if self.engine else {},
             "possible_duplicates": self.engine.possible_duplicates if self.engine else 0,
+            "session_failures": dict(self.engine.session_failures) if self.engine else {},
+            "connect_throttled": self.engine.connect_throttled if self.engine else 0,
+            "loops": (dict(self.engine.loops) if self.engine else {})
+            | {"intake": self.service.loops_refused if self.service else 0},
         }
 
     async def run(self) -> None:
@@ -144,9 +149,10 @@ class Daemon:
             report.partial_files_removed,
         )
         spool.start()
-        events = EventShipper(spool, astore)
+        audit = AuditLog(spool, astore)  # login and operation rows: the store, else the spool's outbox
+        events = EventShipper(spool, astore, audit)
         events.start()
-        self.service = service = SubmitService(cfg, astore, spool)
+        self.service = service = SubmitService(cfg, astore, spool, audit=audit)
         await service.start()
         self.scheduler = scheduler = Scheduler(
             spool, lambda jobs: engine.submit(jobs), max_inflight=cfg.delivery.max_inflight
@@ -156,6 +162,11 @@ class Daemon:
             release=scheduler.release, wake=scheduler.wake, dsn_off=lambda: service.dsn_off,
         )  # fmt: skip
         spool.on_commit = scheduler.wake
+        if report.inflight_requeued:
+            # in flight when the last process died: the remote may have said 250 before the outcome was
+            # written, so a retry can deliver these a second time (at-least-once)
+            engine.possible_duplicates += report.inflight_requeued
+            log.warning("event=possible_duplicate reason=restart recipients=%d", report.inflight_requeued)
         engine.start()
         if cfg.delivery.enabled:
             scheduler.start()
@@ -163,6 +174,7 @@ class Daemon:
             log.warning("event=delivery_disabled reason=config")
         self.smtp = smtp = SmtpListeners(cfg, service)
         await smtp.start()
+        engine.router.set_own_listeners(smtp.bound["smtp"] + smtp.bound["smtps"])
         admin = AdminServer(
             cfg,
             astore,
@@ -173,6 +185,7 @@ class Daemon:
             engine=engine,
             suppressions=service.suppressions,
             drop_sessions=smtp.ctx.sessions.drop_tenant,
+            audit=audit,
         )
         await admin.start()
         self.admin = admin
@@ -187,9 +200,9 @@ class Daemon:
         if cfg.api.listen:
             self.api = ApiServer(cfg, service, astore, resolver)
             await self.api.start()
-        self.webhooks = webhooks = WebhookDispatcher(cfg, astore, resolver)
+        self.webhooks = webhooks = WebhookDispatcher(cfg, astore, resolver, audit=audit)
         webhooks.start()
-        retention = RetentionJob(cfg, astore)
+        retention = RetentionJob(cfg, astore, audit=audit)
         retention.start()
         backups.start()
 

@@ -42,6 +42,7 @@ _REASONS = (
     ("5.3.4", "too_big"),
     ("5.6.0", "bad_content"),
     ("queue's disk is nearly full", "spool_low"),
+    ("Too many hops", "mail_loop"),
     ("4.3.1", "busy"),
 )
 REJECT_REASONS = (*dict.fromkeys(reason for _, reason in _REASONS), "other")
@@ -101,6 +102,8 @@ class IntakeStats:
         self.accepted: dict[str, int] = {}  # tenant name -> messages
         self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self.api_requests: dict[tuple[str, str], int] = {}  # (route, status code) -> requests
+        self.smtp_write_timeouts = 0  # sessions reset because the client stopped reading replies
+        self.api_write_timeouts = 0  # API connections reset because the client stopped reading
 
     def api_request(self, route: str, status: int) -> None:
         key = (route, str(status))

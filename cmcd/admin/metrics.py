@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from cmcd import __version__
 from cmcd.config import Config, split_hostport
 from cmcd.deliver.engine import DeliveryEngine
+from cmcd.queue.audit import outbox_backlog
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import PENDING, Spool
 from cmcd.stats import Histogram
@@ -54,10 +55,11 @@ class QueueFigures:
     recipients: dict[str, int] = field(default_factory=dict)  # state -> rows
     oldest_received: float | None = None  # epoch seconds of the oldest message not held; None: there is none
     spool_bytes: int = 0  # queue.db and its write-ahead log
+    outbox: dict[str, int] = field(default_factory=dict)  # kind (mail, login, ops) -> rows not yet in the store
 
 
 def read_queue(conn: sqlite3.Connection, path: Path) -> QueueFigures:
-    """The queue figures: one count grouped by state, one minimum, two stat calls."""
+    """The queue figures: one count grouped by state, one minimum, two stat calls, the outbox counts."""
     recipients = {state: n for state, n in conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state")}
     (oldest,) = conn.execute("SELECT MIN(received) FROM messages WHERE held = 0").fetchone()
     size = 0
@@ -66,7 +68,7 @@ def read_queue(conn: sqlite3.Connection, path: Path) -> QueueFigures:
             size += os.stat(p).st_size
         except FileNotFoundError:
             pass
-    return QueueFigures(recipients, oldest, size)
+    return QueueFigures(recipients, oldest, size, outbox_backlog(conn))
 
 
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
@@ -130,6 +132,16 @@ class DaemonCollector(Collector):
         for (route, code), n in sorted(stats.api_requests.items()):
             api.add_metric([route, code], n)
         yield api
+        yield CounterMetricFamily(
+            "cmcd_smtp_write_timeouts",
+            "SMTP sessions reset because the client stopped reading replies ([smtp] write_timeout).",
+            stats.smtp_write_timeouts,
+        )
+        yield CounterMetricFamily(
+            "cmcd_api_write_timeouts",
+            "API connections reset because the client stopped reading a response ([api] write_timeout).",
+            stats.api_write_timeouts,
+        )
         hooks = self.webhooks()
         events = CounterMetricFamily(
             "cmcd_webhook_events",
@@ -167,6 +179,15 @@ class DaemonCollector(Collector):
             "cmcd_queue_oldest_seconds", "Age of the oldest message in the queue (held ones aside).", oldest
         )
         yield GaugeMetricFamily("cmcd_spool_bytes", "Bytes of the spool database and its WAL.", figures.spool_bytes)
+        outbox = GaugeMetricFamily(
+            "cmcd_outbox_backlog",
+            "Log rows waiting in the spool's outbox for the store (mail: mail-log events; login, ops: "
+            "rows the store could not take when they happened).",
+            labels=["kind"],
+        )
+        for kind in ("mail", "login", "ops"):
+            outbox.add_metric([kind], figures.outbox.get(kind, 0))
+        yield outbox
         yield GaugeMetricFamily(
             "cmcd_scheduler_inflight_recipients",
             "Recipients handed to delivery, not yet done.",
@@ -192,7 +213,37 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             "cmcd_destinations_dead",
             "Destination sites backed off as dead (every connection failed).",
-            sum(1 for s in sites if s.dead_until > now),
+            self.engine.dead_sites(),
+        )
+        failures = CounterMetricFamily(
+            "cmcd_delivery_session_failures",
+            "Outbound sessions that ended before a transaction completed, by stage "
+            "(connect, hello: greeting/EHLO/STARTTLS, ready: 421 or close after EHLO, transaction).",
+            labels=["stage"],
+        )
+        for stage, n in self.engine.session_failures.items():
+            failures.add_metric([stage], n)
+        yield failures
+        yield CounterMetricFamily(
+            "cmcd_delivery_connect_throttled",
+            "Times new connections to a site waited for delivery.connect_rate_limit.",
+            self.engine.connect_throttled,
+        )
+        loops = CounterMetricFamily(
+            "cmcd_mail_loops",
+            "Messages stopped as mail loops: too many Received: fields at intake or before delivery, "
+            "or a next hop that is cmcd itself.",
+            labels=["check"],
+        )
+        loops.add_metric(["hops_intake"], self.service.loops_refused)
+        loops.add_metric(["hops_delivery"], self.engine.loops["hops"])
+        loops.add_metric(["own_address"], self.engine.loops["own_address"])
+        yield loops
+        yield CounterMetricFamily(
+            "cmcd_delivery_possible_duplicates",
+            "Recipients that may have been delivered twice: a failure after the whole message was sent, "
+            "or in flight when the daemon last died.",
+            self.engine.possible_duplicates,
         )
 
         yield GaugeMetricFamily(

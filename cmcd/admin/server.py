@@ -33,10 +33,12 @@ from cmcd.deliver.engine import DeliveryEngine
 from cmcd.deliver.routing import make_resolver
 from cmcd.errors import CmcdError, NotFound, StoreError
 from cmcd.queue import manage
+from cmcd.queue.audit import AuditLog
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
-from cmcd.records import User
+from cmcd.records import Tenant, User
 from cmcd.store import AsyncStore
+from cmcd.store.store import OpRecord
 from cmcd.store.suppressions import Suppressions
 
 log = logging.getLogger("cmcd.admin")
@@ -168,8 +170,11 @@ class AdminServer:
         engine: DeliveryEngine | None = None,
         suppressions: Suppressions | None = None,
         drop_sessions: Callable[[int], int] | None = None,
+        audit: AuditLog | None = None,
     ):
         self._path = config.path(config.admin.socket)
+        self._audit = audit if audit is not None else AuditLog(spool, astore)
+        self._resume_task: asyncio.Task[None] | None = None
         self._config = config
         self._scheduler = scheduler
         self._engine = engine
@@ -203,10 +208,27 @@ class AdminServer:
             self._unlink()
             raise
         log.info("event=admin_listening socket=%s", self._path)
+        self._resume_task = loop.create_task(self._resume_purges())
+
+    async def _resume_purges(self) -> None:
+        """Finish what a crash (kill -9, power loss) cut short: a tenant purge begun and not
+        committed is run again from the start; a committed one's checkpoint and vacuum are redone."""
+        try:
+            for p in await self._astore.call(self._store.purges_pending):
+                log.warning("event=tenant_purge_resumed tenant_id=%d", p["tenant_id"])
+                tenant = Tenant(id=p["tenant_id"], name=p["name"])
+                await self._purge(tenant, p["actor"], p["actor_uid"], note="resumed after a restart; ")
+            if await self._astore.call(self._store.finish_erase):
+                log.warning("event=tenant_purge_erase_finished reason=interrupted")
+        except Exception:
+            log.exception("event=tenant_purge_resume_failed")
 
     async def close(self) -> None:
         """Stop accepting, let a request in progress finish, drop idle connections, remove the socket."""
         self._closing = True
+        if self._resume_task is not None:
+            self._resume_task.cancel()
+            await asyncio.gather(self._resume_task, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -313,18 +335,20 @@ class AdminServer:
         tenant = args.get(spec.tenant_arg)
         try:
             tenant_id = await self._astore.call(_tenant_id, self._store, tenant) if isinstance(tenant, str) else None
-            await self._astore.call(
-                self._store.log_op,
-                actor_uid=caller.uid,
-                actor=caller.name,
-                action=verb,
-                target=target,
-                result="ok" if error is None else "refused",
-                tenant_id=tenant_id,
-                detail=error or "",
-            )
-        except Exception:
-            log.exception("event=ops_log_failed verb=%s target=%s uid=%d", verb, target, caller.uid)
+        except Exception:  # the store cannot be read: the row is still written, without its tenant
+            log.exception("event=ops_log_tenant_unknown verb=%s uid=%d", verb, caller.uid)
+            tenant_id = None
+        # to the store, or to the spool's outbox when the store cannot take it: never dropped
+        await self._audit.op(
+            ts=time.time(),
+            actor_uid=caller.uid,
+            actor=caller.name,
+            action=verb,
+            target=target,
+            result="ok" if error is None else "refused",
+            tenant_id=tenant_id,
+            detail=error or "",
+        )
 
     def _changed(self) -> None:
         try:
@@ -624,29 +648,43 @@ class AdminServer:
         caller = a.caller
         return await run_retention(
             self._config, self._astore, time.time(), actor=caller.name if caller else "cmcd",
-            actor_uid=caller.uid if caller else None,
+            actor_uid=caller.uid if caller else None, audit=self._audit,
         )  # fmt: skip
 
     async def _tenant_delete(self, a: _Args) -> Any:
         name = a.text("name")
         if a.raw.get("purge") is not True:
             raise BadRequest("tenant.delete: a tenant is only removed with everything it owns; pass purge: true")
-        tenant = await self._astore.call(self._store.tenant, name)
+        caller = a.caller
+        actor, actor_uid = (caller.name, caller.uid) if caller else ("cmcd", None)
+        # marked first: a purge cut short (kill -9 after the queue went, before the store's
+        # transaction committed) is finished by the next start (_resume_purges)
+        tenant = await self._astore.call(self._store.purge_begin, name, actor, actor_uid)
+        result = await self._purge(tenant, actor, actor_uid)
+        return {"tenant": name} | result
+
+    async def _purge(self, tenant: Tenant, actor: str, actor_uid: int | None, note: str = "") -> dict[str, int]:
+        """Sessions dropped, queue purged, then the store's rows in one transaction with the
+        operation-log row that says so (the tenant's number, no name, login or address), then the
+        erase (checkpoint and vacuum). Proceed carefully: each step may be cut short by a crash
+        and is then run again by the next start, so each must be safe to repeat."""
+        log.info("event=tenant_purge_started tenant_id=%d", tenant.id)
         sessions = self._drop_sessions(tenant.id) if self._drop_sessions is not None else 0
-        messages = await self._spool.call(functools.partial(manage.purge_tenant, tenant_id=tenant.id))
-        counts = await self._astore.call(self._store.tenant_purge, name)
-        await self._astore.call(self._store.checkpoint, True)
+        logins = tuple(u.login for u in await self._astore.call(self._store.users, tenant.name))
+        messages = await self._spool.call(functools.partial(manage.purge_tenant, tenant_id=tenant.id, logins=logins))
+        log.info("event=tenant_purge_queue_done tenant_id=%d messages=%d", tenant.id, messages)
+        op = OpRecord(
+            time.time(), actor_uid, actor, "tenant.purge", f"tenant #{tenant.id}", "ok",
+            detail=f"{note}sessions={sessions} messages={messages}",
+        )  # fmt: skip
+        counts = await self._astore.call(self._store.tenant_purge, tenant.name, op)
+        log.info("event=tenant_purge_store_done tenant_id=%d", tenant.id)
+        await self._astore.call(self._store.finish_erase)
         if self._suppressions is not None:
             self._suppressions.load(await self._astore.call(self._store.suppression_index))
-        caller = a.caller
-        # one row that the purge happened: the tenant's number, no name, login or address
-        await self._astore.call(
-            self._store.log_op, actor_uid=caller.uid if caller else None, actor=caller.name if caller else "cmcd",
-            action="tenant.purge", target=f"tenant #{tenant.id}", result="ok",
-            detail=f"sessions={sessions} messages={messages} " + " ".join(f"{k}={v}" for k, v in counts.items()),
-        )  # fmt: skip
+        log.info("event=tenant_purge_done tenant_id=%d", tenant.id)
         self._changed()
-        return {"tenant": name, "sessions": sessions, "messages": messages} | counts
+        return {"sessions": sessions, "messages": messages} | counts
 
     async def _tenant_set(self, a: _Args) -> Any:
         name = a.text("name")

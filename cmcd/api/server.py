@@ -30,7 +30,7 @@ from typing import Any
 import dns.asyncresolver
 from aiohttp import web
 
-from cmcd import crypto, policy, totp
+from cmcd import crypto, policy, totp, writeguard
 from cmcd.api import hooks, users
 from cmcd.api.compose import Composed, ComposeError, compose_bulk, compose_one
 from cmcd.api.problems import Problem, iso, smtp_problem
@@ -179,7 +179,30 @@ class ApiServer:
         response = await self._respond(request, handler)
         resource = request.match_info.route.resource
         self.service.stats.api_request(resource.canonical if resource is not None else "unmatched", response.status)
+        await self._write_response(request, response)
         return response
+
+    async def _write_response(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Write RESPONSE here, not after the middleware as aiohttp would, under api.write_timeout:
+        a client that stops reading (a CSV export, a large page, pipelined requests) must take
+        bytes within that time (measured as progress) or it is reset, instead of holding the
+        connection, its handler and the response in memory for ever. aiohttp then finds the
+        response sent, or the connection gone."""
+        transport = request.transport
+        if transport is None:
+            return
+
+        def timed_out(stalled_s: float, buffered: int) -> None:
+            log.warning("event=api_write_timeout client_ip=%s method=%s path=%s stalled_s=%.1f buffered=%d",
+                        self._client_ip(request), request.method, request.path, stalled_s, buffered)  # fmt: skip
+            self.service.stats.api_write_timeouts += 1
+
+        try:
+            with writeguard.write_deadline(transport, self.config.api.write_timeout, timed_out):
+                await response.prepare(request)
+                await response.write_eof()
+        except ConnectionError:
+            pass  # the client went away, or was cut off: aiohttp's own write finds it closed
 
     async def _respond(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -254,19 +277,17 @@ class ApiServer:
         return _parse_json(raw), raw
 
     async def log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:
-        try:
-            await self.astore.call(
-                self.store.log_op,
-                actor_uid=None,
-                actor=f"api:{caller.login} ({caller.credential})",
-                action=action,
-                target=target,
-                result="ok" if error is None else "refused",
-                tenant_id=caller.tenant_id,
-                detail=error or detail,
-            )
-        except Exception:
-            log.exception("event=ops_log_failed action=%s", action)
+        # to the store, or to the spool's outbox when the store cannot take it: never dropped
+        await self.service.audit.op(
+            ts=time.time(),
+            actor_uid=None,
+            actor=f"api:{caller.login} ({caller.credential})",
+            action=action,
+            target=target,
+            result="ok" if error is None else "refused",
+            tenant_id=caller.tenant_id,
+            detail=error or detail,
+        )
 
     # -- endpoints: documents and sessions -----------------------------------------------------
 

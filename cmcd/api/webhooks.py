@@ -44,7 +44,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from cmcd.config import Config
 from cmcd.errors import CmcdError
+from cmcd.queue.audit import AuditLog
 from cmcd.store import AsyncStore
+from cmcd.store.store import OpRecord
 from cmcd.store.webhook_store import Webhook
 
 log = logging.getLogger("cmcd.webhooks")
@@ -233,9 +235,11 @@ class WebhookDispatcher:
         *,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        audit: AuditLog | None = None,
     ):
         self.config = config
         self.astore = astore
+        self.audit = audit
         self.store = astore.store
         self.resolver = resolver
         self.clock = clock
@@ -366,10 +370,14 @@ class WebhookDispatcher:
         self._skipped.pop(hook.id, None)
         detail = f"{n} events (mail-log ids {events[0]['id']}..{events[-1]['id']}) dropped; last error: {error}"
         log.warning("event=webhook_dropped webhook=%d tenant=%s events=%d error=%r", hook.id, hook.tenant, n, error)
-        await self.astore.call(
-            self.store.log_op, actor_uid=None, actor="cmcd", action="webhook.dropped",
-            target=f"webhook {hook.id} {hook.url}", result="dropped", tenant_id=hook.tenant_id, detail=detail,
+        op = OpRecord(
+            time.time(), None, "cmcd", "webhook.dropped", f"webhook {hook.id} {hook.url}", "dropped", hook.tenant_id,
+            detail,
         )  # fmt: skip
+        if self.audit is not None:  # to the spool's outbox if the store cannot take it
+            await self.audit.ops([op])
+        else:
+            await self.astore.call(self.store.log_ops, [op])
 
     async def _skip(self, webhook_id: int, cursor: int) -> None:
         now = self.clock()

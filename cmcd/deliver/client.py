@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 MAX_REPLY_LINES = 100
 MAX_LINE = 4096
+#: a body transfer must move at least this much per data_xfer_timeout (Postfix's smtp_data_xfer_timeout)
+XFER_PROGRESS_BYTES = 64 * 1024
 
 
 class SmtpError(Exception):
@@ -25,9 +27,19 @@ class SmtpError(Exception):
     .enhanced is the RFC 3463 code the recipients' deferral is logged with.
     """
 
-    def __init__(self, message: str, enhanced: str = "4.4.2", *, stale: bool = False, after_data: bool = False):
+    def __init__(
+        self,
+        message: str,
+        enhanced: str = "4.4.2",
+        *,
+        stale: bool = False,
+        after_data: bool = False,
+        reply: Reply | None = None,
+    ):
         super().__init__(message)
         self.enhanced = enhanced
+        #: the server's own words when it ended the session with a reply (a 421 before it closed)
+        self.reply = reply
         #: the body and its final dot were sent; a retry may deliver the message twice
         self.after_data = after_data
         #: the connection failed before this transaction began (a reused connection the server had
@@ -43,6 +55,15 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}".strip()
+
+
+def policy_enhanced(reply: Reply) -> str:
+    """The reply's RFC 3463 code when its class matches the basic code ("4.3.2"), else ""."""
+    first = reply.text.split(" ", 1)[0]
+    parts = first.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts) and parts[0] == str(reply.code // 100):
+        return first
+    return ""
 
 
 def dot_stuff(body: bytes) -> bytes:
@@ -67,6 +88,7 @@ class _Protocol(asyncio.Protocol):
         self.paused = False
         self.drained: asyncio.Future[None] | None = None
         self.closing = False  # the server said 421: it is closing the connection
+        self.closing_reply: Reply | None = None  # that 421, kept for the error when the close follows
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -91,19 +113,21 @@ class _Protocol(asyncio.Protocol):
                     return
                 continue
             code = self.lines[-1][0]
+            texts = tuple(t for _, t in self.lines)
+            reply = Reply(code, " ".join(t for t in texts if t), texts)
             if code == 421:
                 self.closing = True
-            texts = tuple(t for _, t in self.lines)
-            self.replies.append(Reply(code, " ".join(t for t in texts if t), texts))
+                self.closing_reply = reply
+            self.replies.append(reply)
             self.lines = []
             self._wake()
 
     def eof_received(self) -> bool | None:
-        self._fail(SmtpError("connection closed by the server"))
+        self._fail(self._closed_error("connection closed by the server"))
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(SmtpError(f"connection lost: {exc}" if exc else "connection closed by the server"))
+        self._fail(self._closed_error(f"connection lost: {exc}" if exc else "connection closed by the server"))
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
 
@@ -114,6 +138,14 @@ class _Protocol(asyncio.Protocol):
         self.paused = False
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
+
+    def _closed_error(self, what: str) -> SmtpError:
+        """The error for a close: the server's 421 when it said one first (its words, not ours)."""
+        said = self.closing_reply
+        if said is None:
+            return SmtpError(what)
+        enhanced = policy_enhanced(said) or "4.4.2"
+        return SmtpError(f"{said} (then the server closed the connection)", enhanced, reply=said)
 
     def _fail(self, error: SmtpError) -> None:
         if self.error is None:
@@ -130,19 +162,36 @@ class _Protocol(asyncio.Protocol):
 class SmtpClient:
     """One outbound connection; use connect(), then hello(), then transactions, then quit()."""
 
-    def __init__(self, proto: _Protocol, host: str, address: str, command_timeout: float, data_timeout: float):
+    def __init__(
+        self,
+        proto: _Protocol,
+        host: str,
+        address: str,
+        command_timeout: float,
+        data_timeout: float,
+        data_xfer_timeout: float | None = None,
+    ):
         self._p = proto
         self.host = host
         self.address = address
         self.command_timeout = command_timeout
         self.data_timeout = data_timeout
+        self.data_xfer_timeout = data_xfer_timeout or data_timeout
         self.extensions: dict[str, str] = {}
         self.tls_version = ""
         self.transactions = 0
 
     @classmethod
     async def connect(
-        cls, host: str, address: str, port: int, *, connect_timeout: float, command_timeout: float, data_timeout: float
+        cls,
+        host: str,
+        address: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        command_timeout: float,
+        data_timeout: float,
+        data_xfer_timeout: float | None = None,
     ) -> SmtpClient:
         loop = asyncio.get_running_loop()
         proto = _Protocol(loop)
@@ -152,12 +201,19 @@ class SmtpClient:
             raise SmtpError(f"connect to {host}[{address}]:{port} timed out", "4.4.1") from None
         except OSError as exc:
             raise SmtpError(f"connect to {host}[{address}]:{port}: {exc.strerror or exc}", "4.4.1") from None
-        return cls(proto, host, address, command_timeout, data_timeout)
+        return cls(proto, host, address, command_timeout, data_timeout, data_xfer_timeout)
 
     @property
     def closed(self) -> bool:
         p = self._p
         return p.error is not None or p.closing or p.transport is None or p.transport.is_closing()
+
+    def failure(self) -> SmtpError:
+        """Why a connection that is closed (or closing) ended: the server's 421 when it said one."""
+        p = self._p
+        if p.closing_reply is not None:
+            return p._closed_error("")
+        return p.error or SmtpError("connection closed by the server")
 
     def abort(self) -> None:
         if self._p.transport is not None:
@@ -187,13 +243,30 @@ class SmtpClient:
         assert p.transport is not None
         p.transport.write(data)
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float, min_progress: int = XFER_PROGRESS_BYTES) -> None:
+        """Wait until the transport's buffer is below its high-water mark. Every TIMEOUT seconds the
+        buffer must have shrunk by MIN_PROGRESS bytes (or to empty): a peer that stops reading, or
+        reads a byte a second, fails the transfer instead of holding the connection for ever."""
         p = self._p
         while p.paused and p.error is None:
-            p.drained = p.loop.create_future()
-            await p.drained
+            assert p.transport is not None
+            before = p.transport.get_write_buffer_size()
+            drained = p.drained = p.loop.create_future()
+            timer = p.loop.call_later(timeout, self._check_progress, drained, before, timeout, min_progress)
+            try:
+                await drained
+            finally:
+                timer.cancel()
         if p.error is not None:
             raise p.error
+
+    def _check_progress(self, drained: asyncio.Future[None], before: int, timeout: float, min_progress: int) -> None:
+        p = self._p
+        now = p.transport.get_write_buffer_size() if p.transport is not None else 0
+        if before - now < min(min_progress, before):
+            p._fail(SmtpError(f"timed out sending the message: the server took {before - now} bytes in {timeout:g} s"))
+        if not drained.done():
+            drained.set_result(None)  # drain() looks again: stalled (error set) or a new window
 
     async def command(self, line: str) -> Reply:
         self.send(line.encode("utf-8") + b"\r\n")
@@ -304,7 +377,7 @@ class SmtpClient:
             await self.reply(self.data_timeout)
             return None, rcpt_replies, None
         self.send(dot_stuff(body))
-        await self.drain()
+        await self.drain(self.data_xfer_timeout)
         try:
             return None, rcpt_replies, await self.reply(self.data_timeout)
         except SmtpError as exc:

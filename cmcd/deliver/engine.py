@@ -2,10 +2,18 @@
 
 Jobs (one message, one domain) arrive from the scheduler. Each is routed to the site its
 domain's mail goes to; each site has its own queue, its own connection limit and window
-(start at initial_concurrency, +1 per delivered transaction, -1 per failed connect or
-handshake; at zero the site is dead for dead_site_backoff and its mail is deferred without
-connecting) and its own optional message rate. Nothing a site does waits on another site:
-a black-holed destination ties up only its own connections.
+(start at initial_concurrency, +1 per delivered transaction, -1 per failed session; at zero
+the site is dead for dead_site_backoff and its mail is deferred without connecting) and its
+own optional message rate. Nothing a site does waits on another site: a black-holed
+destination ties up only its own connections.
+
+A failed session is any end before a transaction completed: a refused or garbled greeting,
+EHLO or STARTTLS, a close or a 421 right after EHLO, a timeout. Each one defers the job it
+was opened for with the destination's own words and shrinks the window, so a destination
+that greets and hangs up is tried a few times and then backed off, never reconnected to in a
+loop. As a last guard no code path can bypass, new connections to one site are limited to
+delivery.connect_rate_limit a second. In-process timers (dead sites, rates) use the monotonic
+clock; retry and lifetime times are stored, so they are wall-clock times (etc/cmcd.toml).
 
 Every claimed recipient yields exactly one Result; results are written to the spool in
 batches (one transaction per batch, bounces and body erasure included).
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import random
 import ssl
 import time
@@ -33,6 +42,7 @@ from cmcd.queue.spool import Spool
 from cmcd.queue.work import Due, Job, Result, apply_results, checkpoint, read_body
 from cmcd.stats import DELIVERY_BUCKETS_S, Histogram
 from cmcd.store.suppressions import Suppressions
+from cmcd.submit.headers import count_received
 
 log = logging.getLogger("cmcd.deliver")
 
@@ -62,11 +72,15 @@ class Site:
     idle: deque[asyncio.Future[bool]] = field(default_factory=deque)
     active: int = 0
     starting: int = 0  # connections not yet ready to take a job
-    dead_until: float = 0.0
+    dead_until: float = 0.0  # time.monotonic()
     last_failure: Outcome | None = None
     tokens: float = 0.0
     token_time: float = 0.0
     delivered: int = 0
+    connect_tokens: float = 0.0  # the connect_rate_limit bucket
+    connect_time: float = 0.0
+    pump_timer: asyncio.TimerHandle | None = None  # a throttled pump, due when a token is there
+    throttle_logged: float = -math.inf
 
     def room(self) -> int:
         return min(self.limit, max(1, int(self.window))) - self.active
@@ -90,6 +104,7 @@ class DeliveryEngine:
         wake: Callable[[], None],
         dsn_off: Callable[[], frozenset[int]] = frozenset,
         clock: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self.d = config.delivery
@@ -99,7 +114,8 @@ class DeliveryEngine:
         self.release = release  # tells the scheduler how many claimed recipients are done
         self.wake = wake  # tells the scheduler new work was queued (a bounce)
         self.dsn_off = dsn_off
-        self.clock = clock
+        self.clock = clock  # wall clock: stored retry times and message ages
+        self.mono = mono  # in-process timers: dead sites, connection rates
         self.ids = QueueIdGenerator()
         self.tls_context = client_tls_context()
         self.sites: dict[str, Site] = {}
@@ -114,6 +130,11 @@ class DeliveryEngine:
         self._closing = False
         self.counts = {"delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "suppressed": 0}
         self.possible_duplicates = 0  # recipients deferred after their message was fully sent
+        self.connect_throttled = 0  # times a site's new connections waited for connect_rate_limit
+        #: failed sessions by the stage they ended in: connect, hello (greeting/EHLO/STARTTLS),
+        #: ready (closed or 421 after EHLO, before a transaction), transaction
+        self.session_failures: dict[str, int] = {"connect": 0, "hello": 0, "ready": 0, "transaction": 0}
+        self.loops: dict[str, int] = {"own_address": 0, "hops": 0}  # messages bounced as loops, by check
         self.delivery_seconds = Histogram(DELIVERY_BUCKETS_S)  # received to final state, read by /metrics
 
     # -- life cycle --------------------------------------------------------------------------
@@ -162,6 +183,10 @@ class DeliveryEngine:
             site.window = 1.0
         self.router.forget(domain)
 
+    def dead_sites(self) -> int:
+        now = self.mono()
+        return sum(1 for s in self.sites.values() if s.dead_until > now)
+
     def erased(self) -> None:
         """A body was deleted outside the engine (an operator's delete): checkpoint soon."""
         self._erased = True
@@ -201,6 +226,8 @@ class DeliveryEngine:
             jobs = self._resolving.pop(domain, [])
         for job in jobs:
             if isinstance(route, Outcome):
+                if route.enhanced == "5.4.6":
+                    self.loops["own_address"] += 1
                 self._finish(job, route, None)
             else:
                 self._enqueue(self._site(route, domain), job)
@@ -214,13 +241,15 @@ class DeliveryEngine:
             if site is None:
                 site = Site(route.site, route, limit, float(min(limit, self.d.initial_concurrency)), rate)
                 site.tokens = rate[0]
+                site.connect_tokens = max(1.0, self.d.connect_rate_limit)
+                site.connect_time = self.mono()
                 self.sites[route.site] = site
             else:
                 site.route = route  # the MX addresses changed (TTL expired): new connections use them
         return site
 
     def _enqueue(self, site: Site, job: Job) -> None:
-        now = self.clock()
+        now = self.mono()
         if site.dead_until:
             if now < site.dead_until:
                 self._finish(job, site.last_failure or policy.network_fault("destination is not responding"), None)
@@ -247,10 +276,44 @@ class DeliveryEngine:
                 if site not in self._starved:
                     self._starved.append(site)
                 return
+            if site.pump_timer is not None:
+                return  # throttled: the timer pumps again
+            wait = self._connect_wait(site)
+            if wait > 0:
+                self._throttle(site, wait)
+                return
             site.active += 1
             site.starting += 1
             self.connections += 1
             self._spawn(self._connection(site))
+
+    def _connect_wait(self, site: Site) -> float:
+        """Seconds until the site may open another connection (0: now, and the token is taken)."""
+        rate = self.d.connect_rate_limit
+        if rate <= 0:
+            return 0.0
+        now = self.mono()
+        site.connect_tokens = min(max(1.0, rate), site.connect_tokens + (now - site.connect_time) * rate)
+        site.connect_time = now
+        if site.connect_tokens >= 1.0:
+            site.connect_tokens -= 1.0
+            return 0.0
+        return (1.0 - site.connect_tokens) / rate
+
+    def _throttle(self, site: Site, wait: float) -> None:
+        self.connect_throttled += 1
+        now = self.mono()
+        if now - site.throttle_logged >= 60.0:
+            site.throttle_logged = now
+            log.warning(
+                "event=connect_throttled site=%s limit_per_s=%g reason=%r",
+                site.key, self.d.connect_rate_limit, site.last_failure.text if site.last_failure else "",
+            )  # fmt: skip
+        site.pump_timer = asyncio.get_running_loop().call_later(wait, self._repump, site)
+
+    def _repump(self, site: Site) -> None:
+        site.pump_timer = None
+        self._pump(site)
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -271,6 +334,10 @@ class DeliveryEngine:
                 await self._rate_wait(site)
                 await self._send(site, client, job)
                 sent += 1
+            if sent == 0 and client.closed and not self._closing:
+                # greeted, EHLO done, then a 421, garbage or a close before any transaction: a failed
+                # session like a refused greeting, never a reason to connect again at once
+                self._session_failed(site, client)
         except Exception:  # a bug must not leave the site without connections or a job unaccounted for
             log.exception("event=connection_error site=%s", site.key)
             if client is not None:
@@ -303,41 +370,52 @@ class DeliveryEngine:
                     client = await SmtpClient.connect(
                         host.name, address, host.port, connect_timeout=d.connect_timeout,
                         command_timeout=d.command_timeout, data_timeout=d.data_timeout,
+                        data_xfer_timeout=d.data_xfer_timeout,
                     )  # fmt: skip
                 except SmtpError as exc:
+                    self.session_failures["connect"] += 1
                     failure = policy.network_fault(str(exc), exc.enhanced)
                     break  # this address is unreachable; next address
                 try:
                     refused = await client.hello(self.config.server.hostname, attempt_tls, self.tls_context)
                 except SmtpError as exc:
                     client.abort()
-                    failure = policy.network_fault(f"{host.name}[{address}]: {exc}", exc.enhanced)
+                    self.session_failures["hello"] += 1
+                    failure = _failure_outcome(f"{host.name}[{address}]", exc, "during the greeting or EHLO")
                     if exc.enhanced == "4.7.5" and attempt_tls == "opportunistic+plain":
                         continue  # the policy allows plain text after a failed handshake
                     break
                 if refused is not None:
                     await client.quit()
-                    failure = policy.classify(refused.code, f"{host.name}[{address}] said: {refused.text}")
+                    self.session_failures["hello"] += 1
+                    failure = policy.classify(refused.code, f"{refused.text} (from {host.name}[{address}])")
                     break  # a host that will not talk to us: try the next one (as Postfix does)
                 site.window = min(float(site.limit), site.window)
                 return client
         self._connect_failed(site, failure or policy.network_fault("no address to connect to"))
         return None
 
-    def _connect_failed(self, site: Site, failure: Outcome) -> None:
+    def _connect_failed(self, site: Site, failure: Outcome, *, job_done: bool = False) -> None:
+        """A failed session: the window shrinks (at zero the site is dead). Unless the session's own
+        job was already finished (JOB_DONE), the job it was opened for is deferred now."""
         site.last_failure = failure
         site.window -= 1
-        if site.queue:  # the job this connection was for is deferred now, not after every retry
+        if site.queue and not job_done:  # the job this connection was for is deferred now, not after every retry
             self._finish(site.pop(), failure, None)
         log.info("event=connect_failed site=%s window=%g reason=%r", site.key, site.window, failure.text)
         if site.window <= 0 and site.active <= 1:
-            site.dead_until = self.clock() + self.d.dead_site_backoff
+            site.dead_until = self.mono() + self.d.dead_site_backoff
             log.warning("event=site_dead site=%s until=%.0f reason=%r", site.key, site.dead_until, failure.text)
             if self.d.dead_site_backoff <= 0:
                 site.dead_until = 0.0
                 site.window = 1.0
             while site.queue:
                 self._finish(site.pop(), failure, None)
+
+    def _session_failed(self, site: Site, client: SmtpClient) -> None:
+        self.session_failures["ready"] += 1
+        where = f"{client.host}[{client.address}]"
+        self._connect_failed(site, _failure_outcome(where, client.failure(), "after EHLO, before MAIL"))
 
     async def _next_job(self, site: Site, client: SmtpClient) -> Job | None:
         while True:
@@ -383,6 +461,12 @@ class DeliveryEngine:
                 if body is None:  # deleted by an operator while it waited
                     self.release(len(job.recipients))
                     return
+            hops = count_received(body)
+            if hops > self.config.smtp.max_hops:  # a loop through another system: never send it on
+                self.loops["hops"] += 1
+                log.warning("event=mail_loop check=hops queue_id=%s hops=%d", job.queue_id, hops)
+                self._finish(job, policy.permanent_failure("5.4.6", f"too many hops ({hops} Received: fields)"), None)
+                return
             mail, rcpt_replies, data = await client.transaction(job.sender, [d.address for d in job.recipients], body)
         except SmtpError as exc:
             client.abort()
@@ -393,7 +477,10 @@ class DeliveryEngine:
                 job.moved += 1
                 site.queue.appendleft(job)  # nothing was sent: another connection takes it
                 return
-            self._finish(job, policy.network_fault(f"{client.host}[{client.address}]: {exc}", exc.enhanced), where)
+            self.session_failures["transaction"] += 1
+            failure = _failure_outcome(f"{client.host}[{client.address}]", exc, "during the transaction")
+            self._finish(job, failure, where)
+            self._connect_failed(site, failure, job_done=True)
             return
         except Exception as exc:
             client.abort()
@@ -401,7 +488,11 @@ class DeliveryEngine:
             self._finish(job, policy.network_fault(f"internal error: {exc!r}", "4.3.0"), where)
             return
         if mail is not None:
-            self._finish(job, policy.classify(mail.code, mail.text), where)
+            outcome = policy.classify(mail.code, mail.text)
+            self._finish(job, outcome, where)
+            if client.closed:  # a 421 (or a close) instead of an answer to MAIL: the session failed
+                self.session_failures["transaction"] += 1
+                self._connect_failed(site, outcome, job_done=True)
             return
         delivered = False
         for due, reply in zip(job.recipients, rcpt_replies):
@@ -415,6 +506,9 @@ class DeliveryEngine:
             site.delivered += 1
             if site.window < site.limit:
                 site.window += 1
+        elif client.closed and job.recipients:  # a 421 or a close mid-transaction, nothing delivered
+            self.session_failures["transaction"] += 1
+            self._connect_failed(site, outcome, job_done=True)
 
     # -- outcomes ------------------------------------------------------------------------------
 
@@ -484,6 +578,14 @@ class DeliveryEngine:
                     await self.spool.call(checkpoint)
                 except Exception:
                     log.exception("event=checkpoint_failed")
+
+
+def _failure_outcome(where: str, exc: SmtpError, stage: str) -> Outcome:
+    """A session that ended early, in the destination's words when it said any (a 421 before the
+    close is classified like any reply; a timeout or garbled line is a network fault)."""
+    if exc.reply is not None:  # the reply first, so that its enhanced code is read (RFC 3463)
+        return policy.classify(exc.reply.code, f"{exc.reply.text} (from {where} {stage})")
+    return policy.network_fault(f"{where}: {exc} ({stage})", exc.enhanced)
 
 
 def _wake(waiter: asyncio.Future[bool], value: bool) -> None:

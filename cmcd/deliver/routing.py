@@ -3,14 +3,20 @@
 A route is a list of preference groups of hosts, each host with every address it has. The
 site name (the sorted set of MX host names, as KumoMTA names its sites) is what ready
 queues and connection limits are kept per: two domains hosted on the same MX share one.
+
+An address that is one of cmcd's own SMTP listeners is never a next hop: it is left out of
+the route, and a route with nothing else bounces with 5.4.6 "loops back to myself" (as
+Postfix does), whether it came from [delivery.routes] or from DNS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,6 +68,53 @@ def _ip(value: str) -> str | None:
         return None
 
 
+def is_local_address(ip: str) -> bool:
+    """Whether IP is an address of this host (loopback, or one bound to an interface): binding a
+    socket to it works only then (no connection is made, nothing is sent)."""
+    addr = ipaddress.ip_address(ip)
+    if addr.is_loopback:
+        return True
+    if addr.is_unspecified or addr.is_multicast:
+        return False
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((ip, 0))
+        return True
+    except OSError as exc:
+        if exc.errno != errno.EADDRNOTAVAIL:
+            log.warning("event=local_address_check_failed ip=%s error=%r", ip, str(exc))
+        return False
+
+
+class OwnListeners:
+    """The daemon's own SMTP listening addresses ("ip:port", as bound): which next hops are itself."""
+
+    def __init__(self, bound: list[str] | tuple[str, ...] = ()):
+        self.exact: set[tuple[str, int]] = set()
+        self.any_ports: set[int] = set()  # ports listened on at 0.0.0.0 or [::]: every local address
+        self._local: dict[str, bool] = {}
+        for hp in bound:
+            host, port = split_hostport(hp)
+            ip = _ip(host)
+            if ip is None:
+                continue
+            if ipaddress.ip_address(ip).is_unspecified:
+                self.any_ports.add(port)
+            else:
+                self.exact.add((ip, port))
+
+    def __contains__(self, target: tuple[str, int]) -> bool:
+        ip, port = target
+        if (ip, port) in self.exact:
+            return True
+        if port not in self.any_ports:
+            return False
+        if ip not in self._local:
+            self._local[ip] = is_local_address(ip)
+        return self._local[ip]
+
+
 def make_resolver(config: Config) -> dns.asyncresolver.Resolver:
     """dnspython's async resolver on dns.nameservers (ip:port each), or the system's when none is set."""
     if config.dns.nameservers:
@@ -88,6 +141,12 @@ class Router:
         self._cache: dict[str, tuple[float, Route | Outcome]] = {}
         self._pending: dict[str, asyncio.Future[Route | Outcome]] = {}
         self.lookups = 0
+        self.own = OwnListeners()
+
+    def set_own_listeners(self, bound: list[str]) -> None:
+        """The SMTP addresses the daemon listens on, once bound: next hops that would loop."""
+        self.own = OwnListeners(bound)
+        self._cache.clear()
 
     async def resolve(self, domain: str) -> Route | Outcome:
         """The route for DOMAIN, or the Outcome (bounced or deferred) for all its recipients."""
@@ -101,6 +160,8 @@ class Router:
         self._pending[domain] = fut
         try:
             result, ttl = await self._lookup(domain)
+            if isinstance(result, Route):
+                result = self._without_self(domain, result)
         except Exception as exc:  # a bug in a lookup must not take delivery down
             log.exception("event=route_lookup_error domain=%s", domain)
             result, ttl = network_fault(f"route lookup failed: {exc!r}", "4.4.3"), 0.0
@@ -110,6 +171,29 @@ class Router:
             self._cache[domain] = (self.clock() + min(MAX_TTL, max(MIN_TTL, ttl)), result)
         fut.set_result(result)
         return result
+
+    def _without_self(self, domain: str, route: Route) -> Route | Outcome:
+        """ROUTE without the addresses that are cmcd's own listeners; a bounce when none is left."""
+        groups: list[tuple[Host, ...]] = []
+        dropped: list[str] = []
+        for group in route.groups:
+            hosts = []
+            for host in group:
+                keep = tuple(a for a in host.addresses if (a, host.port) not in self.own)
+                dropped += [f"{host.name}[{a}]:{host.port}" for a in host.addresses if a not in keep]
+                if keep:
+                    hosts.append(Host(host.name, keep, host.port))
+            if hosts:
+                groups.append(tuple(hosts))
+        if not dropped:
+            return route
+        if not groups:
+            log.warning("event=mail_loop check=own_address domain=%s next_hop=%s", domain, ",".join(dropped))
+            return permanent_failure(
+                "5.4.6", f"mail for {domain} loops back to myself ({', '.join(dropped)} is this server)"
+            )
+        log.warning("event=next_hop_skipped domain=%s next_hop=%s reason=own_address", domain, ",".join(dropped))
+        return Route(route.site, tuple(groups))
 
     def reconfigure(self, config: Config) -> None:
         """New routes and port; every cached answer is dropped (the resolver itself needs a restart)."""
@@ -174,6 +258,11 @@ class Router:
             if hosts:
                 groups.append(tuple(hosts))
         if not groups:
+            problems = [found[n][2] for n in names]
+            if problems and all(p is not None and p.verdict == "bounced" for p in problems):
+                # every MX host name does not exist (NXDOMAIN): as Postfix, a bounce, not 5 days of retries
+                missing = ", ".join(names)
+                return permanent_failure("5.4.4", f"MX host {missing} of {domain} does not exist (NXDOMAIN)"), 0.0
             return network_fault(f"no MX host of {domain} has an address", "4.4.3"), 0.0
         return Route(",".join(sorted(names)), tuple(groups)), ttl
 

@@ -250,8 +250,9 @@ def delete(conn: sqlite3.Connection, now: float, queue_id: str, tenant_id: int |
     return len(rcpts)
 
 
-def purge_tenant(conn: sqlite3.Connection, tenant_id: int) -> int:
-    """Delete every queued message of TENANT_ID with its recipients, its pending mail-log events and
+def purge_tenant(conn: sqlite3.Connection, tenant_id: int, logins: tuple[str, ...] = ()) -> int:
+    """Delete every queued message of TENANT_ID with its recipients, its pending mail-log events,
+    login and operation-log rows (and failed logins, logged without a tenant, of its LOGINS) and
     its daily counts (secure_delete overwrites the pages), then checkpoint and vacuum the spool.
     Returns the number of messages removed."""
     with transaction(conn):
@@ -259,6 +260,12 @@ def purge_tenant(conn: sqlite3.Connection, tenant_id: int) -> int:
         conn.executemany("DELETE FROM recipients WHERE queue_id = ?", qids)
         conn.execute("DELETE FROM messages WHERE tenant_id = ?", (tenant_id,))
         conn.execute("DELETE FROM events WHERE tenant_id = ?", (tenant_id,))
+        conn.execute("DELETE FROM audit_events WHERE json_extract(record, '$.tenant_id') = ?", (tenant_id,))
+        conn.executemany(
+            "DELETE FROM audit_events WHERE kind = 'login' AND json_extract(record, '$.tenant_id') IS NULL "
+            "AND json_extract(record, '$.login') = ?",
+            [(login,) for login in logins],
+        )
         conn.execute("DELETE FROM daily_counts WHERE tenant_id = ?", (tenant_id,))
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("VACUUM")

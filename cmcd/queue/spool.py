@@ -85,6 +85,13 @@ CREATE TABLE IF NOT EXISTS events (
     message_id TEXT NOT NULL DEFAULT '',
     suppress INTEGER NOT NULL DEFAULT 0  -- 1: the store adds the recipient to the tenant's suppression list
 );
+CREATE TABLE IF NOT EXISTS audit_events (
+    -- outbox of login and operation-log rows the store could not take when they happened (cmcd/queue/audit.py)
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,  -- 'login' or 'ops'
+    event_key TEXT NOT NULL,
+    record TEXT NOT NULL  -- the row as a JSON object
+);
 CREATE TABLE IF NOT EXISTS api_requests (
     -- API requests sent with an Idempotency-Key, committed with the messages they queued
     tenant_id INTEGER NOT NULL,

@@ -3,7 +3,9 @@
 What aiosmtpd does not do and this adds: enhanced status codes on every reply, AUTH only
 over TLS with the credential check off the event loop, IP credentials, a DATA reader that
 accepts only <CRLF>.<CRLF> as the end, keeps memory bounded on overruns, enforces a
-minimum data rate, and leaves pipelined commands after the dot for the next read.
+minimum data rate, and leaves pipelined commands after the dot for the next read; and replies
+a client leaves unread (pipelining without reading, then perhaps QUIT) must drain within
+smtp.write_timeout, measured as progress, or the connection is reset (cmcd/writeguard.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Session
 
-from cmcd import policy
+from cmcd import policy, writeguard
 from cmcd.records import Sender
 from cmcd.submit.service import SessionInfo
 
@@ -131,6 +133,7 @@ class SubmissionSMTP(SMTP):
         self._eof = False
         self.client_ip = ""
         self._refused = False
+        self._end_watch: writeguard.Watch | None = None  # bounds the close after the command loop
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """A regular expression for the plain <local@domain> form; aiosmtpd's parser for the rest."""
@@ -157,11 +160,25 @@ class SubmissionSMTP(SMTP):
                 return
         if self.implicit_tls and self._tls_protocol is None:
             self._tls_protocol = transport  # type: ignore[assignment]  # the listener did the handshake
+        loop_task = self._handler_coroutine
         super().connection_made(transport)
+        if self._handler_coroutine is not None and self._handler_coroutine is not loop_task:
+            self._handler_coroutine.add_done_callback(self._session_ended)
+
+    def _session_ended(self, _task: asyncio.Task[None]) -> None:
+        """The command loop is over (QUIT, 421, reset): the close waits for the replies still
+        buffered, so they must drain within smtp.write_timeout (measured as progress) or the
+        connection is reset; until then it keeps its slot in the connection limits."""
+        if self.transport is not None and self._end_watch is None:
+            self._end_watch = writeguard.Watch(
+                self.transport, self.ctx.config.smtp.write_timeout, self._write_timed_out
+            )
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return
+        if self._end_watch is not None:
+            self._end_watch.cancel()
         self.ctx.sessions.release(self)
         super().connection_lost(error)
 
@@ -208,10 +225,19 @@ class SubmissionSMTP(SMTP):
             return
         transport.write(status + b"\r\n")
         if transport.get_write_buffer_size() > _WRITE_HIGH_WATER:
-            await self._writer.drain()
+            # a client that pipelines and never reads: its replies must keep moving (smtp.write_timeout)
+            with writeguard.write_deadline(transport, self.ctx.config.smtp.write_timeout, self._write_timed_out):
+                await self._writer.drain()
         self._replies += 1
         if self._replies % 32 == 0:  # a client pipelining many commands must not hold the loop
             await asyncio.sleep(0)
+
+    def _write_timed_out(self, stalled_s: float, buffered: int) -> None:
+        """The connection was reset: the client left our replies unread for smtp.write_timeout."""
+        log.warning(
+            "event=smtp_write_timeout client_ip=%s stalled_s=%.1f buffered=%d", self.client_ip, stalled_s, buffered
+        )
+        self.ctx.service.stats.smtp_write_timeouts += 1
 
     async def _push_lines(self, lines: list[str]) -> None:
         """A multi-line 250 reply (EHLO), sent as one write."""

@@ -183,6 +183,14 @@ MIGRATIONS: list[str] = [
     CREATE INDEX message_tags_ts ON message_tags(ts);
     CREATE INDEX message_tags_tenant ON message_tags(tenant_id);
     """,
+    # 6: login and operation-log rows carry a key too: a row that waited in the spool's outbox while
+    # the store could not be written is shipped at least once and must not be doubled
+    """
+    ALTER TABLE login_log ADD COLUMN event_key TEXT;
+    CREATE UNIQUE INDEX login_log_event_key ON login_log(event_key) WHERE event_key IS NOT NULL;
+    ALTER TABLE ops_log ADD COLUMN event_key TEXT;
+    CREATE UNIQUE INDEX ops_log_event_key ON ops_log(event_key) WHERE event_key IS NOT NULL;
+    """,
 ]
 
 

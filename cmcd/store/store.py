@@ -7,11 +7,13 @@ them on the store's single thread. Addresses are stored encrypted with an HMAC i
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,11 @@ def open_store(path: Path, key_file: Path, create_key: bool = True) -> Store:
     return Store(path, keys)
 
 
+def new_event_key() -> str:
+    """A unique key for a log row, so a row shipped twice (at-least-once) is stored once."""
+    return secrets.token_hex(12)
+
+
 @dataclass(frozen=True)
 class LoginRecord:
     ts: float
@@ -57,6 +64,22 @@ class LoginRecord:
     result: str
     tenant_id: int | None = None
     detail: str = ""
+    event_key: str = field(default_factory=new_event_key)
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    """One operation-log row: who (uid and name), did what, to what, with which result."""
+
+    ts: float
+    actor_uid: int | None
+    actor: str
+    action: str
+    target: str
+    result: str
+    tenant_id: int | None = None
+    detail: str = ""
+    event_key: str = field(default_factory=new_event_key)
 
 
 @dataclass(frozen=True)
@@ -374,12 +397,44 @@ class Store(ApiStore, WebhookStore):
 
     # -- logs ------------------------------------------------------------------------------
 
-    def log_logins(self, records: list[LoginRecord]) -> None:
+    def _purged(self, tenant_ids: set[int | None]) -> set[int | None]:
+        """Those of TENANT_IDS that name no tenant (any more): their rows were purged with it."""
+        named = {t for t in tenant_ids if t is not None}
+        if not named:
+            return set()
+        marks = ",".join("?" * len(named))
+        have = {r[0] for r in self.conn.execute(f"SELECT id FROM tenants WHERE id IN ({marks})", tuple(named))}
+        return {t for t in named if t not in have}
+
+    def log_logins(self, records: list[LoginRecord]) -> int:
+        """Add login-log rows; a row whose event_key is already present (shipped again from the
+        spool's outbox) or whose tenant was purged meanwhile is skipped. Returns how many were new."""
         with transaction(self.conn):
+            gone = self._purged({r.tenant_id for r in records})
+            before = self.conn.total_changes
             self.conn.executemany(
-                "INSERT INTO login_log(ts, tenant_id, login, client_ip, mechanism, result, detail) VALUES (?,?,?,?,?,?,?)",
-                [(r.ts, r.tenant_id, r.login, r.client_ip, r.mechanism, r.result, r.detail) for r in records],
-            )
+                "INSERT OR IGNORE INTO login_log(ts, tenant_id, login, client_ip, mechanism, result, detail, event_key) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                [(r.ts, r.tenant_id, r.login, r.client_ip, r.mechanism, r.result, r.detail, r.event_key)
+                 for r in records if r.tenant_id not in gone],
+            )  # fmt: skip
+            return self.conn.total_changes - before
+
+    def log_ops(self, records: list[OpRecord]) -> int:
+        """Add operation-log rows, skipping keys already present and purged tenants' rows, like log_logins."""
+        with transaction(self.conn):
+            return self._insert_ops(records)
+
+    def _insert_ops(self, records: list[OpRecord]) -> int:
+        gone = self._purged({r.tenant_id for r in records})
+        before = self.conn.total_changes
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO ops_log(ts, actor_uid, actor, tenant_id, action, target, result, detail, event_key) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            [(r.ts, r.actor_uid, r.actor, r.tenant_id, r.action, r.target, r.result, r.detail, r.event_key)
+             for r in records if r.tenant_id not in gone],
+        )  # fmt: skip
+        return self.conn.total_changes - before
 
     def log_op(
         self,
@@ -392,12 +447,9 @@ class Store(ApiStore, WebhookStore):
         tenant_id: int | None = None,
         detail: str = "",
     ) -> None:
-        with transaction(self.conn):
-            self.conn.execute(
-                "INSERT INTO ops_log(ts, actor_uid, actor, tenant_id, action, target, result, detail) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (time.time(), actor_uid, actor, tenant_id, action, target, result, detail),
-            )
+        """One operation-log row, now (callers that must not lose it when the store cannot be
+        written go through cmcd.queue.audit.AuditLog instead)."""
+        self.log_ops([OpRecord(time.time(), actor_uid, actor, action, target, result, tenant_id, detail)])
 
     MAIL_EVENT_COLUMNS = (
         "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac", "rcpt_enc", "rcpt_hmac",
@@ -582,10 +634,25 @@ class Store(ApiStore, WebhookStore):
 
     # -- tenant purge --------------------------------------------------------------------------
 
-    def tenant_purge(self, name: str) -> dict[str, int]:
+    def purge_begin(self, name: str, actor: str, actor_uid: int | None) -> Tenant:
+        """Mark TENANT as being purged (committed before its queue is touched), so a purge cut
+        short by a crash is found by purges_pending() and finished at the next start."""
+        t = self.tenant(name)
+        value = json.dumps({"name": t.name, "actor": actor, "actor_uid": actor_uid})
+        with transaction(self.conn):
+            self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (f"purge:{t.id}", value))
+        return t
+
+    def purges_pending(self) -> list[dict[str, Any]]:
+        """Purges begun and not committed: [{"tenant_id", "name", "actor", "actor_uid"}]."""
+        rows = self.conn.execute("SELECT key, value FROM meta WHERE key LIKE 'purge:%' ORDER BY key")
+        return [{"tenant_id": int(k.partition(":")[2])} | json.loads(v) for k, v in rows]
+
+    def tenant_purge(self, name: str, op: OpRecord | None = None) -> dict[str, int]:
         """Delete TENANT and everything of it: users, IP credentials, domains and their keys,
-        suppression list, mail, login and operation log rows. One transaction; the caller
-        checkpoints and vacuums afterwards so no page keeps the deleted rows."""
+        suppression list, mail, login and operation log rows. One transaction, which also clears
+        the purge_begin() mark, writes OP (its detail followed by the counts) and marks the store
+        for finish_erase(), which the caller runs next (and the next start, after a crash)."""
         t = self.tenant(name)
         logins = [r[0] for r in self.conn.execute("SELECT login FROM users WHERE tenant_id = ?", (t.id,))]
         counts: dict[str, int] = {}
@@ -603,7 +670,23 @@ class Store(ApiStore, WebhookStore):
                 c("DELETE FROM login_log WHERE tenant_id IS NULL AND login = ?", (login,)).rowcount for login in logins
             )
             c("DELETE FROM tenants WHERE id = ?", (t.id,))
+            c("DELETE FROM meta WHERE key = ?", (f"purge:{t.id}",))
+            c("INSERT OR REPLACE INTO meta(key, value) VALUES ('erase_pending', '1')")
+            if op is not None:
+                detail = " ".join([op.detail, *(f"{k}={v}" for k, v in counts.items())]).strip()
+                self._insert_ops([replace(op, detail=detail)])
         return counts
+
+    def finish_erase(self) -> bool:
+        """After a purge: checkpoint and vacuum, so no page of the file or its WAL keeps the deleted
+        rows, then clear the mark tenant_purge() set. False when no erase was pending."""
+        if self.conn.execute("SELECT 1 FROM meta WHERE key = 'erase_pending'").fetchone() is None:
+            return False
+        self.checkpoint(vacuum=True)
+        with transaction(self.conn):
+            self.conn.execute("DELETE FROM meta WHERE key = 'erase_pending'")
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return True
 
     # -- retention ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ class HeaderInfo:
     message_id: str  # the first Message-ID: value, unfolded ("" when there is none)
     has_date: bool
     header_end: int  # offset of the blank line's CRLF that ends the header block (or len(body))
+    received: int = 0  # Received: fields: the hops the message has taken (the loop check counts them)
 
     @property
     def has_message_id(self) -> bool:
@@ -31,12 +32,15 @@ def parse(body: bytes) -> HeaderInfo:
     from_values: list[str] = []
     message_id = ""
     has_date = False
+    received = 0
     name = ""
     value_parts: list[bytes] = []
 
     def flush() -> None:
-        nonlocal message_id, has_date
-        if name == "from":
+        nonlocal message_id, has_date, received
+        if name == "received":
+            received += 1
+        elif name == "from":
             from_values.append(b"".join(value_parts).decode("utf-8", "replace"))
         elif name == "message-id" and not message_id:
             message_id = " ".join(b"".join(value_parts).decode("utf-8", "replace").split())[:998] or "<>"
@@ -56,7 +60,17 @@ def parse(body: bytes) -> HeaderInfo:
             name = ""
     flush()
     header_end = end + 2 if end >= 0 else (len(body) if end == -1 else 0)
-    return HeaderInfo(tuple(from_values), message_id, has_date, header_end)
+    return HeaderInfo(tuple(from_values), message_id, has_date, header_end, received)
+
+
+_RECEIVED = re.compile(rb"(?:^|\r?\n)received[ \t]*:", re.IGNORECASE)
+
+
+def count_received(body: bytes) -> int:
+    """Received: fields in the header block of BODY (a spooled message), without parsing the rest."""
+    end = body.find(b"\r\n\r\n")
+    block = body[: end + 2] if end >= 0 else body
+    return len(_RECEIVED.findall(block))
 
 
 _SIMPLE_FROM = re.compile(r"^\s*<?([A-Za-z0-9._+-]+)@([A-Za-z0-9.-]+)>?\s*$")

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from cmcd import crypto, policy
 from cmcd.config import Config, SendingLimits
 from cmcd.errors import SpoolError
+from cmcd.queue.audit import AuditLog
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import ApiRequest, DayClock, Spool
 from cmcd.records import Recipient, Sender, SpoolMessage
@@ -82,11 +83,21 @@ def throttle_key(client_ip: str) -> str:
 
 
 class SubmitService:
-    def __init__(self, config: Config, astore: AsyncStore, spool: Spool, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: Config,
+        astore: AsyncStore,
+        spool: Spool,
+        clock: Callable[[], float] = time.time,
+        *,
+        audit: AuditLog | None = None,
+    ):
         self.config = config
         self.astore = astore
         self.spool = spool
         self.clock = clock
+        #: login (and operation) rows: to the store, or to the spool's outbox when it cannot take them
+        self.audit = audit if audit is not None else AuditLog(spool, astore)
         self.ids = QueueIdGenerator()
         self.tz = ZoneInfo(config.server.timezone)
         self._days = DayClock(self.tz)
@@ -114,6 +125,7 @@ class SubmitService:
         self._flush_task: asyncio.Task[None] | None = None
         self._reload_task: asyncio.Task[None] | None = None
         self.accepted = 0
+        self.loops_refused = 0  # messages refused at intake for too many Received: fields (554 5.4.6)
         self.stats = IntakeStats()  # read by /metrics
 
     # -- set-up and caches -----------------------------------------------------------------
@@ -367,6 +379,10 @@ class SubmitService:
         if mail_from and not self.owns_domain(sender, mail_from.rpartition("@")[2]):
             return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
         hdr = headers.parse(body)
+        if hdr.received >= self.config.smtp.max_hops:  # with ours it would pass the limit: a mail loop
+            self.loops_refused += 1
+            log.warning("event=mail_loop check=hops tenant=%s hops=%d", sender.tenant, hdr.received)
+            return f"554 5.4.6 Too many hops: the message already has {hdr.received} Received: fields (mail loop?)"
         domains = headers.from_domains(hdr)
         if not domains:
             return "550 5.7.1 Message has no From: header; it must name one of your domains"
@@ -488,10 +504,8 @@ class SubmitService:
             self._flush_task = asyncio.get_running_loop().create_task(self._flush_logs())
 
     async def _flush_logs(self) -> None:
-        """Write buffered login-log rows, many in one store transaction."""
+        """Write buffered login-log rows, many in one store transaction (or, when the store cannot
+        take them, one spool transaction into the outbox: never dropped)."""
         while self._pending_logins:
             logins, self._pending_logins = self._pending_logins, []
-            try:
-                await self.astore.call(self.astore.store.log_logins, logins)
-            except Exception:
-                log.exception("event=log_write_failed logins=%d", len(logins))
+            await self.audit.logins(logins)
