@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -35,8 +36,9 @@ from cmcd.queue.audit import AuditLog
 from cmcd.queue.events import EventShipper
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
+from cmcd.queue.startup import Opened, open_checked
 from cmcd.smtp.listener import SmtpListeners
-from cmcd.store import AsyncStore, open_store
+from cmcd.store import AsyncStore
 from cmcd.submit.service import SubmitService
 
 log = logging.getLogger("cmcd")
@@ -95,8 +97,15 @@ def _changed(old: Config, new: Config, paths: tuple[str, ...]) -> list[str]:
 
 
 class Daemon:
-    def __init__(self, config: Config, notify_socket: str | None = None, config_path: str | None = None):
+    def __init__(
+        self,
+        config: Config,
+        notify_socket: str | None = None,
+        config_path: str | None = None,
+        accept_loss: bool = False,
+    ):
         self.config = config
+        self.accept_loss = accept_loss  # cmcd serve --accept-loss: a bad spool is set aside, its mail logged lost
         self.config_path = config_path
         self.notify_socket = notify_socket
         self.admin: AdminServer | None = None
@@ -139,9 +148,15 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
 
-        store = await asyncio.to_thread(open_store, cfg.path(cfg.store.path), cfg.path(cfg.store.key_file))
+        # refuses (UntrustedFileError) a store or spool it cannot trust, before anything listens
+        opened = await asyncio.to_thread(
+            open_checked, cfg.path(cfg.store.path), cfg.path(cfg.store.key_file), cfg.path(cfg.spool.dir),
+            accept_loss=self.accept_loss, now=time.time(),
+        )  # fmt: skip
+        store = opened.store
         astore = AsyncStore(store)
-        self.spool = spool = await asyncio.to_thread(Spool, cfg.path(cfg.spool.dir), store.keys)
+        self.spool = spool = opened.spool
+        _log_loss(opened, self.accept_loss)
         report = await asyncio.to_thread(spool.recover)
         log.info(
             "event=spool_recovered inflight_requeued=%d partial_removed=%d",
@@ -294,10 +309,27 @@ class Daemon:
         log.info("event=reloaded config=%s", self.config_path)
 
 
-def serve(config: Config, notify_socket: str | None = None, config_path: str | None = None) -> None:
+def _log_loss(opened: Opened, accept_loss: bool) -> None:
+    """One warning per message --accept-loss recorded lost, then the total."""
+    for m in opened.lost:
+        log.warning("event=message_lost queue_id=%s tenant=%s recipients=%d", m.queue_id, m.tenant, m.recipients)
+    if opened.set_aside or opened.lost:
+        log.warning(
+            "event=spool_loss_accepted messages=%d recipients=%d set_aside=%s",
+            len(opened.lost),
+            sum(m.recipients for m in opened.lost),
+            ",".join(str(p) for p in opened.set_aside) or "-",
+        )
+    elif accept_loss:
+        log.info("event=accept_loss_unused reason=spool_intact")
+
+
+def serve(
+    config: Config, notify_socket: str | None = None, config_path: str | None = None, accept_loss: bool = False
+) -> None:
     import uvloop
 
-    uvloop.run(Daemon(config, notify_socket, config_path).run())
+    uvloop.run(Daemon(config, notify_socket, config_path, accept_loss).run())
 
 
 DEFAULT_CONFIG = "/etc/cmcd/cmcd.toml"
@@ -319,18 +351,33 @@ def main() -> None:
 
 @main.command("serve")
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="TOML configuration file.")
-def serve_command(config_path: str) -> None:
-    """Run the daemon in the foreground (systemd Type=notify)."""
+@click.option(
+    "--accept-loss",
+    is_flag=True,
+    help="Start even though the spool is missing, empty, damaged or not this store's: rename it FILE.lost-TIME, "
+    "start a new spool and log every recipient it held as lost. Use once, after an intact copy proved unavailable.",
+)
+def serve_command(config_path: str, accept_loss: bool) -> None:
+    """Run the daemon in the foreground (systemd Type=notify).
+
+    Start-up refuses, with one line naming the file and what to do, a store or spool it cannot
+    trust: a data key without its store, a store that is missing while the spool holds mail, empty,
+    garbled or failing SQLite's quick_check (restore it with `cmcd restore BACKUP`), or a spool that
+    is missing, empty, damaged or another store's (put it back, or start once with --accept-loss).
+    """
     cfg = _load(config_path)
     os.umask(0o077)  # the store, spool and keys are for the daemon's user only
     setup_logging()
     try:
-        serve(cfg, notify_socket=os.environ.get("NOTIFY_SOCKET"), config_path=config_path)
+        serve(cfg, notify_socket=os.environ.get("NOTIFY_SOCKET"), config_path=config_path, accept_loss=accept_loss)
     except CmcdError as exc:
         click.echo(f"cmcd: {exc}", err=True)
         sys.exit(1)
     except OSError as exc:
         click.echo(f"cmcd: cannot start: {exc}", err=True)
+        sys.exit(1)
+    except sqlite3.Error as exc:  # a database the start-up checks did not name: still one line, no traceback
+        click.echo(f"cmcd: cannot start: a database file cannot be used: {' '.join(str(exc).split())}", err=True)
         sys.exit(1)
 
 

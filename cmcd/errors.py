@@ -27,6 +27,13 @@ class NotFound(StoreError):
     """The named tenant, user, domain or queue id does not exist (for this caller)."""
 
 
+class UntrustedFileError(CmcdError):
+    """A store, spool or key file that start-up cannot trust (missing, empty, garbled, corrupt, another's).
+
+    The message is one line, "FILE: what is wrong; what to do", and cmcd does not start.
+    """
+
+
 class SpoolError(CmcdError):
     """The spool could not commit (disk full, I/O error); nothing was written."""
 

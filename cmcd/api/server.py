@@ -48,7 +48,7 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 #: what each role may do; admin may do everything
 PERMISSIONS = {"sender": {"send"}, "viewer": {"read"}, "admin": {"send", "read", "manage"}}
 #: mail-log events each record endpoint lists
-DELIVERY_EVENTS = ("accepted", "deferred", "delivered", "bounced", "expired", "suppressed", "deleted")
+DELIVERY_EVENTS = ("accepted", "deferred", "delivered", "bounced", "expired", "suppressed", "deleted", "lost")
 BOUNCE_EVENTS = ("bounced", "expired")
 PAGE_MAX = 1000
 PREPARE_CONCURRENCY = 32

@@ -110,6 +110,11 @@ CREATE TABLE IF NOT EXISTS daily_counts (
     PRIMARY KEY (tenant_id, day)
 );
 CREATE INDEX IF NOT EXISTS messages_tenant ON messages(tenant_id);
+CREATE TABLE IF NOT EXISTS meta (
+    -- spool_id: this spool's identity, also kept in the store, which refuses a spool not its own (queue/startup.py)
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 #: columns added after the first release, for a spool written by an older cmcd
@@ -125,7 +130,7 @@ _ADDED_COLUMNS = {
 
 #: recipient states that still need work; every other state is final
 PENDING = ("queued", "deferred", "inflight", "held")
-FINAL = ("delivered", "bounced", "expired", "suppressed", "deleted")
+FINAL = ("delivered", "bounced", "expired", "suppressed", "deleted", "lost")  # lost: cmcd serve --accept-loss
 
 EVENT_COLUMNS = (
     "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac", "rcpt_enc", "rcpt_hmac",

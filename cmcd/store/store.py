@@ -21,9 +21,10 @@ import sqlite_utils
 
 from cmcd import crypto
 from cmcd.db import transaction
-from cmcd.errors import KeyFileError, NotFound, StoreError
+from cmcd.errors import KeyFileError, NotFound, StoreError, UntrustedFileError
 from cmcd.records import Domain, IpCredential, Tenant, User
 from cmcd.store.api_store import ApiStore
+from cmcd.store.integrity import RESTORE_STORE, check_database
 from cmcd.store.schema import migrate
 from cmcd.store.webhook_store import WebhookStore
 
@@ -40,14 +41,29 @@ def open_store(path: Path, key_file: Path, create_key: bool = True) -> Store:
     """Open (creating if new) the store; a new store with no key file gets a new key.
 
     An existing store never gets a new key: its key file must be present, private and
-    the one the store was written with.
+    the one the store was written with. A key file without its store, or a store that is
+    empty, garbled or fails SQLite's quick_check, raises UntrustedFileError (blocking: the
+    check reads every page).
     """
     is_new = not path.exists()
-    if is_new and create_key and not key_file.exists():
+    if is_new and key_file.exists():
+        crypto.read_key_file(key_file)  # an unsafe key file is reported as such first
+        raise UntrustedFileError(
+            f"{path}: the store is missing, but its data key {key_file} exists; {RESTORE_STORE}, "
+            "or, for a new installation, remove the key file (a new store gets a new key)"
+        )
+    if is_new and create_key:
         crypto.generate_key_file(key_file)
     keys = crypto.read_key_file(key_file)
+    if not is_new:
+        check_database(path, "store", RESTORE_STORE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Store(path, keys)
+    try:
+        return Store(path, keys)
+    except sqlite3.OperationalError as exc:  # the file is whole but cannot be written (mode, owner, disk)
+        raise UntrustedFileError(f"{path}: cannot open the store ({exc}); check its owner, mode and disk") from None
+    except sqlite3.DatabaseError as exc:  # passed quick_check, yet unusable (an alien schema)
+        raise UntrustedFileError(f"{path}: cannot open the store ({exc}); {RESTORE_STORE}") from None
 
 
 def new_event_key() -> str:
