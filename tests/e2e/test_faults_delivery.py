@@ -17,18 +17,11 @@ import pytest
 
 from tests.badmx import BadMx
 from tests.conftest import PASSWORD, Cmcd, message, queue_id
+from tests.e2e.test_delivery import FAST as DELIVERY_FAST
 from tests.peers import DnsServer, Sink, free_port
 
-FAST = {
-    "enabled": True,
-    "routes": {},
-    "retry_schedule": ["1s"],
-    "retry_jitter": 0.0,
-    "connect_timeout": "2s",
-    "command_timeout": "3s",
-    "data_timeout": "3s",
-    "connection_idle": "0.5s",
-}
+#: test_delivery's fast timers, without its short dead_site_backoff: the tests here set their own
+FAST = {k: v for k, v in DELIVERY_FAST.items() if k != "dead_site_backoff"}
 
 
 @pytest.fixture
