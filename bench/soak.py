@@ -165,7 +165,8 @@ async def _sink_session(kind: str, reader: asyncio.StreamReader, writer: asyncio
                     writer.write(b"451 4.3.0 flaky sink: try again later\r\n")
                 else:
                     st["msgs"][kind] += 1
-                    st["out"].write("".join(f"{kind}\t{r}\t{token}\n" for r in rcpts))
+                    now = time.monotonic()  # system-wide: compared with the kill times of the main process
+                    st["out"].write("".join(f"{kind}\t{r}\t{token}\t{now:.6f}\n" for r in rcpts))
                     writer.write(b"250 2.0.0 OK\r\n")
                 rcpts = []
             elif verb == b"RSET":
@@ -678,6 +679,8 @@ def run(args: argparse.Namespace) -> int:
                 r["dead_at"] = time.monotonic()  # 250s read after this came from the new process
                 r["ready_s"] = d.start()
                 r["new_pid"] = d.pid
+                # recipients that were in flight at the kill: counted by the new process as possible duplicates
+                r["possible_duplicates"] = d.admin("status").get("possible_duplicates", 0)
                 r["rss_after_kb"] = rss_kb(d.pid)
                 res["restarts"].append(r)
                 pending_restart.append(r)
@@ -762,15 +765,17 @@ FINAL = ("delivered", "bounced", "expired", "suppressed", "deleted")
 def check(res: dict, accepted: Accepted, events: list[dict], sinks: Sinks, d: Daemon) -> dict:
     # the sinks: recipient -> times seen; token mismatches
     seen: Counter[str] = Counter()
+    times: dict[str, list[float]] = {}
     dsn = 0
     mismatched = 0
     with open(sinks.records) as f:
         for line in f:
-            kind, rcpt, token = line.rstrip("\n").split("\t")
+            kind, rcpt, token, at = line.rstrip("\n").split("\t")
             if kind == "dsn":
                 dsn += 1
                 continue
             seen[rcpt] += 1
+            times.setdefault(rcpt, []).append(float(at))
             if token != str(number_of(rcpt)):
                 mismatched += 1
     # the mail log: (queue id, recipient) -> final event, and whether any event at all
@@ -822,6 +827,7 @@ def check(res: dict, accepted: Accepted, events: list[dict], sinks: Sinks, d: Da
                                 if e.get("queue_id") == qid and (e.get("rcpt") or "").lower() == r)  # fmt: skip
                 examples.append(f"msg {i} qid {qid} rcpt {r}: {state} (log: {hist or 'nothing'}; at sinks {seen[r]}x)")
     dups = sum(n - 1 for n in seen.values() if n > 1)
+    per_kill, not_after_kill = duplicates_per_kill(times, [r["killed_at"] for r in res["restarts"]])
     unacked = sum(1 for r in seen if r not in acc_rcpts)
     return {
         "rcpts": sum(out.values()),
@@ -831,6 +837,8 @@ def check(res: dict, accepted: Accepted, events: list[dict], sinks: Sinks, d: Da
         "examples": examples,
         "duplicates": dups,
         "dup_rcpts": sum(1 for n in seen.values() if n > 1),
+        "dups_per_kill": per_kill,
+        "dups_not_after_kill": not_after_kill,
         "unacked_delivered": unacked,
         "delivered_no_log": no_final_log,
         "token_mismatch": mismatched,
@@ -840,6 +848,21 @@ def check(res: dict, accepted: Accepted, events: list[dict], sinks: Sinks, d: Da
         "problem_count": d.problem_count,
         "problem_kinds": dict(d.problem_kinds),
     }
+
+
+def duplicates_per_kill(times: dict[str, list[float]], kills: list[float]) -> tuple[list[int], int]:
+    """Each extra delivery of a recipient (its 2nd, 3rd, ...) is charged to the last kill before it;
+    returns the counts per kill and the extra deliveries no kill preceded (a bug, never at-least-once)."""
+    per_kill = [0] * len(kills)
+    orphans = 0
+    for seen_at in times.values():
+        for t in sorted(seen_at)[1:]:
+            before = [j for j, k in enumerate(kills) if k <= t]
+            if before:
+                per_kill[before[-1]] += 1
+            else:
+                orphans += 1
+    return per_kill, orphans
 
 
 def report(res: dict, v: dict, args: argparse.Namespace) -> str:
@@ -866,6 +889,11 @@ def report(res: dict, v: dict, args: argparse.Namespace) -> str:
         ("  in an unexpected final state", str(sum(v["unexpected"].values())) +
          (f" {v['unexpected']}" if v["unexpected"] else "")),
         ("duplicates at the sinks", f"{v['duplicates']} extra copies of {v['dup_rcpts']} recipients"),
+        ("duplicates per kill", f"{v['dups_per_kill']} (not after any kill: {v['dups_not_after_kill']})"),
+        ("possible duplicates counted at each restart", str([r.get("possible_duplicates") for r in res["restarts"]])
+         + " (recipients in flight at the kill, cmcctl status)"),
+        ("outcome commit window, last process", str(res.get("status_end", {}).get("outcome_commit_ms", {}))
+         + " (remote 250 to the outcome committed, ms)"),
         ("delivered without a 250 to the client", str(v["unacked_delivered"])),
         ("seen at a sink, no final mail-log event", str(v["delivered_no_log"])),
         ("token mismatches at the sinks", str(v["token_mismatch"])),

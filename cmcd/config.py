@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmcd.doors import JSON_BODY_WEIGHT
 from cmcd.errors import ConfigError
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "K": 1024, "MB": 1024**2, "M": 1024**2, "GB": 1024**3, "G": 1024**3}
@@ -258,6 +259,20 @@ class AdminConfig:
 class MetricsConfig:
     #: Prometheus /metrics listener, "host:port"; "" turns it off
     listen: str = "127.0.0.1:9465"
+    #: scrapes at once, cut at start to the listener's share of descriptors (cmcd/doors.py)
+    max_connections: int = 16
+    #: the request line and headers must be complete within this, however slowly they trickle
+    header_timeout: Duration = Duration(10)
+    #: serve /metrics over HTTPS with this certificate chain and key (both or neither; "" = plain HTTP)
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: login -> scrypt hash ("cmcd hash-password"); when set, every request needs HTTP basic auth
+    basic_auth_users: dict[str, str] = field(default_factory=dict)
+
+
+#: an API request body beyond the base64 of the largest message: JSON names and escapes,
+#: recipients, headers, tags (see Config.api_max_request_bytes)
+REQUEST_MARGIN = 1024**2
 
 
 @dataclass(frozen=True)
@@ -268,8 +283,22 @@ class ApiConfig:
     session_ttl: Duration = Duration(3600)
     #: how long an Idempotency-Key and its response are kept
     idempotency_ttl: Duration = Duration(86400)
-    #: largest request body; a bigger one gets 413
-    max_request_size: Size = Size(40 * 1024**2)
+    #: largest request body; a bigger one gets 413. 0: follow smtp.max_message_size (x 4/3 for
+    #: base64, plus REQUEST_MARGIN for JSON and headers): see Config.api_max_request_bytes
+    max_request_size: Size = Size(0)
+    #: connections in all (cut at start to the API's share of descriptors) and per client IP;
+    #: past them a connection is closed before its TLS handshake
+    max_connections: int = 1000
+    max_connections_per_ip: int = 100
+    #: the TLS handshake must end within this
+    handshake_timeout: Duration = Duration(10)
+    #: the request line and headers must be complete within this from their first byte (from
+    #: the connection's start for its first request), however slowly they trickle
+    header_timeout: Duration = Duration(30)
+    #: reading a request body: each read must bring bytes within this (measured as progress)
+    body_timeout: Duration = Duration(60)
+    #: a connection with no request under way is closed after this
+    keepalive_timeout: Duration = Duration(75)
     #: a response the client does not read: its bytes must leave our buffer within this, or the connection is reset
     write_timeout: Duration = Duration(30)
     #: the messages one bulk request builds, all together (recipients x message size)
@@ -317,6 +346,14 @@ class Config:
         """Resolve a configured path against base_dir."""
         p = Path(value)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def api_max_request_bytes(self) -> int:
+        """The largest API request body: api.max_request_size, or when it is 0 what the largest
+        message smtp.max_message_size allows needs as JSON: its bytes as base64 (4/3) plus
+        REQUEST_MARGIN. A bigger body could only be refused after it was read."""
+        if self.api.max_request_size:
+            return int(self.api.max_request_size)
+        return -(-self.smtp.max_message_size * 4 // 3) + REQUEST_MARGIN
 
     def tenant_limits(self, tenant: str) -> SendingLimits:
         """TENANT's limits: its [smtp.tenant_limits.TENANT] values, the [smtp] ones for what it leaves unset."""
@@ -430,7 +467,15 @@ _RANGES = (
     ("spool.min_free", 0, 2**50),
     ("api.session_ttl", 60.0, 86400.0),
     ("api.idempotency_ttl", 60.0, 30 * 86400.0),
-    ("api.max_request_size", 1024, 1024**3),
+    ("api.max_request_size", 0, 1024**3),
+    ("api.max_connections", 1, 1_000_000),
+    ("api.max_connections_per_ip", 0, 1_000_000),
+    ("api.handshake_timeout", 1.0, 300.0),
+    ("api.header_timeout", 1.0, 3600.0),
+    ("api.body_timeout", 1.0, 3600.0),
+    ("api.keepalive_timeout", 1.0, 3600.0),
+    ("metrics.max_connections", 1, 10_000),
+    ("metrics.header_timeout", 1.0, 300.0),
     ("api.max_bulk_bytes", 1024, 4 * 1024**3),
     ("api.webhook_timeout", 1.0, 300.0),
     ("api.webhook_retry_for", 60.0, 7 * 86400.0),
@@ -497,6 +542,13 @@ def _check_tls(cfg: Config, errors: list[str]) -> None:
     if (cfg.smtp.listen or cfg.smtp.listen_tls) and not (cfg.smtp.tls_cert and cfg.smtp.tls_key):
         errors.append("smtp.tls_cert: expected a certificate path (AUTH is only offered over TLS)")
     if cfg.api.listen:
+        need = cfg.api_max_request_bytes() * JSON_BODY_WEIGHT
+        if need > cfg.smtp.max_data_in_flight:  # such a body could never be read: 503 for ever
+            errors.append(
+                f"smtp.max_data_in_flight: expected at least {need} bytes: one API request of the largest size "
+                f"({cfg.api_max_request_bytes()} bytes, api.max_request_size) weighs {JSON_BODY_WEIGHT} times "
+                "its size in this budget; raise it or lower api.max_request_size"
+            )
         if not (cfg.smtp.tls_cert and cfg.smtp.tls_key):
             errors.append("api.listen: the API is HTTPS only; set smtp.tls_cert and smtp.tls_key")
         try:
@@ -511,6 +563,25 @@ def _check_tls(cfg: Config, errors: list[str]) -> None:
             ipaddress.ip_address(host)
         except ValueError:
             errors.append(f"dns.nameservers[{i}]: expected an IP address with port, got {hp!r}")
+    _check_metrics_access(cfg, errors)
+
+
+_SCRYPT_HASH = re.compile(r"^scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+$")
+
+
+def _check_metrics_access(cfg: Config, errors: list[str]) -> None:
+    """metrics.tls_cert with tls_key, and basic_auth_users as login -> scrypt hash."""
+    m = cfg.metrics
+    if bool(m.tls_cert) != bool(m.tls_key):
+        errors.append("metrics.tls_cert: expected metrics.tls_cert and metrics.tls_key together (or neither)")
+    for login, hashed in m.basic_auth_users.items():
+        if not login or ":" in login or not login.isprintable():
+            errors.append(f'metrics.basic_auth_users."{login}": expected a login without ":" or control characters')
+        if hashed is not None and not _SCRYPT_HASH.match(hashed):
+            errors.append(
+                f'metrics.basic_auth_users."{login}": expected a scrypt hash from "cmcd hash-password" '
+                "(scrypt$N$r$p$salt$hash); the value is not shown, it may be a password"
+            )
 
 
 def from_dict(data: dict[str, Any], base_dir: str = ".") -> Config:

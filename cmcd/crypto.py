@@ -1,5 +1,9 @@
 """Data keys, address encryption (AES-256-GCM + HMAC index) and password hashing; no I/O but key files.
 
+Remote replies are encrypted like addresses (seal_text/open_text): real MTAs echo the recipient
+("550 5.1.1 <user@example.net>: ..."), so a reply at rest is an address at rest. Log lines cannot
+be decrypted later, so they get addresses redacted instead (redact_addresses).
+
 Password hashing (scrypt) is deliberately slow: callers run it in a thread, never on the
 event loop.
 """
@@ -11,6 +15,7 @@ import functools
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import ssl
 import stat
@@ -59,9 +64,30 @@ class DataKeys:
         except (InvalidTag, ValueError):
             raise KeyFileError("data key does not decrypt this value (wrong store.key_file?)") from None
 
+    def seal_text(self, text: str) -> bytes | None:
+        """TEXT (a remote reply, a suppression reason) encrypted like an address; None for "", as
+        most mail-log rows (every "accepted" one) have no reply."""
+        return self.encrypt(text) if text else None
+
+    def open_text(self, blob: bytes | None) -> str:
+        """The text seal_text() sealed ("" for None)."""
+        return self.decrypt(bytes(blob)) if blob else ""
+
     def index(self, address: str) -> bytes:
         """Keyed lookup index of an address; case-insensitive on the whole address."""
         return hmac.digest(self.index_key, address.strip().lower().encode("utf-8"), "sha256")[:16]
+
+
+#: anything that looks like an address: a quoted or unquoted local part, "@", a domain (or literal)
+_ADDRESS_RE = re.compile(r'(?:"(?:[^"\\\r\n]|\\.)*"|[^\s<>()\[\]{},;:="\'@\\][^\s<>()\[\]{},;:="@\\]*)@(?=[^\s<>@]*\w)')
+REDACTED = "<redacted>"
+
+
+def redact_addresses(text: str) -> str:
+    """TEXT with the local part of everything that looks like an address replaced by <redacted>
+    (the domain stays: it says which site answered). For log lines, which hold remote replies and
+    cannot be encrypted: "550 5.1.1 <user@example.net>" becomes "550 5.1.1 <<redacted>@example.net>"."""
+    return _ADDRESS_RE.sub(REDACTED + "@", text) if "@" in text else text
 
 
 def generate_key_file(path: Path) -> None:

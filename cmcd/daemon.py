@@ -17,11 +17,12 @@ from typing import Any
 
 import click
 
-from cmcd import __version__
+from cmcd import __version__, crypto, doors
 from cmcd import config as config_mod
 from cmcd.admin.api_verbs import API_VERBS
 from cmcd.admin.backup_cli import restore_command
 from cmcd.admin.backup_verbs import BACKUP_VERBS, BackupScheduler
+from cmcd.admin.evidence import EVIDENCE_VERBS
 from cmcd.admin.metrics import MetricsServer
 from cmcd.admin.retention import RetentionJob
 from cmcd.admin.server import VERBS, AdminServer
@@ -40,15 +41,22 @@ from cmcd.queue.startup import Opened, open_checked
 from cmcd.smtp.listener import SmtpListeners
 from cmcd.store import AsyncStore
 from cmcd.submit.service import SubmitService
+from cmcd.textout import escape_controls
 
 log = logging.getLogger("cmcd")
 VERBS.update(API_VERBS)  # apikey.* and user.otp-* (admin/api_verbs.py)
 VERBS.update(BACKUP_VERBS)  # the backup.* verbs live in admin/backup_verbs.py, which imports server.py
 VERBS.update(WEBHOOK_VERBS)  # webhook.* (admin/webhook_verbs.py)
+VERBS.update(EVIDENCE_VERBS)  # evidence: the audit report (admin/evidence.py)
 
 
 class LogfmtFormatter(logging.Formatter):
-    """One line per event: ts=... level=... logger=... then the message's own key=value pairs."""
+    """One line per event: ts=... level=... logger=... then the message's own key=value pairs.
+
+    Values a client chose (a login name, a remote reply) reach the message through %s; control
+    characters in the line are escaped (\\r \\n \\x00), so no value can start a line of its own.
+    Anything that looks like an address loses its local part (crypto.redact_addresses): remote
+    replies echo the recipient, and the log is the one record that cannot be encrypted."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
@@ -58,7 +66,7 @@ class LogfmtFormatter(logging.Formatter):
         line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {msg}"
         if record.exc_info:
             line += " exc=" + repr(self.formatException(record.exc_info))
-        return line
+        return escape_controls(crypto.redact_addresses(line))
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -85,6 +93,8 @@ def sd_notify(notify_socket: str | None, message: str) -> None:
 RESTART_ONLY = (
     "server.timezone", "smtp.listen", "smtp.listen_tls", "spool.dir", "store.path", "store.key_file",
     "admin.socket", "metrics.listen", "api.listen", "backup.dir", "backup.key_file", "dns.nameservers", "dns.timeout",
+    "metrics.tls_cert", "metrics.tls_key", "metrics.basic_auth_users",
+    "api.max_connections", "api.max_connections_per_ip", "metrics.max_connections",  # sized with the descriptors at start
 )  # fmt: skip
 
 
@@ -131,10 +141,13 @@ class Daemon:
             "spool_commits": self.spool.commits if self.spool else 0,
             "spool_transactions": self.spool.transactions if self.spool else 0,
             "listeners": self.smtp.bound if self.smtp else {},
+            # the API's address as bound (api.listen may name port 0): cmcctl evidence probes its TLS
+            "api_listener": f"{self.config.api.listen.rpartition(':')[0]}:{self.api.port}" if self.api else "",
             "inflight": self.scheduler.inflight if self.scheduler else 0,
             "outbound_connections": self.engine.connections if self.engine else 0,
             "delivery": dict(self.engine.counts) if self.engine else {},
             "possible_duplicates": self.engine.possible_duplicates if self.engine else 0,
+            "outcome_commit_ms": self.engine.commit_window_ms() if self.engine else {},
             "session_failures": dict(self.engine.session_failures) if self.engine else {},
             "connect_throttled": self.engine.connect_throttled if self.engine else 0,
             "loops": (dict(self.engine.loops) if self.engine else {})
@@ -201,19 +214,22 @@ class Daemon:
             suppressions=service.suppressions,
             drop_sessions=smtp.ctx.sessions.drop_tenant,
             audit=audit,
+            intake=None,  # XXX
         )
         await admin.start()
         self.admin = admin
         self.backups = backups = BackupScheduler(cfg, cfg.path(cfg.store.path))
+        fds = _plan_descriptors(cfg)  # the HTTP listeners' caps: their share of the descriptors left
         metrics = MetricsServer(
             cfg, service=service, engine=engine, scheduler=scheduler, spool=spool,
+            max_connections=fds.metrics_max_connections,
             backup_last_success=lambda: backups.last_success,
             webhooks=lambda: self.webhooks.counts if self.webhooks is not None else {},
         )  # fmt: skip
         await metrics.start()
         resolver = make_resolver(cfg)  # for webhook URLs: dns.nameservers, never another resolver
         if cfg.api.listen:
-            self.api = ApiServer(cfg, service, astore, resolver)
+            self.api = ApiServer(cfg, service, astore, resolver, max_connections=fds.api_max_connections)
             await self.api.start()
         self.webhooks = webhooks = WebhookDispatcher(cfg, astore, resolver, audit=audit)
         webhooks.start()
@@ -282,6 +298,7 @@ class Daemon:
         self.config = new
         if self.service is not None:
             self.service.config = new
+            self.service.data_budget.limit_bytes = new.smtp.max_data_in_flight
             self.service.dkim.config = new.dkim
             self.service._tenant_limits.clear()
         if self.smtp is not None:
@@ -307,6 +324,24 @@ class Daemon:
         if self.backups is not None:
             self.backups.config = new
         log.info("event=reloaded config=%s", self.config_path)
+
+
+def _plan_descriptors(cfg: Config) -> doors.DescriptorPlan:
+    """Raise RLIMIT_NOFILE to its hard limit; cut the API's and metrics' caps to their shares (cmcd/doors.py)."""
+    plan = doors.plan_descriptors(cfg.api.max_connections, cfg.metrics.max_connections)
+    log.info(
+        "event=descriptor_caps nofile_soft=%d nofile_hard=%d open_at_start=%d reserve=%d api_max_connections=%d "
+        "metrics_max_connections=%d smtp_max_connections=%d delivery_max_connections=%d",
+        plan.soft_limit, plan.hard_limit, plan.open_at_start, doors.FD_RESERVE, plan.api_max_connections,
+        plan.metrics_max_connections, cfg.smtp.max_connections, cfg.delivery.max_connections,
+    )  # fmt: skip
+    if plan.api_max_connections < cfg.api.max_connections:
+        log.warning(
+            "event=api_connections_capped configured=%d effective=%d nofile_soft=%d hint=%s",
+            cfg.api.max_connections, plan.api_max_connections, plan.soft_limit,
+            "raise LimitNOFILE= (systemd) or the hard limit for more API connections",
+        )  # fmt: skip
+    return plan
 
 
 def _log_loss(opened: Opened, accept_loss: bool) -> None:
@@ -387,6 +422,20 @@ def check_config(config_path: str) -> None:
     """Validate a configuration file without starting; exit non-zero on any problem."""
     _load(config_path)
     click.echo(f"{config_path}: ok")
+
+
+@main.command("hash-password")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin instead of asking twice.")
+def hash_password_command(password_stdin: bool) -> None:
+    """Print the scrypt hash of a password, for [metrics] basic_auth_users."""
+    if password_stdin:
+        password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        click.echo("cmcd: an empty password; nothing to hash", err=True)
+        sys.exit(2)
+    click.echo(crypto.hash_password(password))
 
 
 main.add_command(restore_command)

@@ -16,6 +16,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
+from cmcd.doors import LISTENERS, Door
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -104,6 +106,8 @@ class IntakeStats:
         self.api_requests: dict[tuple[str, str], int] = {}  # (route, status code) -> requests
         self.smtp_write_timeouts = 0  # sessions reset because the client stopped reading replies
         self.api_write_timeouts = 0  # API connections reset because the client stopped reading
+        #: per listener: its connection caps, and connections refused and timed out (cmcd/doors.py)
+        self.doors = {name: Door(name, 0) for name in LISTENERS}
 
     def api_request(self, route: str, status: int) -> None:
         key = (route, str(status))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import smtplib
@@ -126,8 +127,14 @@ class Cmcd:
     def write_config(self) -> None:
         self.config_path.write_text(to_toml(self.config))
 
-    def start(self, timeout: float = 20) -> Cmcd:
+    def start(self, timeout: float = 20, *, nofile: int | None = None) -> Cmcd:
+        """Start the daemon and wait for its ready line; NOFILE: its RLIMIT_NOFILE (soft and hard)."""
         ready = self._ready = threading.Event()  # a new event: a previous process's reader cannot set it
+
+        def limit_descriptors() -> None:  # in the child, before exec
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cmcd.daemon", "serve", "--config", str(self.config_path)],
             stderr=subprocess.PIPE,
@@ -135,6 +142,7 @@ class Cmcd:
             stdin=subprocess.DEVNULL,
             text=True,
             cwd=self.root,
+            preexec_fn=limit_descriptors if nofile is not None else None,
         )
         threading.Thread(target=self._drain, args=(self.proc, ready), daemon=True).start()
         if not ready.wait(timeout) or self.proc.poll() is not None:
@@ -276,7 +284,7 @@ class Cmcd:
             conn.close()
 
     def mail_log(self, queue_id: str | None = None) -> list[dict[str, Any]]:
-        """Mail-log rows (oldest first), addresses decrypted, read from the store file."""
+        """Mail-log rows (oldest first), addresses and replies decrypted, read from the store file."""
         keys = self.keys()
         conn = sqlite3.connect(f"file:{self.root / 'cmcd.db'}?mode=ro", uri=True)
         conn.row_factory = sqlite3.Row
@@ -288,6 +296,7 @@ class Cmcd:
         for r in rows:
             r["sender"] = keys.decrypt(r.pop("sender_enc"))
             r["rcpt"] = keys.decrypt(r.pop("rcpt_enc"))
+            r["response"] = keys.open_text(r.pop("response_enc"))  # the plaintext column stays empty
         return rows
 
     def ops_log(self) -> list[dict[str, Any]]:

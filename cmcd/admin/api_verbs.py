@@ -1,8 +1,9 @@
-"""Admin verbs for the tenant API's credentials: API keys and tenant admins' TOTP enrolment.
+"""Admin verbs for the tenant API's credentials: API keys, tenant admins' TOTP enrolment, sessions.
 
 Secrets leave the daemon once: an API key's token in the reply to apikey.add, the TOTP secret
 (as a provisioning URI) in the reply to user.otp-enroll, recovery codes in the reply to
-user.otp-confirm. The store keeps digests (keys, recovery codes) and the encrypted TOTP secret.
+user.otp-confirm. The store keeps digests (keys, recovery codes, session tokens) and the encrypted
+TOTP secret; a session is listed and revoked by a public id, never by its token.
 """
 
 from __future__ import annotations
@@ -72,6 +73,20 @@ async def _otp_disable(server: AdminServer, a: _Args) -> Any:
     return {"tenant": tenant, "login": login, "otp": False}
 
 
+async def _session_list(server: AdminServer, a: _Args) -> Any:
+    return await server._astore.call(server._store.sessions, a.text("tenant"), a.text("login"))
+
+
+async def _session_revoke(server: AdminServer, a: _Args) -> Any:
+    """End one session of a user by its id, or all of them with "all": true (one or the other)."""
+    tenant, login, sid = a.text("tenant"), a.text("login"), a.optional_text("id")
+    every = a.raw.get("all") is True
+    if every == (sid is not None):
+        raise BadRequest('session.revoke: give either a session "id" or "all": true')
+    ended = await server._astore.call(server._store.session_revoke, tenant, login, sid)
+    return {"tenant": tenant, "login": login, "revoked": ended}
+
+
 API_VERBS: dict[str, _Verb] = {
     "apikey.add": _Verb(_apikey_add, ("tenant", "login", "role"), target="{tenant}/{login} role={role}"),
     "apikey.list": _Verb(_apikey_list, ("tenant", "login")),
@@ -79,4 +94,6 @@ API_VERBS: dict[str, _Verb] = {
     "user.otp-enroll": _Verb(_otp_enroll, ("tenant", "login"), target="{tenant}/{login}"),
     "user.otp-confirm": _Verb(_otp_confirm, ("tenant", "login", "code"), target="{tenant}/{login}"),
     "user.otp-disable": _Verb(_otp_disable, ("tenant", "login"), target="{tenant}/{login}"),
+    "session.list": _Verb(_session_list, ("tenant", "login")),
+    "session.revoke": _Verb(_session_revoke, ("tenant", "login", "id", "all"), target="{tenant}/{login} {id}"),
 }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import datetime
 import io
 import itertools
@@ -15,6 +14,10 @@ from typing import Any
 
 import click
 
+from cmcd.admin.evidence_render import FORMATS
+from cmcd.admin.evidence_render import render as render_evidence
+from cmcd.textout import CsvWriter, escape_controls
+
 DEFAULT_SOCKET = "/run/cmcd/admin.sock"
 #: seconds to wait for a reply (password hashing and large queue listings take a moment)
 REPLY_TIMEOUT_S = 120.0
@@ -24,7 +27,7 @@ class CtlError(click.ClickException):
     """An error shown as "cmcctl: MESSAGE" on stderr, exit status 1."""
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"cmcctl: {self.format_message()}", err=True)
+        click.echo(f"cmcctl: {escape_controls(self.format_message())}", err=True)
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,11 @@ class Client:
 # -- output helpers -----------------------------------------------------------------------
 
 #: result keys holding a Unix time, shown as UTC in tables
-TIME_KEYS = frozenset({"created", "received", "next_attempt", "revoked"})
+TIME_KEYS = frozenset({"created", "received", "next_attempt", "revoked", "expires", "last_used"})
 
 
 def cell(key: str, value: Any) -> str:
+    """VALUE as one table cell: times readable, control characters escaped (no value can start a line)."""
     if key in TIME_KEYS and isinstance(value, (int, float)) and value:
         return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     if value is None or value == "":
@@ -104,10 +108,10 @@ def cell(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value) or "-"
+        return escape_controls(",".join(str(v) for v in value)) or "-"
     if isinstance(value, dict):
         return json.dumps(value)
-    return str(value)
+    return escape_controls(str(value))
 
 
 def table(columns: dict[str, str], rows: list[dict[str, Any]], empty: str) -> None:
@@ -322,6 +326,50 @@ def user_otp_confirm(c: Client, tenant_name: str, login: str, code: str) -> None
 
 
 _user_change("otp-disable", "removed the TOTP enrolment of", "Remove LOGIN's TOTP enrolment (and its sessions).")
+
+
+@user.command("set-role")
+@tenant_arg
+@click.argument("login")
+@click.argument("role", type=click.Choice(["sender", "admin", "viewer"]))
+@pass_client
+def user_set_role(c: Client, tenant_name: str, login: str, role: str) -> None:
+    """Give LOGIN of TENANT another ROLE; the user's API sessions end (keys of a role the user may
+    no longer hold stop working)."""
+    r = c.call("user.set-role", tenant=tenant_name, login=login, role=role)
+    c.show(r, said(f"{login} in tenant {tenant_name} now has role {r['role']}"))
+
+
+@cli.group()
+def session() -> None:
+    """Console and API sessions of tenant admins (password + TOTP logins): list and revoke them.
+
+    A password change, disable, role change, TOTP reset or delete of the user ends them too."""
+
+
+@session.command("list")
+@tenant_arg
+@click.argument("login")
+@pass_client
+def session_list(c: Client, tenant_name: str, login: str) -> None:
+    """List LOGIN's live sessions: id, created, expires, last used (never the token)."""
+    columns = {"ID": "id", "CREATED": "created", "EXPIRES": "expires", "LAST-USED": "last_used"}
+    rows = c.call("session.list", tenant=tenant_name, login=login)
+    c.show(rows, tabled(columns, f"no sessions of {login} in tenant {tenant_name}"))
+
+
+@session.command("revoke")
+@tenant_arg
+@click.argument("login")
+@click.argument("session_id", metavar="ID", required=False)
+@click.option("--all", "every", is_flag=True, help="revoke every session of LOGIN")
+@pass_client
+def session_revoke(c: Client, tenant_name: str, login: str, session_id: str | None, every: bool) -> None:
+    """End session ID of LOGIN of TENANT (from `cmcctl session list`), or --all of them."""
+    if every == (session_id is not None):
+        raise click.UsageError("give a session ID or --all (one of them)")
+    r = c.call("session.revoke", tenant=tenant_name, login=login, id=session_id, all=True if every else None)
+    c.show(r, said(f"revoked {r['revoked']} session(s) of {login} in tenant {tenant_name}"))
 
 
 @cli.group()
@@ -761,11 +809,11 @@ def _emit(rows: Iterator[dict[str, Any]], columns: tuple[str, ...], fmt: str) ->
     """Write ROWS to stdout as they come: csv (UTF-8, header row), json (one array) or an aligned table."""
     out = sys.stdout
     n = 0
-    if fmt == "csv":
-        writer = csv.writer(out, lineterminator="\r\n")
+    if fmt == "csv":  # the one CSV writer: no cell a spreadsheet would run as a formula
+        writer = CsvWriter(out)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+            writer.writerow([row.get(c) for c in columns])
             n += 1
     elif fmt == "json":
         out.write("[")
@@ -853,6 +901,20 @@ def tenant_delete(c: Client, name: str, purge: bool, yes: bool) -> None:
         c.call("tenant.delete", name=name, purge=True),
         lambda r: click.echo(f"purged tenant {name}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "tenant")),
     )
+
+
+@cli.command("evidence")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="md", show_default=True)
+@click.option("--tenant", "tenant_name", default=None, metavar="T", help="tenant-specific lines for T only")
+@pass_client
+def evidence(c: Client, fmt: str, tenant_name: str | None) -> None:
+    """Audit evidence, control by control (ISO/IEC 27017): each setting, what was measured, ok/attention/fail.
+
+    The daemon measures (it probes its listeners' TLS, decrypts the newest backup, samples the store);
+    each run is written to the operation log. Exit status 0 whatever the lines say; see "summary".
+    """
+    report = c.call("evidence", tenant=tenant_name)
+    click.echo(render_evidence(report, "json" if c.as_json else fmt))
 
 
 from cmcd.admin.backup_cli import backup  # noqa: E402  (here, not at the top: backup_cli is built on this module)

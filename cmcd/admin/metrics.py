@@ -8,14 +8,23 @@ read-only connection: a large queue neither blocks the event loop nor delays del
 reads. That read is repeated at most every max(MIN_REFRESH_S, REFRESH_COST x its last duration)
 seconds (a 0.2 s count of a million rows: every 10 s); scrapes in between see the figures cached.
 
-Setting: [metrics] listen = "host:port" ("" = off). Loopback only in any sane deployment: the
-endpoint has no authentication (it shows tenant names and destination hosts, never addresses).
+Settings: [metrics] listen = "host:port" ("" = off). By default plain HTTP with no
+authentication, for loopback (it shows tenant names and destination hosts, never addresses).
+Off loopback, do as the Prometheus exporters' web-config does: tls_cert and tls_key serve
+HTTPS (the handshake must end within header_timeout; the connection caps count a connection
+from the end of its handshake), and basic_auth_users (login -> scrypt hash, from "cmcd
+hash-password") makes every request send HTTP basic auth. A password is checked with scrypt off the event loop, one check
+at a time; a credential that passed is remembered (as an HMAC under a key of this process) so
+a scrape every few seconds costs no scrypt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import heapq
+import hmac
 import logging
 import math
 import os
@@ -30,9 +39,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from cmcd import __version__
+from cmcd import __version__, crypto, writeguard
 from cmcd.config import Config, split_hostport
 from cmcd.deliver.engine import DeliveryEngine
+from cmcd.doors import Door
 from cmcd.queue.audit import outbox_backlog
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import PENDING, Spool
@@ -47,6 +57,7 @@ MIN_REFRESH_S = 1.0
 REFRESH_COST = 50.0
 REQUEST_TIMEOUT_S = 10.0
 MAX_REQUEST_BYTES = 16384
+MAX_REMEMBERED = 64  # credentials that passed, remembered so a scrape costs no scrypt
 DELIVERY_RESULTS = ("delivered", "deferred", "bounced", "expired", "suppressed")
 
 
@@ -142,6 +153,7 @@ class DaemonCollector(Collector):
             "API connections reset because the client stopped reading a response ([api] write_timeout).",
             stats.api_write_timeouts,
         )
+        yield from _listener_families(stats.doors)
         hooks = self.webhooks()
         events = CounterMetricFamily(
             "cmcd_webhook_events",
@@ -271,8 +283,24 @@ class MetricsServer:
         backup_last_success: Callable[[], float] = lambda: 0.0,
         clock: Callable[[], float] = time.time,
         webhooks: Callable[[], dict[str, int]] = dict,
+        max_connections: int | None = None,
     ):
         self.listen = config.metrics.listen
+        #: scrapes at once: [metrics] max_connections, cut by the daemon to its share of descriptors
+        self.door = service.stats.doors["metrics"]
+        self.door.max_total = config.metrics.max_connections if max_connections is None else max_connections
+        self.header_timeout = config.metrics.header_timeout
+        m = config.metrics
+        self._tls = (
+            crypto.server_tls_context(str(config.path(m.tls_cert)), str(config.path(m.tls_key)))
+            if m.listen and m.tls_cert
+            else None
+        )
+        self._users = dict(m.basic_auth_users)  # login -> scrypt hash; empty: no authentication
+        self._passed: set[bytes] = set()  # HMACs of Authorization values that passed
+        self._cache_key = os.urandom(32)
+        self._checking = asyncio.Lock()  # one scrypt (32 MiB) at a time
+        self._dummy_hash = ""  # checked for an unknown login, so it costs what a known one does
         self.spool_path = spool.path
         self.registry = CollectorRegistry()
         self.registry.register(
@@ -295,7 +323,12 @@ class MetricsServer:
         if not self.listen:
             return
         host, port = split_hostport(self.listen)
-        self._server = await asyncio.start_server(self._client, host, port, limit=MAX_REQUEST_BYTES, reuse_address=True)
+        # TLS (metrics.tls_cert) is done by the loop before _client runs, within header_timeout. Not
+        # writer.start_tls() after admission: under uvloop a ClientHello read before it is lost.
+        self._server = await asyncio.start_server(
+            self._client, host, port, limit=MAX_REQUEST_BYTES, reuse_address=True,
+            ssl=self._tls, ssl_handshake_timeout=self.header_timeout if self._tls else None,
+        )  # fmt: skip
         for sock in self._server.sockets:
             name = sock.getsockname()
             self.bound.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
@@ -351,11 +384,23 @@ class MetricsServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if peer else "?"
+        if self.door.admit(ip) is not None:  # past metrics.max_connections: reset, counted
+            log.warning("event=metrics_conn_refused client_ip=%s open=%d", ip, self.door.open)
+            writeguard.reset(writer.transport)
+            return
         self._clients.add(task)
         try:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                # the request line and headers, complete within header_timeout however slowly they come
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
+            except TimeoutError:
+                self.door.timed_out("headers")
+                log.info("event=metrics_timeout phase=headers client_ip=%s", ip)
+                writeguard.reset(writer.transport)
+                return
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
                 return
             try:
                 status, headers, body = await self.respond(head.decode("latin-1"))
@@ -369,6 +414,7 @@ class MetricsServer:
             pass
         finally:
             self._clients.discard(task)
+            self.door.release(ip)
             writer.close()
 
     async def respond(self, head: str) -> tuple[str, dict[str, str], bytes]:
@@ -378,6 +424,10 @@ class MetricsServer:
         if len(parts) != 3:
             return "400 Bad Request", {"Content-Length": "0"}, b""
         method, target, _ = parts
+        if self._users and not await self._authorized(_header(header_lines, "authorization")):
+            headers, body = _text(UNAUTHORIZED)
+            headers["WWW-Authenticate"] = 'Basic realm="cmcd metrics", charset="UTF-8"'
+            return "401 Unauthorized", headers, body if method != "HEAD" else b""
         path = target.split("?", 1)[0]
         if path not in ("/metrics", "/"):
             return "404 Not Found", *_text(NOT_FOUND)
@@ -386,20 +436,92 @@ class MetricsServer:
         if path == "/":
             headers, body = _text(INDEX)
             return "200 OK", headers, body if method == "GET" else b""
-        accept = ""
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "accept":
-                accept = value.strip()
+        accept = _header(header_lines, "accept")
         await self.refresh()
         encoder, content_type = choose_encoder(accept)
         body = encoder(self.registry)
         headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
         return "200 OK", headers, body if method == "GET" else b""
 
+    async def _authorized(self, authorization: str) -> bool:
+        """Whether AUTHORIZATION ("Basic base64(login:password)") names a basic_auth_users login
+        with its password."""
+        scheme, _, blob = authorization.partition(" ")
+        if scheme.lower() != "basic" or not blob.strip():
+            return False
+        seen = hmac.new(self._cache_key, blob.strip().encode("latin-1"), hashlib.sha256).digest()
+        if seen in self._passed:
+            return True
+        try:
+            login, sep, password = base64.b64decode(blob.strip(), validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not sep:
+            return False
+        async with self._checking:
+            ok = await asyncio.to_thread(self._check, login, password)
+        if ok:
+            if len(self._passed) >= MAX_REMEMBERED:
+                self._passed.clear()
+            self._passed.add(seen)
+        return ok
+
+    def _check(self, login: str, password: str) -> bool:
+        """scrypt, on a thread: the login's hash, or a dummy one for an unknown login."""
+        stored = self._users.get(login)
+        if stored is None:
+            if not self._dummy_hash:
+                self._dummy_hash = crypto.dummy_hash()
+            crypto.verify_password(password, self._dummy_hash)
+            return False
+        return crypto.verify_password(password, stored)
+
+
+def _listener_families(doors: dict[str, Door]) -> Iterator[Metric]:
+    """Per listener (smtp, api, metrics): connections refused and timed out; open and allowed (HTTP ones)."""
+    refused = CounterMetricFamily(
+        "cmcd_listener_connections_refused",
+        "Connections closed unserved, by listener and reason (max_connections, max_connections_per_ip; "
+        "descriptors: accept() found none left).",
+        labels=["listener", "reason"],
+    )
+    timeouts = CounterMetricFamily(
+        "cmcd_listener_timeouts",
+        "Connections closed because a wait on the client ran out, by listener and phase (handshake, "
+        "headers, body, idle for HTTP; command, data for SMTP).",
+        labels=["listener", "phase"],
+    )
+    open_now = GaugeMetricFamily(
+        "cmcd_listener_connections", "Open connections of the HTTP listeners.", labels=["listener"]
+    )
+    allowed = GaugeMetricFamily(
+        "cmcd_listener_max_connections",
+        "Connections each listener may hold: its configured cap, cut at start to its share of descriptors.",
+        labels=["listener"],
+    )
+    for name, door in doors.items():
+        for reason, n in door.refused.items():
+            refused.add_metric([name, reason], n)
+        for phase, n in door.timeouts.items():
+            timeouts.add_metric([name, phase], n)
+        if name != "smtp":  # SMTP's sessions are in cmcctl status
+            open_now.add_metric([name], door.open)
+            allowed.add_metric([name], door.max_total)
+    yield from (refused, timeouts, open_now, allowed)
+
 
 NOT_FOUND = b"not found; cmcd's metrics are at /metrics\n"
+UNAUTHORIZED = b"unauthorized: [metrics] basic_auth_users is set; send HTTP basic auth\n"
 INDEX = b"cmcd: metrics are at /metrics\n"
+
+
+def _header(lines: list[str], wanted: str) -> str:
+    """The value of header WANTED (lower case) in LINES, or ""."""
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == wanted:
+            return value.strip()
+    return ""
 
 
 def _text(body: bytes) -> tuple[dict[str, str], bytes]:

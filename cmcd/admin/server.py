@@ -40,11 +40,14 @@ from cmcd.records import Tenant, User
 from cmcd.store import AsyncStore
 from cmcd.store.store import OpRecord
 from cmcd.store.suppressions import Suppressions
+from cmcd.submit.service import SubmitService
 
 log = logging.getLogger("cmcd.admin")
 
 #: longest request line accepted; a longer one is discarded and answered with an error
 MAX_LINE_BYTES = 1024 * 1024
+#: the admin socket's mode from its creation on: owner and group (the operators) may connect
+SOCKET_MODE = 0o660
 QUEUE_LIST_DEFAULT = 100
 QUEUE_LIST_MAX = 10_000
 
@@ -171,6 +174,7 @@ class AdminServer:
         suppressions: Suppressions | None = None,
         drop_sessions: Callable[[int], int] | None = None,
         audit: AuditLog | None = None,
+        intake: SubmitService | None = None,
     ):
         self._path = config.path(config.admin.socket)
         self._audit = audit if audit is not None else AuditLog(spool, astore)
@@ -180,6 +184,7 @@ class AdminServer:
         self._engine = engine
         self._suppressions = suppressions
         self._drop_sessions = drop_sessions
+        self._intake = intake  # blocks a tenant being purged (close_tenant) in every way in
         self._astore = astore
         self._store = astore.store
         self._spool = spool
@@ -401,6 +406,11 @@ class AdminServer:
         u = await self._astore.call(self._store.user_update, a.text("tenant"), a.text("login"), enabled=enabled)
         return _user(u)
 
+    async def _user_set_role(self, a: _Args) -> Any:
+        """A new role for LOGIN; like a password change or disable, it ends the user's API sessions."""
+        u = await self._astore.call(self._store.user_update, a.text("tenant"), a.text("login"), role=a.text("role"))
+        return _user(u)
+
     async def _user_disable_verb(self, a: _Args) -> Any:
         return await self._user_enable(a, False)
 
@@ -609,7 +619,9 @@ class AdminServer:
     async def _queue_delete(self, a: _Args) -> Any:
         tenant_id = await self._tenant_scope(a)
         n = await self._spool.call(
-            functools.partial(manage.delete, now=time.time(), queue_id=a.text("queue_id"), tenant_id=tenant_id)
+            functools.partial(
+                manage.delete, keys=self._spool.keys, now=time.time(), queue_id=a.text("queue_id"), tenant_id=tenant_id
+            )
         )
         if self._engine is not None:
             self._engine.erased()
@@ -664,13 +676,28 @@ class AdminServer:
         return {"tenant": name} | result
 
     async def _purge(self, tenant: Tenant, actor: str, actor_uid: int | None, note: str = "") -> dict[str, int]:
-        """Sessions dropped, queue purged, then the store's rows in one transaction with the
-        operation-log row that says so (the tenant's number, no name, login or address), then the
-        erase (checkpoint and vacuum). Proceed carefully: each step may be cut short by a crash
-        and is then run again by the next start, so each must be safe to repeat."""
+        """Intake closed to the tenant, sessions dropped, queue purged, then the store's rows in one
+        transaction with the operation-log row that says so (the tenant's number, no name, login or
+        address), then the erase (checkpoint and vacuum). Proceed carefully: each step may be cut
+        short by a crash and is then run again by the next start, so each must be safe to repeat."""
         log.info("event=tenant_purge_started tenant_id=%d", tenant.id)
-        sessions = self._drop_sessions(tenant.id) if self._drop_sessions is not None else 0
         logins = tuple(u.login for u in await self._astore.call(self._store.users, tenant.name))
+        try:
+            return await self._purge_closed(tenant, logins, actor, actor_uid, note)
+        finally:
+            if self._intake is not None:
+                self._intake.reopen_tenant(tenant.id)
+
+    async def _purge_closed(
+        self, tenant: Tenant, logins: tuple[str, ...], actor: str, actor_uid: int | None, note: str
+    ) -> dict[str, int]:
+        if self._intake is not None:
+            # Closes the race with intake. From here on no way in hands the spool anything of the
+            # tenant; what was handed over before is already in the writer's FIFO queue, ahead of
+            # the purge queued below, so it lands first and is erased with the rest (its sender
+            # got a 250 or 202 for a message that is then erased, or was cut off by the drop).
+            self._intake.close_tenant(tenant.id, logins)
+        sessions = self._drop_sessions(tenant.id) if self._drop_sessions is not None else 0
         messages = await self._spool.call(functools.partial(manage.purge_tenant, tenant_id=tenant.id, logins=logins))
         log.info("event=tenant_purge_queue_done tenant_id=%d messages=%d", tenant.id, messages)
         op = OpRecord(
@@ -682,8 +709,10 @@ class AdminServer:
         await self._astore.call(self._store.finish_erase)
         if self._suppressions is not None:
             self._suppressions.load(await self._astore.call(self._store.suppression_index))
-        log.info("event=tenant_purge_done tenant_id=%d", tenant.id)
         self._changed()
+        if self._intake is not None:
+            await self._intake.current()  # the caches without the tenant, before it is reopened
+        log.info("event=tenant_purge_done tenant_id=%d", tenant.id)
         return {"sessions": sessions, "messages": messages} | counts
 
     async def _tenant_set(self, a: _Args) -> Any:
@@ -729,6 +758,9 @@ VERBS: dict[str, _Verb] = {
     "user.disable": _Verb(AdminServer._user_disable_verb, ("tenant", "login"), target="{tenant}/{login}"),
     "user.enable": _Verb(AdminServer._user_enable_verb, ("tenant", "login"), target="{tenant}/{login}"),
     "user.delete": _Verb(AdminServer._user_delete, ("tenant", "login"), target="{tenant}/{login}"),
+    "user.set-role": _Verb(
+        AdminServer._user_set_role, ("tenant", "login", "role"), target="{tenant}/{login} role={role}"
+    ),
     "ipcred.add": _Verb(AdminServer._ipcred_add, ("tenant", "login", "cidr"), target="{tenant}/{login} {cidr}"),
     "ipcred.list": _Verb(AdminServer._ipcred_list, ("tenant",)),
     "ipcred.delete": _Verb(AdminServer._ipcred_delete, ("tenant", "login", "cidr"), target="{tenant}/{login} {cidr}"),
@@ -866,12 +898,17 @@ def _bind(path: Path) -> socket.socket:
         log.info("event=admin_stale_socket_removed socket=%s", path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        # Linux gives the file bind() creates the socket inode's mode less the umask: set that
+        # mode first, so the file is never wider than SOCKET_MODE, not even between bind() and
+        # the chmod below (which only adds back group write a umask like 022 took). The umask
+        # is process-wide and other threads run: it is not touched.
+        os.fchmod(sock.fileno(), SOCKET_MODE)
         sock.bind(str(path))
     except OSError as exc:
         sock.close()
         raise CmcdError(f"{path}: cannot create the admin socket (admin.socket): {exc.strerror or exc}") from None
     try:
-        os.chmod(path, 0o660)
+        os.chmod(path, SOCKET_MODE)
     except OSError as exc:
         sock.close()
         path.unlink()

@@ -57,7 +57,9 @@ def smtp_problem(reply: str, field: str = "") -> Problem:
     code, _, text = reply.partition(" ")
     enhanced = text.split(" ", 1)[0]
     status, slug = 422, "refused"
-    if enhanced == "5.7.1" and ("domain" in text):
+    if "being deleted" in text:  # submit.REPLY_TENANT_CLOSING: tenant.delete --purge is running
+        status, slug = 403, "tenant-deleted"
+    elif enhanced == "5.7.1" and ("domain" in text):
         status, slug = 403, "sender-domain"
     elif "suppression list" in text:
         status, slug = 422, "suppressed"

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import csv
 import datetime
 import functools
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -28,19 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import dns.asyncresolver
-from aiohttp import web
+from aiohttp import web, web_response
 
 from cmcd import crypto, policy, totp, writeguard
 from cmcd.api import hooks, users
 from cmcd.api.compose import Composed, ComposeError, compose_bulk, compose_one
+from cmcd.api.frontdoor import Connection, FrontDoor
 from cmcd.api.problems import Problem, iso, smtp_problem
 from cmcd.config import Config, split_hostport
+from cmcd.doors import JSON_BODY_WEIGHT
 from cmcd.errors import NotFound, StoreError
 from cmcd.queue.spool import ApiRequest, find_api_request
 from cmcd.records import Sender, SpoolMessage
 from cmcd.store import AsyncStore, LoginRecord
-from cmcd.store.api_store import ApiCaller
+from cmcd.store.api_store import KEY_PREFIX, SESSION_PREFIX, ApiCaller, split_api_key
 from cmcd.submit.service import SessionInfo, SubmitService
+from cmcd.textout import CsvWriter
 
 log = logging.getLogger("cmcd.api")
 
@@ -58,9 +61,20 @@ OTP_FAIL_LIMIT, OTP_FAIL_WINDOW_S = (
     10,
     900.0,
 )  # bad one-time codes per user before a pause  # POST /v1/sessions is unauthenticated: a login is small
+#: request key: the body bytes this request holds in the data budget (released after its response)
+_HELD_BYTES = "cmcd.held_bytes"
+_CLOSE = "cmcd.close"  # request key: close the connection after the response
+#: Retry-After, seconds, when the data budget is full (SMTP clients retry a 452 within minutes)
+BUSY_RETRY_AFTER = "5"
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _ISO_HINT = 'an ISO 8601 time like "2026-11-26T10:00:00Z"'
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: the secret a one-time code is checked against when the login has no enrolment (never matches a
+#: real one: the answer is the same and the work too)
+_NO_SECRET = secrets.token_bytes(totp.SECRET_BYTES)
+_KEY_ID = re.compile(r"[a-z0-9]{12}")  # an API key id as api_store makes them
+#: the Server header of every response: no product versions for a scanner to match
+SERVER_HEADER = "cmcd"
 
 
 def _parse_time(name: str, value: str | None) -> float | None:
@@ -107,8 +121,16 @@ class ApiServer:
         astore: AsyncStore,
         resolver: dns.asyncresolver.Resolver,
         clock: Callable[[], float] = time.time,
+        *,
+        max_connections: int | None = None,
     ) -> None:
         self.config = config
+        #: the listener's caps: [api] max_connections (cut to its share of descriptors by the
+        #: daemon: MAX_CONNECTIONS) and max_connections_per_ip; refusals and timeouts counted
+        self.door = service.stats.doors["api"]
+        self.door.max_total = config.api.max_connections if max_connections is None else max_connections
+        self.door.max_per_ip = config.api.max_connections_per_ip
+        self._front: FrontDoor | None = None
         self.resolver = resolver  # the daemon's (dns.nameservers): webhook URLs are checked with it
         self.service = service
         self.astore = astore
@@ -126,10 +148,15 @@ class ApiServer:
     # -- life cycle ----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.config.api.max_request_size, middlewares=[self._errors])
+        app = web.Application(middlewares=[self._errors])  # bodies are read by read_body, under its limits
+        app.on_response_prepare.append(_server_header)
+        # aiohttp's own answers before routing (400 for a malformed request line) take its
+        # default Server value, which names Python's and aiohttp's versions: make that ours too
+        web_response.SERVER_SOFTWARE = SERVER_HEADER
         r = app.router
         r.add_get("/v1/openapi.json", self._get_openapi)
         r.add_post("/v1/sessions", self._post_session)
+        r.add_delete("/v1/sessions", self._delete_session)
         r.add_post("/v1/emails", self._post_email)
         r.add_post("/v1/emails/bulk", self._post_bulk)
         r.add_get("/v1/deliveries", self._get_deliveries)
@@ -151,14 +178,20 @@ class ApiServer:
 
     async def start(self) -> None:
         host, port = split_hostport(self.config.api.listen)
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        api = self.config.api
+        # aiohttp's own idle timer only backs ours up (cmcd/api/frontdoor.py): it can never fire first
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                     keepalive_timeout=api.keepalive_timeout + api.header_timeout + 1)  # fmt: skip
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self.tls, backlog=512)
-        await site.start()
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
-        log.info("event=api_listening listen=%s port=%d", self.config.api.listen, self.port)
+        server = self._runner.server
+        assert server is not None
+        self._front = FrontDoor(self.door, self.tls, server, lambda: self.config.api)
+        self.port = await self._front.start(host, port, backlog=512)
+        log.info(
+            "event=api_listening listen=%s port=%d max_connections=%d max_connections_per_ip=%d "
+            "max_request_bytes=%d",
+            api.listen, self.port, self.door.max_total, self.door.max_per_ip, self.config.api_max_request_bytes(),
+        )  # fmt: skip
 
     def reload_certificate(self) -> None:
         """SIGHUP: new connections get the certificate now on disk."""
@@ -166,6 +199,9 @@ class ApiServer:
                                  str(self.config.path(self.config.smtp.tls_key)))  # fmt: skip
 
     async def close(self) -> None:
+        if self._front is not None:
+            await self._front.close()
+            self._front = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -176,10 +212,24 @@ class ApiServer:
     async def _errors(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        response = await self._respond(request, handler)
-        resource = request.match_info.route.resource
-        self.service.stats.api_request(resource.canonical if resource is not None else "unmatched", response.status)
-        await self._write_response(request, response)
+        transport = request.transport
+        conn = transport.get_protocol() if transport is not None else None
+        if isinstance(conn, Connection):
+            conn.request_started()  # the headers are in: no header timer while it is handled
+        try:
+            response = await self._respond(request, handler)
+            if request.get(_CLOSE):
+                response.force_close()
+            resource = request.match_info.route.resource
+            self.service.stats.api_request(resource.canonical if resource is not None else "unmatched", response.status)
+            await self._write_response(request, response)
+        finally:
+            held = request.get(_HELD_BYTES, 0)
+            if held:  # the body is parsed, refused or spooled: its bytes leave the budget
+                self.service.data_budget.release(held)
+                request[_HELD_BYTES] = 0
+            if isinstance(conn, Connection):
+                conn.request_done()
         return response
 
     async def _write_response(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -212,7 +262,9 @@ class ApiServer:
         except Problem as problem:
             return problem.response()
         except web.HTTPRequestEntityTooLarge:
-            return Problem(413, "too-large", f"request body over {self.config.api.max_request_size} bytes").response()
+            return Problem(
+                413, "too-large", f"request body over {self.config.api_max_request_bytes()} bytes"
+            ).response()
         except web.HTTPMethodNotAllowed as exc:
             p = Problem(
                 405, "method", f"{request.method} is not allowed here; use {', '.join(sorted(exc.allowed_methods))}"
@@ -232,8 +284,9 @@ class ApiServer:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         return str(peer[0]) if peer else "?"
 
-    async def caller(self, request: web.Request, need: str) -> ApiCaller:
-        """The authenticated caller (Authorization: Bearer API key or session token), allowed NEED."""
+    async def caller(self, request: web.Request, need: str | None) -> ApiCaller:
+        """The authenticated caller (Authorization: Bearer API key or session token), allowed NEED
+        (None: any role)."""
         ip = self._client_ip(request)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
@@ -252,29 +305,82 @@ class ApiServer:
             if self.service.auth_throttled(ip):
                 raise Problem(429, "throttled", "too many failed logins from your address; try again later")
             self.service.note_auth_failure(ip)
-            self.service.log_login(LoginRecord(self.clock(), token[:16], ip, "API", "fail", None, "bad token"))
+            self.service.log_login(LoginRecord(self.clock(), _token_name(token), ip, "API", "fail", None, "bad token"))
             p = Problem(401, "unauthenticated", "the API key or session token is unknown, revoked or expired")
             p.headers["WWW-Authenticate"] = 'Bearer realm="cmcd", error="invalid_token"'
             raise p
-        if need not in PERMISSIONS.get(caller.role, set()):
+        if need is not None and need not in PERMISSIONS.get(caller.role, set()):
             raise Problem(403, "forbidden", f"a {caller.role} credential may not {need}; it needs the "
                           f"{'sender or admin' if need == 'send' else 'viewer or admin' if need == 'read' else 'admin'} role")  # fmt: skip
         return caller
 
-    async def read_json(self, request: web.Request, limit: int | None = None) -> tuple[Any, bytes]:
-        """The JSON body (at most LIMIT bytes, else api.max_request_size); a large one is parsed on a
-        worker thread so the event loop keeps serving SMTP meanwhile."""
+    async def read_json(self, request: web.Request, limit: int | None = None) -> tuple[Any, bytearray]:
+        """The JSON body (read_body: at most LIMIT bytes, else the API's request limit); a large one
+        is parsed on a worker thread so the event loop keeps serving SMTP meanwhile."""
         ctype = request.content_type
         if ctype != "application/json":
             raise Problem(415, "media-type", "send the request body as application/json")
-        if limit is not None and (request.content_length or 0) > limit:
-            raise Problem(413, "too-large", f"request body over {limit} bytes")
-        raw = await request.read() if limit is None else await request.content.read(limit + 1)
-        if limit is not None and len(raw) > limit:
-            raise Problem(413, "too-large", f"request body over {limit} bytes")
+        raw = await self.read_body(request, limit)
         if len(raw) > LARGE_BODY:
             return await asyncio.get_running_loop().run_in_executor(None, _parse_json, raw), raw
         return _parse_json(raw), raw
+
+    async def read_body(self, request: web.Request, limit: int | None = None) -> bytearray:
+        """The request body, read under three bounds, each checked before the bytes it concerns are read:
+
+        - size: a Content-Length over LIMIT (else Config.api_max_request_bytes) gets 413 before any
+          body byte is read; a chunked body is counted as it arrives and refused at the limit;
+        - memory: the body is held in the daemon's one budget for message bytes in flight
+          (smtp.max_data_in_flight, shared with SMTP DATA) until the response is written, each
+          byte weighing JSON_BODY_WEIGHT (its copies while parsed and composed); a body that does
+          not fit, declared or as it arrives, gets 503 with Retry-After instead;
+        - time: each read must bring bytes within api.body_timeout (progress, as nginx's
+          client_body_timeout), else the connection is reset.
+
+        A refusal closes the connection after its response (aiohttp reads and drops what the
+        client still sends for a few seconds, so that the client sees the answer)."""
+        limit = limit if limit is not None else self.config.api_max_request_bytes()
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise _closing(request, Problem(413, "too-large", f"request body over {limit} bytes"))
+        budget = self.service.data_budget
+        held = request.get(_HELD_BYTES, 0)
+
+        def take(n: int) -> None:
+            nonlocal held
+            if not budget.room_for(n):
+                log.warning("event=data_budget_exceeded door=api client_ip=%s in_flight=%d wanted=%d",
+                            self._client_ip(request), budget.held_bytes, n)  # fmt: skip
+                p = Problem(503, "try-later", "cmcd holds as many message bytes as it may now; try again later",
+                            smtp="452 4.3.1 Insufficient system storage; try again later")  # fmt: skip
+                p.headers["Retry-After"] = BUSY_RETRY_AFTER
+                raise _closing(request, p)
+            budget.hold(n)
+            held += n
+            request[_HELD_BYTES] = held
+
+        reserved = declared or 0
+        take(reserved * JSON_BODY_WEIGHT)  # whole, before the first byte: concurrent bodies cannot all pass
+        buf = bytearray()
+        timeout_s = self.config.api.body_timeout
+        while True:
+            try:
+                chunk = await asyncio.wait_for(request.content.readany(), timeout_s)
+            except TimeoutError:
+                self.door.timed_out("body")
+                log.info("event=api_timeout phase=body client_ip=%s bytes=%d", self._client_ip(request), len(buf))
+                if request.transport is not None:
+                    writeguard.reset(request.transport)
+                raise Problem(408, "timeout", f"no body bytes within {timeout_s:g}s") from None
+            if not chunk:
+                break
+            if len(buf) + len(chunk) > limit:
+                raise _closing(request, Problem(413, "too-large", f"request body over {limit} bytes"))
+            if len(buf) + len(chunk) > reserved:  # chunked, or more than declared (aiohttp stops that)
+                take((len(buf) + len(chunk) - reserved) * JSON_BODY_WEIGHT)
+                reserved = len(buf) + len(chunk)
+            buf += chunk
+        return buf  # not bytes(buf): one copy fewer of a body that may be large
 
     async def log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:
         # to the store, or to the spool's outbox when the store cannot take it: never dropped
@@ -295,7 +401,14 @@ class ApiServer:
         return web.Response(body=self._openapi, content_type="application/json")
 
     async def _post_session(self, request: web.Request) -> web.Response:
-        """A tenant admin's login: password + TOTP code (or a recovery code) -> a session token."""
+        """A tenant admin's login: password + TOTP code (or a recovery code) -> a session token.
+
+        Every failed login gets one answer (_login_failed: the same status and body), whatever was
+        wrong (unknown login, wrong password, missing, wrong or reused code, not an admin, no TOTP,
+        disabled, paused for bad codes), after the same work: one scrypt computation (a dummy hash
+        for an unknown login), the same store reads and one code check (a dummy secret without an
+        enrolment). What was wrong goes to the login log only.
+        """
         ip = self._client_ip(request)
         if self.service.auth_throttled(ip):
             raise Problem(429, "throttled", "too many failed logins from your address; try again later")
@@ -318,48 +431,57 @@ class ApiServer:
             or (otp is None) == (recovery is None)
         ):
             raise Problem(422, "invalid", 'give exactly one of "otp" (the 6-digit code) or "recovery_code"')
-        sender = await self.service.authenticate(login, password, ip, "API-SESSION", log_ok=False)
-        if not isinstance(sender, Sender):
-            status = 429 if sender.startswith("421") else 401
-            raise Problem(
-                status, "login-failed", "login failed" if status == 401 else "too many failed logins; try later"
-            )
-        user = await self.astore.call(self.store.user, sender.tenant, login)
+        user, password_ok = await self.service.check_password(login, password, ip)
+        state = await self.astore.call(self.store.otp_state, user.id if user is not None else 0)
+        enrolled = state is not None and state[1]
+        secret, recovery_digests, last_step = _NO_SECRET, list[str](), 0
+        if state is not None and enrolled:
+            secret, _, recovery_digests, last_step = state
         now = self.clock()
-        if self._otp_failures.count(user.id, now) >= OTP_FAIL_LIMIT:
-            # per user, whatever the address: the password is known to whoever gets here
-            self.service.log_login(LoginRecord(now, login, ip, "API-SESSION", "throttled", user.tenant_id,
-                                               "too many bad one-time codes"))  # fmt: skip
-            raise Problem(429, "login-failed", "too many bad one-time codes for this user; try again later")
-        state = await self.astore.call(self.store.otp_state, user.id)
-        detail = ""
-        ok = False
-        if user.role == "admin" and state is not None and state[1]:
-            secret, _, _, last_step = state
-            if otp is not None:
-                step = totp.verify(secret, otp, self.clock(), last_step)
-                ok = step is not None and await self.astore.call(self.store.otp_use_step, user.id, step)
-                detail = "" if ok else "bad or reused one-time code"
-            else:
-                assert recovery is not None
-                ok = await self.astore.call(self.store.otp_use_recovery, user.id, totp.hash_recovery(recovery))
-                detail = "recovery code used" if ok else "bad recovery code"
-        else:
+        step = totp.verify(secret, otp, now, last_step) if otp is not None else None
+        recovery_digest = totp.hash_recovery(recovery) if recovery is not None else ""
+        recovery_ok = sum(hmac.compare_digest(h, recovery_digest) for h in recovery_digests) > 0
+        paused = user is not None and self._otp_failures.count(user.id, now) >= OTP_FAIL_LIMIT
+        if user is None or not password_ok:
+            detail = "unknown login" if user is None else "bad password"
+        elif not user.enabled:
+            detail = "disabled"
+        elif user.role != "admin" or not enrolled:
             detail = "not a tenant admin with TOTP enrolled"
-        if not ok:
+        elif paused:  # per user, whatever the address: the password is known to whoever gets here
+            detail = "paused: too many bad one-time codes"
+        elif otp is not None:
+            ok = step is not None and await self.astore.call(self.store.otp_use_step, user.id, step)
+            detail = "" if ok else "bad or reused one-time code"
+        else:
+            ok = recovery_ok and await self.astore.call(self.store.otp_use_recovery, user.id, recovery_digest)
+            detail = "recovery code used" if ok else "bad recovery code"
+        if user is None or detail not in ("", "recovery code used"):
             self.service.note_auth_failure(ip)
-            self._otp_failures.add(user.id, now)
-            self.service.log_login(LoginRecord(self.clock(), login, ip, "API-SESSION", "fail", user.tenant_id, detail))
-            raise Problem(
-                401,
-                "login-failed",
-                "login failed: a tenant admin with TOTP enrolled, and a valid one-time code, is needed",
-            )
-        token = "cms_" + secrets.token_urlsafe(32)
+            self.service.stats.authenticated(False, throttled=False)
+            if user is not None and password_ok and not paused:
+                self._otp_failures.add(user.id, now)
+            result = "throttled" if detail.startswith("paused") else "fail"
+            tenant_id = user.tenant_id if user is not None else None
+            self.service.log_login(LoginRecord(now, login, ip, "API-SESSION", result, tenant_id, detail))
+            raise _login_failed()
+        self.service.stats.authenticated(True, throttled=False)
+        token = SESSION_PREFIX + secrets.token_urlsafe(32)
         expires = self.clock() + self.config.api.session_ttl
         await self.astore.call(self.store.session_add, token, user.id, user.tenant_id, expires)
         self.service.log_login(LoginRecord(self.clock(), login, ip, "API-SESSION", "ok", user.tenant_id, detail))
         return web.json_response({"token": token, "expires": iso(expires)}, status=201)
+
+    async def _delete_session(self, request: web.Request) -> web.Response:
+        """Sign-out: the session token presented ends now (the console's sign-out)."""
+        caller = await self.caller(request, None)
+        if not caller.credential.startswith("session:"):
+            raise Problem(400, "not-a-session", "sign out with a session token; an API key is revoked with "
+                          "DELETE /v1/apikeys/{key_id}")  # fmt: skip
+        token = request.headers["Authorization"].partition(" ")[2].strip()
+        await self.astore.call(self.store.session_end, token)
+        await self.log_op(caller, "api.sessions.delete", caller.credential, None)
+        return web.Response(status=204)
 
     # -- endpoints: sending --------------------------------------------------------------------
 
@@ -374,7 +496,10 @@ class ApiServer:
         action = "api.emails.bulk" if bulk else "api.emails.send"
         key = request.headers.get("Idempotency-Key")
         body, raw = await self.read_json(request)
-        request_hash = hashlib.sha256(f"{request.method} {request.path}\n".encode() + raw).digest()
+        digest = hashlib.sha256(f"{request.method} {request.path}\n".encode())
+        digest.update(raw)  # not prefix + raw: that would copy the body once more
+        request_hash = digest.digest()
+        del raw  # parsed and hashed: its memory is not needed while the messages are built
         slot: tuple[int, str] | None = None
         if key is not None:
             if not _IDEMPOTENCY_KEY.match(key):
@@ -574,7 +699,7 @@ class ApiServer:
         return _page(request, out, rows[-1]["id"] if len(rows) == limit else None)
 
 
-def _parse_json(raw: bytes) -> Any:
+def _parse_json(raw: bytes | bytearray) -> Any:
     try:
         body = json.loads(raw)
         if _SURROGATE_ESCAPE.search(raw):  # valid pairs decode to one character; a lone one stays
@@ -583,6 +708,12 @@ def _parse_json(raw: bytes) -> Any:
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # UnicodeEncodeError: a lone surrogate
         detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise Problem(400, "bad-json", f"the body is not valid JSON: {detail}") from None
+
+
+def _closing(request: web.Request, problem: Problem) -> Problem:
+    """PROBLEM, after which REQUEST's connection closes (the body it refused is not read)."""
+    request[_CLOSE] = True
+    return problem
 
 
 def _known(query: Any, allowed: set[str]) -> None:
@@ -601,12 +732,22 @@ def _address_problem(address: str) -> str | None:
     return None
 
 
-def _cell(value: Any) -> Any:
-    """A CSV cell a spreadsheet will not run as a formula (remote replies and addresses are
-    outsiders' text): a leading = + - @ tab or CR gets a quote in front."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
+def _login_failed() -> Problem:
+    """The one answer to every failed login on POST /v1/sessions."""
+    return Problem(401, "login-failed", "login failed: a tenant admin's login, password and a valid one-time code "
+                   "(or recovery code) are needed")  # fmt: skip
+
+
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+def _token_name(token: str) -> str:
+    """What the login log may say about a token that did not authenticate: the key id of an API
+    key ("cmk_<id>", public: it is listed and used to revoke the key), never a byte of a
+    secret; "" for a session token or anything else."""
+    key_id = split_api_key(token)
+    return f"{KEY_PREFIX}{key_id}" if key_id is not None and _KEY_ID.fullmatch(key_id) else ""
 
 
 def _page(request: web.Request, rows: list[dict[str, Any]], last_id: int | None) -> web.StreamResponse:
@@ -619,11 +760,11 @@ def _page(request: web.Request, rows: list[dict[str, Any]], last_id: int | None)
     if fmt != "csv":
         raise Problem(400, "bad-parameter", "format: expected json or csv", extra={"field": "format"})
     buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\r\n")
-        w.writeheader()
+    if rows:  # through the one CSV writer: remote replies and addresses are outsiders' text
+        w = CsvWriter(buf)
+        w.writerow(rows[0])
         for r in rows:
-            w.writerow({k: _cell(",".join(v) if isinstance(v, list) else v) for k, v in r.items()})
+            w.writerow(r.values())
     headers = {}
     if cursor:
         query = dict(request.query)

@@ -16,7 +16,12 @@ delivery.connect_rate_limit a second. In-process timers (dead sites, rates) use 
 clock; retry and lifetime times are stored, so they are wall-clock times (etc/cmcd.toml).
 
 Every claimed recipient yields exactly one Result; results are written to the spool in
-batches (one transaction per batch, bounces and body erasure included).
+batches (one transaction per batch, bounces and body erasure included). The window in which a
+kill -9 causes a duplicate is the remote's 250 to that commit, so it is kept short: a result
+starts a write at once unless one is already waiting for the writer thread, and that waiting
+write takes every result that arrived until the writer thread runs it (never a batch fixed
+while an earlier one was still being written). What remains is the writer thread's current
+work and the fsync of the outcome's own commit (commit_window_ms, in `cmcctl status`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import functools
 import logging
 import math
 import random
+import sqlite3
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,7 +46,7 @@ from cmcd.deliver.routing import Route, Router
 from cmcd.policy import Outcome
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import Spool
-from cmcd.queue.work import Due, Job, Result, apply_results, checkpoint, read_body
+from cmcd.queue.work import ApplyReport, Due, Job, Result, apply_results, checkpoint, read_body
 from cmcd.stats import DELIVERY_BUCKETS_S, Histogram
 from cmcd.store.suppressions import Suppressions
 from cmcd.submit.headers import count_received
@@ -122,8 +129,15 @@ class DeliveryEngine:
         self.connections = 0
         self._starved: deque[Site] = deque()
         self._resolving: dict[str, list[Job]] = {}
+        #: outcomes not yet handed to the writer thread, and when each was known (mono); the writer
+        #: thread takes them (under the lock) when it runs the write that is waiting for it
         self._results: list[Result] = []
-        self._flushing: asyncio.Task[None] | None = None
+        self._stamps: list[float] = []
+        self._results_lock = threading.Lock()
+        self._write_waiting = False  # a write is queued on the writer thread and has not started
+        self._write_paused = False  # a write failed: the next one waits for its retry
+        self._writes: set[asyncio.Task[None]] = set()
+        self.commit_windows: deque[float] = deque(maxlen=20000)  # seconds, remote reply to outcome committed
         self._tasks: set[asyncio.Task[None]] = set()
         self._erased = False
         self._checkpointer: asyncio.Task[None] | None = None
@@ -152,10 +166,12 @@ class DeliveryEngine:
         if self._checkpointer is not None:
             self._checkpointer.cancel()
             await asyncio.gather(self._checkpointer, return_exceptions=True)
-        while self._flushing is not None and not self._flushing.done():
-            await asyncio.gather(self._flushing, return_exceptions=True)
-        if self._results:
-            await self._flush()
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        if self._results:  # a write failed and its retry was cancelled: one last try
+            self._write_paused = False
+            self._start_write()
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -186,6 +202,14 @@ class DeliveryEngine:
     def dead_sites(self) -> int:
         now = self.mono()
         return sum(1 for s in self.sites.values() if s.dead_until > now)
+
+    def commit_window_ms(self) -> dict[str, float]:
+        """Remote reply to outcome committed, over the last results: p50, p99, max (milliseconds)."""
+        w = sorted(self.commit_windows)
+        if not w:
+            return {"n": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
+        pick = lambda q: round(w[min(len(w) - 1, int(q * len(w)))] * 1000, 2)  # noqa: E731
+        return {"n": len(w), "p50": pick(0.5), "p99": pick(0.99), "max": round(w[-1] * 1000, 2)}
 
     def erased(self) -> None:
         """A body was deleted outside the engine (an operator's delete): checkpoint soon."""
@@ -536,37 +560,65 @@ class DeliveryEngine:
         self.counts[result.state] = self.counts.get(result.state, 0) + 1
         if result.state != "deferred":
             self.delivery_seconds.observe(self.clock() - result.job.received)
-        self._results.append(result)
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
+        with self._results_lock:
+            self._results.append(result)
+            self._stamps.append(self.mono())
+            if self._write_waiting or self._write_paused:
+                return  # the waiting write takes this one too
+            self._write_waiting = True
+        self._start_write(queued=True)
 
-    async def _flush_loop(self) -> None:
-        while self._results:
-            await self._flush()
+    def _start_write(self, *, queued: bool = False) -> None:
+        if not queued:
+            with self._results_lock:
+                if self._write_waiting or not self._results:
+                    return
+                self._write_waiting = True
+        task = asyncio.get_running_loop().create_task(self._write(self.dsn_off()))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
-    async def _flush(self) -> None:
-        batch, self._results = self._results, []
+    async def _write(self, dsn_off: frozenset[int]) -> None:
         try:
-            report = await self.spool.call(
-                functools.partial(
-                    apply_results,
-                    keys=self.spool.keys,
-                    results=batch,
-                    now=self.clock(),
-                    hostname=self.config.server.hostname,
-                    ids=self.ids,
-                    dsn_off=self.dsn_off(),
-                )
-            )
-        except Exception:
-            log.exception("event=results_write_failed results=%d", len(batch))
-            self._results[:0] = batch  # keep them; the next flush tries again
+            batch, stamps, report, done = await self.spool.call(functools.partial(self._write_now, dsn_off=dsn_off))
+        except Exception as exc:
+            log.error("event=results_write_failed error=%r", str(exc))  # the results wait for the retry
+            if self._closing:
+                return  # close() makes the last try
+            self._write_paused = True
             await asyncio.sleep(1.0)
+            self._write_paused = False
+            self._start_write()
             return
+        if not batch:
+            return
+        self.commit_windows.extend(done - t for t in stamps)
         self.release(len(batch))
         self.wake()  # a deferral may now be the earliest due time, and a bounce is new work
         if report.finished:
             self._erased = True
+
+    def _write_now(
+        self, conn: sqlite3.Connection, *, dsn_off: frozenset[int]
+    ) -> tuple[list[Result], list[float], ApplyReport | None, float]:
+        """On the writer thread: every result known by now, in one transaction; returns them, their
+        stamps, the report and the time the commit returned (the outcome is durable from then)."""
+        with self._results_lock:
+            batch, stamps = self._results, self._stamps
+            self._results, self._stamps = [], []
+            self._write_waiting = False  # from here on a new result needs a write of its own
+        if not batch:
+            return batch, stamps, None, 0.0
+        try:
+            report = apply_results(
+                conn, self.spool.keys, batch, now=self.clock(), hostname=self.config.server.hostname,
+                ids=self.ids, dsn_off=dsn_off,
+            )  # fmt: skip
+        except BaseException:
+            with self._results_lock:  # rolled back: they go first in the next write
+                self._results[:0], self._stamps[:0] = batch, stamps
+            raise
+        return batch, stamps, report, self.mono()
 
     async def _checkpoint_loop(self) -> None:
         """Bodies are deleted with secure_delete; a checkpoint then moves the zeroed pages out of the WAL."""

@@ -2,7 +2,8 @@
 
 Pure: builds bytes from what the queue knows. The report carries the original message's
 header block only (RFC 3462 text/rfc822-headers), never its body, so a bounce cannot leak
-content to a forged sender and stays small.
+content to a forged sender and stays small. The report quotes remote replies, which echo the
+recipient: it is queued like any message, its body encrypted in the spool.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def show(conn: sqlite3.Connection, keys: DataKeys, queue_id: str, tenant_id: int
     if m is None:
         raise NotFound(f"no message {queue_id!r} in the queue")
     rcpts = conn.execute(
-        "SELECT rcpt_enc, domain, state, attempts, next_attempt, last_response FROM recipients "
+        "SELECT rcpt_enc, domain, state, attempts, next_attempt, last_response_enc FROM recipients "
         "WHERE queue_id = ? ORDER BY id",
         (queue_id,),
     ).fetchall()
@@ -109,7 +109,7 @@ def show(conn: sqlite3.Connection, keys: DataKeys, queue_id: str, tenant_id: int
                 "state": r[2],
                 "attempts": r[3],
                 "next_attempt": r[4],
-                "last_response": r[5],
+                "last_response": keys.open_text(r[5]),
             }
             for r in rcpts
         ],
@@ -218,7 +218,7 @@ def release(conn: sqlite3.Connection, now: float, *, queue_id: str | None = None
         )
 
 
-def delete(conn: sqlite3.Connection, now: float, queue_id: str, tenant_id: int | None = None) -> int:
+def delete(conn: sqlite3.Connection, keys: DataKeys, now: float, queue_id: str, tenant_id: int | None = None) -> int:
     """Erase a message: every recipient not yet final is logged deleted-by-operator, then the body
     and rows are deleted (secure_delete overwrites them). Returns the recipients it ended."""
     conn.execute("BEGIN IMMEDIATE")
@@ -228,6 +228,7 @@ def delete(conn: sqlite3.Connection, now: float, queue_id: str, tenant_id: int |
             "SELECT tenant_id, sender_enc, sender_hmac, size_bytes, received, message_id FROM messages WHERE queue_id = ?",
             (qids[0],),
         ).fetchone()
+        reply = keys.seal_text("deleted by operator")
         rcpts = conn.execute(
             "SELECT id, rcpt_enc, rcpt_hmac, domain, attempts FROM recipients "
             "WHERE queue_id = ? AND state IN ('queued', 'deferred', 'inflight', 'held')",
@@ -237,7 +238,7 @@ def delete(conn: sqlite3.Connection, now: float, queue_id: str, tenant_id: int |
             INSERT_EVENT,
             [
                 (f"{queue_id}:{r[0]}:{r[4]}:deleted", now, m[0], queue_id, "deleted-by-operator", m[1], m[2], r[1],
-                 r[2], r[3], "deleted", "deleted by operator", r[4], "", "", "", max(0.0, now - m[4]), m[3], m[5], 0)
+                 r[2], r[3], "deleted", reply, r[4], "", "", "", max(0.0, now - m[4]), m[3], m[5], 0)
                 for r in rcpts
             ],
         )  # fmt: skip

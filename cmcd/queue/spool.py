@@ -5,6 +5,10 @@ mode, which fsyncs the WAL before commit() returns: the body and its rows surviv
 and power loss together, or neither exists. One writer thread owns the connection; every
 commit request that is waiting when it finishes the previous transaction goes into the next
 one, so concurrent sessions share one fsync. Never speaks SMTP, never reads the store.
+
+Everything that can hold an address is encrypted under the data key: addresses (with an HMAC
+index), bodies (DSNs too), and remote replies (recipients.last_response_enc, events.response_enc),
+which echo the recipient. The plaintext reply columns of older spools stay, always empty.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ CREATE TABLE IF NOT EXISTS recipients (
     state TEXT NOT NULL DEFAULT 'queued',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
-    last_response TEXT NOT NULL DEFAULT '',
+    last_response TEXT NOT NULL DEFAULT '',  -- always empty: the reply is in last_response_enc
     last_mx TEXT NOT NULL DEFAULT '',
-    notify INTEGER NOT NULL DEFAULT 0  -- 1: bounced or expired, and the sender's DSN is still to be queued
+    notify INTEGER NOT NULL DEFAULT 0,  -- 1: bounced or expired, and the sender's DSN is still to be queued
+    last_response_enc BLOB  -- the last reply, AES-256-GCM under the data key (it echoes the address)
 );
 CREATE INDEX IF NOT EXISTS recipients_queue ON recipients(queue_id);
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
@@ -75,7 +80,7 @@ CREATE TABLE IF NOT EXISTS events (
     rcpt_hmac BLOB NOT NULL,
     rcpt_domain TEXT NOT NULL,
     status TEXT NOT NULL,
-    response TEXT NOT NULL,
+    response TEXT NOT NULL,  -- always empty: the reply is in response_enc
     attempt INTEGER NOT NULL DEFAULT 0,
     mx TEXT NOT NULL DEFAULT '',
     ip TEXT NOT NULL DEFAULT '',
@@ -83,7 +88,8 @@ CREATE TABLE IF NOT EXISTS events (
     delay REAL NOT NULL DEFAULT 0,
     size INTEGER NOT NULL DEFAULT 0,
     message_id TEXT NOT NULL DEFAULT '',
-    suppress INTEGER NOT NULL DEFAULT 0  -- 1: the store adds the recipient to the tenant's suppression list
+    suppress INTEGER NOT NULL DEFAULT 0,  -- 1: the store adds the recipient to the tenant's suppression list
+    response_enc BLOB  -- the reply, encrypted like last_response_enc; shipped to the store as it is
 );
 CREATE TABLE IF NOT EXISTS audit_events (
     -- outbox of login and operation-log rows the store could not take when they happened (cmcd/queue/audit.py)
@@ -120,11 +126,12 @@ CREATE TABLE IF NOT EXISTS meta (
 #: columns added after the first release, for a spool written by an older cmcd
 _ADDED_COLUMNS = {
     "messages": ("message_id TEXT NOT NULL DEFAULT ''", "held INTEGER NOT NULL DEFAULT 0"),
-    "recipients": ("last_mx TEXT NOT NULL DEFAULT ''", "notify INTEGER NOT NULL DEFAULT 0"),
+    "recipients": ("last_mx TEXT NOT NULL DEFAULT ''", "notify INTEGER NOT NULL DEFAULT 0", "last_response_enc BLOB"),
     "events": (
         "attempt INTEGER NOT NULL DEFAULT 0", "mx TEXT NOT NULL DEFAULT ''", "ip TEXT NOT NULL DEFAULT ''",
         "tls TEXT NOT NULL DEFAULT ''", "delay REAL NOT NULL DEFAULT 0", "size INTEGER NOT NULL DEFAULT 0",
         "message_id TEXT NOT NULL DEFAULT ''", "suppress INTEGER NOT NULL DEFAULT 0", "tags TEXT NOT NULL DEFAULT ''",
+        "response_enc BLOB",
     ),
 }  # fmt: skip
 
@@ -134,19 +141,44 @@ FINAL = ("delivered", "bounced", "expired", "suppressed", "deleted", "lost")  # 
 
 EVENT_COLUMNS = (
     "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac", "rcpt_enc", "rcpt_hmac",
-    "rcpt_domain", "status", "response", "attempt", "mx", "ip", "tls", "delay", "size", "message_id", "suppress",
+    "rcpt_domain", "status", "response_enc", "attempt", "mx", "ip", "tls", "delay", "size", "message_id", "suppress",
 )  # fmt: skip
 _EVENT_COLUMNS = ", ".join(EVENT_COLUMNS)
 _EVENT_MARKS = ", ".join("?" * len(EVENT_COLUMNS))
-INSERT_EVENT = f"INSERT INTO events({_EVENT_COLUMNS}) VALUES ({_EVENT_MARKS})"
+# the plaintext response column of older spools has no default: it is written empty
+INSERT_EVENT = f"INSERT INTO events({_EVENT_COLUMNS}, response) VALUES ({_EVENT_MARKS}, '')"
 
 
-def _upgrade(conn: sqlite3.Connection) -> None:
+def _upgrade(conn: sqlite3.Connection, keys: DataKeys) -> None:
     for table, columns in _ADDED_COLUMNS.items():
         have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
         for column in columns:
             if column.split()[0] not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    if _seal_replies(conn, keys):
+        # secure_delete zeroed the old values in the file; their old pages in the WAL go too
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _seal_replies(conn: sqlite3.Connection, keys: DataKeys) -> int:
+    """Encrypt the plaintext replies a spool written by an older cmcd holds (one transaction, once:
+    meta replies_sealed marks a spool whose replies are all encrypted)."""
+    rewritten = 0
+    with transaction(conn):
+        if conn.execute("SELECT 1 FROM meta WHERE key = 'replies_sealed'").fetchone() is not None:
+            return 0
+        conn.execute("INSERT INTO meta(key, value) VALUES ('replies_sealed', '1')")
+        for table, plain, sealed in (("recipients", "last_response", "last_response_enc"),
+                                     ("events", "response", "response_enc")):  # fmt: skip
+            rows = conn.execute(f"SELECT id, {plain} FROM {table} WHERE {plain} != ''").fetchall()
+            conn.executemany(
+                f"UPDATE {table} SET {sealed} = ?, {plain} = '' WHERE id = ?",
+                [(keys.seal_text(str(text)), row_id) for row_id, text in rows],
+            )
+            rewritten += len(rows)
+    return rewritten
 
 
 def take_events(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
@@ -175,7 +207,7 @@ def insert_messages(conn: sqlite3.Connection, k: DataKeys, messages: list[SpoolM
             rcpts.append((m.queue_id, rcpt_enc, rcpt_hmac, r.domain, m.received_ts))
             events.append(
                 (f"{m.queue_id}:{n}:accepted", m.received_ts, m.tenant_id, m.queue_id, "accepted", sender_enc,
-                 sender_hmac, rcpt_enc, rcpt_hmac, r.domain, "queued", "", 0, "", "", "", 0.0, len(m.body),
+                 sender_hmac, rcpt_enc, rcpt_hmac, r.domain, "queued", None, 0, "", "", "", 0.0, len(m.body),
                  m.message_id, 0, ",".join(m.tags))
             )  # fmt: skip
     conn.executemany(
@@ -186,7 +218,7 @@ def insert_messages(conn: sqlite3.Connection, k: DataKeys, messages: list[SpoolM
     conn.executemany(
         "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, next_attempt) VALUES (?,?,?,?,?)", rcpts
     )
-    conn.executemany(f"INSERT INTO events({_EVENT_COLUMNS}, tags) VALUES ({_EVENT_MARKS}, ?)", events)
+    conn.executemany(f"INSERT INTO events({_EVENT_COLUMNS}, tags, response) VALUES ({_EVENT_MARKS}, ?, '')", events)
 
 
 def add_daily_counts(conn: sqlite3.Connection, counts: dict[tuple[int, str], int]) -> None:
@@ -269,7 +301,7 @@ class Spool:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA secure_delete=ON")
         self._conn.executescript(SCHEMA)
-        _upgrade(self._conn)
+        _upgrade(self._conn, keys)
         #: called on the event loop after each group of messages is committed (wakes the scheduler)
         self.on_commit: Callable[[], None] | None = None
         self._jobs: queue.SimpleQueue[_Commit | _Call | None] = queue.SimpleQueue()

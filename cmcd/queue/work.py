@@ -2,7 +2,8 @@
 
 Every function here takes the writer connection and runs on the spool's writer thread
 (through Spool.call), so a claim, a batch of outcomes, the bounces they cause and the
-erasure of a finished body are each one transaction.
+erasure of a finished body are each one transaction. A remote reply is encrypted once here and
+the same ciphertext kept on the recipient row and in its outbox event (a reply echoes the address).
 """
 
 from __future__ import annotations
@@ -169,12 +170,13 @@ def apply_results(
         for r in results:
             job, due = r.job, r.due
             attempt = due.attempts + (0 if r.state == "suppressed" else 1)
+            reply = keys.seal_text(r.response)
             if r.state == "deferred":
                 cur = conn.execute(
                     "UPDATE recipients SET state = CASE WHEN (SELECT held FROM messages WHERE queue_id = ?) "
-                    "THEN 'held' ELSE 'deferred' END, attempts = ?, next_attempt = ?, last_response = ?, last_mx = ? "
-                    "WHERE id = ? AND state = 'inflight'",
-                    (job.queue_id, attempt, r.next_attempt, r.response, r.mx, due.rid),
+                    "THEN 'held' ELSE 'deferred' END, attempts = ?, next_attempt = ?, last_response_enc = ?, "
+                    "last_mx = ? WHERE id = ? AND state = 'inflight'",
+                    (job.queue_id, attempt, r.next_attempt, reply, r.mx, due.rid),
                 )
             else:
                 # a bounce is reported to a real sender (not for a bounce itself: those are dropped and logged)
@@ -182,9 +184,9 @@ def apply_results(
                 if r.state in ("bounced", "expired") and not job.sender:
                     log.warning("event=bounce_dropped queue_id=%s response=%r", job.queue_id, r.response)
                 cur = conn.execute(
-                    "UPDATE recipients SET state = ?, attempts = ?, last_response = ?, last_mx = ?, notify = ? "
+                    "UPDATE recipients SET state = ?, attempts = ?, last_response_enc = ?, last_mx = ?, notify = ? "
                     "WHERE id = ? AND state = 'inflight'",
-                    (r.state, attempt, r.response, r.mx, notify, due.rid),
+                    (r.state, attempt, reply, r.mx, notify, due.rid),
                 )
             if cur.rowcount != 1:
                 log.warning("event=result_dropped queue_id=%s state=%s reason=not_inflight", job.queue_id, r.state)
@@ -195,7 +197,7 @@ def apply_results(
                 (f"{job.queue_id}:{due.rid}:{attempt}:{r.state}", now, job.tenant_id, job.queue_id, r.state,
                  job.sender_enc or keys.encrypt(job.sender), job.sender_hmac or keys.index(job.sender),
                  due.enc or keys.encrypt(due.address), due.hmac or keys.index(due.address),
-                 due.domain or job.domain, r.state, r.response, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
+                 due.domain or job.domain, r.state, reply, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
                  job.message_id, 1 if r.suppress else 0)
             )  # fmt: skip
         conn.executemany(INSERT_EVENT, events)
@@ -217,7 +219,7 @@ def _queue_bounces(
     messages = []
     for qid in qids:
         rows = conn.execute(
-            "SELECT id, rcpt_enc, state, last_response, last_mx FROM recipients WHERE queue_id = ? "
+            "SELECT id, rcpt_enc, state, last_response_enc, last_mx FROM recipients WHERE queue_id = ? "
             "AND (notify = 1 OR state = 'inflight')",
             (qid,),
         ).fetchall()
@@ -233,7 +235,9 @@ def _queue_bounces(
             sender=sender,
             arrival=m[3],
             now=now,
-            recipients=[dsn.failed(keys.decrypt(bytes(r[1])), r[3], r[4], r[2] == "expired") for r in rows],
+            recipients=[
+                dsn.failed(keys.decrypt(bytes(r[1])), keys.open_text(r[3]), r[4], r[2] == "expired") for r in rows
+            ],
             headers=dsn.original_headers(keys.decrypt_bytes(bytes(m[4]), qid.encode())),
         )
         conn.executemany("UPDATE recipients SET notify = 0 WHERE id = ?", [(r[0],) for r in rows])

@@ -10,6 +10,7 @@ from typing import Any
 
 from cmcd.config import Config, split_hostport
 from cmcd.crypto import server_tls_context
+from cmcd.doors import Door
 from cmcd.smtp.session import SubmissionSMTP
 from cmcd.submit.service import SubmitService
 
@@ -39,7 +40,7 @@ class SessionRegistry:
     live: set[Any] = field(default_factory=set)
     per_ip: dict[str, int] = field(default_factory=dict)
     closing: bool = False
-    data_bytes: int = 0  # DATA bytes held by all sessions (read, not yet spooled or dropped)
+    door: Door | None = None  # counts refusals for /metrics
 
     def admit(self, proto: Any) -> str | None:
         ip = proto.client_ip
@@ -47,9 +48,13 @@ class SessionRegistry:
             return "421 4.3.2 Service shutting down"
         if self.max_total and len(self.live) >= self.max_total:
             log.warning("event=conn_refused reason=global_limit client_ip=%s", ip)
+            if self.door is not None:
+                self.door.refuse("max_connections")
             return "421 4.7.0 Too many connections; try again later"
         if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
             log.warning("event=conn_refused reason=ip_limit client_ip=%s", ip)
+            if self.door is not None:
+                self.door.refuse("max_connections_per_ip")
             return "421 4.7.0 Too many connections from your address; try again later"
         self.live.add(proto)
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
@@ -101,7 +106,7 @@ class SmtpListeners:
             service,
             SubmissionHandler(service),
             tls,
-            SessionRegistry(smtp.max_connections, smtp.max_connections_per_ip),
+            SessionRegistry(smtp.max_connections, smtp.max_connections_per_ip, door=service.stats.doors["smtp"]),
         )
         self.servers: list[asyncio.AbstractServer] = []
         self.bound: dict[str, list[str]] = {"smtp": [], "smtps": []}

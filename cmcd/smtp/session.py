@@ -24,6 +24,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Session
 from cmcd import policy, writeguard
 from cmcd.records import Sender
 from cmcd.submit.service import SessionInfo
+from cmcd.textout import has_controls
 
 if TYPE_CHECKING:
     from cmcd.smtp.listener import SmtpContext
@@ -449,16 +450,28 @@ class SubmissionSMTP(SMTP):
         if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
             await self.push("501 5.5.2 Malformed AUTH PLAIN response")
             return None
+        if await self._bad_login(self._text(parts[1])):
+            return None
         return self._text(parts[1]), self._text(parts[2])
 
     async def _auth_login(self, args: list[str]) -> tuple[str, str] | None:
         login = await self._decode(args[1]) if len(args) == 2 else await self._challenge(b"Username:")
-        if login is None:
+        if login is None or await self._bad_login(self._text(login)):
             return None
         password = await self._challenge(b"Password:")
         if password is None:
             return None
         return self._text(login), self._text(password)
+
+    async def _bad_login(self, login: str) -> bool:
+        """Refuse a login name holding a control character (CR, LF, NUL, any C0 or C1, DEL): no
+        account has one, and printed it could forge a log line. Refused before any lookup and
+        not written to the login log, like a malformed AUTH PLAIN blob: it is not an attempt
+        at any account."""
+        if not has_controls(login):
+            return False
+        await self.push("501 5.5.2 A login name cannot hold control characters")
+        return True
 
     @staticmethod
     def _text(raw: bytes) -> str:
@@ -612,7 +625,7 @@ class SubmissionSMTP(SMTP):
                 if end >= 0 and not overrun:  # the last read counts against the limits too
                     if limit and end > limit:
                         overrun = "552 5.3.4 Message size exceeds fixed maximum message size"
-                    elif self.ctx.sessions.data_bytes > cfg.max_data_in_flight:
+                    elif self.ctx.service.data_budget.over():
                         overrun = "452 4.3.1 Insufficient system storage; try again later"
                 if end >= 0:
                     rest = buf[end + 5 :]
@@ -622,8 +635,8 @@ class SubmissionSMTP(SMTP):
                     break
                 if not overrun and limit and len(buf) - 2 > limit:
                     overrun = "552 5.3.4 Message size exceeds fixed maximum message size"
-                elif not overrun and self.ctx.sessions.data_bytes > cfg.max_data_in_flight:
-                    log.warning("event=data_budget_exceeded in_flight=%d", self.ctx.sessions.data_bytes)
+                elif not overrun and self.ctx.service.data_budget.over():
+                    log.warning("event=data_budget_exceeded in_flight=%d", self.ctx.service.data_budget.held_bytes)
                     overrun = "452 4.3.1 Insufficient system storage; try again later"
                 if overrun:
                     self._release()
@@ -648,11 +661,11 @@ class SubmissionSMTP(SMTP):
 
     def _hold(self, n: int) -> None:
         self._data_held += n
-        self.ctx.sessions.data_bytes += n
+        self.ctx.service.data_budget.hold(n)
 
     def _release(self) -> None:
         """Give back this session's share of the in-flight DATA budget (its message is gone or spooled)."""
-        self.ctx.sessions.data_bytes -= self._data_held
+        self.ctx.service.data_budget.release(self._data_held)
         self._data_held = 0
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -679,6 +692,7 @@ class SubmissionSMTP(SMTP):
 
     def _timeout_cb(self) -> None:
         log.info("event=timeout client_ip=%s", self.client_ip)
+        self.ctx.service.stats.doors["smtp"].timed_out("data" if self.busy else "command")
         self._close("421 4.4.2 Timeout; closing connection")
 
     def _close(self, reply: str | None = None) -> None:

@@ -4,6 +4,10 @@ A mixin of Store (same connection, same single thread). Secrets are never stored
 API keys and session tokens as SHA-256 digests (they are long random strings, so a plain digest
 is enough and lookups stay O(1)); TOTP secrets encrypted with the data key; recovery codes as
 digests.
+
+A session ends when the user's credentials or standing change: every store method that changes a
+password, the enabled flag, the role or the TOTP enrolment, or deletes the user, calls
+_end_sessions in its own transaction, so every door (cmcctl, the API) ends them alike.
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ from cmcd.errors import NotFound, StoreError
 from cmcd.records import Tenant, User
 
 KEY_PREFIX = "cmk_"
+SESSION_PREFIX = "cms_"
+#: how stale a session's last_used may get before a request writes it again (one write a minute)
+SESSION_TOUCH_S = 60.0
+#: roles whose credentials may send mail (over SMTP AUTH as over the API)
+SEND_ROLES = ("admin", "sender")
 _KEY_ID_CHARS = "abcdefghijkmnpqrstuvwxyz23456789"
 
 
@@ -34,11 +43,17 @@ class ApiCaller:
     tenant: str
     login: str
     role: str
-    credential: str  # "key:<key id>" or "session"
+    credential: str  # "key:<key id>" or "session:<session id>"
 
 
 def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def session_id(token_hash: bytes) -> str:
+    """A session's public id: the first 8 bytes of its token's SHA-256 digest, in hex. The
+    digest of 256 random bits says nothing of the token, and the token is never shown again."""
+    return bytes(token_hash[:8]).hex()
 
 
 def split_api_key(token: str) -> str | None:
@@ -110,16 +125,19 @@ class ApiStore:
             raise NotFound(f"no active API key {key_id!r} in tenant {tenant!r}")
 
     def apikey_caller(self, token: str) -> ApiCaller | None:
-        """The caller a token names, or None (unknown, wrong secret, revoked, user disabled)."""
+        """The caller a token names, or None (unknown, wrong secret, revoked, user disabled, or a key
+        of a role the user may no longer hold: only an admin may hold a key of another role)."""
         key_id = split_api_key(token)
         if key_id is None:
             return None
         row = self.conn.execute(
-            "SELECT k.key_hash, k.revoked, k.role, u.id, u.tenant_id, t.name, u.login, u.enabled FROM api_keys k "
+            "SELECT k.key_hash, k.revoked, k.role, u.id, u.tenant_id, t.name, u.login, u.enabled, u.role FROM api_keys k "
             "JOIN users u ON u.id = k.user_id JOIN tenants t ON t.id = k.tenant_id WHERE k.key_id = ?",
             (key_id,),
         ).fetchone()
         if row is None or not hmac.compare_digest(bytes(row[0]), digest(token)) or row[1] is not None or not row[7]:
+            return None
+        if row[2] != row[8] and row[8] != "admin":  # the user's role changed since the key was made
             return None
         return ApiCaller(row[3], row[4], row[5], row[6], row[2], f"key:{key_id}")
 
@@ -140,6 +158,7 @@ class ApiStore:
                 "confirmed = 0, recovery = '', last_step = 0, created = excluded.created",
                 (u.id, u.tenant_id, self.keys.encrypt_bytes(secret, self._otp_aad(u.id)), time.time()),
             )
+            self._end_sessions(u.id)
         return u
 
     @staticmethod
@@ -155,6 +174,12 @@ class ApiStore:
             return None
         secret = self.keys.decrypt_bytes(bytes(row[0]), self._otp_aad(user_id))
         return secret, bool(row[1]), [h for h in row[2].split(",") if h], row[3]
+
+    def otp_enrolled(self, user_id: int) -> bool:
+        """True once the user's TOTP enrolment is confirmed: the user signs in as a person, and the
+        password alone is no SMTP credential (applications use an API key)."""
+        row = self.conn.execute("SELECT confirmed FROM otp WHERE user_id = ?", (user_id,)).fetchone()
+        return row is not None and bool(row[0])
 
     def otp_use_step(self, user_id: int, step: int, *, confirm_with: list[str] | None = None) -> bool:
         """Record STEP as used if it is newer than the last one (so a code works once); with
@@ -193,43 +218,96 @@ class ApiStore:
         u = self.user(tenant, login)
         with transaction(self.conn):
             cur = self.conn.execute("DELETE FROM otp WHERE user_id = ?", (u.id,))
-            self.conn.execute("DELETE FROM api_sessions WHERE user_id = ?", (u.id,))
+            self._end_sessions(u.id)
         if cur.rowcount == 0:
             raise NotFound(f"user {login!r} of tenant {tenant!r} has no TOTP enrolment")
 
     # -- session tokens ------------------------------------------------------------------------
 
-    def session_add(self, token: str, user_id: int, tenant_id: int, expires: float) -> None:
+    def _end_sessions(self, user_id: int) -> int:
+        """End every session of USER_ID; call inside the transaction of the change that ends them."""
+        return self.conn.execute("DELETE FROM api_sessions WHERE user_id = ?", (user_id,)).rowcount
+
+    def session_add(self, token: str, user_id: int, tenant_id: int, expires: float) -> str:
+        """Record a new session token (as its digest); returns the session's public id."""
+        now = time.time()
+        token_hash = digest(token)
         with transaction(self.conn):
-            self.conn.execute("DELETE FROM api_sessions WHERE expires < ?", (time.time(),))
+            self.conn.execute("DELETE FROM api_sessions WHERE expires < ?", (now,))
             self.conn.execute(
-                "INSERT INTO api_sessions(token_hash, user_id, tenant_id, expires) VALUES (?,?,?,?)",
-                (digest(token), user_id, tenant_id, expires),
+                "INSERT INTO api_sessions(token_hash, user_id, tenant_id, expires, created, last_used) "
+                "VALUES (?,?,?,?,?,?)",
+                (token_hash, user_id, tenant_id, expires, now, now),
             )
+        return session_id(token_hash)
 
     def session_caller(self, token: str, now: float) -> ApiCaller | None:
+        token_hash = digest(token)
         row = self.conn.execute(
-            "SELECT s.expires, u.id, u.tenant_id, t.name, u.login, u.role, u.enabled FROM api_sessions s "
+            "SELECT s.expires, u.id, u.tenant_id, t.name, u.login, u.role, u.enabled, s.last_used FROM api_sessions s "
             "JOIN users u ON u.id = s.user_id JOIN tenants t ON t.id = u.tenant_id WHERE s.token_hash = ?",
-            (digest(token),),
+            (token_hash,),
         ).fetchone()
         if row is None or row[0] < now or not row[6]:
             return None
-        return ApiCaller(row[1], row[2], row[3], row[4], row[5], "session")
+        if row[7] is None or row[7] < now - SESSION_TOUCH_S:
+            try:  # advisory (cmcctl session list): a store that cannot be written fails no request for it
+                with transaction(self.conn):
+                    self.conn.execute("UPDATE api_sessions SET last_used = ? WHERE token_hash = ?", (now, token_hash))
+            except sqlite3.Error:
+                pass
+        return ApiCaller(row[1], row[2], row[3], row[4], row[5], f"session:{session_id(token_hash)}")
+
+    def session_end(self, token: str) -> bool:
+        """Sign-out: end the session TOKEN names; False if it was not (or no longer) there."""
+        with transaction(self.conn):
+            cur = self.conn.execute("DELETE FROM api_sessions WHERE token_hash = ?", (digest(token),))
+        return cur.rowcount == 1
+
+    def sessions(self, tenant: str, login: str, now: float | None = None) -> list[dict[str, Any]]:
+        """TENANT/LOGIN's live sessions, oldest first: id, created, expires, last_used (never the token)."""
+        u = self.user(tenant, login)
+        rows = self.conn.execute(
+            "SELECT token_hash, created, expires, last_used FROM api_sessions WHERE user_id = ? AND expires >= ? "
+            "ORDER BY created, rowid",
+            (u.id, time.time() if now is None else now),
+        )
+        return [
+            {"id": session_id(bytes(r[0])), "login": login, "created": r[1], "expires": r[2], "last_used": r[3]}
+            for r in rows
+        ]
+
+    def session_revoke(self, tenant: str, login: str, sid: str | None) -> int:
+        """End one session of TENANT/LOGIN by its id, or all of them (SID None); returns how many
+        ended. An id that is not one of this user's sessions is NotFound."""
+        u = self.user(tenant, login)
+        with transaction(self.conn):
+            if sid is None:
+                return self._end_sessions(u.id)
+            ended = 0
+            for (token_hash,) in self.conn.execute(
+                "SELECT token_hash FROM api_sessions WHERE user_id = ?", (u.id,)
+            ).fetchall():
+                if session_id(bytes(token_hash)) == sid.lower():
+                    ended += self.conn.execute("DELETE FROM api_sessions WHERE token_hash = ?", (token_hash,)).rowcount
+        if not ended:
+            raise NotFound(f"user {login!r} of tenant {tenant!r} has no session {sid!r}")
+        return ended
 
     # -- block list (suppressions) through the API -------------------------------------------
 
     def suppression_page(self, tenant_id: int, after: int, limit: int, address: str | None) -> list[dict[str, Any]]:
-        sql = "SELECT id, address_enc, domain, reason, created FROM suppressions WHERE tenant_id = ? AND id > ?"
+        sql = "SELECT id, address_enc, domain, reason_enc, created FROM suppressions WHERE tenant_id = ? AND id > ?"
         args: list[Any] = [tenant_id, after]
         if address is not None:
             sql += " AND address_hmac = ?"
             args.append(self.keys.index(address))
         rows = self.conn.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [
-            {"id": r[0], "address": self.keys.decrypt(bytes(r[1])), "domain": r[2], "reason": r[3], "created": r[4]}
+            {"id": r[0], "address": self.keys.decrypt(bytes(r[1])), "domain": r[2], "reason": self.keys.open_text(r[3]),
+             "created": r[4]}
             for r in rows
-        ]
+        ]  # fmt: skip
 
     # -- tags ----------------------------------------------------------------------------------
 

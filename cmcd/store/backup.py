@@ -1,21 +1,33 @@
-"""Encrypted backups of the store: take, list, verify and restore them; never the spool or a message body.
+"""Encrypted backups of the store: take, list, verify, restore and purge a tenant from them; never the spool
+or a message body.
 
-A backup is an online snapshot of the store's SQLite file (the backup API, in one step, so it is one
-consistent read transaction while intake keeps writing in WAL mode), compressed with zlib and sealed
-with AES-256-GCM under a key of its own (backup.key_file, never the data key). Everything here blocks:
-callers on the event loop run it in a thread.
+A backup (a generation) is an online snapshot of the store's SQLite file (the backup API, in one step, so it
+is one consistent read transaction while intake keeps writing in WAL mode), sealed with AES-256-GCM under a
+key of its own (backup.key_file, never the data key). Everything here blocks: callers on the event loop run it
+in a thread.
 
-File format, version 1::
+Since version 2 a generation is deduplicated: in the snapshot the secondary indexes are dropped with
+secure_delete on (their pages become zeroed free pages; their CREATE statements are kept, and run again on
+restore), so what is left changes only where rows changed, and the file is cut into 64 KiB chunks kept once
+each under backup.dir/chunks (cmcd.store.backup_chunks). The generation's file, cmcd-store-TIME.bak, is then
+a manifest: the index statements, the snapshot's size and its chunk ids, sealed as below. An hour's
+generation costs the chunks that changed in that hour; pruning a generation removes the chunks no kept
+generation uses.
 
-    header   44 bytes: magic "CMCD-BAK", version (1), compression (1 = zlib), log2 of the segment size,
+File format, versions 1 (the whole snapshot) and 2 (a manifest)::
+
+    header   44 bytes: magic "CMCD-BAK", version (1 or 2), compression (1 = zlib), log2 of the segment size,
              a zero byte, creation time (microseconds, big-endian), key id (8 bytes), salt (16 bytes)
-    segments the compressed snapshot cut into segments of 2**n bytes, the last one shorter (maybe empty),
+    segments the compressed snapshot (v1) or manifest (v2) cut into segments of 2**n bytes, the last one shorter (maybe empty),
              each AES-256-GCM sealed (16-byte tag) with the header as associated data
 
 Each file has its own key, HKDF-SHA256(backup key, salt); segment i is sealed under the nonce
 i (11 bytes, big-endian) + 1 if it is the last segment else 0. So a changed header or segment fails
 authentication, and so do segments swapped, dropped, or cut off at the end (the last segment left
 would not be marked last). Nothing decrypted is used before the whole file has authenticated.
+
+Manifest (v2, the plaintext of the segments): the line "cmcd-manifest-v2", a line of JSON ({"db_bytes",
+"chunk_bytes", "chunks", "indexes"}), then the chunk ids, 16 bytes each.
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ import contextlib
 import datetime
 import fcntl
 import hmac
+import io
+import json
 import logging
 import os
 import re
@@ -45,12 +59,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cmcd import crypto
 from cmcd.errors import BackupError, KeyFileError
-from cmcd.store.store import _KEY_CHECK
+from cmcd.store import backup_chunks as chunks
+from cmcd.store.store import _KEY_CHECK, delete_tenant_rows
 
 log = logging.getLogger("cmcd.backup")
 
 MAGIC = b"CMCD-BAK"
-FORMAT_VERSION = 1
+#: the version take_backup writes (2: a manifest of deduplicated chunks); version 1 files are still read
+FORMAT_VERSION = 2
+_VERSIONS = (1, 2)
+_MANIFEST_MAGIC = b"cmcd-manifest-v2\n"
 _ZLIB = 1
 #: zlib level 3: half the time of the default 6 on a store, 1-2% larger (encrypted addresses do not compress)
 _ZLIB_LEVEL = 3
@@ -124,8 +142,27 @@ class BackupKey:
 
 
 @dataclass(frozen=True)
+class PurgeResult:
+    """A tenant removed from the kept backups: generations looked at and rewritten, chunks erased."""
+
+    generations: int
+    rewritten: list[str]
+    tenant_ids: list[int]
+    rows: dict[str, int]
+    chunks_removed: int
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    db_bytes: int
+    indexes: list[str]
+    ids: list[bytes]
+
+
+@dataclass(frozen=True)
 class _Header:
     raw: bytes
+    version: int
     created: float
     segment_bytes: int
     key_id: bytes
@@ -219,12 +256,14 @@ def take_backup(
     *,
     work_dir: Path | None = None,
     segment_bytes: int = SEGMENT_BYTES,
+    chunked: bool = True,
 ) -> BackupInfo:
     """Snapshot the store at STORE_PATH into a new encrypted file in BACKUP_DIR, then keep only the newest KEEP.
 
     The plaintext snapshot is a temporary file in WORK_DIR (by default the store's own directory, which
     already holds the store in the clear), removed before returning. The key file is created (0600) if
-    missing. Two backups never run at once (a lock file in BACKUP_DIR); a second one waits.
+    missing. Two backups never run at once (a lock file in BACKUP_DIR); a second one waits. CHUNKED False
+    writes the whole snapshot into the file (format version 1) instead of a manifest of chunks.
     """
     if keep < 1:
         raise BackupError(f"backup.keep is {keep}; it must be at least 1")
@@ -242,26 +281,16 @@ def take_backup(
             fd, snap_name = tempfile.mkstemp(prefix=_SNAPSHOT_PREFIX, suffix=".db", dir=work)
         os.close(fd)
         snap = Path(snap_name)
-        partial: Path | None = None
         try:
             _snapshot(store_path, snap)
-            with _io(backup_dir, "cannot write the backup"):
-                fd, partial_name = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, suffix=".tmp", dir=backup_dir)
-                partial = Path(partial_name)
-                with os.fdopen(fd, "wb") as out, snap.open("rb") as src:
-                    _seal(src, out, key, now, segment_bytes)
-                    out.flush()
-                    os.fsync(out.fileno())
-                final = _free_name(backup_dir, now)
-                os.rename(partial, final)
-                partial = None
-                _fsync_dir(backup_dir)
+            final = _free_name(backup_dir, now)
+            indexes = _strip_indexes(snap) if chunked else None
+            _write_generation(snap, indexes, backup_dir, key, now, final, segment_bytes)
         finally:
-            for p in (snap, snap.with_name(snap.name + "-journal"), partial):
-                if p is not None:
-                    p.unlink(missing_ok=True)
+            for p in (snap, snap.with_name(snap.name + "-journal")):
+                p.unlink(missing_ok=True)
         info = _info(final)
-        _prune(backup_dir, keep, final)
+        _prune(backup_dir, keep, final, key)
     return info
 
 
@@ -284,11 +313,69 @@ def _snapshot(store_path: Path, dest: Path) -> None:
         raise BackupError(f"{store_path}: cannot snapshot the store: {exc}") from None
 
 
-def _seal(src: BinaryIO, out: BinaryIO, key: BackupKey, created: float, segment_bytes: int) -> None:
+def _strip_indexes(db: Path) -> list[str]:
+    """Drop the secondary indexes of the snapshot DB with secure_delete on, so their pages become zeroed free
+    pages (an index on a hash changes all over each hour; a table grows at its end); return their CREATE
+    statements, run again on restore. Indexes SQLite makes for UNIQUE constraints stay."""
+    try:
+        conn = sqlite3.connect(str(db), isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=OFF")  # a temporary file: a crash leaves it to _remove_partials
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("PRAGMA secure_delete=ON")
+            rows = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").fetchall()
+            conn.execute("BEGIN")
+            for name, _ in rows:
+                conn.execute('DROP INDEX "{}"'.format(str(name).replace('"', '""')))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"{db}: cannot prepare the snapshot of the store: {exc}") from None
+    return [str(sql) for _, sql in rows]
+
+
+def _write_generation(
+    snap: Path,
+    indexes: list[str] | None,
+    backup_dir: Path,
+    key: BackupKey,
+    created: float,
+    final: Path,
+    segment_bytes: int,
+) -> chunks.Stored | None:
+    """Write the generation FINAL (a new name, or one rewritten in place) of snapshot SNAP: its chunks and
+    a manifest listing them and INDEXES, or with INDEXES None the whole snapshot (version 1)."""
+    partial: Path | None = None
+    stored = None
+    try:
+        with _io(backup_dir, "cannot write the backup"):
+            if indexes is not None:
+                with snap.open("rb") as f:
+                    stored = chunks.store_chunks(f, backup_dir, chunks.ChunkKeys.derive(key.key), _PARTIAL_PREFIX)
+                head = {"db_bytes": snap.stat().st_size, "chunk_bytes": chunks.CHUNK_BYTES,
+                        "chunks": len(stored.ids), "indexes": indexes}  # fmt: skip
+                manifest = _MANIFEST_MAGIC + json.dumps(head).encode() + b"\n" + b"".join(stored.ids)
+            fd, partial_name = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, suffix=".tmp", dir=backup_dir)
+            partial = Path(partial_name)
+            with os.fdopen(fd, "wb") as out, (io.BytesIO(manifest) if indexes is not None else snap.open("rb")) as src:
+                _seal(src, out, key, created, segment_bytes, 1 if indexes is None else 2)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, final)
+            partial = None
+            _fsync_dir(backup_dir)
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+    return stored
+
+
+def _seal(src: BinaryIO, out: BinaryIO, key: BackupKey, created: float, segment_bytes: int, version: int) -> None:
     salt = os.urandom(16)
     created_us = max(0, round(created * 1_000_000))
     log2 = segment_bytes.bit_length() - 1
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, _ZLIB, log2, 0, created_us, key.key_id, salt)
+    header = _HEADER.pack(MAGIC, version, _ZLIB, log2, 0, created_us, key.key_id, salt)
     aead = key.file_aead(salt)
     out.write(header)
     compressor = zlib.compressobj(_ZLIB_LEVEL)
@@ -328,7 +415,7 @@ def _free_name(backup_dir: Path, now: float) -> Path:
     return backup_dir / (f"cmcd-store-{stamp}Z.bak" if seq == 1 else f"cmcd-store-{stamp}Z-{seq}.bak")
 
 
-def _prune(backup_dir: Path, keep: int, written: Path) -> None:
+def _prune(backup_dir: Path, keep: int, written: Path, key: BackupKey) -> None:
     """Remove all but the newest KEEP backups (never the one just WRITTEN, even if the clock went back)."""
     old = [b for b in list_backups(backup_dir)[:-keep] if b.path != written]
     for b in old:
@@ -342,6 +429,26 @@ def _prune(backup_dir: Path, keep: int, written: Path) -> None:
         log.info("event=backup_pruned file=%s", b.path)
     if old:
         _fsync_dir(backup_dir)
+        _collect_chunks(backup_dir, key, overwrite=False)
+
+
+def _collect_chunks(backup_dir: Path, key: BackupKey, *, overwrite: bool) -> int:
+    """Remove the chunks no kept generation lists (left by a pruned, rewritten or unfinished generation);
+    return how many went. A manifest that cannot be read stops it: its chunks are unknown, so none go."""
+    referenced: set[bytes] = set()
+    for b in list_backups(backup_dir):
+        try:
+            manifest = _read_manifest(b.path, key)
+        except BackupError as exc:
+            log.warning("event=backup_chunks_kept reason=%r", f"a generation cannot be read: {exc}")
+            return 0
+        if manifest is not None:
+            referenced.update(manifest.ids)
+    unused = chunks.chunks_on_disk(backup_dir) - referenced
+    removed = chunks.remove_chunks(backup_dir, sorted(unused), overwrite=overwrite)
+    if removed:
+        log.info("event=backup_chunks_removed count=%d", removed)
+    return removed
 
 
 def _remove_partials(backup_dir: Path, work: Path) -> None:
@@ -405,7 +512,8 @@ def verify_backup(
     with tmp as directory:
         db = Path(directory) / "store.db"
         with _io(db, "cannot write the decrypted backup"), db.open("wb") as out:
-            header = _unseal(file, key, out)
+            header, indexes = _unseal_store(file, key, out)
+        _rebuild_indexes(file, db, indexes)
         return _inspect(file, header, db, data_keys)
 
 
@@ -439,9 +547,10 @@ def restore_backup(
     renamed = False
     try:
         with _io(tmp, "cannot write the restored store"), os.fdopen(fd, "wb") as out:
-            header = _unseal(file, key, out)
-            out.flush()
-            os.fsync(out.fileno())
+            header, indexes = _unseal_store(file, key, out)
+        _rebuild_indexes(file, tmp, indexes)
+        with _io(tmp, "cannot write the restored store"), tmp.open("rb+") as f:
+            os.fsync(f.fileno())
         verified = _inspect(file, header, tmp, data_keys)
         if verified.data_key_ok is False:
             raise BackupError(
@@ -458,6 +567,79 @@ def restore_backup(
         if not renamed:
             tmp.unlink(missing_ok=True)
     return RestoreResult(verified=verified, store_path=store_path, previous=previous)
+
+
+def purge_tenant(
+    backup_dir: Path, key_file: Path, name: str, *, work_dir: Path, segment_bytes: int = SEGMENT_BYTES
+) -> PurgeResult:
+    """Remove tenant NAME and every row of it from every kept generation in BACKUP_DIR, so a purge holds for
+    the backups too. Each generation that has the tenant is decrypted into WORK_DIR, its rows are deleted
+    there with secure_delete on (the store's own purge, delete_tenant_rows; no VACUUM, so pages stay where
+    they are and the rewritten generations still share their chunks), and it is written again under its
+    own name; a version 1 file is overwritten with zeros once replaced. Then every chunk no generation
+    lists any more is overwritten with zeros and unlinked. Holds the backup lock: an hourly backup waits.
+    """
+    key = read_backup_key(key_file)
+    if not backup_dir.is_dir():
+        return PurgeResult(0, [], [], {}, 0)
+    rewritten: list[str] = []
+    tenant_ids: set[int] = set()
+    rows: dict[str, int] = {}
+    with _locked(backup_dir):
+        _remove_partials(backup_dir, work_dir)
+        generations = list_backups(backup_dir)
+        for g in generations:
+            with _io(work_dir, "cannot write a generation to purge"):
+                fd, tmp_name = tempfile.mkstemp(prefix=_SNAPSHOT_PREFIX, suffix=".db", dir=work_dir)
+            tmp = Path(tmp_name)
+            try:
+                with _io(tmp, "cannot write a generation to purge"), os.fdopen(fd, "wb") as out:
+                    header, indexes = _unseal_store(g.path, key, out)
+                found = _delete_tenant(g.path, tmp, name)
+                if found is None:
+                    continue
+                tenant_ids.add(found[0])
+                for table, n in found[1].items():
+                    rows[table] = rows.get(table, 0) + n
+                if header.version == 1:
+                    indexes = _strip_indexes(tmp)
+                with _io(g.path, "cannot rewrite the generation"), g.path.open("r+b") as old:
+                    _write_generation(tmp, indexes, backup_dir, key, header.created, g.path, segment_bytes)
+                    if header.version == 1:  # the whole old snapshot was in it
+                        old.write(bytes(os.fstat(old.fileno()).st_size))
+                        old.flush()
+                        os.fsync(old.fileno())
+                rewritten.append(g.name)
+                log.info("event=backup_tenant_purged file=%s tenant_id=%d", g.path, found[0])
+            finally:
+                tmp.unlink(missing_ok=True)
+                tmp.with_name(tmp.name + "-journal").unlink(missing_ok=True)
+        removed = _collect_chunks(backup_dir, key, overwrite=True)
+    return PurgeResult(len(generations), rewritten, sorted(tenant_ids), rows, removed)
+
+
+def _delete_tenant(file: Path, db: Path, name: str) -> tuple[int, dict[str, int]] | None:
+    """Delete tenant NAME's rows from the decrypted generation DB with secure_delete on (and without a
+    journal, which would keep them in another file); None when it has no such tenant."""
+    try:
+        conn = sqlite3.connect(str(db), isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=OFF")
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("PRAGMA secure_delete=ON")
+            row = conn.execute("SELECT id FROM tenants WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            tenant_id = int(row[0])
+            conn.execute("BEGIN")
+            counts = delete_tenant_rows(conn, tenant_id)
+            conn.execute("DELETE FROM meta WHERE key = ?", (f"purge:{tenant_id}",))  # a purge begun: it names the tenant
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"{file}: cannot remove the tenant from this generation: {exc}") from None
+    return tenant_id, counts
 
 
 def store_in_use(store_path: Path) -> bool:
@@ -527,9 +709,9 @@ def _read_header(file: Path, raw: bytes, key: BackupKey) -> _Header:
     magic, version, compression, log2, zero, created_us, key_id, salt = _HEADER.unpack(raw)
     if magic != MAGIC:
         raise BackupError(f"{file}: not a cmcd store backup (no {MAGIC.decode()} header)")
-    if version != FORMAT_VERSION:
+    if version not in _VERSIONS:
         raise BackupError(
-            f"{file}: backup format version {version}; this cmcd reads version {FORMAT_VERSION} "
+            f"{file}: backup format version {version}; this cmcd reads versions {_VERSIONS[0]} to {_VERSIONS[-1]} "
             "(written by a newer cmcd, or altered)"
         )
     if compression != _ZLIB or log2 not in _SEGMENT_LOG2 or zero != 0:
@@ -539,7 +721,9 @@ def _read_header(file: Path, raw: bytes, key: BackupKey) -> _Header:
             f"{file}: written with another backup key (key id {key_id.hex()}); backup.key_file has key id "
             f"{key.key_id.hex()}"
         )
-    return _Header(raw=raw, created=created_us / 1_000_000, segment_bytes=1 << log2, key_id=key_id, salt=salt)
+    return _Header(
+        raw=raw, version=version, created=created_us / 1_000_000, segment_bytes=1 << log2, key_id=key_id, salt=salt
+    )
 
 
 def _unseal(file: Path, key: BackupKey, out: BinaryIO) -> _Header:
@@ -587,6 +771,80 @@ def _unseal(file: Path, key: BackupKey, out: BinaryIO) -> _Header:
         if not complete:
             raise BackupError(f"{file}: authenticated, but its compressed data is incomplete; it is refused")
     return header
+
+
+def _peek_version(file: Path) -> int | None:
+    """The format version byte of FILE's header, if it has one (_unseal says what is wrong otherwise)."""
+    try:
+        with file.open("rb") as f:
+            raw = f.read(len(MAGIC) + 1)
+    except OSError:
+        return None
+    return raw[len(MAGIC)] if len(raw) > len(MAGIC) and raw.startswith(MAGIC) else None
+
+
+def _read_manifest(file: Path, key: BackupKey) -> _Manifest | None:
+    """The manifest in FILE, authenticated; None for a version 1 file (the whole snapshot, no chunks)."""
+    if _peek_version(file) == 1:
+        return None
+    buf = io.BytesIO()
+    header = _unseal(file, key, buf)
+    if header.version == 1:
+        return None
+    data = buf.getvalue()
+    try:
+        if not data.startswith(_MANIFEST_MAGIC):
+            raise ValueError
+        line, _, ids = data[len(_MANIFEST_MAGIC) :].partition(b"\n")
+        head = json.loads(line)
+        n, db_bytes, indexes = int(head["chunks"]), int(head["db_bytes"]), head["indexes"]
+        if len(ids) != n * chunks.ID_BYTES or head["chunk_bytes"] != chunks.CHUNK_BYTES:
+            raise ValueError
+        if not isinstance(indexes, list) or not all(isinstance(x, str) for x in indexes):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise BackupError(f"{file}: authenticated, but its manifest is not one this cmcd reads; it is refused") from None
+    step = chunks.ID_BYTES
+    return _Manifest(db_bytes, indexes, [ids[i : i + step] for i in range(0, len(ids), step)])
+
+
+def _unseal_store(file: Path, key: BackupKey, out: BinaryIO) -> tuple[_Header, list[str]]:
+    """Write the store of generation FILE, either format, into OUT; return its header and the CREATE INDEX
+    statements still to run on it (none for version 1). Every chunk must authenticate and hash right."""
+    if _peek_version(file) != 2:
+        return _unseal(file, key, out), []
+    buf = io.BytesIO()
+    header = _unseal(file, key, buf)
+    manifest = _read_manifest(file, key)
+    assert manifest is not None
+    ck = chunks.ChunkKeys.derive(key.key)
+    written = 0
+    for i, cid in enumerate(manifest.ids):
+        plain = chunks.read_chunk(file.parent, ck, cid, file, i)
+        out.write(plain)
+        written += len(plain)
+    if written != manifest.db_bytes:
+        raise BackupError(f"{file}: its chunks hold {written} bytes, its manifest says {manifest.db_bytes}; refused")
+    return header, manifest.indexes
+
+
+def _rebuild_indexes(file: Path, db: Path, indexes: list[str]) -> None:
+    """Run the CREATE INDEX statements a version 2 generation keeps, on its store decrypted into DB."""
+    if not indexes:
+        return
+    try:
+        conn = sqlite3.connect(str(db), isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=OFF")  # a temporary file, fsynced by the caller
+            conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("BEGIN")
+            for sql in indexes:
+                conn.execute(sql)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"{file}: decrypts, but its indexes cannot be built again ({exc}); it is refused") from None
 
 
 def _opens(aead: AESGCM, index: int, chunk: bytes, aad: bytes) -> bool:

@@ -1,11 +1,19 @@
-"""The store's schema as numbered forward migrations; never edit a released step, add one."""
+"""The store's schema as numbered forward migrations; never edit a released step, add one.
+
+A migration is a script, and may have a step in Python beside it (STEPS: rows rewritten with the
+data key, in the same transaction), never anything else. Remote replies and suppression reasons live
+encrypted under the data key (mail_log.response_enc, suppressions.reason_enc, since 7): a reply echoes
+the recipient's address. The plaintext columns before them stay, always empty.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 import sqlite_utils
 
+from cmcd.crypto import DataKeys
 from cmcd.db import transaction
 
 MIGRATIONS: list[str] = [
@@ -191,7 +199,50 @@ MIGRATIONS: list[str] = [
     ALTER TABLE ops_log ADD COLUMN event_key TEXT;
     CREATE UNIQUE INDEX ops_log_event_key ON ops_log(event_key) WHERE event_key IS NOT NULL;
     """,
+    # 7: remote replies and suppression reasons encrypted like addresses (they echo the address);
+    # the rows already there are sealed by _seal_replies, and the plaintext columns emptied
+    """
+    ALTER TABLE mail_log ADD COLUMN response_enc BLOB;
+    ALTER TABLE suppressions ADD COLUMN reason_enc BLOB;
+    """,
+    # 8: API sessions that can be listed and revoked per user: when each began and was last used
+    # (a session's id is a prefix of its token's digest, so no column)
+    """
+    ALTER TABLE api_sessions ADD COLUMN created REAL;
+    ALTER TABLE api_sessions ADD COLUMN last_used REAL;
+    CREATE INDEX api_sessions_user ON api_sessions(user_id);
+    """,
 ]
+
+_SEAL_BATCH = 5000
+
+
+def _seal_replies(conn: sqlite3.Connection, keys: DataKeys) -> int:
+    """Migration 7's rows: each plaintext reply and reason encrypted into its _enc column and the
+    plaintext emptied (secure_delete is on; the caller vacuums). Returns the rows rewritten."""
+    rewritten = 0
+    for table, plain, sealed, empty in (("mail_log", "response", "response_enc", None),
+                                        ("suppressions", "reason", "reason_enc", "")):  # fmt: skip
+        after = 0
+        while True:
+            rows = conn.execute(
+                f"SELECT id, {plain} FROM {table} WHERE id > ? AND {plain} IS NOT NULL AND {plain} != '' "
+                "ORDER BY id LIMIT ?",
+                (after, _SEAL_BATCH),
+            ).fetchall()
+            if not rows:
+                break
+            conn.executemany(
+                f"UPDATE {table} SET {sealed} = ?, {plain} = ? WHERE id = ?",
+                [(keys.seal_text(str(text)), empty, row_id) for row_id, text in rows],
+            )
+            rewritten += len(rows)
+            after = rows[-1][0]
+    return rewritten
+
+
+#: migration number -> its step in Python, run after its script in the same transaction
+STEPS: dict[int, Callable[[sqlite3.Connection, DataKeys], int]] = {7: _seal_replies}
 
 
 def schema_version(db: sqlite_utils.Database) -> int:
@@ -201,20 +252,30 @@ def schema_version(db: sqlite_utils.Database) -> int:
     return int(row[0]) if row else 0
 
 
-def migrate(db: sqlite_utils.Database) -> int:
-    """Apply every migration past the store's version, each in its own transaction."""
+def migrate(db: sqlite_utils.Database, keys: DataKeys) -> int:
+    """Apply every migration past the store's version, each in its own transaction (KEYS, checked
+    against the store by the caller first, for the steps that rewrite rows). Returns how many rows
+    the steps rewrote: their old pages are the caller's to erase (Store.finish_erase)."""
     conn: sqlite3.Connection = db.conn
     if "meta" not in db.table_names():
         db.table("meta").create({"key": str, "value": str}, pk="key")
-    version = schema_version(db)
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+    rewritten = 0
+    for number in range(schema_version(db) + 1, len(MIGRATIONS) + 1):
         with transaction(conn):
-            for statement in script.split(";"):
+            if schema_version(db) >= number:  # another process applied it meanwhile
+                continue
+            for statement in MIGRATIONS[number - 1].split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            step = STEPS.get(number)
+            n = step(conn, keys) if step is not None else 0
+            if n:
+                rewritten += n
+                # the old values' pages are erased by finish_erase(): now, or at the next start after a crash
+                conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('erase_pending', '1')")
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (str(number),),
             )
-    return len(MIGRATIONS)
+    return rewritten

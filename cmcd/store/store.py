@@ -1,7 +1,9 @@
 """Tenants, users, credentials, domains, suppression and the logs, in one SQLite file.
 
 Every method is blocking: callers on the event loop go through AsyncStore, which runs
-them on the store's single thread. Addresses are stored encrypted with an HMAC index.
+them on the store's single thread. Addresses are stored encrypted with an HMAC index; remote
+replies (mail_log.response_enc) and suppression reasons (suppressions.reason_enc) are encrypted
+too, as a reply echoes the address, and decrypted on read for cmcctl, the API and webhooks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from cmcd.errors import KeyFileError, NotFound, StoreError, UntrustedFileError
 from cmcd.records import Domain, IpCredential, Tenant, User
 from cmcd.store.api_store import ApiStore
 from cmcd.store.integrity import RESTORE_STORE, check_database
-from cmcd.store.schema import migrate
+from cmcd.store.schema import migrate, schema_version
 from cmcd.store.webhook_store import WebhookStore
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -64,6 +66,31 @@ def open_store(path: Path, key_file: Path, create_key: bool = True) -> Store:
         raise UntrustedFileError(f"{path}: cannot open the store ({exc}); check its owner, mode and disk") from None
     except sqlite3.DatabaseError as exc:  # passed quick_check, yet unusable (an alien schema)
         raise UntrustedFileError(f"{path}: cannot open the store ({exc}); {RESTORE_STORE}") from None
+
+
+def delete_tenant_rows(conn: sqlite3.Connection, tenant_id: int) -> dict[str, int]:
+    """Delete tenant TENANT_ID and every row of it (users, IP credentials, domains and their keys,
+    suppressions, API keys, webhooks, mail, login and operation log rows, and failed logins with one
+    of its login names) inside the caller's transaction; tables an older schema lacks are skipped.
+    Used by tenant_purge() on the store and by the purge of a tenant from backups."""
+    present = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    logins = [r[0] for r in conn.execute("SELECT login FROM users WHERE tenant_id = ?", (tenant_id,))]
+    counts: dict[str, int] = {}
+    c = conn.execute
+    if {"dkim_keys", "domains"} <= present:
+        counts["dkim_keys"] = c(
+            "DELETE FROM dkim_keys WHERE domain_id IN (SELECT id FROM domains WHERE tenant_id = ?)", (tenant_id,)
+        ).rowcount
+    for table in ("api_keys", "otp", "api_sessions", "message_tags", "webhooks", "ip_credentials", "users", "domains",
+                  "suppressions", "mail_log", "login_log", "ops_log"):  # fmt: skip
+        if table in present:
+            counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (tenant_id,)).rowcount
+    # failed logins with one of its login names were logged without a tenant
+    counts["login_log"] = counts.get("login_log", 0) + sum(
+        c("DELETE FROM login_log WHERE tenant_id IS NULL AND login = ?", (login,)).rowcount for login in logins
+    )
+    c("DELETE FROM tenants WHERE id = ?", (tenant_id,))
+    return counts
 
 
 def new_event_key() -> str:
@@ -119,8 +146,12 @@ class Store(ApiStore, WebhookStore):
         conn.execute("PRAGMA secure_delete=ON")
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
-        migrate(self.db)
+        if schema_version(self.db) > 0:
+            self._check_key()  # before a migration encrypts anything with it
+        rewritten = migrate(self.db, keys)
         self._check_key()
+        if rewritten:  # plaintext replies were encrypted: no page of the file or its WAL keeps them
+            self.finish_erase()
 
     def close(self) -> None:
         self.conn.close()
@@ -226,20 +257,34 @@ class Store(ApiStore, WebhookStore):
         return None if row is None else (self._user(row), row[6])
 
     def user_update(
-        self, tenant: str, login: str, *, password_hash: str | None = None, enabled: bool | None = None
+        self,
+        tenant: str,
+        login: str,
+        *,
+        password_hash: str | None = None,
+        enabled: bool | None = None,
+        role: str | None = None,
     ) -> User:
+        """Change a user's password, enabled flag or role; any of them ends the user's API sessions
+        in the same transaction (a session never outlives the standing it was opened with)."""
         u = self.user(tenant, login)
+        if role is not None and role not in ROLES:
+            raise StoreError(f"role {role!r}: expected one of {', '.join(ROLES)}")
         with transaction(self.conn):
             if password_hash is not None:
                 self.conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, u.id))
             if enabled is not None:
                 self.conn.execute("UPDATE users SET enabled = ? WHERE id = ?", (int(enabled), u.id))
+            if role is not None:
+                self.conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, u.id))
+            self._end_sessions(u.id)
         return self.user(tenant, login)
 
     def user_delete(self, tenant: str, login: str) -> None:
         u = self.user(tenant, login)
         with transaction(self.conn):
-            for table in ("ip_credentials", "api_keys", "otp", "api_sessions"):
+            self._end_sessions(u.id)
+            for table in ("ip_credentials", "api_keys", "otp"):
                 self.conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (u.id,))
             self.conn.execute("DELETE FROM users WHERE id = ?", (u.id,))
 
@@ -469,12 +514,13 @@ class Store(ApiStore, WebhookStore):
 
     MAIL_EVENT_COLUMNS = (
         "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac", "rcpt_enc", "rcpt_hmac",
-        "rcpt_domain", "status", "response", "attempt", "mx", "ip", "tls", "delay", "size", "message_id",
+        "rcpt_domain", "status", "response_enc", "attempt", "mx", "ip", "tls", "delay", "size", "message_id",
     )  # fmt: skip
 
     def insert_mail_events(self, rows: list[tuple[Any, ...]]) -> int:
         """Add mail-log rows (addresses already encrypted, in MAIL_EVENT_COLUMNS order, then a
         suppress flag and the message's tags); a row whose event_key is already present is skipped.
+        The reply comes encrypted (bytes or None, from the spool's outbox) or as text, encrypted here.
         A row flagged suppress puts its recipient on the tenant's suppression list, and the tags of
         an accepted message are kept for filtering, in the same transaction. Returns how many rows
         were new."""
@@ -482,6 +528,11 @@ class Store(ApiStore, WebhookStore):
         cols = ", ".join(self.MAIL_EVENT_COLUMNS)
         marks = ", ".join("?" for _ in self.MAIL_EVENT_COLUMNS)
         i = {c: k for k, c in enumerate(self.MAIL_EVENT_COLUMNS)}
+        reply = i["response_enc"]
+        rows = [
+            (*r[:reply], self.keys.seal_text(r[reply]), *r[reply + 1 :]) if isinstance(r[reply], str) else r
+            for r in rows
+        ]
         with transaction(self.conn):
             # a tenant purged meanwhile gets none of its in-flight events back
             tenants = {r[0] for r in self.conn.execute("SELECT id FROM tenants")}
@@ -490,10 +541,10 @@ class Store(ApiStore, WebhookStore):
             self.conn.executemany(f"INSERT OR IGNORE INTO mail_log({cols}) VALUES ({marks})", [r[:n] for r in rows])
             added = self.conn.total_changes - before
             self.conn.executemany(
-                "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, created) "
-                "VALUES (?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, reason_enc, "
+                "created) VALUES (?,?,?,?,'',?,?)",
                 [
-                    (r[i["tenant_id"]], r[i["rcpt_enc"]], r[i["rcpt_hmac"]], r[i["rcpt_domain"]], r[i["response"]],
+                    (r[i["tenant_id"]], r[i["rcpt_enc"]], r[i["rcpt_hmac"]], r[i["rcpt_domain"]], r[reply],
                      r[i["ts"]])
                     for r in rows
                     if len(r) > n and r[n]
@@ -518,21 +569,30 @@ class Store(ApiStore, WebhookStore):
     def suppressions(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
         t = self.tenant(tenant)
         rows = self.conn.execute(
-            "SELECT address_enc, domain, reason, created FROM suppressions WHERE tenant_id = ? ORDER BY id LIMIT ?",
+            "SELECT address_enc, domain, reason_enc, created FROM suppressions WHERE tenant_id = ? ORDER BY id LIMIT ?",
             (t.id, limit),
         )
         return [
-            {"address": self.keys.decrypt(bytes(r[0])), "domain": r[1], "reason": r[2], "created": r[3]} for r in rows
-        ]
+            {"address": self.keys.decrypt(bytes(r[0])), "domain": r[1], "reason": self.keys.open_text(r[2]),
+             "created": r[3]}
+            for r in rows
+        ]  # fmt: skip
 
     def suppression_add(self, tenant: str, address: str, reason: str) -> bool:
         t = self.tenant(tenant)
         domain = address.rpartition("@")[2].lower()
         with transaction(self.conn):
             cur = self.conn.execute(
-                "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, created) "
-                "VALUES (?,?,?,?,?,?)",
-                (t.id, self.keys.encrypt(address), self.keys.index(address), domain, reason, time.time()),
+                "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, reason_enc, "
+                "created) VALUES (?,?,?,?,'',?,?)",
+                (
+                    t.id,
+                    self.keys.encrypt(address),
+                    self.keys.index(address),
+                    domain,
+                    self.keys.seal_text(reason),
+                    time.time(),
+                ),
             )
         return cur.rowcount == 1
 
@@ -565,7 +625,7 @@ class Store(ApiStore, WebhookStore):
         "mail": (
             "mail_log",
             "SELECT x.id, x.ts, t.name, x.queue_id, x.event, x.sender_enc, x.rcpt_enc, x.rcpt_domain, x.status, "
-            "x.response, x.attempt, x.mx, x.ip, x.tls, x.delay, x.size, x.message_id FROM mail_log x "
+            "x.response_enc, x.attempt, x.mx, x.ip, x.tls, x.delay, x.size, x.message_id FROM mail_log x "
             "LEFT JOIN tenants t ON t.id = x.tenant_id",
             ("id", "ts", "tenant", "queue_id", "event", "sender", "rcpt", "rcpt_domain", "status", "response",
              "attempt", "mx", "ip", "tls", "delay", "size", "message_id"),
@@ -645,6 +705,7 @@ class Store(ApiStore, WebhookStore):
             if kind == "mail":
                 row["sender"] = self.keys.decrypt(bytes(r[5])) if r[5] is not None else ""
                 row["rcpt"] = self.keys.decrypt(bytes(r[6])) if r[6] is not None else ""
+                row["response"] = self.keys.open_text(r[9])
             out.append(row)
         return out
 
@@ -670,22 +731,9 @@ class Store(ApiStore, WebhookStore):
         the purge_begin() mark, writes OP (its detail followed by the counts) and marks the store
         for finish_erase(), which the caller runs next (and the next start, after a crash)."""
         t = self.tenant(name)
-        logins = [r[0] for r in self.conn.execute("SELECT login FROM users WHERE tenant_id = ?", (t.id,))]
-        counts: dict[str, int] = {}
         with transaction(self.conn):
+            counts = delete_tenant_rows(self.conn, t.id)
             c = self.conn.execute
-            counts["dkim_keys"] = c(
-                "DELETE FROM dkim_keys WHERE domain_id IN (SELECT id FROM domains WHERE tenant_id = ?)", (t.id,)
-            ).rowcount
-            for table in ("api_keys", "otp", "api_sessions", "message_tags", "webhooks"):
-                counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (t.id,)).rowcount
-            for table in ("ip_credentials", "users", "domains", "suppressions", "mail_log", "login_log", "ops_log"):
-                counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (t.id,)).rowcount
-            # failed logins with one of its login names were logged without a tenant
-            counts["login_log"] += sum(
-                c("DELETE FROM login_log WHERE tenant_id IS NULL AND login = ?", (login,)).rowcount for login in logins
-            )
-            c("DELETE FROM tenants WHERE id = ?", (t.id,))
             c("DELETE FROM meta WHERE key = ?", (f"purge:{t.id}",))
             c("INSERT OR REPLACE INTO meta(key, value) VALUES ('erase_pending', '1')")
             if op is not None:
@@ -746,7 +794,7 @@ class Store(ApiStore, WebhookStore):
 
     def mail_log(self, queue_id: str) -> list[dict[str, Any]]:
         cur = self.conn.execute(
-            "SELECT ts, event, sender_enc, rcpt_enc, status, response, attempt, mx, ip, tls, delay, size, message_id "
+            "SELECT ts, event, sender_enc, rcpt_enc, status, response_enc, attempt, mx, ip, tls, delay, size, message_id "
             "FROM mail_log WHERE queue_id = ? ORDER BY id",
             (queue_id,),
         )
@@ -757,5 +805,6 @@ class Store(ApiStore, WebhookStore):
             row = dict(zip(keys, r))
             row["sender"] = self.keys.decrypt(r[2])
             row["rcpt"] = self.keys.decrypt(r[3])
+            row["response"] = self.keys.open_text(r[5])
             out.append(row)
         return out

@@ -5,6 +5,8 @@ A mixin of Store (same connection, same single thread). The signing secret is st
 with the data key (AAD "webhook:<tenant id>:<url>"), shown to the operator once at add. An
 endpoint's cursor is a mail_log id: everything at or below it was posted (or dropped, or did not
 match its events); a new endpoint starts at the current newest row, so it gets events from then on.
+There is no retry queue of payloads: a batch is rebuilt from the mail log (replies decrypted) at
+every attempt, so nothing a payload holds is at rest outside the encrypted mail log.
 """
 
 from __future__ import annotations
@@ -173,13 +175,13 @@ class WebhookStore:
 
     def webhook_batch(self, tenant_id: int, cursor: int, events: tuple[str, ...], limit: int = 100) -> Batch:
         """Up to LIMIT of the tenant's mail-log rows of EVENTS after CURSOR, as webhook events
-        (addresses decrypted, tags attached). END is past every row looked at, wanted or not."""
+        (addresses and replies decrypted, tags attached; built at each attempt, never stored). END is past every row looked at, wanted or not."""
         newest = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM mail_log").fetchone()[0]
         high = min(newest, cursor + SCAN_IDS)
         marks = ",".join("?" * len(events))
         # NOT INDEXED: walk the rowid range, never the (tenant, ts) index over the tenant's history
         rows = self.conn.execute(
-            "SELECT id, ts, queue_id, event, sender_enc, rcpt_enc, status, response, attempt, mx, message_id "
+            "SELECT id, ts, queue_id, event, sender_enc, rcpt_enc, status, response_enc, attempt, mx, message_id "
             f"FROM mail_log NOT INDEXED WHERE id > ? AND id <= ? AND tenant_id = ? AND event IN ({marks}) "
             "ORDER BY id LIMIT ?",
             (cursor, high, tenant_id, *events, limit),
@@ -192,7 +194,7 @@ class WebhookStore:
                 "id": r[0], "time": iso(r[1]), "queue_id": r[2], "event": r[3],
                 "sender": self.keys.decrypt(bytes(r[4])) if r[4] is not None else "",
                 "recipient": self.keys.decrypt(bytes(r[5])) if r[5] is not None else "",
-                "status": r[6], "response": r[7] or "", "attempt": r[8], "mx": r[9], "message_id": r[10],
+                "status": r[6], "response": self.keys.open_text(r[7]), "attempt": r[8], "mx": r[9], "message_id": r[10],
                 "tags": tags.get(r[2], []),
             }
             for r in rows

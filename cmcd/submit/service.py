@@ -7,6 +7,7 @@ the protocol layers (smtp/, later api/) only relay them. Never speaks a protocol
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import hashlib
 import hmac
@@ -22,13 +23,15 @@ from zoneinfo import ZoneInfo
 
 from cmcd import crypto, policy
 from cmcd.config import Config, SendingLimits
+from cmcd.doors import DataBudget
 from cmcd.errors import SpoolError
 from cmcd.queue.audit import AuditLog
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import ApiRequest, DayClock, Spool
-from cmcd.records import Recipient, Sender, SpoolMessage
+from cmcd.records import Recipient, Sender, SpoolMessage, User
 from cmcd.stats import IntakeStats, counts_refusals, counts_refusals_async
 from cmcd.store import AsyncStore, LoginRecord
+from cmcd.store.api_store import SEND_ROLES, split_api_key
 from cmcd.store.suppressions import Suppressions
 from cmcd.submit import headers
 from cmcd.submit.signing import DkimSigner
@@ -45,8 +48,15 @@ Signer = Callable[[bytes, str], bytes]
 
 VERIFY_SLOTS = 2  # concurrent scrypt verifications (bounds memory at 64 MiB and leaves a core free)
 REPLY_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+#: the SMTP AUTH user name that says "the password is an API key" (the key's id works too)
+APIKEY_LOGIN = "apikey"
 REPLY_AUTH_THROTTLED = "421 4.7.0 Too many failed logins from your address; try again later"
 REPLY_SPOOL_FAILED = "451 4.3.0 Could not write the message to the queue; try again later"
+#: every refusal while (and after) the sender's tenant is purged: MAIL, RCPT, end of data, API sends
+REPLY_TENANT_CLOSING = "550 5.7.1 Your tenant is being deleted; nothing more is accepted for it"
+REPLY_AUTH_CLOSING = "535 5.7.8 Authentication credentials invalid: the account is being deleted"
+#: the login-log name of a failed login that used a purged tenant's login name (the name is erased)
+PURGED_LOGIN = "(login of a purged tenant)"
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,10 @@ class SubmitService:
         self._cache_key = os.urandom(32)
         self._auth_cache: dict[str, tuple[bytes, Sender, float]] = {}
         self._generation = 0
+        #: tenants being purged (tenant.delete --purge): nothing of theirs is taken from close_tenant() on
+        self._closing: set[int] = set()
+        #: keyed digests of purged tenants' login names: a later failed login logs none of them
+        self._purged_logins: set[bytes] = set()
         self._auth_pending: dict[str, int] = {}
         self._verify_slots = asyncio.Semaphore(VERIFY_SLOTS)
         self._verifying: dict[tuple[str, bytes], asyncio.Task[bool]] = {}
@@ -127,6 +141,8 @@ class SubmitService:
         self.accepted = 0
         self.loops_refused = 0  # messages refused at intake for too many Received: fields (554 5.4.6)
         self.stats = IntakeStats()  # read by /metrics
+        #: message bytes in memory from SMTP DATA and API bodies together (smtp.max_data_in_flight)
+        self.data_budget = DataBudget(config.smtp.max_data_in_flight)
 
     # -- set-up and caches -----------------------------------------------------------------
 
@@ -181,6 +197,31 @@ class SubmitService:
         self._auth_cache.clear()
         self._reload_task = asyncio.get_running_loop().create_task(self.reload())
 
+    # -- tenant purge ----------------------------------------------------------------------
+
+    def close_tenant(self, tenant_id: int, logins: tuple[str, ...]) -> None:
+        """The first step of a tenant purge: from this call on, nothing of TENANT_ID is accepted
+        (AUTH, MAIL, RCPT, end of data, API sends refused with REPLY_TENANT_CLOSING).
+
+        Synchronous on purpose: every hand-off to the spool checks the flag with no await between
+        the check and the spool's FIFO queue, so once this returns, every commit of the tenant
+        still to land is already queued ahead of whatever the caller queues next (the purge).
+        Failed logins with one of LOGINS are logged from now on without the name."""
+        self._closing.add(tenant_id)
+        self._purged_logins.update(self._login_digest(login) for login in logins)
+        self._auth_cache = {k: v for k, v in self._auth_cache.items() if v[1].tenant_id != tenant_id}
+
+    def reopen_tenant(self, tenant_id: int) -> None:
+        """The purge is over and the caches were re-read without the tenant: its number may be
+        given to a new tenant (SQLite reuses the highest id), which must not inherit the block."""
+        self._closing.discard(tenant_id)
+
+    def tenant_closing(self, sender: Sender) -> bool:
+        return sender.tenant_id in self._closing
+
+    def _login_digest(self, login: str) -> bytes:
+        return hmac.new(self._cache_key, b"login\0" + login.encode("utf-8", "surrogateescape"), "sha256").digest()
+
     @property
     def reloading(self) -> bool:
         """True while an administrative change is being read in (then await current())."""
@@ -208,21 +249,62 @@ class SubmitService:
     async def authenticate(
         self, login: str, password: str, client_ip: str, mechanism: str, *, log_ok: bool = True
     ) -> Sender | str:
-        """A Sender on success, or the reply to send (535, or 421 once the IP is throttled).
-        LOG_OK false leaves the success row to the caller (a second factor follows).
+        """SMTP AUTH: a Sender on success, or the reply to send (535, or 421 once the IP is throttled).
+        LOG_OK false leaves the success row to the caller.
+
+        SMTP credentials only. An application's: an API key of a sending role (sender or admin)
+        as the password, with the user name "apikey" or the key's id; the login log names it
+        "apikey:<id>", never the secret. A user's password works only for a sending user without
+        TOTP: a TOTP-enrolled user signs in as a person (the console), and what a person types
+        to sign in is never what an application stores to send.
 
         If an administrative change lands while the password is being checked (user disabled,
         password changed), the check is made again against the new state.
         """
+        key_id = split_api_key(password)
+        as_key = key_id is not None and login in (APIKEY_LOGIN, key_id)
+        name = f"{APIKEY_LOGIN}:{key_id}" if as_key else login
         while True:
             generation = self._generation
-            result = await self._authenticate_once(login, password, client_ip, mechanism)
+            if as_key:
+                result = await self._authenticate_key(name, password, client_ip, mechanism)
+            else:
+                result = await self._authenticate_once(login, password, client_ip, mechanism)
             if generation == self._generation:
                 break
+        if isinstance(result, Sender) and result.tenant_id in self._closing:
+            now = self.clock()
+            self._log_login(LoginRecord(now, name, client_ip, mechanism, "fail", result.tenant_id, "tenant deleted"))
+            result = REPLY_AUTH_CLOSING
         self.stats.authenticated(isinstance(result, Sender), throttled=result == REPLY_AUTH_THROTTLED)
         if isinstance(result, Sender) and log_ok:
-            self._log_login(LoginRecord(self.clock(), login, client_ip, mechanism, "ok", result.tenant_id))
+            self._log_login(LoginRecord(self.clock(), name, client_ip, mechanism, "ok", result.tenant_id))
         return result
+
+    async def _authenticate_key(self, name: str, token: str, client_ip: str, mechanism: str) -> Sender | str:
+        """An API key as the AUTH password: a digest lookup (the key is 256 random bits, no scrypt
+        needed), read from the store every time, so a revoked key fails at once."""
+        await self.current()
+        now = self.clock()
+        if self.auth_throttled(client_ip):
+            self._log_login(LoginRecord(now, name, client_ip, mechanism, "throttled"))
+            return REPLY_AUTH_THROTTLED
+        caller = await self.astore.call(self.astore.store.apikey_caller, token)
+        if caller is not None and caller.role in SEND_ROLES:
+            return Sender(caller.user_id, caller.tenant_id, caller.tenant, caller.login, mechanism)
+        if caller is None:
+            return self._auth_failed(name, client_ip, mechanism, now, None, "unknown or revoked key, or user disabled")
+        return self._auth_failed(name, client_ip, mechanism, now, caller.tenant_id, f"a {caller.role} key may not send")
+
+    def _auth_failed(
+        self, login: str, client_ip: str, mechanism: str, now: float, tenant_id: int | None, detail: str
+    ) -> str:
+        """Count and log a failed AUTH; the one reply every failure gets."""
+        self._auth_failures.add(throttle_key(client_ip), now)
+        self._log_login(LoginRecord(now, login, client_ip, mechanism, "fail", tenant_id, detail))
+        if self.auth_throttled(client_ip):
+            log.warning("event=auth_throttled client_ip=%s", client_ip)
+        return REPLY_AUTH_INVALID
 
     async def _authenticate_once(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | str:
         await self.current()
@@ -240,17 +322,33 @@ class SubmitService:
         stored_hash = found[1] if found is not None else crypto.dummy_hash()
         ok = await self._verify(login, digest, password, stored_hash, key)
         user = found[0] if found is not None else None
-        if ok and user is not None and user.enabled:
+        if user is None or not ok:
+            detail = "unknown login" if user is None else "bad password"
+        elif not user.enabled:
+            detail = "disabled"
+        elif user.role not in SEND_ROLES:
+            detail = f"a {user.role} may not send"
+        elif await self.astore.call(self.astore.store.otp_enrolled, user.id):
+            # the password of a person who signs in with TOTP is no SMTP credential
+            detail = "TOTP enrolled: the password alone is refused; use an API key as the SMTP password"
+        else:
             sender = Sender(user.id, user.tenant_id, user.tenant, login, mechanism)
             if generation == self._generation:
                 self._auth_cache[login] = (digest, sender, now + self.config.smtp.auth_cache_ttl)
             return sender
-        detail = "unknown login" if user is None else ("disabled" if ok else "bad password")
-        self._auth_failures.add(key, now)
-        self._log_login(LoginRecord(now, login, client_ip, mechanism, "fail", user.tenant_id if user else None, detail))
-        if self.auth_throttled(client_ip):
-            log.warning("event=auth_throttled client_ip=%s", client_ip)
-        return REPLY_AUTH_INVALID
+        return self._auth_failed(login, client_ip, mechanism, now, user.tenant_id if user else None, detail)
+
+    async def check_password(self, login: str, password: str, client_ip: str) -> tuple[User | None, bool]:
+        """For a login a second factor follows (POST /v1/sessions): the user LOGIN names (None when
+        unknown) and whether PASSWORD is theirs. Always one scrypt computation, against a dummy
+        hash for an unknown login, and never the cache, so every answer costs the same; it
+        counts against the address's throttle while it runs. The caller counts and logs the outcome."""
+        await self.current()
+        digest = hmac.new(self._cache_key, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        found = await self.astore.call(self.astore.store.user_for_login, login)
+        stored_hash = found[1] if found is not None else crypto.dummy_hash()
+        ok = await self._verify(login, digest, password, stored_hash, throttle_key(client_ip))
+        return (found[0], ok) if found is not None else (None, False)
 
     async def _verify(self, login: str, digest: bytes, password: str, stored_hash: str, ip_key: str) -> bool:
         """scrypt off the loop, at most VERIFY_SLOTS at once (32 MiB each); concurrent checks of
@@ -315,6 +413,8 @@ class SubmitService:
 
     def check_sender(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> str | None:
         """MAIL's checks without the quota and rate (an API request is counted as a whole: check_batch)."""
+        if sender.tenant_id in self._closing:
+            return REPLY_TENANT_CLOSING
         if not address:
             return "550 5.7.1 A null sender is not allowed for submission"
         min_free = self.config.spool.min_free
@@ -329,6 +429,8 @@ class SubmitService:
 
     @counts_refusals
     def check_rcpt(self, sender: Sender, address: str, accepted_so_far: int, smtputf8: bool) -> str | None:
+        if sender.tenant_id in self._closing:
+            return REPLY_TENANT_CLOSING
         if accepted_so_far >= self.config.smtp.max_recipients:
             return f"452 4.5.3 Too many recipients (limit {self.config.smtp.max_recipients} per message)"
         problem = address_problem(address, smtputf8)
@@ -355,6 +457,8 @@ class SubmitService:
         quota = self._limits(sender.tenant).messages_per_day
         if policy.over_daily_quota(self._daily.get(key, 0), quota):  # concurrent sessions passed MAIL together
             return f"550 5.7.1 Daily quota of {quota} messages reached for this tenant"
+        if self._gone(sender):  # no await from here to the spool's queue (close_tenant)
+            return REPLY_TENANT_CLOSING
         self._reserve(key, 1)  # given back if the commit fails
         try:
             await self.spool.commit(prepared, day)
@@ -407,6 +511,11 @@ class SubmitService:
             tags=tags,
         )
 
+    def _gone(self, sender: Sender) -> bool:
+        """The sender's tenant is being purged, or was (no longer in the caches) while its message
+        was being prepared."""
+        return sender.tenant_id in self._closing or sender.tenant_id not in self._tenant_domains
+
     def _reserve(self, key: tuple[int, str], n: int) -> None:
         if key not in self._daily:  # a new day (or tenant): forget the counts of past days
             self._daily = {k: c for k, c in self._daily.items() if k[1] == key[1]}
@@ -435,6 +544,8 @@ class SubmitService:
         quota = self._limits(sender.tenant).messages_per_day
         if quota and self._daily.get(key, 0) + len(messages) > quota:
             return f"550 5.7.1 Daily quota of {quota} messages would be exceeded for this tenant"
+        if self._gone(sender):  # no await from here to the spool's queue (close_tenant)
+            return REPLY_TENANT_CLOSING
         self._reserve(key, len(messages))
         forget_before = self.clock() - self.config.api.idempotency_ttl
         try:
@@ -496,6 +607,8 @@ class SubmitService:
         self._auth_failures.add(throttle_key(client_ip), self.clock())
 
     def _log_login(self, record: LoginRecord) -> None:
+        if record.tenant_id is None and self._purged_logins and self._login_digest(record.login) in self._purged_logins:
+            record = dataclasses.replace(record, login=PURGED_LOGIN)
         self._pending_logins.append(record)
         self._schedule_flush()
 

@@ -1,0 +1,380 @@
+"""The API's front door under attack (issue 21, items 1 and 2), with a real daemon and real TLS clients
+on loopback: a slowloris from many source addresses against a daemon with few descriptors, and many
+large bodies at once against a small memory budget.
+
+What must hold: SMTP greets and the admin socket answers whatever the API is sent; every slow
+connection is closed within [api] header_timeout; the API serves normally afterwards; the daemon's
+RSS stays within smtp.max_data_in_flight plus a stated overhead; a huge declared Content-Length
+gets 413 before any body byte is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Cmcd
+from tests.e2e.test_metrics import scrape
+from tests.peers import free_port
+
+HEADER_TIMEOUT_S = 2.0
+#: cmcd's timers are checked on its event loop; a client sees the close a little later
+CLOSE_MARGIN_S = 1.5
+NOFILE = 256
+#: slow connections kept open at once: more than the daemon's descriptor limit allows
+SLOW_CONNECTIONS = 400
+SOURCES = [f"127.0.0.{n}" for n in range(2, 51)]
+ATTACK_S = 3 * HEADER_TIMEOUT_S + 2
+TRICKLE_S = 0.4
+
+BUDGET = 16 * 1024**2
+REQUEST_LIMIT = 4 * 1024**2
+BODIES = 30
+#: RSS the daemon may grow by, beyond the budget, while serving those bodies: the TLS buffers
+#: and aiohttp state of BODIES connections, the allocator's slack, and at most one body's
+#: working copies (raw, parsed JSON, message) beyond what the budget counts
+RSS_OVERHEAD = 48 * 1024**2
+
+
+# -- what the daemon holds --------------------------------------------------------------------------
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class Sampler:
+    """Samples the daemon's descriptors and RSS every few milliseconds in a thread; keeps the maxima."""
+
+    def __init__(self, pid: int, every_s: float = 0.02):
+        self.pid, self.every_s = pid, every_s
+        self.max_fds = self.max_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.max_fds = max(self.max_fds, open_fds(self.pid))
+                self.max_rss = max(self.max_rss, rss_bytes(self.pid))
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- the slowloris ------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttackReport:
+    admitted: int = 0  # TLS handshakes that completed
+    refused: int = 0  # connections closed before or during the handshake
+    closed_after_s: list[float] = field(default_factory=list)  # handshake to cmcd's close, per admitted one
+    overdue: int = 0  # admitted connections still open past header timeout + margin
+
+
+async def _slow_client(port: int, ctx: ssl.SSLContext, source: str, deadline: float, report: AttackReport) -> None:
+    """Connect again and again until DEADLINE; each connection trickles a header that never ends."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, ssl=ctx, local_addr=(source, 0)), 10
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            report.refused += 1
+            await asyncio.sleep(0.05)  # pacing of the attacker, not synchronisation
+            continue
+        report.admitted += 1
+        start = loop.time()
+        header = b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100_000
+        try:
+            for i in range(len(header)):
+                writer.write(header[i : i + 1])
+                try:
+                    if await asyncio.wait_for(reader.read(1024), TRICKLE_S) == b"":
+                        break  # closed by cmcd
+                except TimeoutError:
+                    pass
+                if loop.time() - start > HEADER_TIMEOUT_S + CLOSE_MARGIN_S:
+                    report.overdue += 1
+                    break
+                if loop.time() >= deadline:
+                    return
+        except (OSError, ssl.SSLError):
+            pass  # reset by cmcd
+        finally:
+            writer.transport.abort()
+        report.closed_after_s.append(loop.time() - start)
+
+
+def slowloris(port: int, ctx: ssl.SSLContext, connections: int, duration_s: float) -> AttackReport:
+    """CONNECTIONS slow clients from SOURCES at once for DURATION_S (run in this thread)."""
+    report = AttackReport()
+
+    async def main() -> None:
+        deadline = asyncio.get_running_loop().time() + duration_s
+        await asyncio.gather(
+            *(_slow_client(port, ctx, SOURCES[i % len(SOURCES)], deadline, report) for i in range(connections))
+        )
+
+    asyncio.run(main())
+    return report
+
+
+def smtp_greeting_s(port: int, timeout: float = 1.0) -> float:
+    """Seconds until a new SMTP client reads cmcd's 220 greeting; fails past TIMEOUT."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        data = b""
+        while not data.endswith(b"\r\n"):
+            chunk = s.recv(512)
+            assert chunk, "SMTP closed the connection without a greeting"
+            data += chunk
+    assert data.startswith(b"220 "), data
+    return time.monotonic() - start
+
+
+def while_running(attack: Callable[[], Any], probe: Callable[[], None], every_s: float = 0.25) -> Any:
+    """Run ATTACK in a thread; call PROBE over and over (at most every EVERY_S) until it ends."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(attack()), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        probe()
+        thread.join(every_s)
+    assert result, "the attack failed"
+    return result[0]
+
+
+def front_door_daemon(root: Path, ca: Any, overrides: dict[str, Any], nofile: int | None = None) -> Cmcd:
+    d = Cmcd(root, ca, overrides)
+    d.start(nofile=nofile)
+    return d.provision()
+
+
+def metrics_port(d: Cmcd) -> int:
+    return int(re.search(r"event=metrics_listening listen=\S+:(\d+)", d.wait_log("event=metrics_listening")).group(1))  # type: ignore[union-attr]
+
+
+# -- tests --------------------------------------------------------------------------------------------
+
+
+def test_slowloris_leaves_smtp_and_admin_working(tmp_path: Path, ca: Any) -> None:
+    d = front_door_daemon(
+        tmp_path / "d",
+        ca,
+        {
+            "api": {"listen": "127.0.0.1:0", "header_timeout": f"{HEADER_TIMEOUT_S}s", "handshake_timeout": "2s"},
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        },
+        nofile=NOFILE,
+    )
+    try:
+        assert d.proc is not None
+        pid = d.proc.pid
+        caps = d.wait_log("event=descriptor_caps")
+        api_cap = int(re.search(r"api_max_connections=(\d+)", caps).group(1))  # type: ignore[union-attr]
+        assert api_cap < NOFILE // 4, caps
+        before = open_fds(pid)
+        greetings: list[float] = []
+
+        def probe() -> None:
+            greetings.append(smtp_greeting_s(d.smtp_port))
+            assert d.admin("status")["pid"] == pid
+
+        with Sampler(pid) as sampled:
+            report = while_running(lambda: slowloris(d.api_port, d.client_context(), SLOW_CONNECTIONS, ATTACK_S), probe)
+        print(
+            f"\nslowloris: descriptors before={before} max during={sampled.max_fds} (limit {NOFILE}, API cap {api_cap}); "
+            f"admitted={report.admitted} refused={report.refused} slowest close={max(report.closed_after_s):.2f}s; "
+            f"SMTP greeting max={max(greetings):.3f}s over {len(greetings)} probes"
+        )
+        assert report.admitted > api_cap and report.refused > SLOW_CONNECTIONS - api_cap
+        assert report.overdue == 0 and max(report.closed_after_s) <= HEADER_TIMEOUT_S + CLOSE_MARGIN_S
+        assert len(greetings) >= ATTACK_S / 1.5 and max(greetings) < 1.0
+        assert sampled.max_fds < NOFILE
+
+        # afterwards the API serves as before (once cmcd has seen the attackers' connections go)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                status, _, doc = d.http("GET", "/v1/openapi.json")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the API did not come back after the attack"
+        assert status == 200 and doc["openapi"] == "3.1.0"
+        got = scrape(metrics_port(d))
+        # every slow connection the attack did not drop itself at its end was closed by cmcd's header timer
+        assert got.value("cmcd_listener_timeouts_total", listener="api", phase="headers") >= len(report.closed_after_s)
+        assert got.value("cmcd_listener_connections_refused_total", listener="api", reason="max_connections") > 0
+        assert got.value("cmcd_listener_max_connections", listener="api") == api_cap
+    finally:
+        d.stop()
+
+
+def _closed_within(s: socket.socket, seconds: float) -> None:
+    """S is closed (FIN or RST) by cmcd within SECONDS (+ margin) from now."""
+    start = time.monotonic()
+    try:
+        assert s.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - start <= seconds + CLOSE_MARGIN_S
+
+
+def test_idle_keepalive_handshake_and_metrics_header_timeouts(tmp_path: Path, ca: Any) -> None:
+    """An idle keep-alive connection is closed after keepalive_timeout, a client that never starts
+    its TLS handshake after handshake_timeout, a scrape whose headers do not come within
+    metrics.header_timeout is cut off; each is counted."""
+    port = free_port()
+    d = front_door_daemon(
+        tmp_path / "d",
+        ca,
+        {
+            "api": {
+                "listen": "127.0.0.1:0",
+                "keepalive_timeout": "1s",
+                "header_timeout": "30s",
+                "handshake_timeout": "1s",
+            },
+            "metrics": {"listen": f"127.0.0.1:{port}", "header_timeout": "1s"},
+        },
+    )
+    try:
+        conn = http.client.HTTPSConnection("127.0.0.1", d.api_port, context=d.client_context(), timeout=10)
+        conn.request("GET", "/v1/openapi.json")
+        assert conn.getresponse().read() and conn.sock is not None
+        start = time.monotonic()
+        assert conn.sock.recv(1) == b""  # cmcd closes the idle connection
+        assert 0.9 <= time.monotonic() - start <= 1 + CLOSE_MARGIN_S
+        conn.close()
+
+        with socket.create_connection(("127.0.0.1", d.api_port), timeout=10) as s:
+            _closed_within(s, 1)  # no ClientHello
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+            _closed_within(s, 1)
+        got = scrape(port)
+        assert got.value("cmcd_listener_timeouts_total", listener="api", phase="handshake") == 1
+        assert got.value("cmcd_listener_timeouts_total", listener="api", phase="idle") == 1
+        assert got.value("cmcd_listener_timeouts_total", listener="metrics", phase="headers") == 1
+    finally:
+        d.stop()
+
+
+def _post(port: int, ctx: ssl.SSLContext, token: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60)
+    try:
+        conn.request(
+            "POST", "/v1/emails", body, {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        )
+        resp = conn.getresponse()
+        return resp.status, dict(resp.headers), resp.read()
+    finally:
+        conn.close()
+
+
+def _raw_tls(d: Cmcd) -> ssl.SSLSocket:
+    s = socket.create_connection(("127.0.0.1", d.api_port), timeout=10)
+    return d.client_context().wrap_socket(s, server_hostname="127.0.0.1")
+
+
+def test_large_bodies_stay_within_the_memory_budget(tmp_path: Path, ca: Any) -> None:
+    d = front_door_daemon(
+        tmp_path / "d",
+        ca,
+        {
+            "api": {"listen": "127.0.0.1:0", "max_request_size": REQUEST_LIMIT},
+            "smtp": {"max_data_in_flight": BUDGET, "max_message_size": "2MB"},
+        },
+    )
+    try:
+        assert d.proc is not None
+        pid = d.proc.pid
+        token = str(d.admin("apikey.add", tenant="acme", login="alice")["token"])
+        envelope = {"from": "alice@acme.test", "to": ["x@dst.test"], "subject": "big"}
+        body = json.dumps(envelope | {"text": "a" * (REQUEST_LIMIT - 200)}).encode()
+        assert len(body) <= REQUEST_LIMIT
+        small = json.dumps(envelope | {"text": "a" * 1000}).encode()
+        assert _post(d.api_port, d.client_context(), token, small)[0] == 202  # warm: TLS, store, DKIM
+        baseline = rss_bytes(pid)
+
+        results: list[tuple[int, dict[str, str], bytes]] = []
+
+        def one() -> None:
+            results.append(_post(d.api_port, d.client_context(), token, body))
+
+        with Sampler(pid, every_s=0.005) as sampled:
+            threads = [threading.Thread(target=one) for _ in range(BODIES)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        statuses = sorted(r[0] for r in results)
+        grown = sampled.max_rss - baseline
+        print(
+            f"\n{BODIES} bodies of {len(body)} bytes at once: RSS baseline={baseline >> 20} MiB, "
+            f"peak={sampled.max_rss >> 20} MiB (+{grown >> 20} MiB; budget {BUDGET >> 20} MiB + "
+            f"overhead {RSS_OVERHEAD >> 20} MiB); after={rss_bytes(pid) >> 20} MiB; statuses={statuses}"
+        )
+        assert set(statuses) <= {422, 503} and 422 in statuses and 503 in statuses, statuses
+        busy = next(r for r in results if r[0] == 503)
+        assert busy[1]["Retry-After"].isdigit() and json.loads(busy[2])["type"] == "urn:cmcd:problem:try-later"
+        assert grown <= BUDGET + RSS_OVERHEAD, f"RSS grew by {grown >> 20} MiB"
+        assert _post(d.api_port, d.client_context(), token, small)[0] == 202  # the budget was given back
+
+        # a huge declared Content-Length: 413 before any body byte is sent
+        with _raw_tls(d) as s:
+            s.sendall(
+                b"POST /v1/emails HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 100000000000\r\n\r\n"
+            )
+            start = time.monotonic()
+            reply = s.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 413 ") and time.monotonic() - start < 1.0, reply
+
+        # a chunked body is counted as it arrives and cut off at the limit
+        with _raw_tls(d) as s:
+            s.sendall(
+                b"POST /v1/emails HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + token.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+            sent = 0
+            try:
+                while sent <= 2 * REQUEST_LIMIT:
+                    s.sendall(chunk)
+                    sent += 65536
+            except OSError:
+                pass  # cmcd answered and closed
+            reply = s.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 413 "), reply
+    finally:
+        d.stop()
