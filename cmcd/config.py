@@ -142,7 +142,13 @@ class SmtpConfig:
     min_data_rate: Size = Size(1024)
     min_data_rate_grace: Duration = Duration(10)
     bare_newlines: str = "normalize"
+    #: failed logins of one login from one address (an IPv6 /64) in auth_fail_window; past it that
+    #: login is refused from there (421 4.7.0) while other logins from the same address still work;
+    #: 0 turns throttling off altogether
     auth_fail_limit: int = 10
+    #: failed logins from one address over all logins in auth_fail_window; past it every login
+    #: from there is refused (the much higher ceiling for a shared NAT)
+    auth_fail_limit_per_address: int = 100
     auth_fail_window: Duration = Duration(600)
     auth_cache_ttl: Duration = Duration(300)
     #: per-tenant defaults; [smtp.tenant_limits.NAME] overrides one tenant
@@ -481,6 +487,8 @@ _RANGES = (
     ("api.webhook_retry_for", 60.0, 7 * 86400.0),
     ("smtp.max_recipients", 1, 100_000),
     ("smtp.max_hops", 1, 1000),
+    ("smtp.auth_fail_limit", 0, 1_000_000),
+    ("smtp.auth_fail_limit_per_address", 0, 1_000_000),
     ("delivery.data_xfer_timeout", 0.1, 3600.0),
     ("delivery.connect_rate_limit", 0.1, 100_000.0),
     ("smtp.command_timeout", 1.0, 86400.0),

@@ -38,6 +38,7 @@ from cmcd.queue.events import EventShipper
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
 from cmcd.queue.startup import Opened, open_checked
+from cmcd.redact import redact_urls
 from cmcd.smtp.listener import SmtpListeners
 from cmcd.store import AsyncStore
 from cmcd.submit.service import SubmitService
@@ -56,7 +57,8 @@ class LogfmtFormatter(logging.Formatter):
     Values a client chose (a login name, a remote reply) reach the message through %s; control
     characters in the line are escaped (\\r \\n \\x00), so no value can start a line of its own.
     Anything that looks like an address loses its local part (crypto.redact_addresses): remote
-    replies echo the recipient, and the log is the one record that cannot be encrypted."""
+    replies echo the recipient, and the log is the one record that cannot be encrypted. A URL
+    keeps its host and path only (redact.redact_urls: a webhook's token is in its query string)."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
@@ -66,7 +68,7 @@ class LogfmtFormatter(logging.Formatter):
         line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {msg}"
         if record.exc_info:
             line += " exc=" + repr(self.formatException(record.exc_info))
-        return escape_controls(crypto.redact_addresses(line))
+        return escape_controls(crypto.redact_addresses(redact_urls(line)))
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -214,7 +216,7 @@ class Daemon:
             suppressions=service.suppressions,
             drop_sessions=smtp.ctx.sessions.drop_tenant,
             audit=audit,
-            intake=None,  # XXX
+            intake=service,
         )
         await admin.start()
         self.admin = admin

@@ -1,4 +1,4 @@
-"""`cmcctl backup now|list|verify` (through the admin socket) and `cmcd restore` (offline, cmcd stopped).
+"""`cmcctl backup now|list|verify|purge-tenant` (through the admin socket) and `cmcd restore` (offline, cmcd stopped).
 
 cmcctl's helpers are imported inside the commands, not at the top: cmcd/admin/cli.py imports this
 module at its end, and when it runs as `python -m cmcd.admin.cli` a top-level import of it from here
@@ -101,6 +101,32 @@ def backup_verify(c: Client, file: str) -> None:
     c.show(c.call("backup.verify", file=file if "/" not in file else os.path.abspath(file)), human)
 
 
+def purge_from_backups(c: Client, name: str) -> None:
+    """Ask cmcd to remove tenant NAME from every kept backup, and say what it did."""
+
+    def human(r: dict[str, Any]) -> None:
+        click.echo(
+            f"removed tenant {name} from {len(r['rewritten'])} of {r['generations']} backups "
+            f"({', '.join(f'{k}={v}' for k, v in r['rows'].items()) or 'no rows'}); "
+            f"{r['chunks_erased']} chunks that held it erased"
+        )
+
+    c.show(c.call("backup.purge-tenant", tenant_name=name), human)
+
+
+@backup.command("purge-tenant")
+@click.argument("name")
+@click.pass_obj
+def backup_purge_tenant(c: Client, name: str) -> None:
+    """Remove tenant NAME, already erased with `tenant delete --purge`, from every kept backup.
+
+    Each backup that holds it is decrypted, its rows deleted (secure_delete) and it is written again under
+    its own name; the chunks only it used are overwritten and unlinked. Without this, an erased tenant
+    stays in the backups until the last one taken before the erase is pruned (backup.keep generations).
+    """
+    purge_from_backups(c, name)
+
+
 # -- cmcd restore ----------------------------------------------------------------------------
 
 
@@ -133,7 +159,8 @@ def _daemon_answers(sock: Path) -> bool:
 def restore_command(file: Path, config_path: str) -> None:
     """Replace the store with the one in backup FILE; cmcd must be stopped.
 
-    FILE must authenticate with backup.key_file and pass SQLite's integrity check, and the data key in
+    FILE is a generation, cmcd-store-TIME.bak: since format 2 a manifest whose chunks are in the chunks/
+    directory next to it (restore on a new host from a copy of the whole backup.dir). FILE must authenticate with backup.key_file and pass SQLite's integrity check, and the data key in
     store.key_file must be the one its store was written with; otherwise nothing is changed. The store
     it replaces is kept next to it as STORE.pre-restore-TIME.
     """

@@ -2,11 +2,13 @@
 
 Settings: backup.dir, backup.key_file, backup.keep, backup.interval (the first backup is one interval
 after start). Backups hold the store only, never the spool or a message body (cmcd.store.backup).
+backup.purge-tenant removes a tenant already purged from the store from every kept backup as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from pathlib import Path
@@ -15,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from cmcd.admin.server import BadRequest, _Args, _Verb
 from cmcd.config import Config
 from cmcd.crypto import DataKeys
-from cmcd.errors import BackupError
-from cmcd.store.backup import BackupInfo, list_backups, take_backup, verify_backup
+from cmcd.errors import BackupError, NotFound
+from cmcd.store.backup import BackupInfo, list_backups, purge_tenant, take_backup, verify_backup
 
 if TYPE_CHECKING:
     from cmcd.admin.server import AdminServer
@@ -108,10 +110,58 @@ async def _backup_verify(server: AdminServer, a: _Args) -> Any:
     return await loop.run_in_executor(None, _verify, config, store_path, file, server._store.keys)
 
 
+async def _backup_purge_tenant(server: AdminServer, a: _Args) -> Any:
+    """Remove a purged tenant from every kept backup. The argument is tenant_name, not name: a refusal is
+    logged with the arguments that name a tenant, and the name of an erased tenant must not be kept."""
+    config = server._config
+    name = a.text("tenant_name")
+    try:
+        await server._astore.call(server._store.tenant, name)
+    except NotFound:
+        pass
+    else:
+        raise BadRequest(
+            f"backup.purge-tenant: tenant {name!r} still exists; erase it first: cmcctl tenant delete {name} --purge"
+        )
+    store_path = config.path(config.store.path)
+    job = functools.partial(
+        purge_tenant,
+        config.path(config.backup.dir),
+        config.path(config.backup.key_file),
+        name,
+        work_dir=store_path.parent,
+    )
+    loop = asyncio.get_running_loop()
+    r = await loop.run_in_executor(None, job)
+    rows = " ".join(f"{k}={v}" for k, v in r.rows.items())
+    detail = f"generations={r.generations} rewritten={len(r.rewritten)} chunks_erased={r.chunks_removed} {rows}"
+    caller = a.caller
+    # named by its number, like the tenant.purge row: the operation log keeps no name of an erased tenant
+    await server._audit.op(
+        ts=time.time(),
+        actor_uid=caller.uid if caller else None,
+        actor=caller.name if caller else "cmcd",
+        action="backup.purge-tenant",
+        target=" ".join(f"tenant #{i}" for i in r.tenant_ids) or "-",
+        result="ok",
+        tenant_id=None,
+        detail=detail.strip(),
+    )
+    log.info("event=backup_tenant_purge_done generations=%d rewritten=%d", r.generations, len(r.rewritten))
+    return {
+        "generations": r.generations,
+        "rewritten": r.rewritten,
+        "tenant_ids": r.tenant_ids,
+        "rows": r.rows,
+        "chunks_erased": r.chunks_removed,
+    }
+
+
 BACKUP_VERBS: dict[str, _Verb] = {
     "backup.now": _Verb(_backup_now, (), target="store"),
     "backup.list": _Verb(_backup_list, ()),
     "backup.verify": _Verb(_backup_verify, ("file",)),
+    "backup.purge-tenant": _Verb(_backup_purge_tenant, ("tenant_name",)),
 }
 
 

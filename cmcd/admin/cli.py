@@ -887,10 +887,12 @@ def retention_run(c: Client) -> None:
 @click.argument("name")
 @click.option("--purge", is_flag=True, help="required: erase the tenant and everything it owns")
 @click.option("--yes", is_flag=True, help="do not ask for the tenant name again")
+@click.option("--from-backups", is_flag=True, help="then remove it from every kept backup too (backup purge-tenant)")
 @pass_client
-def tenant_delete(c: Client, name: str, purge: bool, yes: bool) -> None:
+def tenant_delete(c: Client, name: str, purge: bool, yes: bool, from_backups: bool) -> None:
     """Erase a tenant: sessions closed, queued mail, users, credentials, domains and keys,
-    suppression list and logs deleted, the store and spool vacuumed."""
+    suppression list and logs deleted, the store and spool vacuumed. The backups taken before
+    keep it until pruned (backup.keep); --from-backups removes it from them as well."""
     if not purge:
         raise CtlError("tenant delete erases everything the tenant owns; say so with --purge")
     if not yes:
@@ -901,6 +903,10 @@ def tenant_delete(c: Client, name: str, purge: bool, yes: bool) -> None:
         c.call("tenant.delete", name=name, purge=True),
         lambda r: click.echo(f"purged tenant {name}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "tenant")),
     )
+    if from_backups:
+        from cmcd.admin.backup_cli import purge_from_backups
+
+        purge_from_backups(c, name)
 
 
 @cli.command("evidence")

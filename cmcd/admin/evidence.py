@@ -577,7 +577,7 @@ class Collector:
         states = ", ".join(f"{k}={v}" for k, v in sorted(q.recipients.items())) or "empty"
         out.append(Line(
             "12.1.3", "queue", f"messages expire after {_age(float(cfg.delivery.max_lifetime))}",
-            f"recipients by state: {states}; oldest message (held aside): "
+            f"recipients by state: {states}; oldest message (held ones aside): "
             + (f"{_age(oldest)} old" if oldest is not None else "none") + f"; spool database {_size(q.spool_bytes)}",
             "attention" if oldest is not None and oldest > 3600 else "ok",
             "a message has waited over an hour" if oldest is not None and oldest > 3600 else "nothing waits over an hour",
@@ -660,7 +660,8 @@ def ntp_state() -> tuple[bool | None, str]:
             continue
         out = proc.stdout.strip()
         if proc.returncode != 0:
-            tried.append(f"{argv[0]}: exit {proc.returncode} ({(proc.stderr.strip() or out)[:80]})")
+            said = (proc.stderr.strip() or out).splitlines()
+            tried.append(f"{argv[0]}: exit {proc.returncode} ({said[0][:100] if said else 'no output'})")
             continue
         if argv[0] == "timedatectl":
             if out in ("yes", "no"):

@@ -1,7 +1,7 @@
 """Renders the evidence report (the `evidence` verb's result) as Markdown, JSON or one HTML page; no I/O.
 
 Every value is the daemon's and may hold what a tenant chose (a login, a key id): Markdown cells
-have their control characters escaped and pipes and backslashes quoted; HTML has everything
+have their control characters escaped and markup characters quoted; HTML has everything
 escaped, and the page is self-contained (inline style, no script, nothing fetched).
 """
 
@@ -39,8 +39,10 @@ def _scope(report: dict[str, Any]) -> str:
 
 
 def _md_cell(value: Any) -> str:
-    text = escape_controls(str(value))
-    return text.replace("\\", "\\\\").replace("|", "\\|") or "-"
+    text = escape_controls(str(value).replace("\\", "\\\\"))
+    for ch in "|<>`*[]":  # CommonMark: a backslash before punctuation makes it literal (no HTML, no markup)
+        text = text.replace(ch, "\\" + ch)
+    return text or "-"
 
 
 def render_md(report: dict[str, Any]) -> str:

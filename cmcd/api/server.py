@@ -54,6 +54,9 @@ PERMISSIONS = {"sender": {"send"}, "viewer": {"read"}, "admin": {"send", "read",
 DELIVERY_EVENTS = ("accepted", "deferred", "delivered", "bounced", "expired", "suppressed", "deleted", "lost")
 BOUNCE_EVENTS = ("bounced", "expired")
 PAGE_MAX = 1000
+#: what bad bearer tokens count against in the login throttle: guessing tokens from an address
+#: stops at smtp.auth_fail_limit like guessing one login's password (a valid key is never held)
+BEARER_LOGIN = "(bearer token)"
 PREPARE_CONCURRENCY = 32
 LARGE_BODY = 256 * 1024  # request bodies parsed off the event loop from this size on
 SESSION_BODY_MAX = 4096
@@ -302,9 +305,9 @@ class ApiServer:
         if caller is None:
             # the throttle holds back guessing from an address; a valid key (256 random bits) from the
             # same address (a shared NAT) is never held back by it
-            if self.service.auth_throttled(ip):
+            if self.service.auth_throttled(ip, BEARER_LOGIN):
                 raise Problem(429, "throttled", "too many failed logins from your address; try again later")
-            self.service.note_auth_failure(ip)
+            self.service.note_auth_failure(ip, BEARER_LOGIN)
             self.service.log_login(LoginRecord(self.clock(), _token_name(token), ip, "API", "fail", None, "bad token"))
             p = Problem(401, "unauthenticated", "the API key or session token is unknown, revoked or expired")
             p.headers["WWW-Authenticate"] = 'Bearer realm="cmcd", error="invalid_token"'
@@ -424,6 +427,8 @@ class ApiServer:
         if unknown:
             raise Problem(422, "invalid", f"unknown field {sorted(unknown)[0]!r}", extra={"field": sorted(unknown)[0]})
         login, password = body["login"], body["password"]
+        if self.service.auth_throttled(ip, login):  # this login from this address used up its failures
+            raise Problem(429, "throttled", "too many failed logins from your address; try again later")
         otp, recovery = body.get("otp"), body.get("recovery_code")
         if (
             not isinstance(otp, str | None)
@@ -457,7 +462,7 @@ class ApiServer:
             ok = recovery_ok and await self.astore.call(self.store.otp_use_recovery, user.id, recovery_digest)
             detail = "recovery code used" if ok else "bad recovery code"
         if user is None or detail not in ("", "recovery code used"):
-            self.service.note_auth_failure(ip)
+            self.service.note_auth_failure(ip, login)
             self.service.stats.authenticated(False, throttled=False)
             if user is not None and password_ok and not paused:
                 self._otp_failures.add(user.id, now)

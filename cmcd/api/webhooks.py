@@ -45,6 +45,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from cmcd.config import Config
 from cmcd.errors import CmcdError
 from cmcd.queue.audit import AuditLog
+from cmcd.redact import redact_url, redact_urls
 from cmcd.store import AsyncStore
 from cmcd.store.store import OpRecord
 from cmcd.store.webhook_store import Webhook
@@ -324,6 +325,8 @@ class WebhookDispatcher:
         body = json.dumps({"events": batch.events}, separators=(",", ":")).encode()
         now = self.clock()
         error = await self._post(hook, body, int(now))
+        if error is not None:  # an HTTP client's error may quote the URL: its token stays out of logs
+            error = redact_urls(error)
         self.posts += 1
         n = len(batch.events)
         done = self.clock()
@@ -371,7 +374,7 @@ class WebhookDispatcher:
         detail = f"{n} events (mail-log ids {events[0]['id']}..{events[-1]['id']}) dropped; last error: {error}"
         log.warning("event=webhook_dropped webhook=%d tenant=%s events=%d error=%r", hook.id, hook.tenant, n, error)
         op = OpRecord(
-            time.time(), None, "cmcd", "webhook.dropped", f"webhook {hook.id} {hook.url}", "dropped", hook.tenant_id,
+            time.time(), None, "cmcd", "webhook.dropped", f"webhook {hook.id} {redact_url(hook.url)}", "dropped", hook.tenant_id,
             detail,
         )  # fmt: skip
         if self.audit is not None:  # to the spool's outbox if the store cannot take it

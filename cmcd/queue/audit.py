@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cmcd.db import transaction
+from cmcd.redact import redact_urls
 from cmcd.queue.spool import Spool
 from cmcd.store import AsyncStore
 from cmcd.store.store import LoginRecord, OpRecord
@@ -96,6 +97,8 @@ class AuditLog:
     async def _write(self, kind: str, records: Sequence[AuditRecord]) -> None:
         if not records:
             return
+        if kind == "ops":  # kept for years and shown to tenants (/v1/audit): no URL keeps its secrets
+            records = [_without_url_secrets(r) if isinstance(r, OpRecord) else r for r in records]
         store = self.astore.store
         try:
             if kind == "login":
@@ -143,3 +146,12 @@ def group_by_kind(rows: list[tuple[int, str, AuditRecord]]) -> dict[str, list[An
     for _, kind, record in rows:
         out[kind].append(record)
     return out
+
+
+def _without_url_secrets(record: OpRecord) -> OpRecord:
+    """RECORD with the user information, query string and fragment of every URL in its target
+    and detail redacted (a webhook URL's token)."""
+    target, detail = redact_urls(record.target), redact_urls(record.detail)
+    if target == record.target and detail == record.detail:
+        return record
+    return dataclasses.replace(record, target=target, detail=detail)

@@ -323,7 +323,9 @@ def _strip_indexes(db: Path) -> list[str]:
             conn.execute("PRAGMA journal_mode=OFF")  # a temporary file: a crash leaves it to _remove_partials
             conn.execute("PRAGMA synchronous=OFF")
             conn.execute("PRAGMA secure_delete=ON")
-            rows = conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL").fetchall()
+            rows = conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+            ).fetchall()
             conn.execute("BEGIN")
             for name, _ in rows:
                 conn.execute('DROP INDEX "{}"'.format(str(name).replace('"', '""')))
@@ -358,7 +360,7 @@ def _write_generation(
                 manifest = _MANIFEST_MAGIC + json.dumps(head).encode() + b"\n" + b"".join(stored.ids)
             fd, partial_name = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, suffix=".tmp", dir=backup_dir)
             partial = Path(partial_name)
-            with os.fdopen(fd, "wb") as out, (io.BytesIO(manifest) if indexes is not None else snap.open("rb")) as src:
+            with os.fdopen(fd, "wb") as out, io.BytesIO(manifest) if indexes is not None else snap.open("rb") as src:
                 _seal(src, out, key, created, segment_bytes, 1 if indexes is None else 2)
                 out.flush()
                 os.fsync(out.fileno())
@@ -633,7 +635,8 @@ def _delete_tenant(file: Path, db: Path, name: str) -> tuple[int, dict[str, int]
             tenant_id = int(row[0])
             conn.execute("BEGIN")
             counts = delete_tenant_rows(conn, tenant_id)
-            conn.execute("DELETE FROM meta WHERE key = ?", (f"purge:{tenant_id}",))  # a purge begun: it names the tenant
+            # the mark of a purge begun names the tenant
+            conn.execute("DELETE FROM meta WHERE key = ?", (f"purge:{tenant_id}",))
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -803,7 +806,9 @@ def _read_manifest(file: Path, key: BackupKey) -> _Manifest | None:
         if not isinstance(indexes, list) or not all(isinstance(x, str) for x in indexes):
             raise ValueError
     except (ValueError, KeyError, TypeError):
-        raise BackupError(f"{file}: authenticated, but its manifest is not one this cmcd reads; it is refused") from None
+        raise BackupError(
+            f"{file}: authenticated, but its manifest is not one this cmcd reads; it is refused"
+        ) from None
     step = chunks.ID_BYTES
     return _Manifest(db_bytes, indexes, [ids[i : i + step] for i in range(0, len(ids), step)])
 

@@ -136,7 +136,9 @@ def read_chunk(backup_dir: Path, keys: ChunkKeys, cid: bytes, manifest: Path, in
     try:
         plain = zlib.decompress(AESGCM(keys.seal_key).decrypt(data[len(_MAGIC) : head], data[head:], _MAGIC + cid))
     except (InvalidTag, zlib.error):
-        raise BackupError(f"{where} fails authentication: altered, damaged or cut short; the generation is refused") from None
+        raise BackupError(
+            f"{where} fails authentication: altered, damaged or cut short; the generation is refused"
+        ) from None
     if not hmac.compare_digest(keys.chunk_id(plain), cid):
         raise BackupError(f"{where} does not hash to its id; the generation is refused")
     return plain

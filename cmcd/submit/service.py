@@ -82,6 +82,11 @@ def address_problem(address: str, smtputf8: bool) -> str | None:
     return None
 
 
+def _login_key(address_key: str, login: str) -> str:
+    """The throttle's key for one login from one address (logins compare case-insensitively)."""
+    return f"{address_key} {login.lower()}"
+
+
 def throttle_key(client_ip: str) -> str:
     """What auth throttling counts against: the address, or its /64 for IPv6 (one host's usual share)."""
     if ":" in client_ip:
@@ -240,11 +245,34 @@ class SubmitService:
 
     # -- authentication --------------------------------------------------------------------
 
-    def auth_throttled(self, client_ip: str) -> bool:
-        """True once an address (an IPv6 /64) has used up its failures, counting checks still running."""
-        limit = self.config.smtp.auth_fail_limit
+    def auth_throttle(self, client_ip: str, login: str | None = None) -> str | None:
+        """Which limit holds logins back, counting checks still running: "login" once LOGIN has used
+        up smtp.auth_fail_limit failures from this address (an IPv6 /64), "address" once the address
+        has used up the much higher smtp.auth_fail_limit_per_address over all logins; else None.
+        So one tenant's bad client behind a shared NAT locks out its own login, not the others'."""
+        if self.config.smtp.auth_fail_limit <= 0:  # 0: no throttling at all
+            return None
+        now = self.clock()
+        per_address = self.config.smtp.auth_fail_limit_per_address
         key = throttle_key(client_ip)
-        return limit > 0 and self._auth_failures.count(key, self.clock()) + self._auth_pending.get(key, 0) >= limit
+        if per_address > 0 and self._auth_failures.count(key, now) + self._auth_pending.get(key, 0) >= per_address:
+            return "address"
+        limit = self.config.smtp.auth_fail_limit
+        if login is not None:
+            lkey = _login_key(key, login)
+            if self._auth_failures.count(lkey, now) + self._auth_pending.get(lkey, 0) >= limit:
+                return "login"
+        return None
+
+    def auth_throttled(self, client_ip: str, login: str | None = None) -> bool:
+        return self.auth_throttle(client_ip, login) is not None
+
+    def _throttled_row(self, now: float, login: str, client_ip: str, mechanism: str, which: str) -> LoginRecord:
+        smtp = self.config.smtp
+        limit = smtp.auth_fail_limit_per_address if which == "address" else smtp.auth_fail_limit
+        what = "address limit" if which == "address" else "address+login limit"
+        detail = f"{what}: {limit} failures in {smtp.auth_fail_window:g} s"
+        return LoginRecord(now, login, client_ip, mechanism, "throttled", None, detail)
 
     async def authenticate(
         self, login: str, password: str, client_ip: str, mechanism: str, *, log_ok: bool = True
@@ -286,8 +314,9 @@ class SubmitService:
         needed), read from the store every time, so a revoked key fails at once."""
         await self.current()
         now = self.clock()
-        if self.auth_throttled(client_ip):
-            self._log_login(LoginRecord(now, name, client_ip, mechanism, "throttled"))
+        which = self.auth_throttle(client_ip, name)
+        if which is not None:
+            self._log_login(self._throttled_row(now, name, client_ip, mechanism, which))
             return REPLY_AUTH_THROTTLED
         caller = await self.astore.call(self.astore.store.apikey_caller, token)
         if caller is not None and caller.role in SEND_ROLES:
@@ -300,17 +329,19 @@ class SubmitService:
         self, login: str, client_ip: str, mechanism: str, now: float, tenant_id: int | None, detail: str
     ) -> str:
         """Count and log a failed AUTH; the one reply every failure gets."""
-        self._auth_failures.add(throttle_key(client_ip), now)
+        self.note_auth_failure(client_ip, login)
         self._log_login(LoginRecord(now, login, client_ip, mechanism, "fail", tenant_id, detail))
-        if self.auth_throttled(client_ip):
-            log.warning("event=auth_throttled client_ip=%s", client_ip)
+        which = self.auth_throttle(client_ip, login)
+        if which is not None:
+            log.warning("event=auth_throttled client_ip=%s limit=%s", client_ip, which)
         return REPLY_AUTH_INVALID
 
     async def _authenticate_once(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | str:
         await self.current()
         now = self.clock()
-        if self.auth_throttled(client_ip):
-            self._log_login(LoginRecord(now, login, client_ip, mechanism, "throttled"))
+        which = self.auth_throttle(client_ip, login)
+        if which is not None:
+            self._log_login(self._throttled_row(now, login, client_ip, mechanism, which))
             return REPLY_AUTH_THROTTLED
         digest = hmac.new(self._cache_key, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
         cached = self._auth_cache.get(login)
@@ -359,13 +390,16 @@ class SubmitService:
         if task is None:
             task = asyncio.get_running_loop().create_task(self._verify_once(password, stored_hash))
             self._verifying[key] = task
-            self._auth_pending[ip_key] = self._auth_pending.get(ip_key, 0) + 1
+            pending = (ip_key, _login_key(ip_key, login))
+            for k in pending:
+                self._auth_pending[k] = self._auth_pending.get(k, 0) + 1
 
             def done(_t: asyncio.Task[bool]) -> None:
                 self._verifying.pop(key, None)
-                left = self._auth_pending.pop(ip_key, 1) - 1
-                if left:
-                    self._auth_pending[ip_key] = left
+                for k in pending:
+                    left = self._auth_pending.pop(k, 1) - 1
+                    if left:
+                        self._auth_pending[k] = left
 
             task.add_done_callback(done)
         return await asyncio.shield(task)
@@ -602,9 +636,14 @@ class SubmitService:
         """Buffer a login-log row (written in batches, off the loop); for other ways in, like the API."""
         self._log_login(record)
 
-    def note_auth_failure(self, client_ip: str) -> None:
-        """Count a failed login of another way in (the API) against CLIENT_IP's throttle."""
-        self._auth_failures.add(throttle_key(client_ip), self.clock())
+    def note_auth_failure(self, client_ip: str, login: str | None = None) -> None:
+        """Count a failed login against CLIENT_IP's throttle and, when one was named, against that
+        LOGIN from CLIENT_IP (a bad API token names none: it counts against the address only)."""
+        now = self.clock()
+        key = throttle_key(client_ip)
+        self._auth_failures.add(key, now)
+        if login is not None:
+            self._auth_failures.add(_login_key(key, login), now)
 
     def _log_login(self, record: LoginRecord) -> None:
         if record.tenant_id is None and self._purged_logins and self._login_digest(record.login) in self._purged_logins:

@@ -41,7 +41,8 @@ TRICKLE_S = 0.4
 BUDGET = 16 * 1024**2
 REQUEST_LIMIT = 4 * 1024**2
 BODIES = 30
-#: RSS the daemon may grow by, beyond the budget, while serving those bodies: the TLS buffers
+#: RSS the daemon may grow by, beyond the budget, while serving those bodies (etc/cmcd.toml: about
+#: 1 MiB per open API connection, 16 MiB more here for the rest): the TLS buffers
 #: and aiohttp state of BODIES connections, the allocator's slack, and at most one body's
 #: working copies (raw, parsed JSON, message) beyond what the budget counts
 RSS_OVERHEAD = 48 * 1024**2

@@ -187,7 +187,10 @@ def test_fifty_bad_auths_in_one_session_are_throttled_and_logged(make_cmcd) -> N
 
 
 def test_fifty_sessions_of_bad_auth_from_one_address(make_cmcd) -> None:
-    d = make_cmcd({"smtp": {"auth_fail_limit": 10}})
+    """Each login from an address has its own limit (10 here); the address as a whole the much higher
+    per-address ceiling (30 here): alice and bob stop at their 10th failure, and every login stops
+    once the address has 30."""
+    d = make_cmcd({"smtp": {"auth_fail_limit": 10, "auth_fail_limit_per_address": 30}})
     codes = []
     t0 = time.monotonic()
     for i in range(50):
@@ -201,14 +204,43 @@ def test_fifty_sessions_of_bad_auth_from_one_address(make_cmcd) -> None:
             else:
                 assert text.startswith(b"5.7.8")
     print(f"\n50 bad-AUTH sessions: {time.monotonic() - t0:.2f} s")
-    assert codes == [535] * 10 + [421] * 40
+    assert codes == [535] * 30 + [421] * 20
     rows = _wait_rows(d, "127.0.0.2", 50)
     assert len(rows) == 50
-    assert [r["result"] for r in rows] == ["fail"] * 10 + ["throttled"] * 40
+    assert [r["result"] for r in rows] == ["fail"] * 30 + ["throttled"] * 20
     assert [r["login"] for r in rows] == [("alice", "bob", f"nobody{i}")[i % 3] for i in range(50)]
-    assert {r["detail"] for r in rows[:10]} == {"bad password", "unknown login"}
+    assert {r["detail"] for r in rows[:30]} == {"bad password", "unknown login"}
+    assert {r["detail"] for r in rows[30:]} == {"address limit: 30 failures in 600 s"}
     with _client(d, "127.0.0.3") as c:
         assert c.docmd("AUTH", _plain("alice", PASSWORD))[0] == 235
+
+
+def test_one_logins_bad_client_does_not_lock_out_another_login_behind_the_same_address(make_cmcd) -> None:
+    """A shared NAT: beta's misconfigured client fails bob's logins; acme's alice, from the same
+    address, still signs in with her right password until the address as a whole passes its ceiling."""
+    d = make_cmcd({"smtp": {"auth_fail_limit": 3, "auth_fail_limit_per_address": 8}})
+    codes = []
+    for i in range(4):
+        with _client(d, "127.0.0.4") as c:
+            codes.append(c.docmd("AUTH", _plain("bob", f"stale{i}"))[0])
+    assert codes == [535, 535, 535, 421]
+    with _client(d, "127.0.0.4") as c:
+        assert c.docmd("AUTH", _plain("alice", PASSWORD))[0] == 235
+    with _client(d, "127.0.0.4") as c:
+        assert c.docmd("AUTH", _plain("bob", PASSWORD))[0] == 421  # bob stays held from here
+    for i in range(5):  # 3 + 5 failures: the address's ceiling
+        with _client(d, "127.0.0.4") as c:
+            assert c.docmd("AUTH", _plain(f"nobody{i}", "x"))[0] == 535
+    with _client(d, "127.0.0.4") as c:
+        assert c.docmd("AUTH", _plain("alice", PASSWORD))[0] == 421
+    rows = _wait_rows(d, "127.0.0.4", 11)
+    throttled = [(r["login"], r["detail"]) for r in rows if r["result"] == "throttled"]
+    assert throttled == [
+        ("bob", "address+login limit: 3 failures in 600 s"),
+        ("bob", "address+login limit: 3 failures in 600 s"),
+        ("alice", "address limit: 8 failures in 600 s"),
+    ]
+    assert [r["result"] for r in rows if r["login"] == "alice"] == ["ok", "throttled"]
 
 
 def test_login_of_one_user_with_password_of_another_fails(make_cmcd) -> None:

@@ -93,6 +93,7 @@ COVERAGE: dict[str, str] = {
     "backup.now": "no tenant scope: snapshots the whole store",
     "backup.list": "no tenant scope",
     "backup.verify": "no tenant scope",
+    "evidence": "matrix (scoped: --tenant acme shows none of B's users, keys, logs or purges)",
 }
 
 # SMTP paths that take a tenant: AUTH on 587 (STARTTLS) and 465 (implicit TLS), and an IP credential,
@@ -442,6 +443,17 @@ def _nothing(w: World, out: Any) -> None:
     assert out == []
 
 
+def _evidence(w: World, out: Any) -> None:
+    assert out["tenant"] == "acme" and out["lines"]
+    text = json.dumps(out)
+    for b_thing in ("beta", "bob", w.names["b_key"], B_RCPT, B_ADDRESS):
+        assert b_thing not in text, b_thing
+    named = {
+        line["item"].rsplit(" of ", 1)[1] for line in out["lines"] if line["item"].startswith(("users of", "admins of"))
+    }
+    assert named == {"acme"}
+
+
 def _suppressions(w: World, out: Any) -> None:
     assert out == []
 
@@ -482,6 +494,7 @@ SCOPED = [
     Scoped("log.login", "log login --tenant acme", _only_a("login")),
     Scoped("log.ops", "log ops --tenant acme", _only_a("ops")),
     Scoped("suppression.list", "suppression list acme", _suppressions),
+    Scoped("evidence", "evidence --tenant acme", _evidence),
     Scoped(
         "suppression.add",
         f"suppression add acme {B_ADDRESS}",

@@ -119,18 +119,6 @@ class Hammer:
 
 # -- issue 18 item 2: tenant purge against intake ----------------------------------------------
 
-#: what a submission of the doomed tenant may be told during and after its purge
-_REFUSALS = (
-    "being deleted",  # 550 5.7.1 at MAIL/RCPT/end of data, 535 at AUTH, API 403 tenant-deleted
-    "Your account has been closed",  # 421: the session was dropped
-    "535",  # after the purge: the login or key no longer exists
-    "401",
-    "Disconnected",
-    "Connection",  # reset or closed while sending
-    "not sent (stopped)",
-)
-
-
 def test_tenant_purge_under_intake_leaves_nothing_and_every_submission_refused_or_erased(make_cmcd: Any) -> None:
     d = make_cmcd({"api": {"listen": "127.0.0.1:0"}, "smtp": {"auth_fail_limit": 100_000}})
     d.admin("tenant.add", name=TENANT)
@@ -158,7 +146,7 @@ def test_tenant_purge_under_intake_leaves_nothing_and_every_submission_refused_o
     refused = [a for a in hammer.attempts if not a.queue_id]
     assert len(accepted) >= 40 and refused
     for a in refused:  # every other submission got a refusal (or its connection cut), never a 250
-        assert any(r in a.refusal for r in _REFUSALS), a
+        assert a.refusal and not a.refusal.startswith("2") and "Internal error" not in a.refusal, a
     spooled = d.spooled()
     assert kept in spooled
     assert not {a.queue_id for a in accepted} & set(spooled), "a message said 250/202 outlived the purge"

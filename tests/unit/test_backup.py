@@ -348,7 +348,7 @@ def test_other_files_in_the_directory_are_left_alone(tmp_path: Path, store: Stor
     for i in range(3):
         backup(tmp_path, now=T0 + i, keep=1)
     assert sorted(p.name for p in d.iterdir()) == [
-        ".cmcd-backup.lock", "README", "cmcd-store-20261118T110002Z.bak", "cmcd-store-old.bak",
+        ".cmcd-backup.lock", "README", "chunks", "cmcd-store-20261118T110002Z.bak", "cmcd-store-old.bak",
     ]  # fmt: skip
     assert bk.list_backups(tmp_path / "nowhere") == []
 
@@ -433,3 +433,171 @@ def test_backup_while_the_store_is_written_is_consistent(tmp_path: Path, store: 
         assert tenants == {f"w{i}" for i in range(len(tenants))}  # and every one before the last
         counts.append(len(tenants))
     assert counts == sorted(counts) and info is not None
+
+
+# -- deduplicated generations (format version 2) ---------------------------------------------
+
+
+def mail_rows(s: Store, tenant: str, start: int, n: int) -> None:
+    """N mail-log rows of TENANT with encrypted addresses and replies, as the spool ships them."""
+    t = s.tenant(tenant)
+    rows = []
+    for k in range(start, start + n):
+        rcpt = f"user{k}@dest{k % 97}.example"
+        rows.append(
+            (f"{tenant}-ev{k}", T0 + k, t.id, f"Q{k:010d}", "delivered", s.keys.encrypt(f"app@{tenant}.example"),
+             s.keys.index(f"app@{tenant}.example"), s.keys.encrypt(rcpt), s.keys.index(rcpt), f"dest{k % 97}.example",
+             "sent", f"250 2.0.0 Ok: queued as {k:X}", 1, "mx.dest.example", "192.0.2.9", "TLSv1.3", 0.5, 1234,
+             f"<{k}@{tenant}.example>")
+        )  # fmt: skip
+    s.insert_mail_events(rows)
+
+
+def chunk_files(tmp_path: Path) -> set[Path]:
+    return {p for p in (tmp_path / "backups" / "chunks").rglob("*") if p.is_file()}
+
+
+def indexes(path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index' ORDER BY name").fetchall()
+    finally:
+        conn.close()
+
+
+def test_an_hourly_generation_stores_only_the_chunks_that_changed(tmp_path: Path, store: Store) -> None:
+    mail_rows(store, "t0", 0, 20_000)
+    first = backup(tmp_path)
+    expected_first = dump(store.path)
+    full = sum(p.stat().st_size for p in chunk_files(tmp_path))
+    mail_rows(store, "t0", 20_000, 500)  # an hour's worth, scaled down
+    before = chunk_files(tmp_path)
+    second = backup(tmp_path, now=T0 + 3600)
+    added = sum(p.stat().st_size for p in chunk_files(tmp_path) - before)
+    assert added < full / 5, (added, full)  # the secondary indexes (on hashes) are not in the chunks
+    assert first.size_bytes < 4096 and second.size_bytes < 4096  # the generations themselves are manifests
+
+    for info, expected in ((first, expected_first), (second, dump(store.path))):
+        target = tmp_path / info.name / "cmcd.db"
+        r = bk.restore_backup(info.path, tmp_path / "backup.key", target, data_key_file=tmp_path / "data.key", now=T0)
+        assert r.verified.integrity == "ok" and dump(target) == expected
+        assert indexes(target) == indexes(store.path)  # built again on restore
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cmcd-")]
+
+
+def test_pruning_removes_the_chunks_no_kept_generation_lists(tmp_path: Path, store: Store) -> None:
+    names = []
+    for hour in range(5):
+        mail_rows(store, "t0", hour * 3000, 3000)
+        store.expire_rows("mail_log", T0 + hour * 3000 - 1500)  # retention frees pages, which are used again
+        names.append(backup(tmp_path, now=T0 + 3600 * hour, keep=2).name)
+    key = bk.read_backup_key(tmp_path / "backup.key")
+    listed = [bk._read_manifest(b.path, key) for b in bk.list_backups(tmp_path / "backups")]
+    referenced = {bk.chunks.chunk_path(tmp_path / "backups", c) for m in listed if m is not None for c in m.ids}
+    assert [b.name for b in bk.list_backups(tmp_path / "backups")] == names[-2:]
+    assert chunk_files(tmp_path) == referenced
+    for b in bk.list_backups(tmp_path / "backups"):
+        assert verify(tmp_path, b.path).integrity == "ok"
+
+
+def _a_chunk(tmp_path: Path, info: bk.BackupInfo) -> Path:
+    manifest = bk._read_manifest(info.path, bk.read_backup_key(tmp_path / "backup.key"))
+    assert manifest is not None and len(manifest.ids) >= 2
+    return bk.chunks.chunk_path(tmp_path / "backups", manifest.ids[1])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        pytest.param(lambda p, q: p.unlink(), r"chunk 1 \(.*\) is missing; .*copy backup.dir whole", id="missing"),
+        pytest.param(lambda p, q: p.write_bytes(p.read_bytes()[:-1]), "chunk 1 .* fails authentication", id="cut"),
+        pytest.param(
+            lambda p, q: p.write_bytes(p.read_bytes()[:40] + bytes([p.read_bytes()[40] ^ 1]) + p.read_bytes()[41:]),
+            "chunk 1 .* fails authentication", id="one-byte-changed",
+        ),
+        pytest.param(lambda p, q: p.write_bytes(q.read_bytes()), "chunk 1 .* fails authentication", id="swapped"),
+    ],
+)  # fmt: skip
+def test_a_damaged_chunk_is_refused_by_name(tmp_path: Path, store: Store, damage: Any, message: str) -> None:
+    mail_rows(store, "t0", 0, 3000)
+    info = backup(tmp_path)
+    chunk = _a_chunk(tmp_path, info)
+    other = next(p for p in chunk_files(tmp_path) if p != chunk)
+    damage(chunk, other)
+    with pytest.raises(BackupError, match=message):
+        verify(tmp_path, info.path)
+    with pytest.raises(BackupError, match=message):
+        bk.restore_backup(info.path, tmp_path / "backup.key", tmp_path / "r" / "cmcd.db", now=T0)
+    assert not (tmp_path / "r" / "cmcd.db").exists()
+
+
+def test_a_version_1_backup_still_verifies_and_restores_beside_version_2(tmp_path: Path, store: Store) -> None:
+    old = backup(tmp_path, chunked=False)
+    new = backup(tmp_path, now=T0 + 3600)
+    assert old.path.read_bytes()[8] == 1 and new.path.read_bytes()[8] == 2
+    for info in (old, new):
+        assert verify(tmp_path, info.path).rows["tenants"] == 1
+        target = tmp_path / info.name / "cmcd.db"
+        bk.restore_backup(info.path, tmp_path / "backup.key", target, now=T0)
+        assert dump(target) == dump(store.path)
+
+
+# -- removing a purged tenant from every kept backup -----------------------------------------
+
+VICTIM = ("zqvictim", "zqlogin-42", "zqvictim.example", "zq-suppressed-domain.example")
+
+
+def decrypted_generations(tmp_path: Path) -> list[bytes]:
+    """Every kept generation decrypted: the raw store file (indexes not rebuilt), then the restored one."""
+    key = bk.read_backup_key(tmp_path / "backup.key")
+    out = []
+    for b in bk.list_backups(tmp_path / "backups"):
+        raw = tmp_path / "raw.db"
+        with raw.open("wb") as f:
+            bk._unseal_store(b.path, key, f)
+        out.append(raw.read_bytes())
+        target = tmp_path / "restored" / b.name
+        bk.restore_backup(b.path, tmp_path / "backup.key", target, now=T0)
+        out.append(target.read_bytes())
+    return out
+
+
+def test_purge_tenant_leaves_nothing_of_it_in_any_decrypted_backup(tmp_path: Path, store: Store) -> None:
+    name, login, domain, suppressed = VICTIM
+    store.tenant_add(name)
+    store.user_add(name, login, "sender", "scrypt$1$1$1$c2FsdA==$aGFzaA==")
+    store.domain_add(name, domain)
+    store.suppression_add(name, f"bounced@{suppressed}", "550 no such user")
+    store.log_logins([LoginRecord(T0, login, "192.0.2.1", "PLAIN", "failed")])  # logged without a tenant
+    mail_rows(store, name, 0, 2000)
+    mail_rows(store, "t0", 10_000, 2000)
+    backup(tmp_path, chunked=False)  # a generation from before version 2
+    backup(tmp_path, now=T0 + 3600)
+    mail_rows(store, "t0", 20_000, 300)
+    backup(tmp_path, now=T0 + 7200)
+    assert all(name.encode() in g and login.encode() in g for g in decrypted_generations(tmp_path))
+    old_chunks = chunk_files(tmp_path)
+
+    store.tenant_purge(name)
+    store.finish_erase()
+    backup(tmp_path, now=T0 + 10800)  # taken after the purge: holds nothing of it already
+    others = dump(store.path)
+    result = bk.purge_tenant(tmp_path / "backups", tmp_path / "backup.key", name, work_dir=tmp_path)
+
+    assert result.generations == 4 and len(result.rewritten) == 3 and len(result.tenant_ids) == 1
+    assert result.rows["users"] == 3 and result.rows["mail_log"] == 3 * 2000 and result.rows["login_log"] == 3
+    assert result.chunks_removed > 0 and old_chunks - chunk_files(tmp_path)  # the chunks that held it are gone
+    generations = decrypted_generations(tmp_path)
+    assert len(generations) == 8
+    for g in generations:
+        for text in VICTIM:
+            assert text.encode() not in g, text
+        assert b"t0.example" in g and b"app-t0" in g  # the other tenant is still there
+    for b in bk.list_backups(tmp_path / "backups"):
+        assert verify(tmp_path, b.path).integrity == "ok"
+        assert b.path.read_bytes()[8] == 2  # the version 1 file was rewritten as a manifest
+    newest = tmp_path / "restored" / bk.list_backups(tmp_path / "backups")[-1].name
+    assert dump(newest) == others  # the generation taken after the purge: unchanged
+    again = bk.purge_tenant(tmp_path / "backups", tmp_path / "backup.key", name, work_dir=tmp_path)
+    assert again.rewritten == [] and again.chunks_removed == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cmcd-")]
