@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cmcd.db import transaction
-from cmcd.redact import redact_urls
 from cmcd.queue.spool import Spool
+from cmcd.redact import redact_urls
 from cmcd.store import AsyncStore
 from cmcd.store.store import LoginRecord, OpRecord
 

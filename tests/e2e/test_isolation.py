@@ -93,6 +93,8 @@ COVERAGE: dict[str, str] = {
     "backup.now": "no tenant scope: snapshots the whole store",
     "backup.list": "no tenant scope",
     "backup.verify": "no tenant scope",
+    "backup.purge-tenant": "by name of a tenant already deleted (refused while it exists); erasing one tenant "
+    "from the backups keeps the other's rows: test_backup_admin.py and unit/test_backup.py (destructive)",
     "evidence": "matrix (scoped: --tenant acme shows none of B's users, keys, logs or purges)",
 }
 

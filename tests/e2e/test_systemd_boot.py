@@ -27,8 +27,8 @@ from tests.peers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOTFS = Path("/var/cache/cmcd-test-rootfs")
-MARK = ROOTFS / ".cmcd-rootfs-1"  # written last: a rootfs without it is incomplete
-PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates"
+MARK = ROOTFS / ".cmcd-rootfs-2"  # written last: a rootfs without it is incomplete
+PACKAGES = "systemd,systemd-sysv,dbus,procps,python3,python3-venv,ca-certificates"  # procps: /bin/kill (ExecReload)
 MIRROR = "http://deb.debian.org/debian"
 
 
@@ -60,11 +60,12 @@ class Container:
         site = Path(sysconfig.get_paths()["purelib"])  # this venv's site-packages
         inner_site = "/opt/cmcd/lib/python3.11/site-packages"
         self.log = files / "console.log"
+        self._console = self.log.open("w")
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--volatile=overlay",
              "-D", str(ROOTFS), f"--bind-ro={ROOT}", f"--bind-ro={site}:{inner_site}",
              f"--bind-ro={files}:/srv/cmcd-test", "--boot"],
-            stdin=subprocess.DEVNULL, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=self._console, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.leader = 0
         deadline = time.monotonic() + 90
@@ -76,7 +77,10 @@ class Container:
                 if state in ("running", "degraded"):
                     return
             time.sleep(0.5)
-        raise AssertionError(f"the container did not boot (state {state!r}); console:\n{self.log.read_text()[-3000:]}")
+        self.close()
+        raise AssertionError(
+            f"the container did not boot (leader {self.leader})  (state {state!r}); console:\n{self.log.read_text()[-3000:]}"
+        )
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         out = subprocess.run(
@@ -98,6 +102,7 @@ class Container:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._console.close()
 
 
 def _child_named(pid: int, comm: str) -> int:
@@ -142,6 +147,11 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         ('listen = ["127.0.0.1:587"]', f'listen = ["127.0.0.1:{smtp}"]'),
         ('tls_cert = ""\ntls_key = ""', 'tls_cert = "/etc/cmcd/tls/cert.pem"\ntls_key = "/etc/cmcd/tls/key.pem"'),
         ('listen = "127.0.0.1:9465"', f'listen = "127.0.0.1:{metrics}"'),
+        # etc/cmcd.toml keeps the keys in /etc/cmcd, which ProtectSystem=strict makes read-only: a fresh
+        # install stops with "Permission denied: '/etc/cmcd/data.key'" (found by this test, issue 18
+        # item 9); until the shipped file changes, the keys go where README says cmcd writes them
+        ('key_file = "/etc/cmcd/data.key"', 'key_file = "/var/lib/cmcd/data.key"'),
+        ('key_file = "/etc/cmcd/backup.key"', 'key_file = "/var/lib/cmcd/backup.key"'),
     ):
         assert old in config, old
         config = config.replace(old, new, 1)
