@@ -175,7 +175,7 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     path: str = "/var/lib/cmcd/cmcd.db"
-    key_file: str = "/etc/cmcd/data.key"
+    key_file: str = "/var/lib/cmcd/data.key"
 
 
 @dataclass(frozen=True)
@@ -326,7 +326,7 @@ class RetentionConfig:
 @dataclass(frozen=True)
 class BackupConfig:
     dir: str = "/var/backups/cmcd"
-    key_file: str = "/etc/cmcd/backup.key"
+    key_file: str = "/var/lib/cmcd/backup.key"
     keep: int = 480
     interval: Duration = Duration(3600)
 

@@ -107,11 +107,10 @@ def test_full_disk_refuses_then_recovers_when_space_returns(make_cmcd, tmp_path)
             first = queue_id(c.data(message(subject="first", body="small")))
 
             filler = spool / "filler"
-            with open(filler, "wb") as f:  # the disk fills up from elsewhere
-                try:
+            with open(filler, "wb", buffering=0) as f:  # the disk fills up from elsewhere (unbuffered:
+                try:  # a buffered file would raise ENOSPC again when closed)
                     while True:
                         f.write(b"\0" * 65536)
-                        f.flush()
                 except OSError:
                     pass
             time.sleep(1.1)  # free space is read at most once a second

@@ -147,11 +147,6 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         ('listen = ["127.0.0.1:587"]', f'listen = ["127.0.0.1:{smtp}"]'),
         ('tls_cert = ""\ntls_key = ""', 'tls_cert = "/etc/cmcd/tls/cert.pem"\ntls_key = "/etc/cmcd/tls/key.pem"'),
         ('listen = "127.0.0.1:9465"', f'listen = "127.0.0.1:{metrics}"'),
-        # etc/cmcd.toml keeps the keys in /etc/cmcd, which ProtectSystem=strict makes read-only: a fresh
-        # install stops with "Permission denied: '/etc/cmcd/data.key'" (found by this test, issue 18
-        # item 9); until the shipped file changes, the keys go where README says cmcd writes them
-        ('key_file = "/etc/cmcd/data.key"', 'key_file = "/var/lib/cmcd/data.key"'),
-        ('key_file = "/etc/cmcd/backup.key"', 'key_file = "/var/lib/cmcd/backup.key"'),
     ):
         assert old in config, old
         config = config.replace(old, new, 1)
