@@ -78,16 +78,26 @@ class DataKeys:
         return hmac.digest(self.index_key, address.strip().lower().encode("utf-8"), "sha256")[:16]
 
 
-#: anything that looks like an address: a quoted or unquoted local part, "@", a domain (or literal)
-_ADDRESS_RE = re.compile(r'(?:"(?:[^"\\\r\n]|\\.)*"|[^\s<>()\[\]{},;:="\'@\\][^\s<>()\[\]{},;:="@\\]*)@(?=[^\s<>@]*\w)')
+#: anything that looks like an address: a quoted local part, or the whole run of characters before
+#: "@" up to a separator (so every atext character, = { } ' included, is covered), then a domain
+_ADDRESS_RE = re.compile(r'(?:"(?:[^"\\\r\n]|\\.)*"|[^\s<>()\[\],;:"@\\]+)@(?=[^\s<>@]*\w)')
+#: a logfmt key in front of an address (a quoted value, or one of the keys that carry an address):
+#: kept, it is no part of it; any other "word=" is taken as part of the local part (a BATV tag)
+_LOG_KEY = re.compile(r"^(?:[a-z_][a-z0-9_]*='|(?:rcpt|sender|login|address|mail_from|from|to)=)")
 REDACTED = "<redacted>"
+
+
+def _redact_one(m: re.Match[str]) -> str:
+    key = _LOG_KEY.match(m.group(0))
+    return (key.group(0) if key else "") + REDACTED + "@"
 
 
 def redact_addresses(text: str) -> str:
     """TEXT with the local part of everything that looks like an address replaced by <redacted>
     (the domain stays: it says which site answered). For log lines, which hold remote replies and
-    cannot be encrypted: "550 5.1.1 <user@example.net>" becomes "550 5.1.1 <<redacted>@example.net>"."""
-    return _ADDRESS_RE.sub(REDACTED + "@", text) if "@" in text else text
+    cannot be encrypted: "550 5.1.1 <user@example.net>" becomes "550 5.1.1 <<redacted>@example.net>";
+    "rcpt=a=b@x" becomes "rcpt=<redacted>@x"."""
+    return _ADDRESS_RE.sub(_redact_one, text) if "@" in text else text
 
 
 def generate_key_file(path: Path) -> None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from cmcd.api.server import ApiServer
 
 ROLES = ("admin", "sender", "viewer")
-_LOGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
+_LOGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
 
 
 def _user_row(u: Any, enrolled: bool) -> dict[str, Any]:

@@ -30,9 +30,10 @@ from cmcd.store.integrity import RESTORE_STORE, check_database
 from cmcd.store.schema import migrate, schema_version
 from cmcd.store.webhook_store import WebhookStore
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_LOGIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$")
-_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+#: used with fullmatch: "$" alone would let a trailing newline through ("acme\n" beside "acme")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_LOGIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+_DOMAIN_RE = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 ROLES = ("admin", "sender", "viewer")
 #: The widest networks an IP credential may name (a /0 would be an open relay for the tenant).
 MIN_IPCRED_PREFIX = {4: 16, 6: 48}
@@ -178,7 +179,7 @@ class Store(ApiStore, WebhookStore):
     # -- tenants ---------------------------------------------------------------------------
 
     def tenant_add(self, name: str) -> Tenant:
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise StoreError(f"tenant name {name!r}: use letters, digits, '.', '_' or '-' (up to 63)")
         try:
             with transaction(self.conn):
@@ -214,7 +215,7 @@ class Store(ApiStore, WebhookStore):
 
     def user_add(self, tenant: str, login: str, role: str, password_hash: str) -> User:
         t = self.tenant(tenant)
-        if not _LOGIN_RE.match(login):
+        if not _LOGIN_RE.fullmatch(login):
             raise StoreError(f"login {login!r}: use letters, digits and . _ @ + - (up to 128)")
         if role not in ROLES:
             raise StoreError(f"role {role!r}: expected one of {', '.join(ROLES)}")
@@ -344,7 +345,7 @@ class Store(ApiStore, WebhookStore):
         """Register NAME for TENANT, with its first DKIM keys (active) in the same transaction."""
         t = self.tenant(tenant)
         name = name.strip().lower().rstrip(".")
-        if not _DOMAIN_RE.match(name):
+        if not _DOMAIN_RE.fullmatch(name):
             raise StoreError(f"{name!r} is not a domain name (like example.com)")
         try:
             with transaction(self.conn):

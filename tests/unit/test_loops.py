@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from cmcd.config import Config
@@ -74,3 +76,20 @@ def test_a_route_to_itself_only_bounces_and_a_mixed_route_keeps_the_others() -> 
 )
 def test_the_enhanced_code_of_a_closing_reply(reply: Reply, enhanced: str) -> None:
     assert policy_enhanced(reply) == enhanced
+
+
+@pytest.mark.parametrize("name", ["acme\n", "acme\r", "ac\nme", " acme"], ids=["lf", "cr", "inside", "space"])
+def test_a_tenant_or_login_name_with_a_newline_is_refused(tmp_path: Path, name: str) -> None:
+    from cmcd.errors import CmcdError
+    from cmcd.store.store import open_store
+
+    store = open_store(tmp_path / "cmcd.db", tmp_path / "data.key")
+    try:
+        with pytest.raises(CmcdError):
+            store.tenant_add(name)
+        store.tenant_add("acme")
+        with pytest.raises(CmcdError):
+            store.user_add("acme", name.replace("acme", "alice"), "sender", "scrypt$unused")
+        assert [t.name for t in store.tenants()] == ["acme"]
+    finally:
+        store.close()
