@@ -45,6 +45,7 @@ _REASONS = (
     ("5.6.0", "bad_content"),
     ("queue's disk is nearly full", "spool_low"),
     ("Too many hops", "mail_loop"),
+    ("tenant is being deleted", "tenant_deleted"),
     ("4.3.1", "busy"),
 )
 REJECT_REASONS = (*dict.fromkeys(reason for _, reason in _REASONS), "other")

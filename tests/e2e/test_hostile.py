@@ -233,7 +233,7 @@ def test_one_logins_bad_client_does_not_lock_out_another_login_behind_the_same_a
             assert c.docmd("AUTH", _plain(f"nobody{i}", "x"))[0] == 535
     with _client(d, "127.0.0.4") as c:
         assert c.docmd("AUTH", _plain("alice", PASSWORD))[0] == 421
-    rows = _wait_rows(d, "127.0.0.4", 11)
+    rows = _wait_rows(d, "127.0.0.4", 12)
     throttled = [(r["login"], r["detail"]) for r in rows if r["result"] == "throttled"]
     assert throttled == [
         ("bob", "address+login limit: 3 failures in 600 s"),
