@@ -303,6 +303,10 @@ class ApiConfig:
     header_timeout: Duration = Duration(30)
     #: reading a request body: each read must bring bytes within this (measured as progress)
     body_timeout: Duration = Duration(60)
+    #: bytes/s a request body must keep up in all once min_body_rate_grace has passed (0: off),
+    #: else the connection is reset: a body trickled in cannot hold its connection for ever
+    min_body_rate: Size = Size(1024)
+    min_body_rate_grace: Duration = Duration(10)
     #: a connection with no request under way is closed after this
     keepalive_timeout: Duration = Duration(75)
     #: a response the client does not read: its bytes must leave our buffer within this, or the connection is reset
@@ -479,6 +483,8 @@ _RANGES = (
     ("api.handshake_timeout", 1.0, 300.0),
     ("api.header_timeout", 1.0, 3600.0),
     ("api.body_timeout", 1.0, 3600.0),
+    ("api.min_body_rate", 0, 1024**3),
+    ("api.min_body_rate_grace", 1.0, 3600.0),
     ("api.keepalive_timeout", 1.0, 3600.0),
     ("metrics.max_connections", 1, 10_000),
     ("metrics.header_timeout", 1.0, 300.0),

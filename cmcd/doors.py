@@ -4,8 +4,8 @@ memory budget for message bytes in flight; never opens a socket or reads a messa
 No door can take another down (DESIGN.md). Three things are shared by every listener of the
 process, and each is bounded here:
 
-- **Connections.** A Door admits a connection under its listener's caps (in all and per client
-  IP) and counts what it refused and what timed out, by reason and phase, for /metrics. The API
+- **Connections.** A Door admits a connection under its listener's caps (in all and per client,
+  policy.client_group: an IPv4 address or an IPv6 /64, as auth throttling counts) and counts what it refused and what timed out, by reason and phase, for /metrics. The API
   and metrics listeners admit before any TLS byte is read; SMTP keeps its own registry
   (smtp/listener.py) and only counts here.
 - **Descriptors.** At start the soft RLIMIT_NOFILE is raised to the hard limit (as Postfix's
@@ -15,14 +15,20 @@ process, and each is bounded here:
   admin socket keep the rest whatever the API is sent.
 - **Memory.** DataBudget is smtp.max_data_in_flight: the bytes of SMTP DATA and of API request
   bodies read and not yet spooled or dropped, together. A door that would pass it refuses (452
-  4.3.1 for SMTP, 503 with Retry-After for the API) instead of reading.
+  4.3.1 for SMTP, 503 with Retry-After for the API) instead of reading. An API body is held as
+  its bytes arrive (never as declared: a trickled body holds what came, not what it promised),
+  and its parsed JSON is held too (json_nodes x JSON_NODE_BYTES), because JSON expands: 3 bytes
+  of "{}," become a 72-byte dict and list slot.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 from dataclasses import dataclass
+
+from cmcd import policy
 
 LISTENERS = ("smtp", "api", "metrics")
 #: why a connection was closed before it was served
@@ -39,6 +45,15 @@ PHASES = {
 #: it is in memory about this many times over (the bytes, the decoded JSON text, the message built
 #: from it), where an SMTP message is held about once before it is spooled
 JSON_BODY_WEIGHT = 3
+#: what one JSON node (json_nodes) may weigh once parsed, beyond the body's own bytes: at most
+#: ~90 bytes measured with tracemalloc (a one-key dict with a distinct string value; an empty
+#: dict or list and its slot ~40), plus the allocator's slack
+JSON_NODE_BYTES = 128
+#: JSON nodes of one request beyond its recipient entries: envelope, headers, tags, attachments
+JSON_NODE_MARGIN = 1024
+#: a mark outside strings (group 1), or a run of strings and other bytes. Every position starts a
+#: match (a string left open runs to the end), so nothing backtracks and a scan is linear
+_JSON_TOKEN = re.compile(rb'([{\[,:])|(?:"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[^"{\[,:])+', re.S)
 #: descriptors kept back beyond those open at start: the store and spool files and their WALs,
 #: backups, DNS queries, webhook requests, log files, admin clients
 FD_RESERVE = 64
@@ -58,12 +73,14 @@ class Door:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.open = 0
-        self.per_ip: dict[str, int] = {}
+        self.per_ip: dict[str, int] = {}  # by policy.client_group
         self.refused = dict.fromkeys(REFUSALS, 0)
         self.timeouts = dict.fromkeys(PHASES.get(name, ()), 0)
 
     def admit(self, ip: str) -> str | None:
-        """Take a slot for a connection from IP; or the reason it is refused (counted)."""
+        """Take a slot for a connection from IP (counted per policy.client_group: IPv6 by /64);
+        or the reason it is refused (counted)."""
+        ip = policy.client_group(ip)
         reason = None
         if self.max_total and self.open >= self.max_total:
             reason = "max_connections"
@@ -78,6 +95,7 @@ class Door:
 
     def release(self, ip: str) -> None:
         """Give back the slot admit(IP) took; call it exactly once per admitted connection."""
+        ip = policy.client_group(ip)
         self.open -= 1
         n = self.per_ip.get(ip, 1) - 1
         if n > 0:
@@ -113,6 +131,33 @@ class DataBudget:
 
     def release(self, n: int) -> None:
         self.held_bytes -= n
+
+
+def json_node_cap(max_entries: int, max_rcpts: int, max_merge_keys: int) -> int:
+    """The most JSON nodes (json_nodes) a request may hold: a bulk request of MAX_ENTRIES
+    recipient entries, each with up to MAX_RCPTS addresses and MAX_MERGE_KEYS merge fields (a key
+    and a value each), plus JSON_NODE_MARGIN. Defaults (1000, 100, 50): 317,024 nodes, at most
+    ~39 MiB of parsed JSON (JSON_NODE_BYTES), which the data budget is charged for."""
+    return max_entries * (2 * (max_rcpts + max_merge_keys) + 16) + JSON_NODE_MARGIN
+
+
+def json_nodes(raw: bytes | bytearray, cap: int) -> int:
+    """The JSON nodes RAW can make a parser build, counted without building any: the '{', '[',
+    ',' and ':' outside strings (each value after the first of a container follows a ',' or ':';
+    each container opens with '{' or '['). Exact up to the first syntax error, where a parser
+    stops; past CAP, CAP + 1. O(n) and allocation-free: the strings are skipped (a regex scan)
+    only when the count with them is over CAP, so a body of ordinary text costs four
+    bytes.count() calls."""
+    n = sum(raw.count(m) for m in (b"{", b"[", b",", b":"))
+    if n <= cap:
+        return n
+    n = 0
+    for token in _JSON_TOKEN.finditer(raw):  # one match object at a time: nothing kept
+        if token.lastindex:
+            n += 1
+            if n > cap:
+                break
+    return n
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Nothing here opens a socket, reads a clock or touches a file; callers pass `now`
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -55,6 +56,29 @@ def too_slow(received_bytes: int, elapsed_s: float, min_rate: float, grace_s: fl
     if min_rate <= 0 or elapsed_s <= grace_s:
         return False
     return received_bytes < min_rate * elapsed_s
+
+
+def slow_after_s(received_bytes: int, min_rate: float, grace_s: float) -> float | None:
+    """Seconds from the start of a transfer after which too_slow becomes true if no byte beyond
+    RECEIVED_BYTES arrives (None: min_rate 0, never)."""
+    if min_rate <= 0:
+        return None
+    return max(grace_s, received_bytes / min_rate)
+
+
+def client_group(client_ip: str) -> str:
+    """What per-client caps and auth throttling count against: an IPv4 address (also one written
+    as IPv4-mapped IPv6), or the /64 of an IPv6 address (one host's usual share: a client with a
+    /64 has 2**64 addresses to spread connections over)."""
+    if ":" not in client_ip:
+        return client_ip
+    try:
+        addr = ipaddress.IPv6Address(client_ip.partition("%")[0])
+    except ValueError:
+        return client_ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
 
 
 class SlidingWindow:

@@ -14,9 +14,13 @@ thin protocol that forwards every callback and keeps one timer for the phase the
   (nginx's client_header_timeout). The middleware tells Connection when a request is under way;
 - idle: after a response, the next request must begin within [api] keepalive_timeout.
 
-A request body is timed where it is read (ApiServer.read_body, [api] body_timeout). A connection
-whose timer runs out is reset (RST: its descriptor is free at once), logged and counted in
-cmcd_listener_timeouts_total.
+A request body is timed where it is read (ApiServer.read_body: [api] body_timeout, min_body_rate).
+A connection whose timer runs out is reset (RST: its descriptor is free at once), logged and
+counted in cmcd_listener_timeouts_total.
+
+A malformed request (bad request line, oversize header, bad chunk) is answered by aiohttp, which
+logs a traceback at level error for each: BadRequestLog folds those into one event=api_bad_request
+line per REFUSAL_LOG_EVERY_S with a count, as refused connections are.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import ssl
 import struct
 from collections.abc import Callable
 from typing import Any
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 from cmcd import writeguard
 from cmcd.config import ApiConfig
@@ -125,6 +131,30 @@ class Connection(asyncio.Protocol):
         self.inner.resume_writing()
 
 
+class BadRequestLog(logging.Filter):
+    """On aiohttp's "aiohttp.server" logger: its "Error handling request" record (a traceback) for a
+    request it could not parse becomes at most one event=api_bad_request line per
+    REFUSAL_LOG_EVERY_S, with how many there were; anything else passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._logged_at = -REFUSAL_LOG_EVERY_S
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not str(record.msg).startswith("Error handling request"):
+            return True
+        self.count += 1
+        if record.created - self._logged_at >= REFUSAL_LOG_EVERY_S:
+            ip = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            log.warning("event=api_bad_request client_ip=%s error=%s detail=%r count=%d",
+                        ip, type(exc).__name__, str(exc.message)[:100], self.count)  # fmt: skip
+            self._logged_at = record.created
+            self.count = 0
+        return False
+
+
 class FrontDoor:
     """Accepts on one listening socket; admits, handshakes and hands each connection to a new
     protocol from MAKE_HANDLER (aiohttp's) behind a Connection."""
@@ -145,6 +175,7 @@ class FrontDoor:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._refused_since_log = 0
         self._refusal_logged_at = -REFUSAL_LOG_EVERY_S
+        self._bad_requests = BadRequestLog()
 
     async def start(self, host: str, port: int, backlog: int) -> int:
         """Listen on HOST:PORT; the port bound."""
@@ -152,6 +183,7 @@ class FrontDoor:
         sock = socket.create_server((host, port), family=family, backlog=backlog)
         sock.setblocking(False)
         self.sock = sock
+        logging.getLogger("aiohttp.server").addFilter(self._bad_requests)
         self._accepting = asyncio.get_running_loop().create_task(self._accept())
         return int(sock.getsockname()[1])
 
@@ -167,6 +199,7 @@ class FrontDoor:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        logging.getLogger("aiohttp.server").removeFilter(self._bad_requests)
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()

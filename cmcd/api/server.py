@@ -32,11 +32,11 @@ from aiohttp import web, web_response
 
 from cmcd import crypto, policy, totp, writeguard
 from cmcd.api import hooks, users
-from cmcd.api.compose import Composed, ComposeError, compose_bulk, compose_one
+from cmcd.api.compose import MAX_MERGE_KEYS, Composed, ComposeError, compose_bulk, compose_one
 from cmcd.api.frontdoor import Connection, FrontDoor
 from cmcd.api.problems import Problem, iso, smtp_problem
 from cmcd.config import Config, split_hostport
-from cmcd.doors import JSON_BODY_WEIGHT
+from cmcd.doors import JSON_BODY_WEIGHT, JSON_NODE_BYTES, json_node_cap, json_nodes
 from cmcd.errors import NotFound, StoreError
 from cmcd.queue.spool import ApiRequest, find_api_request
 from cmcd.records import Sender, SpoolMessage
@@ -60,6 +60,11 @@ BEARER_LOGIN = "(bearer token)"
 PREPARE_CONCURRENCY = 32
 LARGE_BODY = 256 * 1024  # request bodies parsed off the event loop from this size on
 SESSION_BODY_MAX = 4096
+#: POST /v1/sessions is unauthenticated and its body tiny: it must be in within this (or
+#: api.header_timeout if shorter) of its headers, whatever its rate
+SESSION_BODY_S = 5.0
+#: recipient entries of one bulk request (compose_bulk's max_recipients; sizes json_node_cap)
+BULK_MAX_RECIPIENTS = 1000
 OTP_FAIL_LIMIT, OTP_FAIL_WINDOW_S = (
     10,
     900.0,
@@ -69,7 +74,7 @@ _HELD_BYTES = "cmcd.held_bytes"
 _CLOSE = "cmcd.close"  # request key: close the connection after the response
 #: Retry-After, seconds, when the data budget is full (SMTP clients retry a 452 within minutes)
 BUSY_RETRY_AFTER = "5"
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}\Z")
 _ISO_HINT = 'an ISO 8601 time like "2026-11-26T10:00:00Z"'
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 #: the secret a one-time code is checked against when the login has no enrolment (never matches a
@@ -317,28 +322,64 @@ class ApiServer:
                           f"{'sender or admin' if need == 'send' else 'viewer or admin' if need == 'read' else 'admin'} role")  # fmt: skip
         return caller
 
-    async def read_json(self, request: web.Request, limit: int | None = None) -> tuple[Any, bytearray]:
-        """The JSON body (read_body: at most LIMIT bytes, else the API's request limit); a large one
-        is parsed on a worker thread so the event loop keeps serving SMTP meanwhile."""
+    async def read_json(
+        self, request: web.Request, limit: int | None = None, within_s: float | None = None
+    ) -> tuple[Any, bytearray]:
+        """The JSON body (read_body: at most LIMIT bytes, else the API's request limit, within
+        WITHIN_S if given); a large one is counted and parsed on a worker thread so the event loop
+        keeps serving SMTP meanwhile.
+
+        Before parsing, its nodes are counted (doors.json_nodes, no object built): over
+        json_node_cap it gets 413; else the parsed size (nodes x JSON_NODE_BYTES) is held in the
+        data budget with the body (503 when it does not fit), so JSON that expands (3 bytes of
+        "{}," become a 72-byte dict and slot) cannot take memory the budget does not count."""
         ctype = request.content_type
         if ctype != "application/json":
             raise Problem(415, "media-type", "send the request body as application/json")
-        raw = await self.read_body(request, limit)
-        if len(raw) > LARGE_BODY:
-            return await asyncio.get_running_loop().run_in_executor(None, _parse_json, raw), raw
+        raw = await self.read_body(request, limit, within_s)
+        cap = json_node_cap(BULK_MAX_RECIPIENTS, self.config.smtp.max_recipients, MAX_MERGE_KEYS)
+        loop = asyncio.get_running_loop()
+        large = len(raw) > LARGE_BODY
+        nodes = await loop.run_in_executor(None, json_nodes, raw, cap) if large else json_nodes(raw, cap)
+        if nodes > cap:
+            raise Problem(413, "too-many-values", f"the JSON body has {nodes} values, objects and arrays; "
+                          f"at most {cap} are accepted")  # fmt: skip
+        self._hold(request, nodes * JSON_NODE_BYTES)
+        if large:
+            return await loop.run_in_executor(None, _parse_json, raw), raw
         return _parse_json(raw), raw
 
-    async def read_body(self, request: web.Request, limit: int | None = None) -> bytearray:
+    def _hold(self, request: web.Request, n: int) -> None:
+        """Hold N more bytes in the data budget for REQUEST (given back after its response), or
+        refuse it with 503 and Retry-After (the connection closes) when they do not fit."""
+        budget = self.service.data_budget
+        if not budget.room_for(n):
+            log.warning("event=data_budget_exceeded door=api client_ip=%s in_flight=%d wanted=%d",
+                        self._client_ip(request), budget.held_bytes, n)  # fmt: skip
+            p = Problem(503, "try-later", "cmcd holds as many message bytes as it may now; try again later",
+                        smtp="452 4.3.1 Insufficient system storage; try again later")  # fmt: skip
+            p.headers["Retry-After"] = BUSY_RETRY_AFTER
+            raise _closing(request, p)
+        budget.hold(n)
+        request[_HELD_BYTES] = request.get(_HELD_BYTES, 0) + n
+
+    async def read_body(
+        self, request: web.Request, limit: int | None = None, within_s: float | None = None
+    ) -> bytearray:
         """The request body, read under three bounds, each checked before the bytes it concerns are read:
 
         - size: a Content-Length over LIMIT (else Config.api_max_request_bytes) gets 413 before any
           body byte is read; a chunked body is counted as it arrives and refused at the limit;
         - memory: the body is held in the daemon's one budget for message bytes in flight
           (smtp.max_data_in_flight, shared with SMTP DATA) until the response is written, each
-          byte weighing JSON_BODY_WEIGHT (its copies while parsed and composed); a body that does
-          not fit, declared or as it arrives, gets 503 with Retry-After instead;
+          byte weighing JSON_BODY_WEIGHT (its copies while parsed and composed). A declared
+          Content-Length must fit when the body starts, but only the bytes that arrived are
+          held (a trickled body holds what it sent, not what it promised); a body that does not
+          fit, declared or as it arrives, gets 503 with Retry-After instead;
         - time: each read must bring bytes within api.body_timeout (progress, as nginx's
-          client_body_timeout), else the connection is reset.
+          client_body_timeout), the body as a whole must keep up api.min_body_rate once
+          api.min_body_rate_grace has passed (as smtp.min_data_rate), and be complete within
+          WITHIN_S when given (unauthenticated requests); else the connection is reset.
 
         A refusal closes the connection after its response (aiohttp reads and drops what the
         client still sends for a few seconds, so that the client sees the answer)."""
@@ -346,42 +387,37 @@ class ApiServer:
         declared = request.content_length
         if declared is not None and declared > limit:
             raise _closing(request, Problem(413, "too-large", f"request body over {limit} bytes"))
-        budget = self.service.data_budget
-        held = request.get(_HELD_BYTES, 0)
-
-        def take(n: int) -> None:
-            nonlocal held
-            if not budget.room_for(n):
-                log.warning("event=data_budget_exceeded door=api client_ip=%s in_flight=%d wanted=%d",
-                            self._client_ip(request), budget.held_bytes, n)  # fmt: skip
-                p = Problem(503, "try-later", "cmcd holds as many message bytes as it may now; try again later",
-                            smtp="452 4.3.1 Insufficient system storage; try again later")  # fmt: skip
-                p.headers["Retry-After"] = BUSY_RETRY_AFTER
-                raise _closing(request, p)
-            budget.hold(n)
-            held += n
-            request[_HELD_BYTES] = held
-
-        reserved = declared or 0
-        take(reserved * JSON_BODY_WEIGHT)  # whole, before the first byte: concurrent bodies cannot all pass
+        if declared and not self.service.data_budget.room_for(declared * JSON_BODY_WEIGHT):
+            self._hold(request, declared * JSON_BODY_WEIGHT)  # refuses: 503 before the first byte
         buf = bytearray()
-        timeout_s = self.config.api.body_timeout
+        api = self.config.api
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         while True:
+            # the first of: no progress for body_timeout, too slow in all, the WITHIN_S deadline
+            waits: dict[str, float] = {"stalled": api.body_timeout}
+            slow_after = policy.slow_after_s(len(buf), api.min_body_rate, api.min_body_rate_grace)
+            if slow_after is not None:
+                waits["too_slow"] = start + slow_after - loop.time()
+            if within_s is not None:
+                waits["deadline"] = start + within_s - loop.time()
+            why = min(waits, key=waits.__getitem__)
             try:
-                chunk = await asyncio.wait_for(request.content.readany(), timeout_s)
+                chunk = await asyncio.wait_for(request.content.readany(), max(0.0, waits[why]))
             except TimeoutError:
                 self.door.timed_out("body")
-                log.info("event=api_timeout phase=body client_ip=%s bytes=%d", self._client_ip(request), len(buf))
+                log.info("event=api_timeout phase=body reason=%s client_ip=%s bytes=%d elapsed_s=%.1f",
+                         why, self._client_ip(request), len(buf), loop.time() - start)  # fmt: skip
                 if request.transport is not None:
                     writeguard.reset(request.transport)
-                raise Problem(408, "timeout", f"no body bytes within {timeout_s:g}s") from None
+                raise Problem(408, "timeout", {"stalled": f"no body bytes within {api.body_timeout:g}s",
+                              "too_slow": f"the body came slower than {api.min_body_rate} bytes/s",
+                              "deadline": f"the body was not complete within {within_s}s"}[why]) from None  # fmt: skip
             if not chunk:
                 break
             if len(buf) + len(chunk) > limit:
                 raise _closing(request, Problem(413, "too-large", f"request body over {limit} bytes"))
-            if len(buf) + len(chunk) > reserved:  # chunked, or more than declared (aiohttp stops that)
-                take((len(buf) + len(chunk) - reserved) * JSON_BODY_WEIGHT)
-                reserved = len(buf) + len(chunk)
+            self._hold(request, len(chunk) * JSON_BODY_WEIGHT)  # as it arrives, declared or chunked
             buf += chunk
         return buf  # not bytes(buf): one copy fewer of a body that may be large
 
@@ -415,7 +451,7 @@ class ApiServer:
         ip = self._client_ip(request)
         if self.service.auth_throttled(ip):
             raise Problem(429, "throttled", "too many failed logins from your address; try again later")
-        body, _ = await self.read_json(request, SESSION_BODY_MAX)
+        body, _ = await self.read_json(request, SESSION_BODY_MAX, min(SESSION_BODY_S, self.config.api.header_timeout))
         if (
             not isinstance(body, dict)
             or not isinstance(body.get("login"), str)
@@ -540,7 +576,13 @@ class ApiServer:
     ) -> tuple[int, str, int]:
         max_size = self.config.smtp.max_message_size
         build = (
-            functools.partial(compose_bulk, body, max_size=max_size, max_total=self.config.api.max_bulk_bytes)
+            functools.partial(
+                compose_bulk,
+                body,
+                max_size=max_size,
+                max_total=self.config.api.max_bulk_bytes,
+                max_recipients=BULK_MAX_RECIPIENTS,
+            )
             if bulk
             else lambda: [compose_one(body, max_size=max_size)]
         )

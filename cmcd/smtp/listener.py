@@ -8,6 +8,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+from cmcd import policy
 from cmcd.config import Config, split_hostport
 from cmcd.crypto import server_tls_context
 from cmcd.doors import Door
@@ -33,17 +34,19 @@ class SubmissionHandler:
 
 @dataclass
 class SessionRegistry:
-    """Open sessions, per client IP and in all; refuses past the limits with 421 4.7.0."""
+    """Open sessions, per client (policy.client_group: an IPv4 address or an IPv6 /64) and in all;
+    refuses past the limits with 421 4.7.0."""
 
     max_total: int
     max_per_ip: int
     live: set[Any] = field(default_factory=set)
-    per_ip: dict[str, int] = field(default_factory=dict)
+    per_ip: dict[str, int] = field(default_factory=dict)  # by policy.client_group
     closing: bool = False
     door: Door | None = None  # counts refusals for /metrics
 
     def admit(self, proto: Any) -> str | None:
         ip = proto.client_ip
+        group = policy.client_group(ip)
         if self.closing:
             return "421 4.3.2 Service shutting down"
         if self.max_total and len(self.live) >= self.max_total:
@@ -51,13 +54,13 @@ class SessionRegistry:
             if self.door is not None:
                 self.door.refuse("max_connections")
             return "421 4.7.0 Too many connections; try again later"
-        if self.max_per_ip and self.per_ip.get(ip, 0) >= self.max_per_ip:
+        if self.max_per_ip and self.per_ip.get(group, 0) >= self.max_per_ip:
             log.warning("event=conn_refused reason=ip_limit client_ip=%s", ip)
             if self.door is not None:
                 self.door.refuse("max_connections_per_ip")
             return "421 4.7.0 Too many connections from your address; try again later"
         self.live.add(proto)
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.per_ip[group] = self.per_ip.get(group, 0) + 1
         return None
 
     def drop_tenant(self, tenant_id: int) -> int:
@@ -74,11 +77,12 @@ class SessionRegistry:
     def release(self, proto: Any) -> None:
         if proto in self.live:
             self.live.discard(proto)
-            n = self.per_ip.get(proto.client_ip, 1) - 1
+            group = policy.client_group(proto.client_ip)
+            n = self.per_ip.get(group, 1) - 1
             if n:
-                self.per_ip[proto.client_ip] = n
+                self.per_ip[group] = n
             else:
-                self.per_ip.pop(proto.client_ip, None)
+                self.per_ip.pop(group, None)
 
 
 @dataclass

@@ -88,13 +88,9 @@ def _login_key(address_key: str, login: str) -> str:
 
 
 def throttle_key(client_ip: str) -> str:
-    """What auth throttling counts against: the address, or its /64 for IPv6 (one host's usual share)."""
-    if ":" in client_ip:
-        try:
-            return str(ipaddress.ip_network(f"{client_ip}/64", strict=False))
-        except ValueError:
-            return client_ip
-    return client_ip
+    """What auth throttling counts against: policy.client_group, as the connection caps (the
+    address, or its /64 for IPv6)."""
+    return policy.client_group(client_ip)
 
 
 class SubmitService:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Cmcd
+from tests.conftest import Cmcd, message
 from tests.e2e.test_metrics import scrape
 from tests.peers import free_port
 
@@ -192,7 +192,13 @@ def test_slowloris_leaves_smtp_and_admin_working(tmp_path: Path, ca: Any) -> Non
         tmp_path / "d",
         ca,
         {
-            "api": {"listen": "127.0.0.1:0", "header_timeout": f"{HEADER_TIMEOUT_S}s", "handshake_timeout": "2s"},
+            # 1 per address: the ~8 slow clients of each source also meet the per-IP cap
+            "api": {
+                "listen": "127.0.0.1:0",
+                "header_timeout": f"{HEADER_TIMEOUT_S}s",
+                "handshake_timeout": "2s",
+                "max_connections_per_ip": 1,
+            },
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         },
         nofile=NOFILE,
@@ -235,6 +241,7 @@ def test_slowloris_leaves_smtp_and_admin_working(tmp_path: Path, ca: Any) -> Non
         # every slow connection the attack did not drop itself at its end was closed by cmcd's header timer
         assert got.value("cmcd_listener_timeouts_total", listener="api", phase="headers") >= len(report.closed_after_s)
         assert got.value("cmcd_listener_connections_refused_total", listener="api", reason="max_connections") > 0
+        assert got.value("cmcd_listener_connections_refused_total", listener="api", reason="max_connections_per_ip") > 0
         assert got.value("cmcd_listener_max_connections", listener="api") == api_cap
     finally:
         d.stop()
@@ -377,5 +384,243 @@ def test_large_bodies_stay_within_the_memory_budget(tmp_path: Path, ca: Any) -> 
                 pass  # cmcd answered and closed
             reply = s.recv(65536)
             assert reply.startswith(b"HTTP/1.1 413 "), reply
+    finally:
+        d.stop()
+
+
+# -- review of issue 21: JSON that expands, trickled bodies, unauthenticated slow bodies ------------
+
+
+def test_expanding_json_is_counted_before_it_is_parsed(tmp_path: Path, ca: Any) -> None:
+    """JSON that expands ("{}," is 3 bytes on the wire, a 72-byte dict once parsed) cannot take
+    memory the budget does not count: past the node cap 413 before parsing, under it the parsed
+    size is held in the budget (503 when it does not fit), and RSS stays within budget + overhead."""
+    d = front_door_daemon(
+        tmp_path / "d",
+        ca,
+        {
+            "api": {"listen": "127.0.0.1:0", "max_request_size": REQUEST_LIMIT},
+            "smtp": {"max_data_in_flight": BUDGET, "max_message_size": "2MB"},
+        },
+    )
+    try:
+        assert d.proc is not None
+        pid = d.proc.pid
+        token = str(d.admin("apikey.add", tenant="acme", login="alice")["token"])
+        head = b'{"from":"alice@acme.test","subject":"x","text":"y","to":['
+
+        def body(item: bytes, n: int) -> bytes:
+            return head + b",".join([item] * n) + b"]}"
+
+        small = {"from": "alice@acme.test", "to": ["x@dst.test"], "subject": "w", "text": "w"}
+        assert d.http("POST", "/v1/emails", small, token=token)[0] == 202  # warm: TLS, store, DKIM
+        baseline = rss_bytes(pid)
+        fill = REQUEST_LIMIT - len(head) - 2
+        cases = [  # (what, body, status, problem type)
+            ("empty objects", body(b"{}", fill // 3), 413, "too-many-values"),
+            ("empty arrays", body(b"[]", fill // 3), 413, "too-many-values"),
+            ("small numbers", body(b"0", fill // 2), 413, "too-many-values"),
+            ("short strings", body(b'"ab"', fill // 5), 413, "too-many-values"),
+            # under the node cap (317,024), but 300,000 x 128 bytes parsed is more than the budget
+            ("under the cap, over the budget", body(b"0", 300_000), 503, "try-later"),
+            # within both: parsed, then refused by the composer (recipients must be strings)
+            ("within the budget", body(b"{}", 20_000), 422, "invalid"),
+        ]
+        for what, raw, want, kind in cases:
+            with Sampler(pid, every_s=0.005) as sampled:
+                status, _, doc = d.http("POST", "/v1/emails", raw=raw, token=token)
+            grown = sampled.max_rss - baseline
+            print(f"\n{what}: {len(raw)} bytes -> {status}; RSS +{grown >> 20} MiB (budget {BUDGET >> 20} MiB + "
+                  f"overhead {RSS_OVERHEAD >> 20} MiB)")  # fmt: skip
+            assert (status, doc["type"]) == (want, f"urn:cmcd:problem:{kind}"), (what, doc)
+            assert grown <= BUDGET + RSS_OVERHEAD, f"{what}: RSS grew by {grown >> 20} MiB"
+        assert d.http("POST", "/v1/emails", small, token=token)[0] == 202  # the budget was given back
+    finally:
+        d.stop()
+
+
+async def _trickle(
+    port: int, ctx: ssl.SSLContext, source: str, head: bytes, every_s: float, give_up_s: float, sent: list[int]
+) -> float:
+    """Send HEAD, then one body byte every EVERY_S; seconds until cmcd closed the connection (or
+    GIVE_UP_S if it did not). Counts itself in SENT once HEAD is written."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, local_addr=(source, 0))
+    start = loop.time()
+    try:
+        writer.write(head)
+        await writer.drain()
+        sent.append(1)
+        while loop.time() - start < give_up_s:
+            try:
+                if await asyncio.wait_for(reader.read(65536), every_s) == b"":
+                    break  # closed by cmcd
+            except TimeoutError:
+                writer.write(b" ")  # the attacker's pace
+    except (OSError, ssl.SSLError):
+        pass  # reset by cmcd
+    finally:
+        writer.transport.abort()
+    return loop.time() - start
+
+
+def trickle_bodies(
+    port: int, ctx: ssl.SSLContext, heads: list[tuple[str, bytes]], give_up_s: float, sent: list[int]
+) -> list[float]:
+    """One _trickle per (source, head) at once; the seconds until each was closed."""
+
+    async def main() -> list[float]:
+        trickles = (_trickle(port, ctx, src, head, 0.5, give_up_s, sent) for src, head in heads)
+        return list(await asyncio.gather(*trickles))
+
+    return asyncio.run(main())
+
+
+def test_trickled_bodies_hold_no_budget_and_are_cut_off(tmp_path: Path, ca: Any) -> None:
+    """Ten bodies that each declare the request limit (3 x it is the whole budget) and then come a
+    byte at a time: SMTP DATA and the API are served meanwhile, and each is reset once it falls
+    below api.min_body_rate after its grace, although each byte comes well within body_timeout."""
+    grace_s = 2.0
+    d = front_door_daemon(
+        tmp_path / "d",
+        ca,
+        {
+            "api": {
+                "listen": "127.0.0.1:0",
+                "max_request_size": REQUEST_LIMIT,
+                "body_timeout": "30s",
+                "min_body_rate": 1024,
+                "min_body_rate_grace": f"{grace_s}s",
+            },
+            # room for each declared body (3 x 4 MiB) while ten trickle: a reservation of what they
+            # declared would be 120 MiB, and SMTP would get 452
+            "smtp": {"max_data_in_flight": BUDGET, "max_message_size": "2MB"},
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        },
+    )
+    try:
+        token = str(d.admin("apikey.add", tenant="acme", login="alice")["token"])
+        head = (
+            b"POST /v1/emails HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer "
+            + token.encode()
+            + b"\r\nContent-Length: %d\r\n\r\n{" % REQUEST_LIMIT
+        )
+        served: list[str] = []
+
+        def probe() -> None:
+            with d.smtp() as c:
+                c.sendmail("alice@acme.test", ["x@dst.test"], message("alice@acme.test", "x@dst.test"))
+            served.append("smtp 250")
+            small = {"from": "alice@acme.test", "to": ["x@dst.test"], "subject": "w", "text": "w"}
+            status, _, _ = d.http("POST", "/v1/emails", small, token=token)
+            served.append(f"api {status}")
+
+        heads = [(SOURCES[i], head) for i in range(10)]
+        sent: list[int] = []
+        attack = lambda: trickle_bodies(d.api_port, d.client_context(), heads, 30, sent)  # noqa: E731
+        closed = while_running(attack, lambda: probe() if len(sent) == len(heads) else None, 0.1)
+        print(f"\n10 trickled 4 MiB bodies: closed after {min(closed):.2f}..{max(closed):.2f}s "
+              f"(grace {grace_s}s); meanwhile {len(served)} probes: {sorted(set(served))}")  # fmt: skip
+        assert served and set(served) == {"smtp 250", "api 202"}
+        assert max(closed) <= grace_s + CLOSE_MARGIN_S
+        got = scrape(metrics_port(d))
+        assert got.value("cmcd_listener_timeouts_total", listener="api", phase="body") == 10
+        assert d.wait_log("event=api_timeout phase=body reason=too_slow")
+    finally:
+        d.stop()
+
+
+def _get_openapi(d: Cmcd, source: str) -> bytes | None:
+    """The start of the reply to GET /v1/openapi.json from SOURCE; None if the connection was refused.
+    (asyncio's TLS: ssl.SSLSocket leaks its descriptor when the peer resets during wrap_socket.)"""
+
+    async def get() -> bytes | None:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", d.api_port, ssl=d.client_context(), local_addr=(source, 0)), 5
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            return None
+        try:
+            writer.write(b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            return await asyncio.wait_for(reader.read(64), 5) or None
+        except (OSError, ssl.SSLError, TimeoutError):
+            return None
+        finally:
+            writer.transport.abort()
+
+    return asyncio.run(get())
+
+
+def test_unauthenticated_slow_login_bodies_are_cut_off(tmp_path: Path, ca: Any) -> None:
+    """POST /v1/sessions needs no account: four slow bodies fill the caps (max_connections 4,
+    one per address) only until the login body's deadline (header_timeout here, 2 s), then a
+    normal client is served."""
+    d = front_door_daemon(
+        tmp_path / "d",
+        ca,
+        {
+            "api": {
+                "listen": "127.0.0.1:0",
+                "max_connections": 4,
+                "max_connections_per_ip": 1,
+                "header_timeout": f"{HEADER_TIMEOUT_S}s",
+                "body_timeout": "30s",
+                "min_body_rate_grace": "30s",
+            },
+        },
+    )
+    try:
+        head = (
+            b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4096\r\n\r\n{"
+        )
+        refusals: list[str] = []
+
+        def probe() -> None:  # while they hold the caps: another address, and a second from theirs
+            for source in ("127.0.0.1", SOURCES[0]):
+                reply = _get_openapi(d, source)
+                refusals.append(f"{source} {'refused' if reply is None else 'served'}")
+
+        heads = [(SOURCES[i], head) for i in range(4)]
+        sent: list[int] = []
+        attack = lambda: trickle_bodies(d.api_port, d.client_context(), heads, 30, sent)  # noqa: E731
+        closed = while_running(attack, lambda: probe() if len(sent) == len(heads) else None, 0.1)
+        print(f"\n4 slow login bodies: closed after {min(closed):.2f}..{max(closed):.2f}s; probes meanwhile: "
+              f"{sorted(set(refusals))}")  # fmt: skip
+        assert max(closed) <= HEADER_TIMEOUT_S + CLOSE_MARGIN_S
+        assert "127.0.0.1 refused" in refusals and f"{SOURCES[0]} refused" in refusals  # the caps were full
+        deadline = time.monotonic() + 10
+        while (reply := _get_openapi(d, "127.0.0.1")) is None:  # once cmcd has seen the slow connections go
+            assert time.monotonic() < deadline, "the API did not come back"
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert d.wait_log("event=api_timeout phase=body reason=deadline")
+    finally:
+        d.stop()
+
+
+def test_malformed_requests_log_one_line_not_tracebacks(tmp_path: Path, ca: Any) -> None:
+    """aiohttp's traceback per malformed request becomes one rate-limited event=api_bad_request."""
+    d = front_door_daemon(tmp_path / "d", ca, {"api": {"listen": "127.0.0.1:0", "handshake_timeout": "1s"}})
+    try:
+        probes = [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n",  # a bad request line (not the first)
+            b"GET /v1/openapi.json HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+            b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+            b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",  # a bad chunk size
+        ] * 3
+        for raw in probes:
+            with _raw_tls(d) as s:
+                s.sendall(raw)
+                reply = b""
+                while chunk := s.recv(65536):
+                    reply += chunk
+                assert b"HTTP/1.1 400 " in reply or b"HTTP/1.0 400 " in reply, reply[:100]
+        with socket.create_connection(("127.0.0.1", d.api_port), timeout=10) as s:  # a line logged after theirs
+            _closed_within(s, 1)
+        d.wait_log("event=api_timeout phase=handshake")
+        assert sum("event=api_bad_request" in ln for ln in d.log) == 1
+        assert not [ln for ln in d.log if "Traceback" in ln or "Error handling request" in ln]
     finally:
         d.stop()
