@@ -26,6 +26,7 @@ from tests.conftest import need
 from tests.peers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+INNER_ROOT = "/srv/cmcd-src"  # where the container sees this checkout
 ROOTFS = Path("/var/cache/cmcd-test-rootfs")
 MARK = ROOTFS / ".cmcd-rootfs-2"  # written last: a rootfs without it is incomplete
 PACKAGES = "systemd,systemd-sysv,dbus,procps,python3,python3-venv,ca-certificates"  # procps: /bin/kill (ExecReload)
@@ -63,7 +64,7 @@ class Container:
         self._console = self.log.open("w")
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--volatile=overlay",
-             "-D", str(ROOTFS), f"--bind-ro={ROOT}", f"--bind-ro={site}:{inner_site}",
+             "-D", str(ROOTFS), f"--bind-ro={ROOT}:{INNER_ROOT}", f"--bind-ro={site}:{inner_site}",
              f"--bind-ro={files}:/srv/cmcd-test", "--boot"],
             stdin=subprocess.DEVNULL, stdout=self._console, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -151,8 +152,11 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         assert old in config, old
         config = config.replace(old, new, 1)
     (files / "cmcd.toml").write_text(config)
-    (files / "cmcd").write_text('#!/bin/sh\nexec /opt/cmcd/bin/python3 -m cmcd.daemon "$@"\n')
-    (files / "cmcctl").write_text('#!/bin/sh\nexec /opt/cmcd/bin/python3 -m cmcd.admin.cli "$@"\n')
+    # the checkout is imported from INNER_ROOT, not through the venv's editable-install hook: that names
+    # the checkout's own path, which may be under /tmp, where the container's systemd mounts a tmpfs
+    run = f"#!/bin/sh\nPYTHONPATH={INNER_ROOT} exec /opt/cmcd/bin/python3 -m"
+    (files / "cmcd").write_text(f'{run} cmcd.daemon "$@"\n')
+    (files / "cmcctl").write_text(f'{run} cmcd.admin.cli "$@"\n')
     c = Container(files)
     try:
         # README, "Installing on a Debian host", with /srv/cmcd-test as the checkout
