@@ -42,6 +42,7 @@ from cmcd.redact import redact_urls
 from cmcd.smtp.listener import SmtpListeners
 from cmcd.store import AsyncStore
 from cmcd.submit.service import SubmitService
+from cmcd.tenancy import Directory, Tenancy
 from cmcd.textout import escape_controls
 
 log = logging.getLogger("cmcd")
@@ -126,6 +127,8 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.smtp: SmtpListeners | None = None
         self.service: SubmitService | None = None
+        self.directory: Directory | None = None
+        self.tenancy: Tenancy | None = None
         self.spool: Spool | None = None
         self.scheduler: Scheduler | None = None
         self.engine: DeliveryEngine | None = None
@@ -182,7 +185,10 @@ class Daemon:
         audit = AuditLog(spool, astore)  # login and operation rows: the store, else the spool's outbox
         events = EventShipper(spool, astore, audit)
         events.start()
-        self.service = service = SubmitService(cfg, astore, spool, audit=audit)
+        self.directory = directory = Directory(astore)
+        await directory.start()
+        self.tenancy = tenancy = Tenancy(cfg, astore, audit, directory)
+        self.service = service = SubmitService(cfg, astore, spool, audit=audit, directory=directory)
         await service.start()
         self.scheduler = scheduler = Scheduler(
             spool, lambda jobs: engine.submit(jobs), max_inflight=cfg.delivery.max_inflight
@@ -209,7 +215,7 @@ class Daemon:
             cfg,
             astore,
             spool,
-            service.invalidate,
+            lambda: _refresh_soon(directory),
             self.status,
             scheduler=scheduler,
             engine=engine,
@@ -267,6 +273,7 @@ class Daemon:
         await scheduler.close()
         await engine.close()
         await service.close()
+        await directory.close()
         await events.close()
         await asyncio.to_thread(spool.stop)
         await asyncio.to_thread(astore.close)
@@ -344,6 +351,11 @@ def _plan_descriptors(cfg: Config) -> doors.DescriptorPlan:
             "raise LimitNOFILE= (systemd) or the hard limit for more API connections",
         )  # fmt: skip
     return plan
+
+
+def _refresh_soon(directory: Directory) -> None:
+    """Until every admin verb is a tenancy command: re-read the directory after a change."""
+    asyncio.get_running_loop().create_task(directory.refresh(force=True))
 
 
 def _log_loss(opened: Opened, accept_loss: bool) -> None:

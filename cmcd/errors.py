@@ -27,6 +27,10 @@ class NotFound(StoreError):
     """The named tenant, user, domain or queue id does not exist (for this caller)."""
 
 
+class Conflict(StoreError):
+    """The change would collide with what exists (a taken name, an overlapping network, a duplicate)."""
+
+
 class UntrustedFileError(CmcdError):
     """A store, spool or key file that start-up cannot trust (missing, empty, garbled, corrupt, another's).
 

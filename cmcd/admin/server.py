@@ -39,7 +39,7 @@ from cmcd.queue.spool import Spool
 from cmcd.records import Tenant, User
 from cmcd.store import AsyncStore
 from cmcd.store.store import OpRecord
-from cmcd.store.suppressions import Suppressions
+from cmcd.tenancy.suppressions import Suppressions
 from cmcd.submit.service import SubmitService
 
 log = logging.getLogger("cmcd.admin")

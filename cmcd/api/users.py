@@ -62,7 +62,7 @@ async def add_user(api: ApiServer, request: web.Request) -> web.Response:
         raise Problem(
             409, "conflict", "that login is not available; choose another", extra={"field": "login"}
         ) from None
-    api.service.invalidate()
+    await api.service.directory.refresh(force=True)
     await api.log_op(caller, "api.users.add", login, None, f"role={role}")
     return web.json_response(_user_row(u, False) | ({"password": secret} if generated else {}), status=201)
 
@@ -77,7 +77,7 @@ async def delete_user(api: ApiServer, request: web.Request) -> web.Response:
     except NotFound:
         await api.log_op(caller, "api.users.delete", login, "not found")
         raise Problem(404, "not-found", "no such user in your tenant") from None
-    api.service.invalidate()
+    await api.service.directory.refresh(force=True)
     await api.log_op(caller, "api.users.delete", login, None)
     return web.Response(status=204)
 

@@ -48,7 +48,7 @@ from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import Spool
 from cmcd.queue.work import ApplyReport, Due, Job, Result, apply_results, checkpoint, read_body
 from cmcd.stats import DELIVERY_BUCKETS_S, Histogram
-from cmcd.store.suppressions import Suppressions
+from cmcd.tenancy.suppressions import Suppressions
 from cmcd.submit.headers import count_received
 
 log = logging.getLogger("cmcd.deliver")

@@ -212,6 +212,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE api_sessions ADD COLUMN last_used REAL;
     CREATE INDEX api_sessions_user ON api_sessions(user_id);
     """,
+    # 9: the directory version: bumped by every tenancy command in the transaction of its change,
+    # so any process holding caches of tenants, users, keys, domains or suppressions can tell
+    # with one read whether they are current (cmcd.tenancy.directory)
+    """
+    CREATE TABLE directory (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+    INSERT INTO directory(id, version) VALUES (1, 1);
+    """,
 ]
 
 _SEAL_BATCH = 5000

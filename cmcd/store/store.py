@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import secrets
 import sqlite3
 import time
@@ -23,18 +22,13 @@ import sqlite_utils
 
 from cmcd import crypto
 from cmcd.db import transaction
-from cmcd.errors import KeyFileError, NotFound, StoreError, UntrustedFileError
+from cmcd.errors import Conflict, KeyFileError, NotFound, StoreError, UntrustedFileError
 from cmcd.records import Domain, IpCredential, Tenant, User
 from cmcd.store.api_store import ApiStore
 from cmcd.store.integrity import RESTORE_STORE, check_database
 from cmcd.store.schema import migrate, schema_version
 from cmcd.store.webhook_store import WebhookStore
 
-#: used with fullmatch: "$" alone would let a trailing newline through ("acme\n" beside "acme")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-_LOGIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
-_DOMAIN_RE = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-ROLES = ("admin", "sender", "viewer")
 #: The widest networks an IP credential may name (a /0 would be an open relay for the tenant).
 MIN_IPCRED_PREFIX = {4: 16, 6: 48}
 _KEY_CHECK = "cmcd key check"
@@ -176,16 +170,54 @@ class Store(ApiStore, WebhookStore):
     def _tx(self) -> sqlite3.Connection:
         return self.conn
 
+    # -- the directory: what in-memory caches are built from (cmcd.tenancy.directory) -----------
+
+    def bump_directory(self) -> int:
+        """Inside a tenancy command's transaction: the store-wide directory version moves on."""
+        self.conn.execute("UPDATE directory SET version = version + 1 WHERE id = 1")
+        return int(self.conn.execute("SELECT version FROM directory WHERE id = 1").fetchone()[0])
+
+    def directory_state(self) -> tuple[int, int]:
+        """(directory version, highest suppression row id): two indexed reads, to tell whether
+        caches are current (a hard bounce adds a suppression row without a command)."""
+        version = self.conn.execute("SELECT version FROM directory WHERE id = 1").fetchone()[0]
+        top = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM suppressions").fetchone()[0]
+        return int(version), int(top)
+
+    def directory_rows(self) -> dict[str, Any]:
+        """Everything the in-memory directory holds, read in one transaction (a consistent cut)."""
+        self.conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
+        try:
+            version, top = self.directory_state()
+            return {
+                "version": version,
+                "suppression_top": top,
+                "tenants": self.tenants(),
+                "domains": self.domains(),
+                "ipcreds": self.ipcreds(),
+                "enabled": {r[0] for r in self.conn.execute("SELECT id FROM users WHERE enabled = 1")},
+                "dkim": self.dkim_signing_keys(),
+                "settings": self.tenant_settings(),
+                "suppressions": self.suppression_index(),
+            }
+        finally:
+            self.conn.execute("COMMIT")
+
+    def suppressions_after(self, after_id: int) -> tuple[int, list[tuple[int, bytes]]]:
+        """Suppression rows added since row AFTER_ID (hard bounces): (new top id, (tenant, HMAC) pairs)."""
+        rows = self.conn.execute(
+            "SELECT id, tenant_id, address_hmac FROM suppressions WHERE id > ? ORDER BY id", (after_id,)
+        ).fetchall()
+        return (rows[-1][0] if rows else after_id), [(r[1], bytes(r[2])) for r in rows]
+
     # -- tenants ---------------------------------------------------------------------------
 
     def tenant_add(self, name: str) -> Tenant:
-        if not _NAME_RE.fullmatch(name):
-            raise StoreError(f"tenant name {name!r}: use letters, digits, '.', '_' or '-' (up to 63)")
         try:
             with transaction(self.conn):
                 cur = self.conn.execute("INSERT INTO tenants(name, created) VALUES (?, ?)", (name, time.time()))
         except sqlite3.IntegrityError:
-            raise StoreError(f"tenant {name!r} already exists") from None
+            raise Conflict(f"tenant {name!r} already exists") from None
         return Tenant(id=int(cur.lastrowid or 0), name=name)
 
     def tenant(self, name: str) -> Tenant:
@@ -215,10 +247,6 @@ class Store(ApiStore, WebhookStore):
 
     def user_add(self, tenant: str, login: str, role: str, password_hash: str) -> User:
         t = self.tenant(tenant)
-        if not _LOGIN_RE.fullmatch(login):
-            raise StoreError(f"login {login!r}: use letters, digits and . _ @ + - (up to 128)")
-        if role not in ROLES:
-            raise StoreError(f"role {role!r}: expected one of {', '.join(ROLES)}")
         now = time.time()
         try:
             with transaction(self.conn):
@@ -227,7 +255,7 @@ class Store(ApiStore, WebhookStore):
                     (t.id, login, role, password_hash, now),
                 )
         except sqlite3.IntegrityError:
-            raise StoreError(f"login {login!r} already exists") from None
+            raise Conflict(f"login {login!r} already exists") from None
         return User(int(cur.lastrowid or 0), t.id, t.name, login, role, enabled=True, created=now)
 
     _USER_SQL = (
@@ -269,8 +297,6 @@ class Store(ApiStore, WebhookStore):
         """Change a user's password, enabled flag or role; any of them ends the user's API sessions
         in the same transaction (a session never outlives the standing it was opened with)."""
         u = self.user(tenant, login)
-        if role is not None and role not in ROLES:
-            raise StoreError(f"role {role!r}: expected one of {', '.join(ROLES)}")
         with transaction(self.conn):
             if password_hash is not None:
                 self.conn.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, u.id))
@@ -306,7 +332,7 @@ class Store(ApiStore, WebhookStore):
         for other in self.ipcreds():
             theirs = ipaddress.ip_network(other.cidr)
             if other.tenant_id != u.tenant_id and theirs.version == net.version and theirs.overlaps(net):
-                raise StoreError(f"{net} overlaps {theirs}, an IP credential of another tenant")
+                raise Conflict(f"{net} overlaps {theirs}, an IP credential of another tenant")
         try:
             with transaction(self.conn):
                 self.conn.execute(
@@ -314,7 +340,7 @@ class Store(ApiStore, WebhookStore):
                     (u.tenant_id, u.id, str(net), time.time()),
                 )
         except sqlite3.IntegrityError:
-            raise StoreError(f"{net} is already a credential of {login!r}") from None
+            raise Conflict(f"{net} is already a credential of {login!r}") from None
         return IpCredential(tenant=tenant, login=login, cidr=str(net), user_id=u.id, tenant_id=u.tenant_id)
 
     def ipcreds(self, tenant: str | None = None) -> list[IpCredential]:
@@ -345,8 +371,6 @@ class Store(ApiStore, WebhookStore):
         """Register NAME for TENANT, with its first DKIM keys (active) in the same transaction."""
         t = self.tenant(tenant)
         name = name.strip().lower().rstrip(".")
-        if not _DOMAIN_RE.fullmatch(name):
-            raise StoreError(f"{name!r} is not a domain name (like example.com)")
         try:
             with transaction(self.conn):
                 cur = self.conn.execute(
@@ -356,7 +380,7 @@ class Store(ApiStore, WebhookStore):
                 for k in keys or []:
                     self._insert_key(domain_id, name, k, "active")
         except sqlite3.IntegrityError:
-            raise StoreError(f"domain {name!r} is already registered") from None
+            raise Conflict(f"domain {name!r} is already registered") from None
         return Domain(id=domain_id, tenant_id=t.id, tenant=t.name, name=name)
 
     def domain(self, tenant: str, name: str) -> Domain:
@@ -384,7 +408,7 @@ class Store(ApiStore, WebhookStore):
                  k.public_txt, state, now, now),
             )  # fmt: skip
         except sqlite3.IntegrityError:
-            raise StoreError(f"domain {domain!r} already has a key with selector {k.selector!r}") from None
+            raise Conflict(f"domain {domain!r} already has a key with selector {k.selector!r}") from None
 
     def dkim_keys(self, tenant: str, domain: str) -> list[dict[str, Any]]:
         """The domain's keys without their private parts, newest first."""
@@ -612,8 +636,6 @@ class Store(ApiStore, WebhookStore):
 
     def tenant_set(self, name: str, *, dsn: bool | None = None, suppressed_rcpt: str | None = None) -> None:
         t = self.tenant(name)
-        if suppressed_rcpt is not None and suppressed_rcpt not in ("accept", "refuse"):
-            raise StoreError(f"suppressed_rcpt must be 'accept' or 'refuse', not {suppressed_rcpt!r}")
         with transaction(self.conn):
             if dsn is not None:
                 self.conn.execute("UPDATE tenants SET dsn = ? WHERE id = ?", (int(dsn), t.id))

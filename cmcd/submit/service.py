@@ -31,10 +31,12 @@ from cmcd.queue.spool import ApiRequest, DayClock, Spool
 from cmcd.records import Recipient, Sender, SpoolMessage, User
 from cmcd.stats import IntakeStats, counts_refusals, counts_refusals_async
 from cmcd.store import AsyncStore, LoginRecord
-from cmcd.store.api_store import SEND_ROLES, split_api_key
-from cmcd.store.suppressions import Suppressions
+from cmcd.store.api_store import split_api_key
 from cmcd.submit import headers
 from cmcd.submit.signing import DkimSigner
+from cmcd.tenancy.directory import Directory, Snapshot
+from cmcd.tenancy.rules import SEND_ROLES
+from cmcd.tenancy.suppressions import Suppressions
 
 log = logging.getLogger("cmcd.submit")
 
@@ -102,6 +104,7 @@ class SubmitService:
         clock: Callable[[], float] = time.time,
         *,
         audit: AuditLog | None = None,
+        directory: Directory | None = None,
     ):
         self.config = config
         self.astore = astore
@@ -117,15 +120,12 @@ class SubmitService:
         self._stamp = ""
         self.dkim = DkimSigner(config.dkim, clock)
         self.signer: Signer | None = self.dkim
-        self.suppressions = Suppressions(astore.store.keys)
-        self.dsn_off: frozenset[int] = frozenset()  # tenants that asked for no bounces
-        self.refuse_suppressed: frozenset[int] = frozenset()  # tenants whose suppressed recipients get 550 at RCPT
-        self._tenant_domains: dict[int, frozenset[str]] = {}
-        self._tenant_names: dict[int, str] = {}
-        self._ipcreds: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Sender]] = []
+        #: tenants, domains, IP credentials, keys, settings, suppressions: kept current by tenancy
+        self._own_directory = directory is None
+        self.directory = directory if directory is not None else Directory(astore, poll_s=0)
+        self.directory.on_reload(self._directory_reloaded)
         self._cache_key = os.urandom(32)
         self._auth_cache: dict[str, tuple[bytes, Sender, float]] = {}
-        self._generation = 0
         #: tenants being purged (tenant.delete --purge): nothing of theirs is taken from close_tenant() on
         self._closing: set[int] = set()
         #: keyed digests of purged tenants' login names: a later failed login logs none of them
@@ -138,7 +138,6 @@ class SubmitService:
         self._daily: dict[tuple[int, str], int] = {}
         self._pending_logins: list[LoginRecord] = []
         self._flush_task: asyncio.Task[None] | None = None
-        self._reload_task: asyncio.Task[None] | None = None
         self.accepted = 0
         self.loops_refused = 0  # messages refused at intake for too many Received: fields (554 5.4.6)
         self.stats = IntakeStats()  # read by /metrics
@@ -149,54 +148,31 @@ class SubmitService:
 
     async def start(self) -> None:
         await asyncio.to_thread(crypto.dummy_hash)  # computed once, off the loop, before any AUTH
-        await self.reload()
-        self.suppressions.load(await self.astore.call(self.astore.store.suppression_index))
+        if self._own_directory:
+            await self.directory.start()
+        else:
+            self._directory_reloaded(self.directory.snapshot)
         day = self._days.day(self.clock())
         counts = await self.spool.call(lambda conn: self.spool.daily_counts(day))
         self._daily = {(tenant_id, day): n for tenant_id, n in counts.items()}
 
-    async def reload(self) -> None:
-        """Re-read tenants, domains and IP credentials; forget cached logins.
-
-        A reload overtaken by a newer change reads again, so the last change always wins.
-        """
-        while True:
-            generation = self._generation
-            await self._reload_once()
-            if generation == self._generation:
-                return
-
-    async def _reload_once(self) -> None:
-        s = self.astore.store
-        tenants = await self.astore.call(s.tenants)
-        domains = await self.astore.call(s.domains)
-        creds = await self.astore.call(s.ipcreds)
-        by_tenant: dict[int, set[str]] = {t.id: set() for t in tenants}
-        for d in domains:
-            by_tenant.setdefault(d.tenant_id, set()).add(d.name)
-        self._tenant_domains = {k: frozenset(v) for k, v in by_tenant.items()}
-        self._tenant_names = {t.id: t.name for t in tenants}
-        enabled = {u.id for t in tenants for u in await self.astore.call(s.users, t.name) if u.enabled}
-        self._ipcreds = [
-            (ipaddress.ip_network(c.cidr), Sender(c.user_id, c.tenant_id, c.tenant, c.login, "IP"))
-            for c in creds
-            if c.user_id in enabled
-        ]
-        self.dkim.load(await self.astore.call(s.dkim_signing_keys))
-        settings = await self.astore.call(s.tenant_settings)
-        self.dsn_off = frozenset(t for t, (dsn, _) in settings.items() if not dsn)
-        self.refuse_suppressed = frozenset(t for t, (_, mode) in settings.items() if mode == "refuse")
+    def _directory_reloaded(self, snap: Snapshot) -> None:
+        """A new directory cut: the signer's keys from it, and no cached login outlives it."""
+        self.dkim.load(list(snap.dkim_keys))
         self._auth_cache.clear()
 
-    def invalidate(self) -> None:
-        """Called after an administrative change; the next reload happens at once in the background.
+    @property
+    def suppressions(self) -> Suppressions:
+        return self.directory.suppressions
 
-        The generation counter makes password checks and reloads that began before the change
-        start over, so a disabled user or an old password cannot slip through.
-        """
-        self._generation += 1
-        self._auth_cache.clear()
-        self._reload_task = asyncio.get_running_loop().create_task(self.reload())
+    @property
+    def dsn_off(self) -> frozenset[int]:
+        """Tenants that asked for no bounces."""
+        return self.directory.snapshot.dsn_off
+
+    @property
+    def _generation(self) -> int:
+        return self.directory.generation
 
     # -- tenant purge ----------------------------------------------------------------------
 
@@ -225,18 +201,16 @@ class SubmitService:
 
     @property
     def reloading(self) -> bool:
-        """True while an administrative change is being read in (then await current())."""
-        return self._reload_task is not None and not self._reload_task.done()
+        """True while the directory is being read in (then await current())."""
+        return self.directory.reloading
 
     async def current(self) -> None:
-        """Wait for a reload an administrative change started, so no decision uses stale data."""
-        task = self._reload_task
-        if task is not None and not task.done():
-            await asyncio.shield(task)
+        """Wait for a directory refresh under way, so no decision uses what it replaces."""
+        await self.directory.current()
 
     async def close(self) -> None:
-        if self._reload_task is not None:
-            await asyncio.gather(self._reload_task, return_exceptions=True)
+        if self._own_directory:
+            await self.directory.close()
         await self._flush_logs()
 
     # -- authentication --------------------------------------------------------------------
@@ -412,7 +386,7 @@ class SubmitService:
         except ValueError:
             return None
         best: tuple[int, Sender] | None = None
-        for net, sender in self._ipcreds:
+        for net, sender in self.directory.snapshot.ipcreds:
             if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0]):
                 best = (net.prefixlen, sender)
         if best is not None:
@@ -422,7 +396,7 @@ class SubmitService:
     # -- envelope --------------------------------------------------------------------------
 
     def owns_domain(self, sender: Sender, domain: str) -> bool:
-        return domain.lower().rstrip(".") in self._tenant_domains.get(sender.tenant_id, frozenset())
+        return domain.lower().rstrip(".") in self.directory.snapshot.tenant_domains.get(sender.tenant_id, frozenset())
 
     @counts_refusals
     def check_mail(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> str | None:
@@ -468,7 +442,7 @@ class SubmitService:
             # an address literal names a host, not a mail domain: no transactional mail needs one,
             # and delivering to whatever IP a tenant writes would let it aim cmcd at any host
             return "550 5.1.2 Address literals are not accepted as recipients"
-        if problem is None and sender.tenant_id in self.refuse_suppressed:
+        if problem is None and sender.tenant_id in self.directory.snapshot.refuse_suppressed:
             if self.suppressions.contains(sender.tenant_id, address):
                 return "550 5.7.1 Recipient address is on your suppression list (it bounced before)"
         return problem
@@ -544,7 +518,7 @@ class SubmitService:
     def _gone(self, sender: Sender) -> bool:
         """The sender's tenant is being purged, or was (no longer in the caches) while its message
         was being prepared."""
-        return sender.tenant_id in self._closing or sender.tenant_id not in self._tenant_domains
+        return sender.tenant_id in self._closing or sender.tenant_id not in self.directory.snapshot.tenant_domains
 
     def _reserve(self, key: tuple[int, str], n: int) -> None:
         if key not in self._daily:  # a new day (or tenant): forget the counts of past days

@@ -1,0 +1,83 @@
+"""The one rule for each name a tenant gives cmcd: addresses, logins, tenant names, domains,
+roles, passwords. Every door checks with these and nothing else; pure, no I/O."""
+
+from __future__ import annotations
+
+import re
+
+from cmcd.tenancy.refusals import Reason, Refusal, Refused, invalid
+
+_BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x20\x7f]")
+_MAIL_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}$|^\[[0-9A-Fa-f:.]+\]$"
+)
+#: used with fullmatch: "$" alone would let a trailing newline through ("acme\n" beside "acme")
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+SENDER_DOMAIN = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
+ROLES = ("admin", "sender", "viewer")
+#: roles whose credentials may send mail (SMTP AUTH, POST /v1/email)
+SEND_ROLES = ("admin", "sender")
+MIN_PASSWORD_CHARS = 12
+MAX_PASSWORD_CHARS = 1024
+MAX_ADDRESS_CHARS = 254  # RFC 5321's path limit, less the angle brackets
+
+
+def address_refusal(address: str, *, smtputf8: bool = True) -> Refusal | None:
+    """Why ADDRESS cannot be taken (501 5.1.3), or None. SMTPUTF8 says whether a non-ASCII
+    address may be used (an SMTP client must ask for it; the API and the admin socket may)."""
+    if _BAD_ADDRESS_CHARS.search(address):
+        return Refusal(
+            Reason.BAD_ADDRESS, 501, "5.1.3", "Bad address syntax: control characters or spaces are not allowed"
+        )
+    if not smtputf8 and not address.isascii():
+        return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", "Non-ASCII address requires SMTPUTF8")
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not _MAIL_DOMAIN.match(domain) or len(address) > MAX_ADDRESS_CHARS:
+        return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", "Bad address syntax: expected local-part@domain")
+    return None
+
+
+def check_address(address: str, field: str = "address") -> str:
+    """ADDRESS when the address rule takes it; else Refused naming FIELD."""
+    refusal = address_refusal(address)
+    if refusal is not None:
+        raise Refused(Refusal(refusal.reason, refusal.code, refusal.enhanced, f"{field}: {refusal.text}", field))
+    return address
+
+
+def check_tenant_name(name: str) -> str:
+    if not TENANT_NAME.fullmatch(name):
+        raise invalid(f"tenant name {name!r}: use letters, digits, '.', '_' or '-' (up to 63)", "name")
+    return name
+
+
+def check_login(login: str) -> str:
+    if not LOGIN.fullmatch(login):
+        raise invalid(f"login {login!r}: use letters, digits and . _ @ + - (up to 128)", "login")
+    return login
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise invalid(f"role {role!r}: expected one of {', '.join(ROLES)}", "role")
+    return role
+
+
+def check_password(password: str) -> str:
+    """One password policy for every door: at least 12 characters, at most 1024, no NUL."""
+    if len(password) < MIN_PASSWORD_CHARS or len(password) > MAX_PASSWORD_CHARS or "\x00" in password:
+        raise invalid(
+            f"password: at least {MIN_PASSWORD_CHARS} characters (at most {MAX_PASSWORD_CHARS}, no NUL), "
+            "or leave it out to have one generated",
+            "password",
+        )
+    return password
+
+
+def sender_domain(name: str) -> str:
+    """NAME as a tenant's sending domain, normalised (lower case, no trailing dot), or Refused."""
+    domain = name.strip().lower().rstrip(".")
+    if not SENDER_DOMAIN.fullmatch(domain):
+        raise invalid(f"{name!r} is not a domain name (like example.com)", "domain")
+    return domain
