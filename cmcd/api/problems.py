@@ -7,6 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
+from cmcd.tenancy.refusals import Reason, Refusal
+
 PROBLEM_TYPE = "urn:cmcd:problem:"
 
 
@@ -50,6 +52,35 @@ _TITLES = {
     500: "Internal error",
     503: "Service unavailable",
 }
+
+
+#: the HTTP status and problem type of each reason; a temporary refusal not named here is 503
+_BY_REASON: dict[Reason, tuple[int, str]] = {
+    Reason.NOT_FOUND: (404, "not-found"),
+    Reason.CONFLICT: (409, "conflict"),
+    Reason.INVALID: (422, "invalid"),
+    Reason.FORBIDDEN: (403, "forbidden"),
+    Reason.AUTH_INVALID: (401, "login-failed"),
+    Reason.AUTH_THROTTLED: (429, "rate-limit"),
+    Reason.TENANT_DELETED: (403, "tenant-deleted"),
+    Reason.SENDER_DOMAIN: (403, "sender-domain"),
+    Reason.FROM_DOMAIN: (403, "sender-domain"),
+    Reason.SUPPRESSED: (422, "suppressed"),
+    Reason.DAILY_QUOTA: (429, "daily-quota"),
+    Reason.RATE_LIMIT: (429, "rate-limit"),
+    Reason.BAD_ADDRESS: (422, "bad-address"),
+}
+
+
+def problem(refusal: Refusal, field: str = "") -> Problem:
+    """The one HTTP rendering of a typed refusal (tenancy commands and submit alike)."""
+    status, slug = _BY_REASON.get(refusal.reason, (503, "try-later") if refusal.temporary else (422, "refused"))
+    field = field or refusal.field
+    p = Problem(status, slug, refusal.text, smtp=refusal.reply if refusal.code else "",
+                extra={"field": field} if field else None)  # fmt: skip
+    if status in (429, 503):
+        p.headers["Retry-After"] = "3600" if refusal.reason is Reason.DAILY_QUOTA else "1"
+    return p
 
 
 def smtp_problem(reply: str, field: str = "") -> Problem:
