@@ -72,11 +72,15 @@ _BY_REASON: dict[Reason, tuple[int, str]] = {
 }
 
 
+_COMMAND_REASONS = frozenset({Reason.NOT_FOUND, Reason.CONFLICT, Reason.INVALID, Reason.FORBIDDEN})
+
+
 def problem(refusal: Refusal, field: str = "") -> Problem:
     """The one HTTP rendering of a typed refusal (tenancy commands and submit alike)."""
     status, slug = _BY_REASON.get(refusal.reason, (503, "try-later") if refusal.temporary else (422, "refused"))
     field = field or refusal.field
-    p = Problem(status, slug, refusal.text, smtp=refusal.reply if refusal.code else "",
+    smtp = "" if refusal.reason in _COMMAND_REASONS else refusal.reply  # a message's refusal says its SMTP words
+    p = Problem(status, slug, refusal.text, smtp=smtp,
                 extra={"field": field} if field else None)  # fmt: skip
     if status in (429, 503):
         p.headers["Retry-After"] = "3600" if refusal.reason is Reason.DAILY_QUOTA else "1"
