@@ -18,7 +18,6 @@ Loopback only: DNS points at a closed loopback port and every domain is routed t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -35,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cmcd.admin.client import AdminClient  # noqa: E402
 from cmcd.queue.ids import QueueIdGenerator  # noqa: E402
 from cmcd.queue.spool import Spool  # noqa: E402
 from cmcd.store import open_store  # noqa: E402
@@ -167,16 +167,8 @@ class Daemon:
 
 def admin(sock: Path, verb: str, **args: Any) -> tuple[float, Any]:
     t0 = time.monotonic()
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(300)
-        s.connect(str(sock))
-        s.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            data += s.recv(1 << 20)
-    reply = json.loads(data)
-    assert reply["ok"], reply
-    return time.monotonic() - t0, reply["result"]
+    result = AdminClient(sock, timeout_s=300).call(verb, **args)
+    return time.monotonic() - t0, result
 
 
 def main() -> None:

@@ -56,7 +56,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,6 +71,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import intake  # noqa: E402  (bench/intake.py: the shared helpers)
 from intake import VENV_BIN, free_port, git_state, loadavg, log, proc_children_tree, proc_cpu, wait_port  # noqa: E402
+
+from cmcd.admin.client import AdminClient, AdminClientError  # noqa: E402
 
 SENDER = "sender@bench.test"
 USER = "sender1"
@@ -498,20 +499,10 @@ class Daemon:
         self.ready.set()
 
     def admin(self, verb: str, **args: Any) -> Any:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(30)
-            s.connect(str(self.tmp / "admin.sock"))
-            s.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply = json.loads(data)
-        if not reply.get("ok"):
-            raise RuntimeError(f"admin {verb}: {reply.get('error')}")
-        return reply["result"]
+        try:
+            return AdminClient(self.tmp / "admin.sock", timeout_s=30).call(verb, **args)
+        except AdminClientError as exc:
+            raise RuntimeError(f"admin {verb}: {exc}") from None
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:

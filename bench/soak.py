@@ -38,7 +38,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from intake import VENV_BIN, free_port, git_state, loadavg, log, wait_port  # noqa: E402
 from relay import daemon_toml  # noqa: E402
+
+from cmcd.admin.client import AdminClient, AdminClientError  # noqa: E402
 
 SENDER = "sender@bench.test"
 USER = "sender1"
@@ -500,25 +501,13 @@ class Daemon:
         self.proc.wait()
 
     def admin(self, verb: str, **args: Any) -> Any:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(120)
-            s.connect(str(self.tmp / "admin.sock"))
-            s.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply = json.loads(data)
-        if not reply.get("ok"):
-            raise RuntimeError(f"admin {verb}: {reply.get('error')}")
-        return reply["result"]
+        try:
+            return AdminClient(self.tmp / "admin.sock", timeout_s=120).call(verb, **args)
+        except AdminClientError as exc:
+            raise RuntimeError(f"admin {verb}: {exc}") from None
 
     def mail_log(self) -> list[dict]:
-        from cmcd.admin.cli import Client  # noqa: PLC0415
-
-        return list(Client(str(self.tmp / "admin.sock"), True).stream("log.mail"))
+        return list(AdminClient(self.tmp / "admin.sock").stream("log.mail"))
 
     def stop(self) -> int | None:
         if self.proc is None:

@@ -19,14 +19,11 @@ import click
 
 from cmcd import __version__, crypto, doors
 from cmcd import config as config_mod
-from cmcd.admin.api_verbs import API_VERBS
 from cmcd.admin.backup_cli import restore_command
-from cmcd.admin.backup_verbs import BACKUP_VERBS, BackupScheduler
-from cmcd.admin.evidence import EVIDENCE_VERBS
+from cmcd.admin.backup_verbs import BackupScheduler
 from cmcd.admin.metrics import MetricsServer
 from cmcd.admin.retention import RetentionJob
-from cmcd.admin.server import VERBS, AdminServer
-from cmcd.admin.webhook_verbs import WEBHOOK_VERBS
+from cmcd.admin.server import AdminServer
 from cmcd.api.server import ApiServer
 from cmcd.api.webhooks import WebhookDispatcher
 from cmcd.config import Config
@@ -46,10 +43,6 @@ from cmcd.tenancy import Directory, Tenancy
 from cmcd.textout import escape_controls
 
 log = logging.getLogger("cmcd")
-VERBS.update(API_VERBS)  # apikey.* and user.otp-* (admin/api_verbs.py)
-VERBS.update(BACKUP_VERBS)  # the backup.* verbs live in admin/backup_verbs.py, which imports server.py
-VERBS.update(WEBHOOK_VERBS)  # webhook.* (admin/webhook_verbs.py)
-VERBS.update(EVIDENCE_VERBS)  # evidence: the audit report (admin/evidence.py)
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -176,11 +169,7 @@ class Daemon:
         self.spool = spool = opened.spool
         _log_loss(opened, self.accept_loss)
         report = await asyncio.to_thread(spool.recover)
-        log.info(
-            "event=spool_recovered inflight_requeued=%d partial_removed=%d",
-            report.inflight_requeued,
-            report.partial_files_removed,
-        )
+        log.info("event=spool_recovered inflight_requeued=%d", report.inflight_requeued)
         spool.start()
         audit = AuditLog(spool, astore)  # login and operation rows: the store, else the spool's outbox
         events = EventShipper(spool, astore, audit)
@@ -212,18 +201,9 @@ class Daemon:
         await smtp.start()
         engine.router.set_own_listeners(smtp.bound["smtp"] + smtp.bound["smtps"])
         admin = AdminServer(
-            cfg,
-            astore,
-            spool,
-            lambda: _refresh_soon(directory),
-            self.status,
-            scheduler=scheduler,
-            engine=engine,
-            suppressions=service.suppressions,
-            drop_sessions=smtp.ctx.sessions.drop_tenant,
-            audit=audit,
-            intake=service,
-        )
+            cfg, tenancy, spool, self.status, scheduler=scheduler, engine=engine,
+            drop_sessions=smtp.ctx.sessions.drop_tenant, intake=service,
+        )  # fmt: skip
         await admin.start()
         self.admin = admin
         self.backups = backups = BackupScheduler(cfg, cfg.path(cfg.store.path))
@@ -237,7 +217,7 @@ class Daemon:
         await metrics.start()
         resolver = make_resolver(cfg)  # for webhook URLs: dns.nameservers, never another resolver
         if cfg.api.listen:
-            self.api = ApiServer(cfg, service, astore, resolver, max_connections=fds.api_max_connections)
+            self.api = ApiServer(cfg, service, astore, tenancy, resolver, max_connections=fds.api_max_connections)
             await self.api.start()
         self.webhooks = webhooks = WebhookDispatcher(cfg, astore, resolver, audit=audit)
         webhooks.start()
@@ -329,7 +309,7 @@ class Daemon:
             self.scheduler.max_inflight = new.delivery.max_inflight
             self.scheduler.wake()
         if self.admin is not None:
-            self.admin._config = new
+            self.admin.reconfigure(new)
         if self.backups is not None:
             self.backups.config = new
         log.info("event=reloaded config=%s", self.config_path)
@@ -351,11 +331,6 @@ def _plan_descriptors(cfg: Config) -> doors.DescriptorPlan:
             "raise LimitNOFILE= (systemd) or the hard limit for more API connections",
         )  # fmt: skip
     return plan
-
-
-def _refresh_soon(directory: Directory) -> None:
-    """Until every admin verb is a tenancy command: re-read the directory after a change."""
-    asyncio.get_running_loop().create_task(directory.refresh(force=True))
 
 
 def _log_loss(opened: Opened, accept_loss: bool) -> None:

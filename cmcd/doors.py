@@ -38,7 +38,7 @@ REFUSALS = ("max_connections", "max_connections_per_ip", "descriptors")
 PHASES = {
     "smtp": ("handshake", "command", "data"),
     "api": ("handshake", "headers", "body", "idle"),
-    "metrics": ("headers",),
+    "metrics": ("handshake", "headers", "idle"),
 }
 
 #: what an API request body weighs in the data budget, per byte: while it is parsed and composed

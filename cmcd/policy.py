@@ -1,4 +1,4 @@
-"""Pure policy: line-ending rules for DATA, rate and quota arithmetic, auth-failure windows.
+"""Pure policy: line-ending rules for DATA, the token bucket, quota arithmetic, auth-failure windows.
 
 Nothing here opens a socket, reads a clock or touches a file; callers pass `now`.
 """
@@ -109,23 +109,49 @@ class SlidingWindow:
         return len(q)
 
 
+@dataclass
+class Bucket:
+    """One token bucket, the only one in cmcd: TOKENS as of time STAMP (seconds on whatever clock
+    the caller keeps to). It refills at rate_per_s up to its burst, max(1, rate_per_s) unless the
+    caller gives one; a rate of 0 or less is no limit at all."""
+
+    tokens: float
+    stamp: float
+
+    @classmethod
+    def full(cls, rate_per_s: float, now: float, burst: float | None = None) -> Bucket:
+        return cls(_burst(rate_per_s, burst), now)
+
+    def take(self, rate_per_s: float, now: float, burst: float | None = None) -> float:
+        """Seconds to wait: 0.0 when a token was there and is now taken; otherwise how long until
+        one will be (nothing is taken then: ask again when that time has passed)."""
+        if rate_per_s <= 0:
+            return 0.0
+        self.tokens = min(_burst(rate_per_s, burst), self.tokens + (now - self.stamp) * rate_per_s)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / rate_per_s
+
+
+def _burst(rate_per_s: float, burst: float | None) -> float:
+    return max(1.0, rate_per_s if burst is None else burst)
+
+
 class TokenBucket:
-    """A per-key token bucket: rate tokens per second, burst of max(1, rate)."""
+    """A Bucket per key (a tenant's send rate), each full when its key is first seen."""
 
     def __init__(self) -> None:
-        self._state: dict[object, tuple[float, float]] = {}
+        self._buckets: dict[object, Bucket] = {}
 
     def take(self, key: object, rate_per_s: float, now: float) -> bool:
         if rate_per_s <= 0:
             return True
-        burst = max(1.0, rate_per_s)
-        tokens, last = self._state.get(key, (burst, now))
-        tokens = min(burst, tokens + (now - last) * rate_per_s)
-        if tokens < 1.0:
-            self._state[key] = (tokens, now)
-            return False
-        self._state[key] = (tokens - 1.0, now)
-        return True
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = Bucket.full(rate_per_s, now)
+        return bucket.take(rate_per_s, now) == 0.0
 
     def charge(self, key: object, rate_per_s: float, now: float, n: int) -> bool:
         """Admit a request of N messages if a token is there, then take all N: the bucket may go
@@ -134,8 +160,7 @@ class TokenBucket:
             return True
         if not self.take(key, rate_per_s, now):
             return False
-        tokens, last = self._state[key]
-        self._state[key] = (tokens - (n - 1), last)
+        self._buckets[key].tokens -= n - 1
         return True
 
 

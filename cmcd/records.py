@@ -3,6 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class RecipientState(StrEnum):
+    """Where one recipient of a queued message stands: the queue's state column, a delivery
+    result's state and the mail log's status use these words (and only these)."""
+
+    QUEUED = "queued"  # waiting for its first attempt
+    DEFERRED = "deferred"  # failed for now; tried again at next_attempt
+    INFLIGHT = "inflight"  # claimed by the scheduler: an attempt is under way
+    HELD = "held"  # held by an operator: never scheduled until released
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    EXPIRED = "expired"  # deferred past delivery.max_lifetime
+    SUPPRESSED = "suppressed"  # on the tenant's suppression list: never attempted
+    DELETED = "deleted"  # by an operator (cmcctl queue delete)
+    LOST = "lost"  # with a spool that could not be trusted (cmcd serve --accept-loss)
+
+
+#: the states that still need work, in the order listings show them; every other state is final
+PENDING_STATES = (RecipientState.QUEUED, RecipientState.DEFERRED, RecipientState.INFLIGHT, RecipientState.HELD)
+FINAL_STATES = tuple(s for s in RecipientState if s not in PENDING_STATES)
+#: what one delivery attempt (or the suppression check before it) can end in
+RESULT_STATES = (RecipientState.DELIVERED, RecipientState.DEFERRED, RecipientState.BOUNCED, RecipientState.EXPIRED,
+                 RecipientState.SUPPRESSED)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import resource
 import shutil
 import signal
 import smtplib
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -30,6 +29,7 @@ import pytest
 import trustme
 
 from cmcd import crypto
+from cmcd.admin.client import AdminClient, RequestRefused
 
 REQUIRE_PEERS = os.environ.get("CMCD_REQUIRE_PEERS") == "1"
 PASSWORD = "correct horse battery"
@@ -182,20 +182,11 @@ class Cmcd:
     # -- administration --------------------------------------------------------------------
 
     def admin(self, verb: str, **args: Any) -> Any:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(30)
-            s.connect(str(self.root / "admin.sock"))
-            s.sendall(json.dumps({"verb": verb, "args": args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply = json.loads(data)
-        if not reply["ok"]:
-            raise AdminError(reply["error"])
-        return reply["result"]
+        """One admin-socket request (cmcd.admin.client, as cmcctl sends it); AdminError on refusal."""
+        try:
+            return AdminClient(self.root / "admin.sock", timeout_s=30).call(verb, **args)
+        except RequestRefused as exc:
+            raise AdminError(str(exc)) from None
 
     def provision(self) -> Cmcd:
         """Tenants acme (acme.test, alice) and beta (beta.test, bob), both with PASSWORD."""

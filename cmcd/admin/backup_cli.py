@@ -1,10 +1,7 @@
 """`cmcctl backup now|list|verify|purge-tenant` (through the admin socket) and `cmcd restore` (offline, cmcd stopped).
 
-cmcctl's helpers are imported inside the commands, not at the top: cmcd/admin/cli.py imports this
-module at its end, and when it runs as `python -m cmcd.admin.cli` a top-level import of it from here
-would load it a second time and find this module half-initialised. For the same reason the client is
-taken with click.pass_obj rather than cli.pass_client (under -m, the Client class of the running
-module is not cmcd.admin.cli.Client).
+Built on cmcd/admin/cli_base.py, never on cli.py (which adds the backup group to cmcctl), so
+`python -m cmcd.admin.cli` loads each module once.
 """
 
 from __future__ import annotations
@@ -15,12 +12,11 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-if TYPE_CHECKING:
-    from cmcd.admin.cli import Client
+from cmcd.admin.cli_base import Client, fields, pass_client, table
 
 #: the daemon's default configuration file (as `cmcd serve`)
 DEFAULT_CONFIG = "/etc/cmcd/cmcd.toml"
@@ -52,7 +48,7 @@ def backup() -> None:
 
 
 @backup.command("now")
-@click.pass_obj
+@pass_client
 def backup_now(c: Client) -> None:
     """Take a backup now, into backup.dir (older ones beyond backup.keep are removed)."""
 
@@ -63,30 +59,28 @@ def backup_now(c: Client) -> None:
 
 
 @backup.command("list")
-@click.pass_obj
+@pass_client
 def backup_list(c: Client) -> None:
     """List the backups in backup.dir, oldest first."""
-    from cmcd.admin import cli as ctl
 
     def human(result: list[dict[str, Any]]) -> None:
         rows = [r | {"size": size(r["size_bytes"])} for r in result]
-        ctl.table({"NAME": "name", "SIZE": "size", "CREATED": "created"}, rows, "no backups")
+        table({"NAME": "name", "SIZE": "size", "CREATED": "created"}, rows, "no backups")
 
     c.show(c.call("backup.list"), human)
 
 
 @backup.command("verify")
 @click.argument("file")
-@click.pass_obj
+@pass_client
 def backup_verify(c: Client, file: str) -> None:
     """Decrypt backup FILE and run SQLite's integrity check on it.
 
     FILE is a name in backup.dir, or a path to a file there (cmcd only reads backups in backup.dir).
     """
-    from cmcd.admin import cli as ctl
 
     def human(r: dict[str, Any]) -> None:
-        ctl.fields(
+        fields(
             {
                 "file": r["path"],
                 "created": r["created"],
@@ -116,7 +110,7 @@ def purge_from_backups(c: Client, name: str) -> None:
 
 @backup.command("purge-tenant")
 @click.argument("name")
-@click.pass_obj
+@pass_client
 def backup_purge_tenant(c: Client, name: str) -> None:
     """Remove tenant NAME, already erased with `tenant delete --purge`, from every kept backup.
 

@@ -12,16 +12,13 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cmcd.admin.server import BadRequest, _Args, _Verb
+from cmcd.admin.verb import Args, BadRequest, Context, Verb, change, read
 from cmcd.config import Config
 from cmcd.crypto import DataKeys
 from cmcd.errors import BackupError, NotFound
 from cmcd.store.backup import BackupInfo, list_backups, purge_tenant, take_backup, verify_backup
-
-if TYPE_CHECKING:
-    from cmcd.admin.server import AdminServer
 
 log = logging.getLogger("cmcd.backup")
 
@@ -83,8 +80,8 @@ def _verify(config: Config, store_path: Path, file: str, data_keys: DataKeys | N
     }
 
 
-async def _backup_now(server: AdminServer, a: _Args) -> Any:
-    config = server._config
+async def _backup_now(ctx: Context, a: Args) -> Any:
+    config = ctx.config
     loop = asyncio.get_running_loop()
     try:
         info, seconds = await loop.run_in_executor(None, run_backup, config, config.path(config.store.path))
@@ -95,28 +92,28 @@ async def _backup_now(server: AdminServer, a: _Args) -> Any:
     return _info(info) | {"seconds": round(seconds, 3)}
 
 
-async def _backup_list(server: AdminServer, a: _Args) -> Any:
-    config = server._config
+async def _backup_list(ctx: Context, a: Args) -> Any:
+    config = ctx.config
     loop = asyncio.get_running_loop()
     backups = await loop.run_in_executor(None, list_backups, config.path(config.backup.dir))
     return [_info(b) for b in backups]
 
 
-async def _backup_verify(server: AdminServer, a: _Args) -> Any:
-    config = server._config
+async def _backup_verify(ctx: Context, a: Args) -> Any:
+    config = ctx.config
     file = a.text("file")
     loop = asyncio.get_running_loop()
     store_path = config.path(config.store.path)
-    return await loop.run_in_executor(None, _verify, config, store_path, file, server._store.keys)
+    return await loop.run_in_executor(None, _verify, config, store_path, file, ctx.store.keys)
 
 
-async def _backup_purge_tenant(server: AdminServer, a: _Args) -> Any:
+async def _backup_purge_tenant(ctx: Context, a: Args) -> Any:
     """Remove a purged tenant from every kept backup. The argument is tenant_name, not name: a refusal is
     logged with the arguments that name a tenant, and the name of an erased tenant must not be kept."""
-    config = server._config
+    config = ctx.config
     name = a.text("tenant_name")
     try:
-        await server._astore.call(server._store.tenant, name)
+        await ctx.astore.call(ctx.store.tenant, name)
     except NotFound:
         pass
     else:
@@ -135,12 +132,12 @@ async def _backup_purge_tenant(server: AdminServer, a: _Args) -> Any:
     r = await loop.run_in_executor(None, job)
     rows = " ".join(f"{k}={v}" for k, v in r.rows.items())
     detail = f"generations={r.generations} rewritten={len(r.rewritten)} chunks_erased={r.chunks_removed} {rows}"
-    caller = a.caller
+    actor, actor_uid = a.actor
     # named by its number, like the tenant.purge row: the operation log keeps no name of an erased tenant
-    await server._audit.op(
+    await ctx.audit.op(
         ts=time.time(),
-        actor_uid=caller.uid if caller else None,
-        actor=caller.name if caller else "cmcd",
+        actor_uid=actor_uid,
+        actor=actor,
         action="backup.purge-tenant",
         target=" ".join(f"tenant #{i}" for i in r.tenant_ids) or "-",
         result="ok",
@@ -157,11 +154,12 @@ async def _backup_purge_tenant(server: AdminServer, a: _Args) -> Any:
     }
 
 
-BACKUP_VERBS: dict[str, _Verb] = {
-    "backup.now": _Verb(_backup_now, (), target="store"),
-    "backup.list": _Verb(_backup_list, ()),
-    "backup.verify": _Verb(_backup_verify, ("file",)),
-    "backup.purge-tenant": _Verb(_backup_purge_tenant, ("tenant_name",)),
+BACKUP_VERBS: dict[str, Verb] = {
+    "backup.now": change(_backup_now, (), "store"),
+    "backup.list": read(_backup_list),
+    "backup.verify": read(_backup_verify, "file"),
+    # writes its own "ok" row (naming the tenant by number); the server logs a refusal
+    "backup.purge-tenant": read(_backup_purge_tenant, "tenant_name"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Log queries for cmcctl: time arguments, printed times, and rows streamed a page at a time.
+"""Log queries for cmcctl (the log.* verbs): time arguments, printed times, and rows streamed a
+page at a time; never changes a row.
 
 Times are stored as UTC epoch seconds and printed in server.timezone. An argument is either
 ISO 8601 (a time without an offset is read in server.timezone) or relative to now: "-2h",
@@ -10,10 +11,12 @@ from __future__ import annotations
 import datetime
 import functools
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from cmcd.admin.verb import Args, BadRequest, Context, Stream, Verb, read
 from cmcd.store import AsyncStore
 
 PAGE = 1000
@@ -61,3 +64,41 @@ async def rows(
         sent += len(page)
         if len(page) < size:
             return
+
+
+async def _log(ctx: Context, a: Args, kind: str) -> Stream:
+    tz = ZoneInfo(ctx.config.server.timezone)
+    now = time.time()
+    filters: dict[str, Any] = {}
+    try:
+        for key in ("since", "until"):
+            text = a.optional_text(key)
+            if text is not None:
+                filters[key] = parse_when(text, now, tz)
+    except TimeError as exc:
+        raise BadRequest(f"{a.verb}: {exc}") from None
+    filters["tenant_id"] = await ctx.tenant_id(a.optional_text("tenant"))
+    filters["status"] = a.optional_text("status")
+    if kind == "mail":
+        filters |= {k: a.optional_text(k) for k in ("rcpt", "sender", "queue_id")}
+    limit = a.integer("limit", 0, 0, 100_000_000) or None
+    return Stream(rows(ctx.astore, kind, tz, limit, **filters))
+
+
+async def _log_mail(ctx: Context, a: Args) -> Any:
+    return await _log(ctx, a, "mail")
+
+
+async def _log_login(ctx: Context, a: Args) -> Any:
+    return await _log(ctx, a, "login")
+
+
+async def _log_ops(ctx: Context, a: Args) -> Any:
+    return await _log(ctx, a, "ops")
+
+
+LOG_VERBS: dict[str, Verb] = {
+    "log.mail": read(_log_mail, "tenant", "since", "until", "rcpt", "sender", "queue_id", "status", "limit"),
+    "log.login": read(_log_login, "tenant", "since", "until", "status", "limit"),
+    "log.ops": read(_log_ops, "tenant", "since", "until", "status", "limit"),
+}

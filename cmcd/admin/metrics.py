@@ -3,19 +3,24 @@
 GET /metrics is answered on the event loop from plain counters (cmcd/stats.py, the delivery
 engine's counts and sites, the scheduler) through a custom collector, so the hot paths never
 touch prometheus_client. The queue figures (recipients by state, the oldest message, spool
-bytes) come from the spool database, read on a thread of this module's own with its own
-read-only connection: a large queue neither blocks the event loop nor delays delivery's body
-reads. That read is repeated at most every max(MIN_REFRESH_S, REFRESH_COST x its last duration)
-seconds (a 0.2 s count of a million rows: every 10 s); scrapes in between see the figures cached.
+bytes) come from the spool (Spool.figures, on a reader thread of their own): a large queue
+neither blocks the event loop nor delays delivery's body reads. That read is repeated at most
+every max(MIN_REFRESH_S, REFRESH_COST x its last duration) seconds (a 0.2 s count of a million
+rows: every 10 s); scrapes in between see the figures cached.
 
 Settings: [metrics] listen = "host:port" ("" = off). By default plain HTTP with no
 authentication, for loopback (it shows tenant names and destination hosts, never addresses).
 Off loopback, do as the Prometheus exporters' web-config does: tls_cert and tls_key serve
-HTTPS (the handshake must end within header_timeout; the connection caps count a connection
-from the end of its handshake), and basic_auth_users (login -> scrypt hash, from "cmcd
-hash-password") makes every request send HTTP basic auth. A password is checked with scrypt off the event loop, one check
+HTTPS, and basic_auth_users (login -> scrypt hash, from "cmcd hash-password") makes every
+request send HTTP basic auth. A password is checked with scrypt off the event loop, one check
 at a time; a credential that passed is remembered (as an HMAC under a key of this process) so
 a scrape every few seconds costs no scrypt.
+
+HTTP is aiohttp's (its low-level server: no router, one handler) behind the API's front door
+(cmcd/api/frontdoor.py): a connection is admitted under [metrics] max_connections before any
+TLS byte is read, and its TLS handshake, its request line and headers, and the reading of the
+response each must end within [metrics] header_timeout (reset and counted in
+cmcd_listener_timeouts_total otherwise). One request per connection ("Connection: close").
 """
 
 from __future__ import annotations
@@ -28,24 +33,24 @@ import hmac
 import logging
 import math
 import os
-import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
+from aiohttp import web, web_response
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from cmcd import __version__, crypto, writeguard
+from cmcd import __version__, crypto
+from cmcd.api.frontdoor import Connection, FrontDoor
 from cmcd.config import Config, split_hostport
 from cmcd.deliver.engine import DeliveryEngine
 from cmcd.doors import Door
-from cmcd.queue.audit import outbox_backlog
+from cmcd.queue.manage import QueueFigures
 from cmcd.queue.scheduler import Scheduler
-from cmcd.queue.spool import PENDING, Spool
+from cmcd.queue.spool import Spool
+from cmcd.records import PENDING_STATES, RESULT_STATES
 from cmcd.stats import Histogram
 from cmcd.submit.service import SubmitService
 
@@ -55,31 +60,20 @@ log = logging.getLogger("cmcd.metrics")
 TOP_SITES = 20
 MIN_REFRESH_S = 1.0
 REFRESH_COST = 50.0
-REQUEST_TIMEOUT_S = 10.0
-MAX_REQUEST_BYTES = 16384
+BACKLOG = 128
+#: aiohttp's logger for the listener's connections (a malformed request is one line, not a traceback)
+HTTP_LOG = "cmcd.metrics.http"
+SERVER_HEADER = "cmcd"  # no versions (what the API says too)
 MAX_REMEMBERED = 64  # credentials that passed, remembered so a scrape costs no scrypt
-DELIVERY_RESULTS = ("delivered", "deferred", "bounced", "expired", "suppressed")
 
 
 @dataclass(frozen=True)
-class QueueFigures:
-    recipients: dict[str, int] = field(default_factory=dict)  # state -> rows
-    oldest_received: float | None = None  # epoch seconds of the oldest message not held; None: there is none
-    spool_bytes: int = 0  # queue.db and its write-ahead log
-    outbox: dict[str, int] = field(default_factory=dict)  # kind (mail, login, ops) -> rows not yet in the store
+class Timers:
+    """The listener's waits for its front door (cmcd.api.frontdoor.Timers), in seconds."""
 
-
-def read_queue(conn: sqlite3.Connection, path: Path) -> QueueFigures:
-    """The queue figures: one count grouped by state, one minimum, two stat calls, the outbox counts."""
-    recipients = {state: n for state, n in conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state")}
-    (oldest,) = conn.execute("SELECT MIN(received) FROM messages WHERE held = 0").fetchone()
-    size = 0
-    for p in (path, path.with_name(path.name + "-wal")):
-        try:
-            size += os.stat(p).st_size
-        except FileNotFoundError:
-            pass
-    return QueueFigures(recipients, oldest, size, outbox_backlog(conn))
+    handshake_timeout: float
+    header_timeout: float
+    keepalive_timeout: float
 
 
 def _buckets(hist: Histogram) -> tuple[list[tuple[str, float]], float]:
@@ -173,7 +167,7 @@ class DaemonCollector(Collector):
             "cmcd_deliveries", "Delivery attempt outcomes per recipient by result.", labels=["result"]
         )
         counts = self.engine.counts
-        for result in DELIVERY_RESULTS:
+        for result in RESULT_STATES:
             deliveries.add_metric([result], counts.get(result, 0))
         yield deliveries
         buckets, total = _buckets(self.engine.delivery_seconds)
@@ -183,7 +177,7 @@ class DaemonCollector(Collector):
 
         figures = self.queue()
         recipients = GaugeMetricFamily("cmcd_queue_recipients", "Queued recipients by state.", labels=["state"])
-        for state in PENDING:
+        for state in PENDING_STATES:
             recipients.add_metric([state], figures.recipients.get(state, 0))
         yield recipients
         oldest = 0.0 if figures.oldest_received is None else max(0.0, now - figures.oldest_received)
@@ -289,8 +283,9 @@ class MetricsServer:
         #: scrapes at once: [metrics] max_connections, cut by the daemon to its share of descriptors
         self.door = service.stats.doors["metrics"]
         self.door.max_total = config.metrics.max_connections if max_connections is None else max_connections
-        self.header_timeout = config.metrics.header_timeout
         m = config.metrics
+        #: the TLS handshake, the request's headers and the reading of the response: each within header_timeout
+        self.timers = Timers(m.header_timeout, m.header_timeout, m.header_timeout)
         self._tls = (
             crypto.server_tls_context(str(config.path(m.tls_cert)), str(config.path(m.tls_key)))
             if m.listen and m.tls_cert
@@ -301,7 +296,7 @@ class MetricsServer:
         self._cache_key = os.urandom(32)
         self._checking = asyncio.Lock()  # one scrypt (32 MiB) at a time
         self._dummy_hash = ""  # checked for an unknown login, so it costs what a known one does
-        self.spool_path = spool.path
+        self.spool = spool
         self.registry = CollectorRegistry()
         self.registry.register(
             DaemonCollector(
@@ -310,10 +305,8 @@ class MetricsServer:
             )
         )  # fmt: skip
         self.bound: list[str] = []
-        self._server: asyncio.AbstractServer | None = None
-        self._clients: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
-        self._conn: sqlite3.Connection | None = None
+        self._front: FrontDoor | None = None
+        self._runner: web.ServerRunner | None = None
         self._figures = QueueFigures()
         self._read_at = -math.inf  # time.monotonic() of the last queue read
         self._read_cost_s = 0.0
@@ -323,29 +316,26 @@ class MetricsServer:
         if not self.listen:
             return
         host, port = split_hostport(self.listen)
-        # TLS (metrics.tls_cert) is done by the loop before _client runs, within header_timeout. Not
-        # writer.start_tls() after admission: under uvloop a ClientHello read before it is lost.
-        self._server = await asyncio.start_server(
-            self._client, host, port, limit=MAX_REQUEST_BYTES, reuse_address=True,
-            ssl=self._tls, ssl_handshake_timeout=self.header_timeout if self._tls else None,
-        )  # fmt: skip
-        for sock in self._server.sockets:
-            name = sock.getsockname()
-            self.bound.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+        # aiohttp's own answers before our handler (400 for a malformed request line) take its
+        # default Server value, which names Python's and aiohttp's versions: make that ours too
+        web_response.SERVER_SOFTWARE = SERVER_HEADER
+        server = web.Server(self._handle, access_log=None, logger=logging.getLogger(HTTP_LOG))
+        self._runner = web.ServerRunner(server, shutdown_timeout=self.timers.header_timeout)
+        await self._runner.setup()
+        self._front = FrontDoor(self.door, self._tls, server, lambda: self.timers, server_log=HTTP_LOG)
+        port = await self._front.start(host, port, backlog=BACKLOG)
+        self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         log.info("event=metrics_listening listen=%s", ",".join(self.bound))
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._clients):
-                task.cancel()
-            await asyncio.gather(*self._clients, return_exceptions=True)
-            await self._server.wait_closed()
+        if self._front is not None:
+            await self._front.close()
+            self._front = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
         if self._reading is not None:
             await asyncio.gather(self._reading, return_exceptions=True)
-        if self._conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn)
-        self._executor.shutdown(wait=True)
 
     # -- the queue figures ---------------------------------------------------------------------
 
@@ -361,7 +351,7 @@ class MetricsServer:
     async def _read(self) -> None:
         start = time.monotonic()
         try:
-            self._figures = await asyncio.get_running_loop().run_in_executor(self._executor, self._read_queue)
+            self._figures = await self.spool.figures()
         except Exception:  # a failed read keeps the last figures; the next scrape tries again
             log.exception("event=metrics_queue_read_failed")
         finally:
@@ -369,79 +359,45 @@ class MetricsServer:
             self._read_cost_s = self._read_at - start
             self._reading = None
 
-    def _read_queue(self) -> QueueFigures:
-        if self._conn is None:
-            self._conn = sqlite3.connect(f"file:{self.spool_path}?mode=ro", uri=True, check_same_thread=False)
-        return read_queue(self._conn, self.spool_path)
-
-    def _close_conn(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        peer = writer.get_extra_info("peername")
-        ip = str(peer[0]) if peer else "?"
-        if self.door.admit(ip) is not None:  # past metrics.max_connections: reset, counted
-            log.warning("event=metrics_conn_refused client_ip=%s open=%d", ip, self.door.open)
-            writeguard.reset(writer.transport)
-            return
-        self._clients.add(task)
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's handler for every request: the Connection's timers told, one answer, then close."""
+        transport = request.transport
+        conn = transport.get_protocol() if transport is not None else None
+        if isinstance(conn, Connection):
+            conn.request_started()  # the headers are in: no timer while it is answered
         try:
             try:
-                # the request line and headers, complete within header_timeout however slowly they come
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
-            except TimeoutError:
-                self.door.timed_out("headers")
-                log.info("event=metrics_timeout phase=headers client_ip=%s", ip)
-                writeguard.reset(writer.transport)
-                return
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                return
-            try:
-                status, headers, body = await self.respond(head.decode("latin-1"))
+                status, headers, body = await self.respond(request.method, request.path, request.headers)
             except Exception:  # a bug here must not leave the scraper waiting for its timeout
                 log.exception("event=metrics_scrape_failed")
-                status, headers, body = "500 Internal Server Error", *_text(b"cmcd could not collect its metrics\n")
-            lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers.items()), "Connection: close"]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-            await writer.drain()
-        except ConnectionError:
-            pass
+                status, headers, body = 500, *_text(b"cmcd could not collect its metrics\n")
+            response = web.Response(status=status, headers=headers, body=body)  # no body for HEAD: aiohttp's
+            response.headers["Server"] = SERVER_HEADER
+            response.force_close()
+            return response
         finally:
-            self._clients.discard(task)
-            self.door.release(ip)
-            writer.close()
+            if isinstance(conn, Connection):
+                conn.request_done()  # the response must be read within keepalive_timeout (header_timeout)
 
-    async def respond(self, head: str) -> tuple[str, dict[str, str], bytes]:
-        """(status, headers, body) for one HTTP request head."""
-        request_line, *header_lines = head.split("\r\n")
-        parts = request_line.split()
-        if len(parts) != 3:
-            return "400 Bad Request", {"Content-Length": "0"}, b""
-        method, target, _ = parts
-        if self._users and not await self._authorized(_header(header_lines, "authorization")):
+    async def respond(
+        self, method: str, path: str, request_headers: Mapping[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) for one request (aiohttp leaves out the body of a HEAD answer)."""
+        if self._users and not await self._authorized(request_headers.get("Authorization", "")):
             headers, body = _text(UNAUTHORIZED)
             headers["WWW-Authenticate"] = 'Basic realm="cmcd metrics", charset="UTF-8"'
-            return "401 Unauthorized", headers, body if method != "HEAD" else b""
-        path = target.split("?", 1)[0]
+            return 401, headers, body
         if path not in ("/metrics", "/"):
-            return "404 Not Found", *_text(NOT_FOUND)
+            return 404, *_text(NOT_FOUND)
         if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", {"Allow": "GET, HEAD", "Content-Length": "0"}, b""
+            return 405, {"Allow": "GET, HEAD"}, b""
         if path == "/":
-            headers, body = _text(INDEX)
-            return "200 OK", headers, body if method == "GET" else b""
-        accept = _header(header_lines, "accept")
+            return 200, *_text(INDEX)
         await self.refresh()
-        encoder, content_type = choose_encoder(accept)
-        body = encoder(self.registry)
-        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
-        return "200 OK", headers, body if method == "GET" else b""
+        encoder, content_type = choose_encoder(request_headers.get("Accept", ""))
+        return 200, {"Content-Type": content_type}, encoder(self.registry)
 
     async def _authorized(self, authorization: str) -> bool:
         """Whether AUTHORIZATION ("Basic base64(login:password)") names a basic_auth_users login
@@ -515,14 +471,5 @@ UNAUTHORIZED = b"unauthorized: [metrics] basic_auth_users is set; send HTTP basi
 INDEX = b"cmcd: metrics are at /metrics\n"
 
 
-def _header(lines: list[str], wanted: str) -> str:
-    """The value of header WANTED (lower case) in LINES, or ""."""
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == wanted:
-            return value.strip()
-    return ""
-
-
 def _text(body: bytes) -> tuple[dict[str, str], bytes]:
-    return {"Content-Type": "text/plain; charset=utf-8", "Content-Length": str(len(body))}, body
+    return {"Content-Type": "text/plain; charset=utf-8"}, body

@@ -14,7 +14,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
+from cmcd.admin.verb import Args, Context, Verb, read
 from cmcd.config import Config
 from cmcd.queue.audit import AuditLog
 from cmcd.store import AsyncStore
@@ -100,3 +102,12 @@ class RetentionJob:
             except Exception:
                 log.exception("event=retention_failed")
             await asyncio.sleep(DAY_S)
+
+
+async def _retention_run(ctx: Context, a: Args) -> Any:
+    actor, actor_uid = a.actor
+    return await run_retention(ctx.config, ctx.astore, time.time(), actor=actor, actor_uid=actor_uid, audit=ctx.audit)
+
+
+#: run_retention writes the run's own operation-log row (how many rows went)
+RETENTION_VERBS: dict[str, Verb] = {"retention.run": read(_retention_run)}

@@ -27,6 +27,8 @@ from email.policy import Policy
 from email.utils import format_datetime, make_msgid
 from typing import Any, cast
 
+from cmcd.tenancy.rules import address_refusal
+
 MAX_LINE_OCTETS = 998  # RFC 5322 2.1.1, excluding CRLF
 MAX_SUBJECT_CHARS = 998
 MAX_HEADER_VALUE_CHARS = 998
@@ -172,35 +174,51 @@ def _check_keys(req: object, allowed: frozenset[str], field: str) -> Mapping[str
 
 
 def _check_addr(addr: str, field: str) -> tuple[str, str]:
-    """`local@domain`, ASCII, dot-atom local part, a host name for the domain; returns (local, domain)."""
-    if not addr:
-        raise ComposeError(field, "the address is empty")
-    if len(addr) > 254:
-        raise ComposeError(field, f"the address is {len(addr)} characters long; at most 254 are allowed")
-    if not addr.isascii():
-        raise ComposeError(
-            field,
-            f"the address {_show(addr)} has non-ASCII characters; internationalised (SMTPUTF8) addresses are "
-            "not supported (write a domain in its xn-- form)",
-        )
-    if _ASCII_CTL.search(addr):
-        raise ComposeError(field, f"the address {_show(addr)} contains control characters")
-    if " " in addr:
-        raise ComposeError(field, f"the address {_show(addr)} contains spaces")
-    if "@" not in addr:
-        raise ComposeError(field, f"the address {_show(addr)} has no '@'; write local@domain")
+    """An address the one address rule takes (cmcd.tenancy.rules.address_refusal, ASCII only: a
+    request cannot ask for SMTPUTF8) that can also be written into a header as it is: one '@', a
+    dot-atom local part, a host name for the domain. Returns (local, domain)."""
+    refusal = address_refusal(addr, smtputf8=False)
+    if refusal is not None:
+        raise ComposeError(field, _rule_fault(addr) or f"the address {_show(addr)}: {refusal.text}")
     local, _, domain = addr.rpartition("@")
     if "@" in local:
         raise ComposeError(field, f"the address {_show(addr)} has more than one '@'")
     if domain.startswith("["):
         raise ComposeError(field, f"the address {_show(addr)} is an address literal; use a domain name")
     if len(local) > 64 or not _LOCAL_PART.fullmatch(local):
-        raise ComposeError(
-            field, f"the local part of {_show(addr)} is not valid (letters, digits, !#$%&'*+/=?^_`{{|}}~- and dots)"
-        )
+        raise ComposeError(field, _bad_local(addr))
     if len(domain) > 253 or not _DOMAIN.fullmatch(domain) or domain.rpartition(".")[2].isdigit():
-        raise ComposeError(field, f"the domain of {_show(addr)} is not a valid host name")
+        raise ComposeError(field, _bad_domain(addr))
     return local, domain
+
+
+def _rule_fault(addr: str) -> str:
+    """What the address rule refused ADDR for, in the request's words (the rule decides; this says
+    which part is at fault, more precisely than an SMTP reply does)."""
+    if not addr:
+        return "the address is empty"
+    if len(addr) > 254:
+        return f"the address is {len(addr)} characters long; at most 254 are allowed"
+    if not addr.isascii():
+        return (
+            f"the address {_show(addr)} has non-ASCII characters; internationalised (SMTPUTF8) addresses are "
+            "not supported (write a domain in its xn-- form)"
+        )
+    if _ASCII_CTL.search(addr):
+        return f"the address {_show(addr)} contains control characters"
+    if " " in addr:
+        return f"the address {_show(addr)} contains spaces"
+    if "@" not in addr:
+        return f"the address {_show(addr)} has no '@'; write local@domain"
+    return _bad_local(addr) if addr.startswith("@") else _bad_domain(addr)
+
+
+def _bad_local(addr: str) -> str:
+    return f"the local part of {_show(addr)} is not valid (letters, digits, !#$%&'*+/=?^_`{{|}}~- and dots)"
+
+
+def _bad_domain(addr: str) -> str:
+    return f"the domain of {_show(addr)} is not a valid host name"
 
 
 def _check_name(name: object, field: str) -> str:

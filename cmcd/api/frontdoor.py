@@ -1,5 +1,6 @@
-"""The API listener's front door: accepts connections itself, so that its caps apply before any TLS
-byte is read, bounds the handshake, and holds each connection's timer; never parses HTTP.
+"""An HTTP listener's front door (the API's, and /metrics'): accepts connections itself, so that its
+caps apply before any TLS byte is read, bounds the handshake, and holds each connection's timer;
+never parses HTTP.
 
 aiohttp bounds neither the number of connections nor the time a request's headers may take to
 trickle in (its keepalive_timeout starts only at a connection's start and after a response). So
@@ -21,6 +22,10 @@ counted in cmcd_listener_timeouts_total.
 A malformed request (bad request line, oversize header, bad chunk) is answered by aiohttp, which
 logs a traceback at level error for each: BadRequestLog folds those into one event=api_bad_request
 line per REFUSAL_LOG_EVERY_S with a count, as refused connections are.
+
+The metrics listener uses the same door with its own Door, its own timers (Timers: [metrics]
+header_timeout for all three) and its own aiohttp logger, optionally without TLS; its log
+events are named after its Door (event=metrics_timeout, metrics_conn_refused, ...).
 """
 
 from __future__ import annotations
@@ -33,12 +38,11 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp.http_exceptions import HttpProcessingError
 
 from cmcd import writeguard
-from cmcd.config import ApiConfig
 from cmcd.doors import Door
 
 log = logging.getLogger("cmcd.api")
@@ -51,11 +55,22 @@ _NO_ROOM = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+class Timers(Protocol):
+    """The waits a front door bounds, in seconds ([api] has them all; metrics makes its own)."""
+
+    @property
+    def handshake_timeout(self) -> float: ...
+    @property
+    def header_timeout(self) -> float: ...
+    @property
+    def keepalive_timeout(self) -> float: ...
+
+
 class Connection(asyncio.Protocol):
     """One admitted connection: forwards every callback to aiohttp's handler (INNER) and keeps the
     timer of its phase (headers, busy: none, idle). Gives its Door slot back when it is lost."""
 
-    def __init__(self, inner: Any, door: Door, ip: str, config: Callable[[], ApiConfig]):
+    def __init__(self, inner: Any, door: Door, ip: str, config: Callable[[], Timers]):
         self.inner = inner
         self.door = door
         self.ip = ip
@@ -79,7 +94,7 @@ class Connection(asyncio.Protocol):
         self._timer = None
         if self.transport is None:
             return
-        log.info("event=api_timeout phase=%s client_ip=%s", self.phase, self.ip)
+        log.info("event=%s_timeout phase=%s client_ip=%s", self.door.name, self.phase, self.ip)
         self.door.timed_out(self.phase)
         writeguard.reset(self.transport)
 
@@ -136,8 +151,9 @@ class BadRequestLog(logging.Filter):
     request it could not parse becomes at most one event=api_bad_request line per
     REFUSAL_LOG_EVERY_S, with how many there were; anything else passes."""
 
-    def __init__(self) -> None:
+    def __init__(self, event: str = "api_bad_request") -> None:
         super().__init__()
+        self.event = event
         self.count = 0
         self._logged_at = -REFUSAL_LOG_EVERY_S
 
@@ -148,23 +164,26 @@ class BadRequestLog(logging.Filter):
         self.count += 1
         if record.created - self._logged_at >= REFUSAL_LOG_EVERY_S:
             ip = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            log.warning("event=api_bad_request client_ip=%s error=%s detail=%r count=%d",
-                        ip, type(exc).__name__, str(exc.message)[:100], self.count)  # fmt: skip
+            log.warning("event=%s client_ip=%s error=%s detail=%r count=%d",
+                        self.event, ip, type(exc).__name__, str(exc.message)[:100], self.count)  # fmt: skip
             self._logged_at = record.created
             self.count = 0
         return False
 
 
 class FrontDoor:
-    """Accepts on one listening socket; admits, handshakes and hands each connection to a new
-    protocol from MAKE_HANDLER (aiohttp's) behind a Connection."""
+    """Accepts on one listening socket; admits, handshakes (TLS: None for plain HTTP) and hands
+    each connection to a new protocol from MAKE_HANDLER (aiohttp's) behind a Connection.
+    SERVER_LOG is the logger MAKE_HANDLER's protocols log to (aiohttp's "logger")."""
 
     def __init__(
         self,
         door: Door,
-        tls: ssl.SSLContext,
+        tls: ssl.SSLContext | None,
         make_handler: Callable[[], Any],
-        config: Callable[[], ApiConfig],
+        config: Callable[[], Timers],
+        *,
+        server_log: str = "aiohttp.server",
     ):
         self.door = door
         self.tls = tls
@@ -175,7 +194,8 @@ class FrontDoor:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._refused_since_log = 0
         self._refusal_logged_at = -REFUSAL_LOG_EVERY_S
-        self._bad_requests = BadRequestLog()
+        self._server_log = logging.getLogger(server_log)
+        self._bad_requests = BadRequestLog(f"{door.name}_bad_request")
 
     async def start(self, host: str, port: int, backlog: int) -> int:
         """Listen on HOST:PORT; the port bound."""
@@ -183,7 +203,7 @@ class FrontDoor:
         sock = socket.create_server((host, port), family=family, backlog=backlog)
         sock.setblocking(False)
         self.sock = sock
-        logging.getLogger("aiohttp.server").addFilter(self._bad_requests)
+        self._server_log.addFilter(self._bad_requests)
         self._accepting = asyncio.get_running_loop().create_task(self._accept())
         return int(sock.getsockname()[1])
 
@@ -199,7 +219,7 @@ class FrontDoor:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        logging.getLogger("aiohttp.server").removeFilter(self._bad_requests)
+        self._server_log.removeFilter(self._bad_requests)
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
@@ -209,7 +229,7 @@ class FrontDoor:
                 conn, addr = await loop.sock_accept(self.sock)
             except OSError as exc:
                 if exc.errno not in _NO_ROOM:
-                    log.warning("event=api_accept_failed error=%r", str(exc))
+                    log.warning("event=%s_accept_failed error=%r", self.door.name, str(exc))
                     await asyncio.sleep(ACCEPT_BACKOFF_S)
                     continue
                 # no descriptor left for the process: the connection waits in the backlog
@@ -231,8 +251,8 @@ class FrontDoor:
         self._refused_since_log += 1
         now = loop.time()
         if now - self._refusal_logged_at >= REFUSAL_LOG_EVERY_S:
-            log.warning("event=api_conn_refused reason=%s client_ip=%s refused=%d open=%d max=%d",
-                        reason, ip, self._refused_since_log, self.door.open, self.door.max_total)  # fmt: skip
+            log.warning("event=%s_conn_refused reason=%s client_ip=%s refused=%d open=%d max=%d",
+                        self.door.name, reason, ip, self._refused_since_log, self.door.open, self.door.max_total)  # fmt: skip
             self._refusal_logged_at = now
             self._refused_since_log = 0
 
@@ -241,14 +261,17 @@ class FrontDoor:
         proto = Connection(self.make_handler(), self.door, ip, self.config)
         try:
             await loop.connect_accepted_socket(
-                lambda: proto, conn, ssl=self.tls, ssl_handshake_timeout=self.config().handshake_timeout
+                lambda: proto,
+                conn,
+                ssl=self.tls,
+                ssl_handshake_timeout=self.config().handshake_timeout if self.tls is not None else None,
             )
         except BaseException as exc:
             if not proto.made:  # the handshake failed, timed out or was abandoned: the slot is ours to give back
                 self.door.release(ip)
                 if isinstance(exc, TimeoutError | ConnectionAbortedError) and "handshake" in str(exc).lower():
                     self.door.timed_out("handshake")
-                    log.info("event=api_timeout phase=handshake client_ip=%s", ip)
+                    log.info("event=%s_timeout phase=handshake client_ip=%s", self.door.name, ip)
                 _reset(conn)
             if not isinstance(exc, Exception):
                 raise

@@ -1,4 +1,4 @@
-"""RFC 9457 problem details for the tenant API, and the mapping from SubmitService's SMTP replies."""
+"""RFC 9457 problem details for the tenant API, and the one HTTP rendering of a typed refusal; no I/O."""
 
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ _BY_REASON: dict[Reason, tuple[int, str]] = {
     Reason.TENANT_DELETED: (403, "tenant-deleted"),
     Reason.SENDER_DOMAIN: (403, "sender-domain"),
     Reason.FROM_DOMAIN: (403, "sender-domain"),
+    Reason.NO_FROM: (403, "sender-domain"),  # "it must name one of your domains"
     Reason.SUPPRESSED: (422, "suppressed"),
     Reason.DAILY_QUOTA: (429, "daily-quota"),
     Reason.RATE_LIMIT: (429, "rate-limit"),
@@ -84,32 +85,6 @@ def problem(refusal: Refusal, field: str = "") -> Problem:
                 extra={"field": field} if field else None)  # fmt: skip
     if status in (429, 503):
         p.headers["Retry-After"] = "3600" if refusal.reason is Reason.DAILY_QUOTA else "1"
-    return p
-
-
-def smtp_problem(reply: str, field: str = "") -> Problem:
-    """The HTTP problem for an SMTP-style refusal from SubmitService."""
-    code, _, text = reply.partition(" ")
-    enhanced = text.split(" ", 1)[0]
-    status, slug = 422, "refused"
-    if "being deleted" in text:  # submit.REPLY_TENANT_CLOSING: tenant.delete --purge is running
-        status, slug = 403, "tenant-deleted"
-    elif enhanced == "5.7.1" and ("domain" in text):
-        status, slug = 403, "sender-domain"
-    elif "suppression list" in text:
-        status, slug = 422, "suppressed"
-    elif "Daily quota" in text:
-        status, slug = 429, "daily-quota"
-    elif "Rate limit" in text:
-        status, slug = 429, "rate-limit"
-    elif enhanced.startswith("4.3") or code.startswith("45"):
-        status, slug = 503, "try-later"
-    elif enhanced.startswith("5.1") or enhanced.startswith("5.5"):
-        status, slug = 422, "bad-address"
-    p = Problem(status, slug, text.split(" ", 1)[1] if " " in text else text, smtp=reply,
-                extra={"field": field} if field else None)  # fmt: skip
-    if status in (429, 503):
-        p.headers["Retry-After"] = "1" if slug != "daily-quota" else "3600"
     return p
 
 

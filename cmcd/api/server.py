@@ -3,7 +3,9 @@
 Sending goes through SubmitService exactly like SMTP (sender domain, limits, suppression, DKIM,
 the spool's durability contract): a 202 is sent only after the spool committed every message of
 the request, together with its Idempotency-Key. Records are read from the store, always filtered
-by the caller's tenant. Errors are RFC 9457 problem details carrying the equivalent SMTP reply.
+by the caller's tenant; every change to tenancy state (users, keys, blocks, webhooks) is one
+tenancy command, which writes its operation-log row. Errors are RFC 9457 problem details
+carrying the equivalent SMTP reply.
 
 aiohttp's low-level web.Application is used with an explicit route table and one middleware for
 errors; authentication is a plain function each handler calls, so the whole path is visible here.
@@ -33,16 +35,19 @@ from aiohttp import web, web_response
 from cmcd import crypto, policy, totp, writeguard
 from cmcd.api import hooks, users
 from cmcd.api.compose import MAX_MERGE_KEYS, Composed, ComposeError, compose_bulk, compose_one
+from cmcd.api.context import api_actor, api_op
 from cmcd.api.frontdoor import Connection, FrontDoor
-from cmcd.api.problems import Problem, iso, smtp_problem
+from cmcd.api.problems import Problem, iso, problem
 from cmcd.config import Config, split_hostport
 from cmcd.doors import JSON_BODY_WEIGHT, JSON_NODE_BYTES, json_node_cap, json_nodes
-from cmcd.errors import NotFound, StoreError
-from cmcd.queue.spool import ApiRequest, find_api_request
+from cmcd.errors import StoreError
+from cmcd.queue.requests import ApiRequest
 from cmcd.records import Sender, SpoolMessage
 from cmcd.store import AsyncStore, LoginRecord
 from cmcd.store.api_store import KEY_PREFIX, SESSION_PREFIX, ApiCaller, split_api_key
 from cmcd.submit.service import SessionInfo, SubmitService
+from cmcd.tenancy import Tenancy
+from cmcd.tenancy.refusals import Reason, Refusal, Refused
 from cmcd.textout import CsvWriter
 
 log = logging.getLogger("cmcd.api")
@@ -127,6 +132,7 @@ class ApiServer:
         config: Config,
         service: SubmitService,
         astore: AsyncStore,
+        tenancy: Tenancy,
         resolver: dns.asyncresolver.Resolver,
         clock: Callable[[], float] = time.time,
         *,
@@ -143,6 +149,7 @@ class ApiServer:
         self.service = service
         self.astore = astore
         self.store = astore.store
+        self.tenancy = tenancy  # every change of tenancy state is one of its commands
         self.clock = clock
         self.tls = crypto.server_tls_context(
             str(config.path(config.smtp.tls_cert)), str(config.path(config.smtp.tls_key))
@@ -426,7 +433,7 @@ class ApiServer:
         await self.service.audit.op(
             ts=time.time(),
             actor_uid=None,
-            actor=f"api:{caller.login} ({caller.credential})",
+            actor=api_actor(caller),
             action=action,
             target=target,
             result="ok" if error is None else "refused",
@@ -552,13 +559,12 @@ class ApiServer:
         try:
             if key is not None:
                 since = self.clock() - self.config.api.idempotency_ttl
-                spool = self.service.spool
-                found = await spool.read(lambda conn: find_api_request(conn, caller.tenant_id, key, since))
+                found = await self.service.spool.find_request(caller.tenant_id, key, since)
                 if found is not None:
-                    if found[0] != request_hash:
+                    if found.request_hash != request_hash:
                         raise Problem(422, "idempotency-key-reused",
                                       "this Idempotency-Key was used for a different request")  # fmt: skip
-                    return web.Response(text=found[2], status=found[1], content_type="application/json",
+                    return web.Response(text=found.response, status=found.status, content_type="application/json",
                                         headers={"Idempotent-Replayed": "true"})  # fmt: skip
             try:
                 status, response, count = await self._queue(caller, body, bulk, key, request_hash, request)
@@ -595,17 +601,17 @@ class ApiServer:
             await service.current()
         sender = Sender(caller.user_id, caller.tenant_id, caller.tenant, caller.login, "API")
         first = composed[0]
-        problem = service.check_sender(sender, first.mail_from, False, sum(len(c.body) for c in composed))
-        if problem:
-            raise smtp_problem(problem, "from")
+        refusal = service.check_sender(sender, first.mail_from, False, sum(len(c.body) for c in composed))
+        if refusal is not None:
+            raise problem(refusal, "from")
         for n, c in enumerate(composed):
             for i, rcpt in enumerate(c.rcpts):
-                problem = service.check_rcpt(sender, rcpt, i, False)
-                if problem:
-                    raise smtp_problem(problem, f"recipients[{n}].to" if bulk else "to")
-        problem = service.check_batch(sender, len(composed))
-        if problem:
-            raise smtp_problem(problem)
+                refusal = service.check_rcpt(sender, rcpt, i, False)
+                if refusal is not None:
+                    raise problem(refusal, f"recipients[{n}].to" if bulk else "to")
+        refusal = service.check_batch(sender, len(composed))
+        if refusal is not None:
+            raise problem(refusal)
         tls = request.transport.get_extra_info("ssl_object") if request.transport else None
         info = SessionInfo(self._client_ip(request), "api", tls.version() if tls else None,
                            tls.cipher()[0] if tls else None, "HTTPS")  # fmt: skip
@@ -617,9 +623,9 @@ class ApiServer:
             response = json.dumps({"id": queued[0]["id"], "message_id": queued[0]["message_id"],
                                    "recipients": len(first.rcpts)})  # fmt: skip
         record = ApiRequest(caller.tenant_id, key, request_hash, 202, response) if key is not None else None
-        problem = await service.commit_all(sender, prepared, record)
-        if problem:
-            raise smtp_problem(problem)
+        refusal = await service.commit_all(sender, prepared, record)
+        if refusal is not None:
+            raise problem(refusal)
         return 202, response, len(prepared)
 
     async def _prepare_all(self, sender: Sender, composed: list[Composed], info: SessionInfo) -> list[SpoolMessage]:
@@ -630,8 +636,8 @@ class ApiServer:
         async def one(c: Composed) -> SpoolMessage:
             async with slots:
                 result = await self.service.prepare(sender, c.mail_from, c.rcpts, c.body, info, c.tags)
-            if isinstance(result, str):
-                raise smtp_problem(result, "from")
+            if isinstance(result, Refusal):
+                raise problem(result, "from")
             return result
 
         return list(await asyncio.gather(*(one(c) for c in composed)))
@@ -700,27 +706,25 @@ class ApiServer:
         if not isinstance(body, dict) or not isinstance(body.get("address"), str) or set(body) - {"address", "reason"}:
             raise Problem(422, "invalid", 'expected {"address": "user@example.com", "reason": "optional text"}')
         address = body["address"].strip()
-        problem = _address_problem(address)
-        if problem:
-            await self.log_op(caller, "api.blocks.add", "-", problem)
-            raise Problem(422, "bad-address", problem, extra={"field": "address"})
         reason = str(body.get("reason") or "added through the API")[:200]
-        added = await self.astore.call(self.store.suppression_add, caller.tenant, address, reason)
-        if added:
-            self.service.suppressions.add(caller.tenant_id, address)
-        await self.log_op(caller, "api.blocks.add", "1 address", None, "added" if added else "already listed")
+        op = api_op(caller, "api.blocks.add", "1 address")  # the row says "added" or "already listed"
+        try:
+            added = await self.tenancy.accounts.suppression_add(op, caller.tenant, address, reason)
+        except Refused as exc:  # the address rule
+            raise problem(exc.refusal) from None
         return web.json_response({"address": address, "added": added}, status=201 if added else 200)
 
     async def _delete_block(self, request: web.Request) -> web.Response:
         caller = await self.caller(request, "manage")
         address = request.match_info["address"]
         try:
-            await self.astore.call(self.store.suppression_delete, caller.tenant, address)
-        except NotFound:
-            await self.log_op(caller, "api.blocks.delete", "1 address", "not on the list")
-            raise Problem(404, "not-found", "that address is not on your block list") from None
-        self.service.suppressions.discard(caller.tenant_id, address)
-        await self.log_op(caller, "api.blocks.delete", "1 address", None)
+            await self.tenancy.accounts.suppression_delete(
+                api_op(caller, "api.blocks.delete", "1 address"), caller.tenant, address
+            )
+        except Refused as exc:
+            if exc.refusal.reason is Reason.NOT_FOUND:
+                raise Problem(404, "not-found", "that address is not on your block list") from None
+            raise problem(exc.refusal) from None
         return web.Response(status=204)
 
     async def _get_audit(self, request: web.Request) -> web.StreamResponse:
@@ -768,15 +772,6 @@ def _known(query: Any, allowed: set[str]) -> None:
         if name not in allowed:
             raise Problem(400, "bad-parameter", f"unknown parameter {name!r}; known: {', '.join(sorted(allowed))}",
                           extra={"field": name})  # fmt: skip
-
-
-def _address_problem(address: str) -> str | None:
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or len(address) > 254 or not address.isascii():
-        return "address: expected local-part@domain"
-    if any(c.isspace() or ord(c) < 32 for c in address) or domain.startswith("["):
-        return "address: expected local-part@domain without spaces or address literals"
-    return None
 
 
 def _login_failed() -> Problem:

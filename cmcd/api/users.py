@@ -1,34 +1,31 @@
 """Tenant admins manage their own users and API keys through the API (role admin only).
 
 Everything is scoped to the caller's tenant by construction: the tenant name comes from the
-credential, never from the request. Passwords are hashed (scrypt) off the event loop; a
-generated password or a new key's token is returned once. Every change is in the operation log.
+credential, never from the request. Each change is one tenancy command (its rules, its
+transaction, its operation-log row, ok or refused); this module only maps HTTP to it and its
+refusals back, some of them in fewer words than the operator's log gets (a taken login is "not
+available", never whose it is). A generated password or a new key's token is returned once.
+Never imports cmcd.api.server: the server passes itself as an ApiContext.
 """
 
 from __future__ import annotations
 
-import asyncio
-import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from cmcd import crypto
-from cmcd.api.problems import Problem, iso
-from cmcd.errors import NotFound, StoreError
+from cmcd.api.context import ApiContext, api_op
+from cmcd.api.problems import Problem, iso, problem
+from cmcd.tenancy.refusals import Reason, Refused
 
-if TYPE_CHECKING:
-    from cmcd.api.server import ApiServer
-
-ROLES = ("admin", "sender", "viewer")
-_LOGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}\Z")
+_ROLE_PROBLEM = "role: expected sender, viewer or admin"
 
 
 def _user_row(u: Any, enrolled: bool) -> dict[str, Any]:
     return {"login": u.login, "role": u.role, "enabled": u.enabled, "created": iso(u.created), "totp": enrolled}
 
 
-async def list_users(api: ApiServer, request: web.Request) -> web.Response:
+async def list_users(api: ApiContext, request: web.Request) -> web.Response:
     caller = await api.caller(request, "manage")
     users = await api.astore.call(api.store.users, caller.tenant)
     rows = []
@@ -38,51 +35,48 @@ async def list_users(api: ApiServer, request: web.Request) -> web.Response:
     return web.json_response({"data": rows})
 
 
-async def add_user(api: ApiServer, request: web.Request) -> web.Response:
+async def add_user(api: ApiContext, request: web.Request) -> web.Response:
     caller = await api.caller(request, "manage")
     body, _ = await api.read_json(request)
     if not isinstance(body, dict) or set(body) - {"login", "role", "password"}:
         raise Problem(422, "invalid", 'expected {"login": ..., "role": "sender|viewer|admin", "password": optional}')
     login, role, password = body.get("login"), body.get("role", "sender"), body.get("password")
-    if not isinstance(login, str) or not _LOGIN.match(login):
+    if not isinstance(login, str):
         raise Problem(422, "invalid", "login: letters, digits and . _ @ + - (up to 128)", extra={"field": "login"})
-    if role not in ROLES:
-        raise Problem(422, "invalid", "role: expected sender, viewer or admin", extra={"field": "role"})
-    if password is not None and (not isinstance(password, str) or len(password) < 12 or "\x00" in password):
+    if not isinstance(role, str):
+        raise Problem(422, "invalid", _ROLE_PROBLEM, extra={"field": "role"})
+    if password is not None and not isinstance(password, str):
         raise Problem(422, "invalid", "password: at least 12 characters (or leave it out to have one generated)",
                       extra={"field": "password"})  # fmt: skip
-    generated = password is None
-    secret = crypto.generate_password() if password is None else password
-    digest = await asyncio.get_running_loop().run_in_executor(None, crypto.hash_password, secret)
+    op = api_op(caller, "api.users.add", login, f"role={role}")
     try:
-        u = await api.astore.call(api.store.user_add, caller.tenant, login, role, digest)
-    except StoreError as exc:
-        await api.log_op(caller, "api.users.add", login, str(exc))
+        u, generated = await api.tenancy.accounts.user_add(op, caller.tenant, login, role, password)
+    except Refused as exc:
+        if exc.refusal.reason is Reason.INVALID:  # the login, role or password rule
+            raise problem(exc.refusal) from None
         # logins are unique across tenants: say only that this one is taken, not by whom
         raise Problem(
             409, "conflict", "that login is not available; choose another", extra={"field": "login"}
         ) from None
-    await api.service.directory.refresh(force=True)
-    await api.log_op(caller, "api.users.add", login, None, f"role={role}")
-    return web.json_response(_user_row(u, False) | ({"password": secret} if generated else {}), status=201)
+    return web.json_response(_user_row(u, False) | ({"password": generated} if generated is not None else {}),
+                             status=201)  # fmt: skip
 
 
-async def delete_user(api: ApiServer, request: web.Request) -> web.Response:
+async def delete_user(api: ApiContext, request: web.Request) -> web.Response:
     caller = await api.caller(request, "manage")
     login = request.match_info["login"]
     if login == caller.login:
         raise Problem(409, "conflict", "you cannot delete the user you are logged in as")
     try:
-        await api.astore.call(api.store.user_delete, caller.tenant, login)
-    except NotFound:
-        await api.log_op(caller, "api.users.delete", login, "not found")
-        raise Problem(404, "not-found", "no such user in your tenant") from None
-    await api.service.directory.refresh(force=True)
-    await api.log_op(caller, "api.users.delete", login, None)
+        await api.tenancy.accounts.user_delete(api_op(caller, "api.users.delete", login), caller.tenant, login)
+    except Refused as exc:
+        if exc.refusal.reason is Reason.NOT_FOUND:
+            raise Problem(404, "not-found", "no such user in your tenant") from None
+        raise problem(exc.refusal) from None
     return web.Response(status=204)
 
 
-async def list_keys(api: ApiServer, request: web.Request) -> web.Response:
+async def list_keys(api: ApiContext, request: web.Request) -> web.Response:
     caller = await api.caller(request, "manage")
     keys = await api.astore.call(api.store.apikeys, caller.tenant)
     rows = [
@@ -93,34 +87,36 @@ async def list_keys(api: ApiServer, request: web.Request) -> web.Response:
     return web.json_response({"data": rows})
 
 
-async def add_key(api: ApiServer, request: web.Request) -> web.Response:
+async def add_key(api: ApiContext, request: web.Request) -> web.Response:
     caller = await api.caller(request, "manage")
     body, _ = await api.read_json(request)
     if not isinstance(body, dict) or set(body) - {"login", "role"} or not isinstance(body.get("login"), str):
         raise Problem(422, "invalid", 'expected {"login": ..., "role": optional sender|viewer|admin}')
-    role = body.get("role")
-    if role is not None and role not in ROLES:
-        raise Problem(422, "invalid", "role: expected sender, viewer or admin", extra={"field": "role"})
+    login, role = body["login"], body.get("role")
+    if role is not None and not isinstance(role, str):
+        raise Problem(422, "invalid", _ROLE_PROBLEM, extra={"field": "role"})
+
+    def ok_row(made: tuple[dict[str, Any], str]) -> tuple[str, str]:
+        return f"{login} {made[0]['key_id']}", f"role={made[0]['role']}"
+
+    op = api_op(caller, "api.apikeys.add", login, ok_row=ok_row)
     try:
-        row, token = await api.astore.call(api.store.apikey_add, caller.tenant, body["login"], role)
-    except NotFound:
-        await api.log_op(caller, "api.apikeys.add", body["login"], "no such user")
-        raise Problem(404, "not-found", "no such user in your tenant", extra={"field": "login"}) from None
-    except StoreError as exc:
-        await api.log_op(caller, "api.apikeys.add", body["login"], str(exc))
-        raise Problem(422, "invalid", str(exc), extra={"field": "role"}) from None
-    await api.log_op(caller, "api.apikeys.add", f"{body['login']} {row['key_id']}", None, f"role={row['role']}")
+        row, token = await api.tenancy.accounts.apikey_add(op, caller.tenant, login, role)
+    except Refused as exc:
+        if exc.refusal.reason is Reason.NOT_FOUND:
+            raise Problem(404, "not-found", "no such user in your tenant", extra={"field": "login"}) from None
+        raise problem(exc.refusal, "role") from None  # a role the user may not hold a key of
     out = {"key_id": row["key_id"], "login": row["login"], "role": row["role"], "created": iso(row["created"])}
     return web.json_response(out | {"token": token}, status=201)
 
 
-async def revoke_key(api: ApiServer, request: web.Request) -> web.Response:
+async def revoke_key(api: ApiContext, request: web.Request) -> web.Response:
     caller = await api.caller(request, "manage")
     key_id = request.match_info["key_id"]
     try:
-        await api.astore.call(api.store.apikey_revoke, caller.tenant, key_id)
-    except NotFound:
-        await api.log_op(caller, "api.apikeys.revoke", key_id, "not found")
-        raise Problem(404, "not-found", "no active API key with that id in your tenant") from None
-    await api.log_op(caller, "api.apikeys.revoke", key_id, None)
+        await api.tenancy.accounts.apikey_revoke(api_op(caller, "api.apikeys.revoke", key_id), caller.tenant, key_id)
+    except Refused as exc:
+        if exc.refusal.reason is Reason.NOT_FOUND:
+            raise Problem(404, "not-found", "no active API key with that id in your tenant") from None
+        raise problem(exc.refusal) from None
     return web.Response(status=204)

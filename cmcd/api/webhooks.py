@@ -10,11 +10,11 @@ doubling to RETRY_MAX_S, +-10 % jitter) until the endpoint has failed for api.we
 when the batch is dropped (counted, logged, and put on the operation log). State is written to
 the store after every attempt, so a restart resumes where it was: delivery is at-least-once.
 
-SSRF guard (check_url, at add and before every send): http or https, no userinfo, the host's
-every address (through the daemon's resolver on dns.nameservers, never the system's) must be
-public unless api.webhook_allow_private; the request then connects only to the addresses checked
-(PinnedResolver), so a DNS answer that changes in between cannot send it elsewhere. Settings:
-api.webhook_allow_private, api.webhook_timeout, api.webhook_retry_for.
+Before every request the URL goes through the SSRF guard again (cmcd.tenancy.webhook_urls.check_url,
+the one that also ran when the endpoint was added; through the daemon's resolver on dns.nameservers,
+never the system's), and the request then connects only to the addresses checked (PinnedResolver),
+so a DNS answer that changes in between cannot send it elsewhere. Settings: api.webhook_allow_private,
+api.webhook_timeout, api.webhook_retry_for.
 """
 
 from __future__ import annotations
@@ -28,27 +28,22 @@ import ipaddress
 import json
 import logging
 import random
-import secrets
 import socket
 import time
-import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import dns.asyncresolver
-import dns.exception
-import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from cmcd.config import Config
-from cmcd.errors import CmcdError
 from cmcd.queue.audit import AuditLog
 from cmcd.redact import redact_url, redact_urls
 from cmcd.store import AsyncStore
 from cmcd.store.store import OpRecord
 from cmcd.store.webhook_store import Webhook
+from cmcd.tenancy.webhook_urls import Target, WebhookUrlError, check_url
 
 log = logging.getLogger("cmcd.webhooks")
 
@@ -61,50 +56,8 @@ JITTER = 0.10
 IDLE_PERSIST_S = 30.0
 USER_AGENT = "cmcd-webhook/1"
 
-AnyAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
-
-class WebhookUrlError(CmcdError):
-    """A webhook URL that may not be used: malformed, or its host is refused by the SSRF guard."""
-
-
-# -- pure parts: the address classifier, the signature, the retry schedule --------------------------
-
-
-def _plain_reason(ip: AnyAddress) -> str | None:
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
-    if ip.is_private:
-        return "private"
-    if ip.is_reserved:
-        return "reserved"
-    if not ip.is_global:
-        return "non-public"
-    return None
-
-
-def refused_reason(address: str | AnyAddress) -> str | None:
-    """Why a webhook may not connect to ADDRESS ("loopback", "private", ...), or None when it is
-    public. IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4, Teredo) are judged by it."""
-    ip = ipaddress.ip_address(address) if isinstance(address, str) else address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return _plain_reason(ip.ipv4_mapped)
-        if ip in _NAT64:
-            return _plain_reason(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is not None:
-            inner = _plain_reason(embedded)
-            if inner is not None:
-                return inner
-    return _plain_reason(ip)
+# -- pure parts: the signature, the retry schedule ---------------------------------------------------
 
 
 def signature(secret: bytes, body: bytes, t: int) -> str:
@@ -118,75 +71,6 @@ def backoff_s(attempts: int, u: float = 0.5) -> float:
     scaled by 0.9 + 0.2*U (U uniform in [0, 1): +-10 % jitter, none at U = 0.5)."""
     base = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** max(0, min(attempts - 1, 30)))
     return base * (1 - JITTER + 2 * JITTER * u)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A URL that passed the guard: the host to send as (Host, SNI) and the addresses to connect to."""
-
-    url: str
-    host: str
-    port: int
-    addresses: tuple[str, ...]
-
-
-def split_url(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of a webhook URL, or WebhookUrlError saying what is wrong."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise WebhookUrlError(f"{url!r} is not a valid URL ({exc})") from None
-    if parts.scheme not in ("http", "https"):
-        raise WebhookUrlError(f"{url!r}: a webhook URL must start with https:// or http://")
-    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise WebhookUrlError(f"{url!r}: a webhook URL must not carry a user name or password")
-    host = (parts.hostname or "").rstrip(".")
-    if not host:
-        raise WebhookUrlError(f"{url!r}: a webhook URL needs a host name or IP address")
-    if any(c.isspace() for c in url):
-        raise WebhookUrlError(f"{url!r}: a webhook URL must not contain white space")
-    if not host.isascii():  # one spelling for the check and the request: the name as DNS carries it
-        raise WebhookUrlError(f"{url!r}: write an internationalised host name in its ASCII form (xn--...)")
-    return parts.scheme, host.lower(), port or (443 if parts.scheme == "https" else 80)
-
-
-async def _addresses(host: str, resolver: dns.asyncresolver.Resolver) -> list[str]:
-    out: list[str] = []
-    failed = ""
-    for rdtype in ("A", "AAAA"):
-        try:
-            answer = await resolver.resolve(host, rdtype, raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            raise WebhookUrlError(f"host {host} does not exist (NXDOMAIN)") from None
-        except dns.exception.DNSException as exc:
-            failed = type(exc).__name__
-            continue
-        out += [r.to_text() for r in answer.rrset or ()]
-    if not out:
-        why = f"the DNS lookup failed ({failed})" if failed else "it has no A or AAAA record"
-        raise WebhookUrlError(f"host {host} has no address: {why}")
-    return out
-
-
-async def check_url(url: str, resolver: dns.asyncresolver.Resolver, allow_private: bool) -> Target:
-    """URL's target if it may be used, else WebhookUrlError naming the reason. An IP literal is
-    taken as it is; a name is resolved (A and AAAA) and refused if ANY address is not public."""
-    _, host, port = split_url(url)
-    try:
-        literal: AnyAddress | None = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        literal = None
-    addresses = [str(literal)] if literal is not None else await _addresses(host.lower(), resolver)
-    if not allow_private:
-        for address in addresses:
-            reason = refused_reason(address)
-            if reason is not None:
-                said = f"{address} is" if literal is not None else f"{host} resolves to {address},"
-                raise WebhookUrlError(
-                    f"{url}: {said} a {reason} address; set api.webhook_allow_private to allow"
-                )  # fmt: skip
-    return Target(url, host.strip("[]"), port, tuple(addresses))
 
 
 class PinnedResolver(AbstractResolver):
@@ -423,11 +307,3 @@ class WebhookDispatcher:
             return f"no response within {timeout:g}s (api.webhook_timeout)"
         except (aiohttp.ClientError, OSError) as exc:
             return _short(f"{type(exc).__name__}: {exc}")
-
-
-SECRET_PREFIX = "whsec_"
-
-
-def new_secret() -> str:
-    """A webhook signing secret (256 bits), shown to its owner once."""
-    return SECRET_PREFIX + secrets.token_hex(32)

@@ -24,20 +24,24 @@ XFER_PROGRESS_BYTES = 64 * 1024
 class SmtpError(Exception):
     """The connection is unusable: closed, timed out, garbled, or a TLS handshake failed.
 
-    .enhanced is the RFC 3463 code the recipients' deferral is logged with.
+    .enhanced is the RFC 3463 code the recipients' deferral is logged with. Each kind below is
+    also the built-in exception it stands for (as aiosmtplib's SMTPTimeoutError is a TimeoutError):
+    SmtpTimeout a TimeoutError, SmtpDisconnected and SmtpConnectError a ConnectionError.
     """
+
+    default_enhanced = "4.4.2"
 
     def __init__(
         self,
         message: str,
-        enhanced: str = "4.4.2",
+        enhanced: str = "",
         *,
         stale: bool = False,
         after_data: bool = False,
         reply: Reply | None = None,
     ):
         super().__init__(message)
-        self.enhanced = enhanced
+        self.enhanced = enhanced or self.default_enhanced
         #: the server's own words when it ended the session with a reply (a 421 before it closed)
         self.reply = reply
         #: the body and its final dot were sent; a retry may deliver the message twice
@@ -45,6 +49,41 @@ class SmtpError(Exception):
         #: the connection failed before this transaction began (a reused connection the server had
         #: already dropped): nothing was sent for the message, so it can go on another connection
         self.stale = stale
+
+    def again(self, message: str, *, stale: bool = False, after_data: bool = False) -> SmtpError:
+        """The same kind of error, said again with what the caller knows (stale, after DATA). MESSAGE
+        is all that is said then: a reply in it is no longer read as the server's last word."""
+        return type(self)(message, self.enhanced, stale=stale, after_data=after_data)
+
+
+class SmtpProtocolError(SmtpError):
+    """The server broke the protocol: a garbled or overlong reply, a refused RSET."""
+
+
+class SmtpDisconnected(SmtpError, ConnectionError):
+    """The server closed the connection (after a 421 or without a word) or it was lost."""
+
+
+class SmtpTimeout(SmtpError, TimeoutError):
+    """No reply in time, or a body transfer that stopped moving."""
+
+
+class SmtpConnectError(SmtpError, ConnectionError):
+    """The TCP connection could not be made."""
+
+    default_enhanced = "4.4.1"
+
+
+class SmtpConnectTimeout(SmtpConnectError, SmtpTimeout):
+    """The TCP connection was not made within connect_timeout."""
+
+    default_enhanced = "4.4.1"
+
+
+class SmtpTlsError(SmtpError):
+    """STARTTLS failed, was tampered with, or is required and not offered."""
+
+    default_enhanced = "4.7.5"
 
 
 @dataclass(frozen=True)
@@ -76,6 +115,15 @@ def dot_stuff(body: bytes) -> bytes:
     return body + b".\r\n"
 
 
+def client_tls_context() -> ssl.SSLContext:
+    """Opportunistic TLS as MTAs do it (Postfix's "may"): encrypt, TLS 1.2 or later, no certificate check."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -99,17 +147,17 @@ class _Protocol(asyncio.Protocol):
             end = self.buffer.find(b"\n")
             if end < 0:
                 if len(self.buffer) > MAX_LINE:
-                    self._fail(SmtpError("reply line too long"))
+                    self._fail(SmtpProtocolError("reply line too long"))
                 return
             line = bytes(self.buffer[:end]).rstrip(b"\r")
             del self.buffer[: end + 1]
             if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-                self._fail(SmtpError(f"garbled reply {line[:80]!r}"))
+                self._fail(SmtpProtocolError(f"garbled reply {line[:80]!r}"))
                 return
             self.lines.append((int(line[:3]), line[4:].decode("utf-8", "replace")))
             if line[3:4] == b"-":
                 if len(self.lines) > MAX_REPLY_LINES:
-                    self._fail(SmtpError("reply has too many lines"))
+                    self._fail(SmtpProtocolError("reply has too many lines"))
                     return
                 continue
             code = self.lines[-1][0]
@@ -143,9 +191,9 @@ class _Protocol(asyncio.Protocol):
         """The error for a close: the server's 421 when it said one first (its words, not ours)."""
         said = self.closing_reply
         if said is None:
-            return SmtpError(what)
+            return SmtpDisconnected(what)
         enhanced = policy_enhanced(said) or "4.4.2"
-        return SmtpError(f"{said} (then the server closed the connection)", enhanced, reply=said)
+        return SmtpDisconnected(f"{said} (then the server closed the connection)", enhanced, reply=said)
 
     def _fail(self, error: SmtpError) -> None:
         if self.error is None:
@@ -198,9 +246,9 @@ class SmtpClient:
         try:
             await asyncio.wait_for(loop.create_connection(lambda: proto, address, port), connect_timeout)
         except TimeoutError:
-            raise SmtpError(f"connect to {host}[{address}]:{port} timed out", "4.4.1") from None
+            raise SmtpConnectTimeout(f"connect to {host}[{address}]:{port} timed out") from None
         except OSError as exc:
-            raise SmtpError(f"connect to {host}[{address}]:{port}: {exc.strerror or exc}", "4.4.1") from None
+            raise SmtpConnectError(f"connect to {host}[{address}]:{port}: {exc.strerror or exc}") from None
         return cls(proto, host, address, command_timeout, data_timeout, data_xfer_timeout)
 
     @property
@@ -213,7 +261,7 @@ class SmtpClient:
         p = self._p
         if p.closing_reply is not None:
             return p._closed_error("")
-        return p.error or SmtpError("connection closed by the server")
+        return p.error or SmtpDisconnected("connection closed by the server")
 
     def abort(self) -> None:
         if self._p.transport is not None:
@@ -224,7 +272,7 @@ class SmtpClient:
         if not p.replies and p.error is None:
             p.waiter = p.loop.create_future()
             timer = p.loop.call_later(
-                timeout or self.command_timeout, p._fail, SmtpError("timed out waiting for a reply", "4.4.2")
+                timeout or self.command_timeout, p._fail, SmtpTimeout("timed out waiting for a reply")
             )
             try:
                 await p.waiter
@@ -264,7 +312,9 @@ class SmtpClient:
         p = self._p
         now = p.transport.get_write_buffer_size() if p.transport is not None else 0
         if before - now < min(min_progress, before):
-            p._fail(SmtpError(f"timed out sending the message: the server took {before - now} bytes in {timeout:g} s"))
+            p._fail(
+                SmtpTimeout(f"timed out sending the message: the server took {before - now} bytes in {timeout:g} s")
+            )
         if not drained.done():
             drained.set_result(None)  # drain() looks again: stalled (error set) or a new window
 
@@ -291,7 +341,7 @@ class SmtpClient:
             elif tls == "required":
                 return reply
         if tls == "required" and not self.tls_version:
-            raise SmtpError(f"{self.host} offers no STARTTLS and TLS is required", "4.7.5")
+            raise SmtpTlsError(f"{self.host} offers no STARTTLS and TLS is required")
         return None
 
     async def _ehlo(self, helo_name: str) -> Reply:
@@ -313,16 +363,16 @@ class SmtpClient:
         if p.replies or p.buffer or p.lines:
             # bytes after "220 ready for TLS" in plain text: a server (or something in the path)
             # trying to have us read them as if they came over TLS
-            raise SmtpError("server sent data after its STARTTLS reply; refusing to continue", "4.7.5")
+            raise SmtpTlsError("server sent data after its STARTTLS reply; refusing to continue")
         assert p.transport is not None
         try:
             transport = await asyncio.wait_for(
                 p.loop.start_tls(p.transport, p, context, server_hostname=self.host), self.command_timeout
             )
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-            raise SmtpError(f"TLS handshake with {self.host} failed: {exc}", "4.7.5") from None
+        except OSError as exc:  # ssl.SSLError, TimeoutError and ConnectionError among them
+            raise SmtpTlsError(f"TLS handshake with {self.host} failed: {exc}") from None
         if transport is None:
-            raise SmtpError(f"TLS handshake with {self.host} failed", "4.7.5")
+            raise SmtpTlsError(f"TLS handshake with {self.host} failed")
         p.transport = transport  # type: ignore[assignment]
         ssl_obj = transport.get_extra_info("ssl_object")
         self.tls_version = ssl_obj.version() if ssl_obj is not None else "TLS"
@@ -382,17 +432,15 @@ class SmtpClient:
             return None, rcpt_replies, await self.reply(self.data_timeout)
         except SmtpError as exc:
             # the whole message went out: the server may have queued it before the connection failed
-            raise SmtpError(
-                f"{exc} after the message was sent (possible duplicate)", exc.enhanced, after_data=True
-            ) from None
+            raise exc.again(f"{exc} after the message was sent (possible duplicate)", after_data=True) from None
 
     async def _reset(self, reply: Awaitable[Reply]) -> None:
         try:
             rset = await reply
         except SmtpError as exc:
-            raise SmtpError(str(exc), exc.enhanced, stale=True) from None
+            raise exc.again(str(exc), stale=True) from None
         if rset.code != 250:
-            raise SmtpError(f"RSET refused: {rset}", stale=True)
+            raise SmtpProtocolError(f"RSET refused: {rset}", stale=True)
 
     async def quit(self) -> None:
         if self.closed:

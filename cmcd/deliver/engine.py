@@ -1,11 +1,12 @@
-"""The delivery engine: per-site ready queues, connection pools with Postfix-style feedback, outcomes.
+"""The delivery engine: connections and sessions for the per-site ready queues, and outcomes.
 
 Jobs (one message, one domain) arrive from the scheduler. Each is routed to the site its
-domain's mail goes to; each site has its own queue, its own connection limit and window
-(start at initial_concurrency, +1 per delivered transaction, -1 per failed session; at zero
-the site is dead for dead_site_backoff and its mail is deferred without connecting) and its
-own optional message rate. Nothing a site does waits on another site: a black-holed
-destination ties up only its own connections.
+domain's mail goes to; each site has its own ready queue (deliver/ready.py: the pure policy of
+its connection limit and window, starting at initial_concurrency, +1 per delivered transaction,
+-1 per failed session, at zero dead for dead_site_backoff with its mail deferred without
+connecting; and its optional message rate). The engine does the I/O the ready queue asks for.
+Nothing a site does waits on another site: a black-holed destination ties up only its own
+connections.
 
 A failed session is any end before a transaction completed: a refused or garbled greeting,
 EHLO or STARTTLS, a close or a 421 right after EHLO, a timeout. Each one defers the job it
@@ -27,12 +28,9 @@ work and the fsync of the outcome's own commit (commit_window_ms, in `cmcctl sta
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import random
-import sqlite3
-import ssl
 import threading
 import time
 from collections import deque
@@ -41,62 +39,32 @@ from dataclasses import dataclass, field
 
 from cmcd import policy
 from cmcd.config import Config, parse_rate
-from cmcd.deliver.client import SmtpClient, SmtpError
+from cmcd.deliver.client import SmtpClient, SmtpError, client_tls_context
+from cmcd.deliver.ready import ReadyQueue
 from cmcd.deliver.routing import Route, Router
+from cmcd.deliver.session import failure_outcome, open_session
 from cmcd.policy import Outcome
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import Spool
-from cmcd.queue.work import ApplyReport, Due, Job, Result, apply_results, checkpoint, read_body
+from cmcd.queue.work import Due, Job, Result
+from cmcd.records import RESULT_STATES, RecipientState
 from cmcd.stats import DELIVERY_BUCKETS_S, Histogram
-from cmcd.tenancy.suppressions import Suppressions
 from cmcd.submit.headers import count_received
+from cmcd.tenancy.suppressions import Suppressions
 
 log = logging.getLogger("cmcd.deliver")
 
 CHECKPOINT_INTERVAL_S = 1.0
 
 
-def client_tls_context() -> ssl.SSLContext:
-    """Opportunistic TLS as MTAs do it (Postfix's "may"): encrypt, TLS 1.2 or later, no certificate check."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
 @dataclass
-class Site:
-    key: str
-    route: Route
-    limit: int
-    window: float
-    rate: tuple[float, float]  # (messages, per seconds); (0, 0) = unlimited
-    queue: deque[Job] = field(default_factory=deque)
-    #: queue id -> its job waiting in the queue, so the message's recipients at other domains that
-    #: go to this same site join it (one transaction per message and next hop, as Postfix does)
-    open_jobs: dict[str, Job] = field(default_factory=dict)
+class Site(ReadyQueue):
+    """A ready queue and what the engine does for it: connections waiting idle for a job, a
+    throttled pump's timer."""
+
     idle: deque[asyncio.Future[bool]] = field(default_factory=deque)
-    active: int = 0
-    starting: int = 0  # connections not yet ready to take a job
-    dead_until: float = 0.0  # time.monotonic()
-    last_failure: Outcome | None = None
-    tokens: float = 0.0
-    token_time: float = 0.0
-    delivered: int = 0
-    connect_tokens: float = 0.0  # the connect_rate_limit bucket
-    connect_time: float = 0.0
     pump_timer: asyncio.TimerHandle | None = None  # a throttled pump, due when a token is there
     throttle_logged: float = -math.inf
-
-    def room(self) -> int:
-        return min(self.limit, max(1, int(self.window))) - self.active
-
-    def pop(self) -> Job:
-        job = self.queue.popleft()
-        if self.open_jobs.get(job.queue_id) is job:
-            del self.open_jobs[job.queue_id]
-        return job
 
 
 class DeliveryEngine:
@@ -142,7 +110,7 @@ class DeliveryEngine:
         self._erased = False
         self._checkpointer: asyncio.Task[None] | None = None
         self._closing = False
-        self.counts = {"delivered": 0, "deferred": 0, "bounced": 0, "expired": 0, "suppressed": 0}
+        self.counts: dict[str, int] = dict.fromkeys(RESULT_STATES, 0)
         self.possible_duplicates = 0  # recipients deferred after their message was fully sent
         self.connect_throttled = 0  # times a site's new connections waited for connect_rate_limit
         #: failed sessions by the stage they ended in: connect, hello (greeting/EHLO/STARTTLS),
@@ -194,14 +162,13 @@ class DeliveryEngine:
         """An operator's retry: the domain's site (if known and dead) may connect again at once."""
         cached = self.router.cached(domain)
         site = self.sites.get(cached.site) if isinstance(cached, Route) else None
-        if site is not None and site.dead_until:
-            site.dead_until = 0.0
-            site.window = 1.0
+        if site is not None:
+            site.revive()
         self.router.forget(domain)
 
     def dead_sites(self) -> int:
         now = self.mono()
-        return sum(1 for s in self.sites.values() if s.dead_until > now)
+        return sum(1 for s in self.sites.values() if s.dead(now))
 
     def commit_window_ms(self) -> dict[str, float]:
         """Remote reply to outcome committed, over the last results: p50, p99, max (milliseconds)."""
@@ -228,7 +195,11 @@ class DeliveryEngine:
             suppressed = [d for d in job.recipients if self.suppressions.contains(job.tenant_id, d.address)]
             if suppressed:
                 for due in suppressed:
-                    self._result(Result(job, due, "suppressed", "5.7.1 recipient is on the tenant's suppression list"))
+                    self._result(
+                        Result(
+                            job, due, RecipientState.SUPPRESSED, "5.7.1 recipient is on the tenant's suppression list"
+                        )
+                    )
                 job.recipients = [d for d in job.recipients if d not in suppressed]
                 if not job.recipients:
                     return
@@ -263,30 +234,22 @@ class DeliveryEngine:
             limit = pol.connection_limit or self.d.connection_limit
             rate = parse_rate(pol.rate) if pol.rate else (0.0, 0.0)
             if site is None:
-                site = Site(route.site, route, limit, float(min(limit, self.d.initial_concurrency)), rate)
-                site.tokens = rate[0]
-                site.connect_tokens = max(1.0, self.d.connect_rate_limit)
-                site.connect_time = self.mono()
-                self.sites[route.site] = site
+                site = self.sites[route.site] = Site.new(
+                    route.site, route, limit=limit, initial_concurrency=self.d.initial_concurrency,
+                    message_rate=rate, connect_rate_per_s=self.d.connect_rate_limit, now=self.mono(),
+                )  # fmt: skip
             else:
                 site.route = route  # the MX addresses changed (TTL expired): new connections use them
         return site
 
     def _enqueue(self, site: Site, job: Job) -> None:
-        now = self.mono()
-        if site.dead_until:
-            if now < site.dead_until:
-                self._finish(job, site.last_failure or policy.network_fault("destination is not responding"), None)
-                return
-            site.dead_until = 0.0
-            site.window = 1.0  # back from the dead: one probing connection first
-        if not self.d.domains.get(job.domain):  # domains with a policy of their own keep their own transactions
-            queued = site.open_jobs.get(job.queue_id)
-            if queued is not None and len(queued.recipients) + len(job.recipients) <= self.d.recipients_per_transaction:
-                queued.recipients.extend(job.recipients)
-                return
-            site.open_jobs[job.queue_id] = job
-        site.queue.append(job)
+        if not site.admit(self.mono()):
+            self._finish(job, site.last_failure or policy.network_fault("destination is not responding"), None)
+            return
+        # domains with a policy of their own keep their own transactions
+        join = not self.d.domains.get(job.domain)
+        if not site.push(job, join=join, max_recipients=self.d.recipients_per_transaction):
+            return  # joined the message's job already waiting
         while site.idle:
             waiter = site.idle.popleft()
             if not waiter.done():
@@ -295,34 +258,20 @@ class DeliveryEngine:
         self._pump(site)
 
     def _pump(self, site: Site) -> None:
-        while len(site.queue) > site.starting and site.room() > 0 and not self._closing:
+        while site.wants_connection() and not self._closing:
             if self.connections >= self.d.max_connections:
                 if site not in self._starved:
                     self._starved.append(site)
                 return
             if site.pump_timer is not None:
                 return  # throttled: the timer pumps again
-            wait = self._connect_wait(site)
+            wait = site.connect_wait(self.mono(), self.d.connect_rate_limit)
             if wait > 0:
                 self._throttle(site, wait)
                 return
-            site.active += 1
-            site.starting += 1
+            site.opening()
             self.connections += 1
             self._spawn(self._connection(site))
-
-    def _connect_wait(self, site: Site) -> float:
-        """Seconds until the site may open another connection (0: now, and the token is taken)."""
-        rate = self.d.connect_rate_limit
-        if rate <= 0:
-            return 0.0
-        now = self.mono()
-        site.connect_tokens = min(max(1.0, rate), site.connect_tokens + (now - site.connect_time) * rate)
-        site.connect_time = now
-        if site.connect_tokens >= 1.0:
-            site.connect_tokens -= 1.0
-            return 0.0
-        return (1.0 - site.connect_tokens) / rate
 
     def _throttle(self, site: Site, wait: float) -> None:
         self.connect_throttled += 1
@@ -347,7 +296,7 @@ class DeliveryEngine:
             try:
                 client = await self._open(site)
             finally:
-                site.starting -= 1
+                site.opened(client is not None)
             if client is None:
                 return
             sent = 0
@@ -373,7 +322,7 @@ class DeliveryEngine:
                 except asyncio.CancelledError:
                     client.abort()
                     raise
-            site.active -= 1
+            site.closed()
             self.connections -= 1
             if not self._closing:
                 self._pump(site)
@@ -381,65 +330,33 @@ class DeliveryEngine:
                     self._pump(self._starved.popleft())
 
     async def _open(self, site: Site) -> SmtpClient | None:
-        """Connect to the site's hosts in order until one greets us and finishes EHLO (and STARTTLS).
-
-        None after every address failed: the site's window shrinks, and at zero the site is dead.
-        """
-        d = self.d
-        failure: Outcome | None = None
-        tls_mode = d.domain_tls(site.queue[0].domain) if site.queue else d.tls
-        for host, address in site.route.attempt_order():
-            for attempt_tls in (tls_mode, "disabled") if tls_mode == "opportunistic+plain" else (tls_mode,):
-                try:
-                    client = await SmtpClient.connect(
-                        host.name, address, host.port, connect_timeout=d.connect_timeout,
-                        command_timeout=d.command_timeout, data_timeout=d.data_timeout,
-                        data_xfer_timeout=d.data_xfer_timeout,
-                    )  # fmt: skip
-                except SmtpError as exc:
-                    self.session_failures["connect"] += 1
-                    failure = policy.network_fault(str(exc), exc.enhanced)
-                    break  # this address is unreachable; next address
-                try:
-                    refused = await client.hello(self.config.server.hostname, attempt_tls, self.tls_context)
-                except SmtpError as exc:
-                    client.abort()
-                    self.session_failures["hello"] += 1
-                    failure = _failure_outcome(f"{host.name}[{address}]", exc, "during the greeting or EHLO")
-                    if exc.enhanced == "4.7.5" and attempt_tls == "opportunistic+plain":
-                        continue  # the policy allows plain text after a failed handshake
-                    break
-                if refused is not None:
-                    await client.quit()
-                    self.session_failures["hello"] += 1
-                    failure = policy.classify(refused.code, f"{refused.text} (from {host.name}[{address}])")
-                    break  # a host that will not talk to us: try the next one (as Postfix does)
-                site.window = min(float(site.limit), site.window)
-                return client
-        self._connect_failed(site, failure or policy.network_fault("no address to connect to"))
+        """A session with one of the site's hosts, ready for MAIL; None after every address failed
+        (the site's window shrinks, and at zero the site is dead)."""
+        tls_mode = self.d.domain_tls(site.queue[0].domain) if site.queue else self.d.tls
+        opened = await open_session(
+            site.route, tls_mode, self.d, self.config.server.hostname, self.tls_context, self.session_failures
+        )
+        if isinstance(opened, SmtpClient):
+            return opened
+        self._connect_failed(site, opened)
         return None
 
     def _connect_failed(self, site: Site, failure: Outcome, *, job_done: bool = False) -> None:
         """A failed session: the window shrinks (at zero the site is dead). Unless the session's own
         job was already finished (JOB_DONE), the job it was opened for is deferred now."""
-        site.last_failure = failure
-        site.window -= 1
+        dead_until = site.failed(failure, self.mono(), self.d.dead_site_backoff)
         if site.queue and not job_done:  # the job this connection was for is deferred now, not after every retry
             self._finish(site.pop(), failure, None)
         log.info("event=connect_failed site=%s window=%g reason=%r", site.key, site.window, failure.text)
-        if site.window <= 0 and site.active <= 1:
-            site.dead_until = self.mono() + self.d.dead_site_backoff
-            log.warning("event=site_dead site=%s until=%.0f reason=%r", site.key, site.dead_until, failure.text)
-            if self.d.dead_site_backoff <= 0:
-                site.dead_until = 0.0
-                site.window = 1.0
+        if dead_until is not None:
+            log.warning("event=site_dead site=%s until=%.0f reason=%r", site.key, dead_until, failure.text)
             while site.queue:
                 self._finish(site.pop(), failure, None)
 
     def _session_failed(self, site: Site, client: SmtpClient) -> None:
         self.session_failures["ready"] += 1
         where = f"{client.host}[{client.address}]"
-        self._connect_failed(site, _failure_outcome(where, client.failure(), "after EHLO, before MAIL"))
+        self._connect_failed(site, failure_outcome(where, client.failure(), "after EHLO, before MAIL"))
 
     async def _next_job(self, site: Site, client: SmtpClient) -> Job | None:
         while True:
@@ -462,26 +379,15 @@ class DeliveryEngine:
                     site.idle.remove(waiter)
 
     async def _rate_wait(self, site: Site) -> None:
-        count, per = site.rate
-        if count <= 0:
-            return
-        rate = count / per
-        while True:
-            now = time.monotonic()
-            if site.token_time:
-                site.tokens = min(max(1.0, count), site.tokens + (now - site.token_time) * rate)
-            site.token_time = now
-            if site.tokens >= 1.0:
-                site.tokens -= 1.0
-                return
-            await asyncio.sleep((1.0 - site.tokens) / rate)
+        while (wait := site.message_wait(self.mono())) > 0:
+            await asyncio.sleep(wait)
 
     async def _send(self, site: Site, client: SmtpClient, job: Job) -> None:
         body = job.body
         where = (client.host, client.address, client.tls_version)
         try:
             if body is None:
-                body = await self.spool.read(functools.partial(read_body, keys=self.spool.keys, queue_id=job.queue_id))
+                body = await self.spool.read_body(job.queue_id)
                 if body is None:  # deleted by an operator while it waited
                     self.release(len(job.recipients))
                     return
@@ -502,7 +408,7 @@ class DeliveryEngine:
                 site.queue.appendleft(job)  # nothing was sent: another connection takes it
                 return
             self.session_failures["transaction"] += 1
-            failure = _failure_outcome(f"{client.host}[{client.address}]", exc, "during the transaction")
+            failure = failure_outcome(f"{client.host}[{client.address}]", exc, "during the transaction")
             self._finish(job, failure, where)
             self._connect_failed(site, failure, job_done=True)
             return
@@ -527,9 +433,7 @@ class DeliveryEngine:
                 outcome = policy.classify(reply.code, reply.text)
             self._result_for(job, due, outcome, where)
         if delivered:
-            site.delivered += 1
-            if site.window < site.limit:
-                site.window += 1
+            site.succeeded()
         elif client.closed and job.recipients:  # a 421 or a close mid-transaction, nothing delivered
             self.session_failures["transaction"] += 1
             self._connect_failed(site, outcome, job_done=True)
@@ -544,21 +448,23 @@ class DeliveryEngine:
         now = self.clock()
         mx, ip, tls = where or ("", "", "")
         if outcome.verdict == policy.DELIVERED:
-            self._result(Result(job, due, "delivered", outcome.text, mx=mx, ip=ip, tls=tls))
+            self._result(Result(job, due, RecipientState.DELIVERED, outcome.text, mx=mx, ip=ip, tls=tls))
         elif outcome.verdict == policy.BOUNCED:
             suppress = outcome.hard and bool(job.sender)
             if suppress:
                 self.suppressions.add(job.tenant_id, due.address)
-            self._result(Result(job, due, "bounced", outcome.text, mx=mx, ip=ip, tls=tls, suppress=suppress))
+            self._result(
+                Result(job, due, RecipientState.BOUNCED, outcome.text, mx=mx, ip=ip, tls=tls, suppress=suppress)
+            )
         elif policy.expired(job.received, now, self.d.max_lifetime):
-            self._result(Result(job, due, "expired", outcome.text, mx=mx, ip=ip, tls=tls))
+            self._result(Result(job, due, RecipientState.EXPIRED, outcome.text, mx=mx, ip=ip, tls=tls))
         else:
             delay = policy.retry_delay(due.attempts + 1, self.d.retry_schedule, self.d.retry_jitter, random.random())
-            self._result(Result(job, due, "deferred", outcome.text, now + delay, mx=mx, ip=ip, tls=tls))
+            self._result(Result(job, due, RecipientState.DEFERRED, outcome.text, now + delay, mx=mx, ip=ip, tls=tls))
 
     def _result(self, result: Result) -> None:
         self.counts[result.state] = self.counts.get(result.state, 0) + 1
-        if result.state != "deferred":
+        if result.state != RecipientState.DEFERRED:
             self.delivery_seconds.observe(self.clock() - result.job.received)
         with self._results_lock:
             self._results.append(result)
@@ -579,9 +485,26 @@ class DeliveryEngine:
         task.add_done_callback(self._writes.discard)
 
     async def _write(self, dsn_off: frozenset[int]) -> None:
+        taken: list[tuple[list[Result], list[float]]] = []
+
+        def take() -> list[Result]:
+            """On the writer thread: every result known by now goes in this write (with its stamp)."""
+            with self._results_lock:
+                batch, stamps = self._results, self._stamps
+                self._results, self._stamps = [], []
+                self._write_waiting = False  # from here on a new result needs a write of its own
+            taken.append((batch, stamps))
+            return batch
+
         try:
-            batch, stamps, report, done = await self.spool.call(functools.partial(self._write_now, dsn_off=dsn_off))
+            report = await self.spool.apply_results(
+                take, clock=self.clock, hostname=self.config.server.hostname, ids=self.ids, dsn_off=dsn_off,
+                mono=self.mono,
+            )  # fmt: skip
         except Exception as exc:
+            with self._results_lock:  # rolled back: they go first in the next write
+                for batch, stamps in taken:
+                    self._results[:0], self._stamps[:0] = batch, stamps
             log.error("event=results_write_failed error=%r", str(exc))  # the results wait for the retry
             if self._closing:
                 return  # close() makes the last try
@@ -590,35 +513,13 @@ class DeliveryEngine:
             self._write_paused = False
             self._start_write()
             return
-        if not batch:
+        if not report.results:
             return
-        self.commit_windows.extend(done - t for t in stamps)
-        self.release(len(batch))
+        self.commit_windows.extend(report.committed_at - t for t in taken[0][1])
+        self.release(len(report.results))
         self.wake()  # a deferral may now be the earliest due time, and a bounce is new work
         if report.finished:
             self._erased = True
-
-    def _write_now(
-        self, conn: sqlite3.Connection, *, dsn_off: frozenset[int]
-    ) -> tuple[list[Result], list[float], ApplyReport | None, float]:
-        """On the writer thread: every result known by now, in one transaction; returns them, their
-        stamps, the report and the time the commit returned (the outcome is durable from then)."""
-        with self._results_lock:
-            batch, stamps = self._results, self._stamps
-            self._results, self._stamps = [], []
-            self._write_waiting = False  # from here on a new result needs a write of its own
-        if not batch:
-            return batch, stamps, None, 0.0
-        try:
-            report = apply_results(
-                conn, self.spool.keys, batch, now=self.clock(), hostname=self.config.server.hostname,
-                ids=self.ids, dsn_off=dsn_off,
-            )  # fmt: skip
-        except BaseException:
-            with self._results_lock:  # rolled back: they go first in the next write
-                self._results[:0], self._stamps[:0] = batch, stamps
-            raise
-        return batch, stamps, report, self.mono()
 
     async def _checkpoint_loop(self) -> None:
         """Bodies are deleted with secure_delete; a checkpoint then moves the zeroed pages out of the WAL."""
@@ -627,17 +528,9 @@ class DeliveryEngine:
             if self._erased:
                 self._erased = False
                 try:
-                    await self.spool.call(checkpoint)
+                    await self.spool.checkpoint()
                 except Exception:
                     log.exception("event=checkpoint_failed")
-
-
-def _failure_outcome(where: str, exc: SmtpError, stage: str) -> Outcome:
-    """A session that ended early, in the destination's words when it said any (a 421 before the
-    close is classified like any reply; a timeout or garbled line is a network fault)."""
-    if exc.reply is not None:  # the reply first, so that its enhanced code is read (RFC 3463)
-        return policy.classify(exc.reply.code, f"{exc.reply.text} (from {where} {stage})")
-    return policy.network_fault(f"{where}: {exc} ({stage})", exc.enhanced)
 
 
 def _wake(waiter: asyncio.Future[bool], value: bool) -> None:

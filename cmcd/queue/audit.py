@@ -12,14 +12,11 @@ retried with the next shipment.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import logging
-import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cmcd.db import transaction
+from cmcd.queue.outbox import KINDS, AuditRecord
 from cmcd.queue.spool import Spool
 from cmcd.redact import redact_urls
 from cmcd.store import AsyncStore
@@ -27,39 +24,7 @@ from cmcd.store.store import LoginRecord, OpRecord
 
 log = logging.getLogger("cmcd.audit")
 
-KINDS = ("login", "ops")
 MAX_UNWRITTEN = 100_000  # rows held in memory while neither the store nor the spool can be written
-
-AuditRecord = LoginRecord | OpRecord
-_TYPES: dict[str, type[LoginRecord] | type[OpRecord]] = {"login": LoginRecord, "ops": OpRecord}
-
-
-def put_audit(conn: sqlite3.Connection, kind: str, records: Sequence[AuditRecord]) -> None:
-    """Commit RECORDS to the outbox (run through Spool.call)."""
-    with transaction(conn):
-        conn.executemany(
-            "INSERT INTO audit_events(kind, event_key, record) VALUES (?,?,?)",
-            [(kind, r.event_key, json.dumps(dataclasses.asdict(r))) for r in records],
-        )
-
-
-def take_audit(conn: sqlite3.Connection, limit: int) -> list[tuple[int, str, AuditRecord]]:
-    """The oldest outbox rows: (outbox id, kind, record)."""
-    rows = conn.execute("SELECT id, kind, record FROM audit_events ORDER BY id LIMIT ?", (limit,)).fetchall()
-    return [(i, kind, _TYPES[kind](**json.loads(text))) for i, kind, text in rows]
-
-
-def drop_audit(conn: sqlite3.Connection, up_to_id: int) -> None:
-    with transaction(conn):
-        conn.execute("DELETE FROM audit_events WHERE id <= ?", (up_to_id,))
-
-
-def outbox_backlog(conn: sqlite3.Connection) -> dict[str, int]:
-    """Rows waiting in the spool's outbox by kind: mail (mail-log events), login, ops."""
-    counts = {"mail": conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]} | dict.fromkeys(KINDS, 0)
-    for kind, n in conn.execute("SELECT kind, COUNT(*) FROM audit_events GROUP BY kind"):
-        counts[kind] = n
-    return counts
 
 
 class AuditLog:
@@ -112,7 +77,7 @@ class AuditLog:
 
     async def _to_outbox(self, kind: str, records: Sequence[AuditRecord]) -> bool:
         try:
-            await self.spool.call(functools.partial(put_audit, kind=kind, records=records))
+            await self.spool.put_audit(kind, records)
         except Exception as exc:
             log.error("event=audit_outbox_failed kind=%s rows=%d error=%r held=memory", kind, len(records), str(exc))
             self._unwritten.extend((kind, r) for r in records)

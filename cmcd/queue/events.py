@@ -1,7 +1,8 @@
-"""Ships mail-log events, and login and operation-log rows, from the spool's outbox to the store; never touches a message body.
+"""Ships mail-log events, daily counts, and login and operation-log rows from the spool's outbox to the store; never touches a message body.
 
-Events are committed in the same transaction as the messages they describe, so an accepted
-message always has its record even if the daemon dies right after the 250. Login and operation
+Events and daily counts are committed in the same transaction as the messages they describe, so
+an accepted message always has its record and its count even if the daemon dies right after the
+250; the counts reach the store before the events (cmcd/queue/quota.py). Login and operation
 rows come into the outbox only when the store could not take them (cmcd/queue/audit.py).
 Shipping is at-least-once; the store ignores an event_key it already has. While the store
 cannot be written, every INTERVAL_S the shipment is tried again (the first failure is logged with
@@ -11,12 +12,12 @@ its traceback, later ones once a minute).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 
-from cmcd.queue.audit import AuditLog, drop_audit, group_by_kind, take_audit
-from cmcd.queue.spool import Spool, drop_events, take_events
+from cmcd.queue import quota
+from cmcd.queue.audit import AuditLog, group_by_kind
+from cmcd.queue.spool import Spool
 from cmcd.store import AsyncStore
 
 log = logging.getLogger("cmcd.events")
@@ -59,12 +60,13 @@ class EventShipper:
     async def ship_all(self) -> int:
         total = await self._ship_audit()
         while True:
-            rows = await self.spool.call(lambda conn: take_events(conn, BATCH))
+            rows = await self.spool.take_events(BATCH)
+            # the counts of these events' messages (committed with them) reach the store first
+            await quota.ship(self.spool, self.astore)
             if not rows:
                 return total
             await self.astore.call(self.astore.store.insert_mail_events, [r[:-1] for r in rows])
-            last_id = rows[-1][-1]
-            await self.spool.call(functools.partial(drop_events, up_to_id=last_id))
+            await self.spool.drop_events(rows[-1][-1])
             total += len(rows)
             self.shipped += len(rows)
 
@@ -76,7 +78,7 @@ class EventShipper:
         store = self.astore.store
         total = 0
         while True:
-            rows = await self.spool.call(lambda conn: take_audit(conn, BATCH))
+            rows = await self.spool.take_audit(BATCH)
             if not rows:
                 return total
             kinds = group_by_kind(rows)
@@ -84,7 +86,7 @@ class EventShipper:
                 await self.astore.call(store.log_logins, kinds["login"])
             if kinds["ops"]:
                 await self.astore.call(store.log_ops, kinds["ops"])
-            await self.spool.call(functools.partial(drop_audit, up_to_id=rows[-1][0]))
+            await self.spool.drop_audit(rows[-1][0])
             total += len(rows)
             self.audit_shipped += len(rows)
 

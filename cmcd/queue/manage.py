@@ -1,23 +1,29 @@
-"""Queue administration: list, summary, retry, hold, release, delete. Never returns a body.
+"""Queue administration: list, summary, retry, hold, release, delete, a tenant's purge, and the
+figures /metrics shows. Never returns a body.
 
-Reads run on the spool's reader connection, changes on the writer thread; both through
-Spool. Every function can be scoped to one tenant: a queue id of another tenant is then
-"not found", exactly like one that does not exist.
+Reads run on a reader connection of the spool, changes on its writer thread; Spool's named
+operations run them. Every function can be scoped to one tenant: a queue id of another tenant is
+then "not found", exactly like one that does not exist.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cmcd.crypto import DataKeys
 from cmcd.db import transaction
 from cmcd.errors import NotFound, StoreError
-from cmcd.queue.spool import INSERT_EVENT
+from cmcd.queue import outbox
+from cmcd.queue.tables import INSERT_EVENT
+from cmcd.records import PENDING_STATES, RecipientState
 
 #: qshape's age buckets, in minutes: a message counts in the first bucket its age is under
 AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
-STATES = ("queued", "deferred", "inflight", "held")
+STATES = PENDING_STATES  # what a listing can filter on
 
 
 def _scope(tenant_id: int | None, alias: str = "m") -> tuple[str, tuple[Any, ...]]:
@@ -238,7 +244,7 @@ def delete(conn: sqlite3.Connection, keys: DataKeys, now: float, queue_id: str, 
             INSERT_EVENT,
             [
                 (f"{queue_id}:{r[0]}:{r[4]}:deleted", now, m[0], queue_id, "deleted-by-operator", m[1], m[2], r[1],
-                 r[2], r[3], "deleted", reply, r[4], "", "", "", max(0.0, now - m[4]), m[3], m[5], 0)
+                 r[2], r[3], RecipientState.DELETED, reply, r[4], "", "", "", max(0.0, now - m[4]), m[3], m[5], 0)
                 for r in rcpts
             ],
         )  # fmt: skip
@@ -254,7 +260,7 @@ def delete(conn: sqlite3.Connection, keys: DataKeys, now: float, queue_id: str, 
 def purge_tenant(conn: sqlite3.Connection, tenant_id: int, logins: tuple[str, ...] = ()) -> int:
     """Delete every queued message of TENANT_ID with its recipients, its pending mail-log events,
     login and operation-log rows (and failed logins, logged without a tenant, of its LOGINS) and
-    its daily counts (secure_delete overwrites the pages), then checkpoint and vacuum the spool.
+    its daily counts not yet shipped (secure_delete overwrites the pages), then checkpoint and vacuum the spool.
     Returns the number of messages removed."""
     with transaction(conn):
         qids = [(r[0],) for r in conn.execute("SELECT queue_id FROM messages WHERE tenant_id = ?", (tenant_id,))]
@@ -267,8 +273,29 @@ def purge_tenant(conn: sqlite3.Connection, tenant_id: int, logins: tuple[str, ..
             "AND json_extract(record, '$.login') = ?",
             [(login,) for login in logins],
         )
-        conn.execute("DELETE FROM daily_counts WHERE tenant_id = ?", (tenant_id,))
+        conn.execute("DELETE FROM counts_outbox WHERE tenant_id = ?", (tenant_id,))
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("VACUUM")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return len(qids)
+
+
+@dataclass(frozen=True)
+class QueueFigures:
+    recipients: dict[str, int] = field(default_factory=dict)  # state -> rows
+    oldest_received: float | None = None  # epoch seconds of the oldest message not held; None: there is none
+    spool_bytes: int = 0  # queue.db and its write-ahead log
+    outbox: dict[str, int] = field(default_factory=dict)  # kind (mail, login, ops) -> rows not yet in the store
+
+
+def figures(conn: sqlite3.Connection, path: Path) -> QueueFigures:
+    """The queue figures: one count grouped by state, one minimum, two stat calls, the outbox counts."""
+    recipients = {state: n for state, n in conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state")}
+    (oldest,) = conn.execute("SELECT MIN(received) FROM messages WHERE held = 0").fetchone()
+    size = 0
+    for p in (path, path.with_name(path.name + "-wal")):
+        try:
+            size += os.stat(p).st_size
+        except FileNotFoundError:
+            pass
+    return QueueFigures(recipients, oldest, size, outbox.backlog(conn))

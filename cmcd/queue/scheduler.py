@@ -9,13 +9,12 @@ is due. At most max_inflight recipients are out at once; the engine gives them b
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable
 
 from cmcd.queue.spool import Spool
-from cmcd.queue.work import Job, claim_due, next_due
+from cmcd.queue.work import Job
 
 log = logging.getLogger("cmcd.scheduler")
 
@@ -85,8 +84,7 @@ class Scheduler:
         if room <= 0:
             return MAX_SLEEP_S  # release() wakes us
         limit = min(room, BATCH)
-        keys = self.spool.keys
-        jobs = await self.spool.call(functools.partial(claim_due, keys=keys, now=self.clock(), limit=limit))
+        jobs = await self.spool.claim_due(self.clock(), limit)
         if jobs:
             n = sum(len(j.recipients) for j in jobs)
             self.inflight += n
@@ -95,7 +93,7 @@ class Scheduler:
             self.dispatch(jobs)
             if n >= limit:
                 return None
-        due = await self.spool.read(next_due)
+        due = await self.spool.next_due()
         if due is None:
             return MAX_SLEEP_S
         return min(MAX_SLEEP_S, max(MIN_SLEEP_S, due - self.clock()))

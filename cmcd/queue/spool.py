@@ -1,10 +1,17 @@
-"""The durable spool: message bodies and per-recipient queue rows in one SQLite file, group-committed.
+"""The durable spool: message bodies and per-recipient queue rows in one SQLite file, group-committed,
+and the named operations every other part of cmcd uses on it.
 
 A message is accepted only once its transaction is committed with synchronous=FULL in WAL
 mode, which fsyncs the WAL before commit() returns: the body and its rows survive kill -9
 and power loss together, or neither exists. One writer thread owns the connection; every
 commit request that is waiting when it finishes the previous transaction goes into the next
 one, so concurrent sessions share one fsync. Never speaks SMTP, never reads the store.
+
+No connection leaves this package: callers use the operations below (intake, delivery, queue
+administration, the outboxes, idempotency keys, the figures /metrics shows), which run on the
+writer thread (changes) or on a reader thread with a read-only connection (reads, beside the
+writer: WAL lets readers and the writer proceed together, so a long listing never delays a 250).
+The SQL is in tables.py, work.py, manage.py, outbox.py and requests.py.
 
 Everything that can hold an address is encrypted under the data key: addresses (with an HMAC
 index), bodies (DSNs too), and remote replies (recipients.last_response_enc, events.response_enc),
@@ -15,243 +22,40 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cmcd.crypto import DataKeys
-from cmcd.db import transaction
 from cmcd.errors import SpoolError
+from cmcd.queue import manage, outbox, requests, tables, work
+from cmcd.queue.ids import QueueIdGenerator
+from cmcd.queue.manage import QueueFigures
+from cmcd.queue.outbox import AuditRecord
+from cmcd.queue.requests import ApiRequest, StoredResponse
+from cmcd.queue.work import ApplyReport, Job, Result
 from cmcd.records import SpoolMessage
 
 log = logging.getLogger("cmcd.spool")
 
 BUSY_TIMEOUT_MS = 30_000  # the writer's wait for a lock another process holds (a backup, sqlite3 shell)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    queue_id TEXT PRIMARY KEY,
-    tenant_id INTEGER NOT NULL,
-    user_id INTEGER NOT NULL,
-    sender_enc BLOB NOT NULL,
-    sender_hmac BLOB NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    received REAL NOT NULL,
-    body BLOB NOT NULL,  -- AES-256-GCM under the data key, the queue id as associated data
-    message_id TEXT NOT NULL DEFAULT '',
-    held INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS recipients (
-    id INTEGER PRIMARY KEY,
-    queue_id TEXT NOT NULL REFERENCES messages(queue_id),
-    rcpt_enc BLOB NOT NULL,
-    rcpt_hmac BLOB NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'queued',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL,
-    last_response TEXT NOT NULL DEFAULT '',  -- always empty: the reply is in last_response_enc
-    last_mx TEXT NOT NULL DEFAULT '',
-    notify INTEGER NOT NULL DEFAULT 0,  -- 1: bounced or expired, and the sender's DSN is still to be queued
-    last_response_enc BLOB  -- the last reply, AES-256-GCM under the data key (it echoes the address)
-);
-CREATE INDEX IF NOT EXISTS recipients_queue ON recipients(queue_id);
-CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt) WHERE state IN ('queued', 'deferred');
-CREATE INDEX IF NOT EXISTS recipients_inflight ON recipients(state) WHERE state = 'inflight';
-CREATE TABLE IF NOT EXISTS events (
-    -- outbox of mail-log events, committed with the queue changes they describe and shipped to the store
-    id INTEGER PRIMARY KEY,
-    event_key TEXT NOT NULL,
-    ts REAL NOT NULL,
-    tenant_id INTEGER NOT NULL,
-    queue_id TEXT NOT NULL,
-    event TEXT NOT NULL,
-    sender_enc BLOB NOT NULL,
-    sender_hmac BLOB NOT NULL,
-    rcpt_enc BLOB NOT NULL,
-    rcpt_hmac BLOB NOT NULL,
-    rcpt_domain TEXT NOT NULL,
-    status TEXT NOT NULL,
-    response TEXT NOT NULL,  -- always empty: the reply is in response_enc
-    attempt INTEGER NOT NULL DEFAULT 0,
-    mx TEXT NOT NULL DEFAULT '',
-    ip TEXT NOT NULL DEFAULT '',
-    tls TEXT NOT NULL DEFAULT '',
-    delay REAL NOT NULL DEFAULT 0,
-    size INTEGER NOT NULL DEFAULT 0,
-    message_id TEXT NOT NULL DEFAULT '',
-    suppress INTEGER NOT NULL DEFAULT 0,  -- 1: the store adds the recipient to the tenant's suppression list
-    response_enc BLOB  -- the reply, encrypted like last_response_enc; shipped to the store as it is
-);
-CREATE TABLE IF NOT EXISTS audit_events (
-    -- outbox of login and operation-log rows the store could not take when they happened (cmcd/queue/audit.py)
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,  -- 'login' or 'ops'
-    event_key TEXT NOT NULL,
-    record TEXT NOT NULL  -- the row as a JSON object
-);
-CREATE TABLE IF NOT EXISTS api_requests (
-    -- API requests sent with an Idempotency-Key, committed with the messages they queued
-    tenant_id INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    request_hash BLOB NOT NULL,
-    status INTEGER NOT NULL,
-    response TEXT NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (tenant_id, key)
-);
-CREATE INDEX IF NOT EXISTS api_requests_created ON api_requests(created);
-CREATE TABLE IF NOT EXISTS daily_counts (
-    tenant_id INTEGER NOT NULL,
-    day TEXT NOT NULL,
-    messages INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, day)
-);
-CREATE INDEX IF NOT EXISTS messages_tenant ON messages(tenant_id);
-CREATE TABLE IF NOT EXISTS meta (
-    -- spool_id: this spool's identity, also kept in the store, which refuses a spool not its own (queue/startup.py)
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-
-#: columns added after the first release, for a spool written by an older cmcd
-_ADDED_COLUMNS = {
-    "messages": ("message_id TEXT NOT NULL DEFAULT ''", "held INTEGER NOT NULL DEFAULT 0"),
-    "recipients": ("last_mx TEXT NOT NULL DEFAULT ''", "notify INTEGER NOT NULL DEFAULT 0", "last_response_enc BLOB"),
-    "events": (
-        "attempt INTEGER NOT NULL DEFAULT 0", "mx TEXT NOT NULL DEFAULT ''", "ip TEXT NOT NULL DEFAULT ''",
-        "tls TEXT NOT NULL DEFAULT ''", "delay REAL NOT NULL DEFAULT 0", "size INTEGER NOT NULL DEFAULT 0",
-        "message_id TEXT NOT NULL DEFAULT ''", "suppress INTEGER NOT NULL DEFAULT 0", "tags TEXT NOT NULL DEFAULT ''",
-        "response_enc BLOB",
-    ),
-}  # fmt: skip
-
-#: recipient states that still need work; every other state is final
-PENDING = ("queued", "deferred", "inflight", "held")
-FINAL = ("delivered", "bounced", "expired", "suppressed", "deleted", "lost")  # lost: cmcd serve --accept-loss
-
-EVENT_COLUMNS = (
-    "event_key", "ts", "tenant_id", "queue_id", "event", "sender_enc", "sender_hmac", "rcpt_enc", "rcpt_hmac",
-    "rcpt_domain", "status", "response_enc", "attempt", "mx", "ip", "tls", "delay", "size", "message_id", "suppress",
-)  # fmt: skip
-_EVENT_COLUMNS = ", ".join(EVENT_COLUMNS)
-_EVENT_MARKS = ", ".join("?" * len(EVENT_COLUMNS))
-# the plaintext response column of older spools has no default: it is written empty
-INSERT_EVENT = f"INSERT INTO events({_EVENT_COLUMNS}, response) VALUES ({_EVENT_MARKS}, '')"
-
-
-def _upgrade(conn: sqlite3.Connection, keys: DataKeys) -> None:
-    for table, columns in _ADDED_COLUMNS.items():
-        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-        for column in columns:
-            if column.split()[0] not in have:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
-    if _seal_replies(conn, keys):
-        # secure_delete zeroed the old values in the file; their old pages in the WAL go too
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.execute("VACUUM")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-def _seal_replies(conn: sqlite3.Connection, keys: DataKeys) -> int:
-    """Encrypt the plaintext replies a spool written by an older cmcd holds (one transaction, once:
-    meta replies_sealed marks a spool whose replies are all encrypted)."""
-    rewritten = 0
-    with transaction(conn):
-        if conn.execute("SELECT 1 FROM meta WHERE key = 'replies_sealed'").fetchone() is not None:
-            return 0
-        conn.execute("INSERT INTO meta(key, value) VALUES ('replies_sealed', '1')")
-        for table, plain, sealed in (("recipients", "last_response", "last_response_enc"),
-                                     ("events", "response", "response_enc")):  # fmt: skip
-            rows = conn.execute(f"SELECT id, {plain} FROM {table} WHERE {plain} != ''").fetchall()
-            conn.executemany(
-                f"UPDATE {table} SET {sealed} = ?, {plain} = '' WHERE id = ?",
-                [(keys.seal_text(str(text)), row_id) for row_id, text in rows],
-            )
-            rewritten += len(rows)
-    return rewritten
-
-
-def take_events(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
-    """The oldest outbox events, with their outbox id last (run through Spool.call)."""
-    return conn.execute(f"SELECT {_EVENT_COLUMNS}, tags, id FROM events ORDER BY id LIMIT ?", (limit,)).fetchall()
-
-
-def drop_events(conn: sqlite3.Connection, up_to_id: int) -> None:
-    with transaction(conn):
-        conn.execute("DELETE FROM events WHERE id <= ?", (up_to_id,))
-
-
-def insert_messages(conn: sqlite3.Connection, k: DataKeys, messages: list[SpoolMessage]) -> None:
-    """Add MESSAGES, their recipient rows and their "accepted" events, inside the caller's transaction."""
-    msgs: list[tuple[Any, ...]] = []
-    rcpts: list[tuple[Any, ...]] = []
-    events: list[tuple[Any, ...]] = []
-    for m in messages:
-        sender_enc, sender_hmac = k.encrypt(m.sender), k.index(m.sender)
-        msgs.append(
-            (m.queue_id, m.tenant_id, m.user_id, sender_enc, sender_hmac, len(m.body), m.received_ts,
-             k.encrypt_bytes(m.body, m.queue_id.encode()), m.message_id)
-        )  # fmt: skip
-        for n, r in enumerate(m.recipients):
-            rcpt_enc, rcpt_hmac = k.encrypt(r.address), k.index(r.address)
-            rcpts.append((m.queue_id, rcpt_enc, rcpt_hmac, r.domain, m.received_ts))
-            events.append(
-                (f"{m.queue_id}:{n}:accepted", m.received_ts, m.tenant_id, m.queue_id, "accepted", sender_enc,
-                 sender_hmac, rcpt_enc, rcpt_hmac, r.domain, "queued", None, 0, "", "", "", 0.0, len(m.body),
-                 m.message_id, 0, ",".join(m.tags))
-            )  # fmt: skip
-    conn.executemany(
-        "INSERT INTO messages(queue_id, tenant_id, user_id, sender_enc, sender_hmac, size_bytes, received, body, "
-        "message_id) VALUES (?,?,?,?,?,?,?,?,?)",
-        msgs,
-    )
-    conn.executemany(
-        "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, next_attempt) VALUES (?,?,?,?,?)", rcpts
-    )
-    conn.executemany(f"INSERT INTO events({_EVENT_COLUMNS}, tags, response) VALUES ({_EVENT_MARKS}, ?, '')", events)
-
-
-def add_daily_counts(conn: sqlite3.Connection, counts: dict[tuple[int, str], int]) -> None:
-    conn.executemany(
-        "INSERT INTO daily_counts(tenant_id, day, messages) VALUES (?,?,?) "
-        "ON CONFLICT(tenant_id, day) DO UPDATE SET messages = messages + excluded.messages",
-        [(t, d, n) for (t, d), n in counts.items()],
-    )
-
-
-@dataclass(frozen=True)
-class ApiRequest:
-    """An API request's Idempotency-Key and the response it produced, committed with its messages."""
-
-    tenant_id: int
-    key: str
-    request_hash: bytes
-    status: int
-    response: str
-
-
-def find_api_request(conn: sqlite3.Connection, tenant_id: int, key: str, since: float) -> tuple[bytes, int, str] | None:
-    row = conn.execute(
-        "SELECT request_hash, status, response FROM api_requests WHERE tenant_id = ? AND key = ? AND created >= ?",
-        (tenant_id, key, since),
-    ).fetchone()
-    return None if row is None else (bytes(row[0]), row[1], row[2])
+T = TypeVar("T")
+Conn = sqlite3.Connection
 
 
 @dataclass(frozen=True)
 class RecoveryReport:
     inflight_requeued: int
-    partial_files_removed: int
 
 
 class _Commit:
@@ -264,9 +68,7 @@ class _Commit:
 class _Call:
     __slots__ = ("fn", "future", "loop")
 
-    def __init__(
-        self, fn: Callable[[sqlite3.Connection], Any], future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop
-    ):
+    def __init__(self, fn: Callable[[Conn], Any], future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop):
         self.fn, self.future, self.loop = fn, future, loop
 
 
@@ -288,6 +90,32 @@ def _resolve_all(
         then()
 
 
+class _Reader:
+    """A read-only connection to the spool with one thread of its own."""
+
+    def __init__(self, path: Path, name: str):
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._conn: Conn | None = None
+
+    async def run(self, fn: Callable[[Conn], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn)
+
+    def _run(self, fn: Callable[[Conn], T]) -> T:
+        if self._conn is None:
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        return fn(self._conn)
+
+    def close(self) -> None:
+        self._executor.submit(self._close).result()
+        self._executor.shutdown()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 class Spool:
     def __init__(self, directory: Path, keys: DataKeys):
         self.directory = directory
@@ -300,13 +128,17 @@ class Spool:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA secure_delete=ON")
-        self._conn.executescript(SCHEMA)
-        _upgrade(self._conn, keys)
+        tables.create(self._conn, keys)
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+        #: this spool's identity (queue/startup.py); the store counts what it shipped under it
+        self.spool_id = "" if row is None else str(row[0])
         #: called on the event loop after each group of messages is committed (wakes the scheduler)
         self.on_commit: Callable[[], None] | None = None
+        #: held while daily counts move from the outbox to the store, and while both are read (quota.py)
+        self.counts_lock = asyncio.Lock()
         self._jobs: queue.SimpleQueue[_Commit | _Call | None] = queue.SimpleQueue()
-        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-read")
-        self._read_conn: sqlite3.Connection | None = None
+        self._reader = _Reader(self.path, "spool-read")  # listings, bodies, next due time, API requests
+        self._figures_reader = _Reader(self.path, "spool-figures")  # /metrics counts: never delays a body read
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.transactions = 0
@@ -317,18 +149,10 @@ class Spool:
     # -- life cycle ------------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
-        """Before start(): return inflight rows to queued and drop any partial temp files."""
+        """Before start(): return inflight rows to queued (their attempt died with the last process)."""
         with self._conn:
             n = self._conn.execute("UPDATE recipients SET state = 'queued' WHERE state = 'inflight'").rowcount
-        removed = 0
-        for p in self.directory.glob("*.tmp"):
-            p.unlink()
-            removed += 1
-        return RecoveryReport(inflight_requeued=n, partial_files_removed=removed)
-
-    def daily_counts(self, day: str) -> dict[int, int]:
-        rows = self._conn.execute("SELECT tenant_id, messages FROM daily_counts WHERE day = ?", (day,))
-        return {r[0]: r[1] for r in rows}
+        return RecoveryReport(inflight_requeued=n)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
@@ -340,16 +164,11 @@ class Spool:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
-        self._read_executor.submit(self._close_reader).result()
-        self._read_executor.shutdown()
+        self._reader.close()
+        self._figures_reader.close()
         self._conn.close()
 
-    def _close_reader(self) -> None:
-        if self._read_conn is not None:
-            self._read_conn.close()
-            self._read_conn = None
-
-    # -- requests from the event loop ------------------------------------------------------
+    # -- intake ----------------------------------------------------------------------------
 
     def free_bytes(self) -> int:
         """Space left to unprivileged writers on the spool's file system, read at most once a second
@@ -362,9 +181,8 @@ class Spool:
         return self._free
 
     async def commit(self, msg: SpoolMessage, day: str) -> None:
-        """Return once MSG is on stable storage; raise SpoolError if it could not be written.
-
-        If the caller is cancelled meanwhile, the commit still completes (at-least-once).
+        """Return once MSG (counted against DAY) is on stable storage; raise SpoolError if it could
+        not be written. If the caller is cancelled meanwhile, the commit still completes (at-least-once).
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
@@ -378,34 +196,151 @@ class Spool:
         stable storage when this returns, or none is and SpoolError is raised. API requests older
         than FORGET_BEFORE are dropped on the way."""
 
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: Conn) -> None:
             error = self._write(messages, [day] * len(messages), request, forget_before)
             if error is not None:
                 raise error
 
-        await self.call(run)
+        await self._call(run)
         if self.on_commit is not None:
             self.on_commit()
 
-    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run FN(read-only connection) on the spool's reader thread, beside the writer (WAL lets
-        readers and the writer proceed together), so a long listing never delays a 250."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._read_executor, self._run_read, fn)
+    async def find_request(self, tenant_id: int, key: str, since: float) -> StoredResponse | None:
+        """The response to TENANT_ID's request with Idempotency-Key KEY, if one was committed since SINCE."""
+        return await self._read(functools.partial(requests.find, tenant_id=tenant_id, key=key, since=since))
 
-    def _run_read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        if self._read_conn is None:
-            self._read_conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-        return fn(self._read_conn)
+    # -- delivery --------------------------------------------------------------------------
 
-    async def call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run FN(connection) on the writer thread (reads and queue changes outside intake)."""
+    async def claim_due(self, now: float, limit: int) -> list[Job]:
+        """Up to LIMIT recipients due at NOW, marked inflight, grouped by message and domain."""
+        return await self._call(functools.partial(work.claim_due, keys=self.keys, now=now, limit=limit))
+
+    async def next_due(self) -> float | None:
+        """The earliest next attempt of a recipient waiting to be claimed; None when there is none."""
+        return await self._read(work.next_due)
+
+    async def read_body(self, queue_id: str) -> bytes | None:
+        """A message's body (None once it is gone: deleted by an operator meanwhile)."""
+        return await self._read(functools.partial(work.read_body, keys=self.keys, queue_id=queue_id))
+
+    async def apply_results(
+        self,
+        results: Sequence[Result] | Callable[[], Sequence[Result]],
+        *,
+        clock: Callable[[], float],
+        hostname: str,
+        ids: QueueIdGenerator,
+        dsn_off: frozenset[int] = frozenset(),
+        mono: Callable[[], float] = time.monotonic,
+    ) -> ApplyReport:
+        """Record RESULTS in one transaction with the bounces they cause and the erasure of every
+        message they finish (work.apply_results), at CLOCK's time. RESULTS may be a function: it is
+        called on the writer thread just before the transaction, so a write that waited for the
+        writer takes every result that arrived meanwhile. The report names the results applied and
+        when (on MONO) the commit returned; on an error nothing of them is recorded."""
+
+        def run(conn: Conn) -> ApplyReport:
+            batch = list(results() if callable(results) else results)
+            if not batch:
+                return ApplyReport(0, 0, 0)
+            report = work.apply_results(
+                conn, self.keys, batch, now=clock(), hostname=hostname, ids=ids, dsn_off=dsn_off
+            )
+            return replace(report, results=tuple(batch), committed_at=mono())
+
+        return await self._call(run)
+
+    async def checkpoint(self) -> tuple[int, int, int]:
+        """Move the WAL into the database and truncate it, so erased pages leave the WAL file too."""
+        return await self._call(work.checkpoint)
+
+    # -- administration (cmcctl queue ..., tenant purge) -----------------------------------
+
+    async def list_page(self, **filters: Any) -> dict[str, Any]:
+        """One page of messages (manage.list_page: tenant_id, state, domain, received_before, after, limit)."""
+        return await self._read(functools.partial(manage.list_page, keys=self.keys, **filters))
+
+    async def show(self, queue_id: str, tenant_id: int | None = None) -> dict[str, Any]:
+        return await self._read(functools.partial(manage.show, keys=self.keys, queue_id=queue_id, tenant_id=tenant_id))
+
+    async def summary(self, now: float, tenant_id: int | None = None) -> dict[str, Any]:
+        return await self._read(functools.partial(manage.summary, now=now, tenant_id=tenant_id))
+
+    async def retry(
+        self,
+        now: float,
+        *,
+        queue_id: str | None = None,
+        domain: str | None = None,
+        everything: bool = False,
+        tenant_id: int | None = None,
+    ) -> int:
+        return await self._call(
+            functools.partial(
+                manage.retry, now=now, queue_id=queue_id, domain=domain, everything=everything, tenant_id=tenant_id
+            )
+        )
+
+    async def hold(self, *, queue_id: str | None = None, tenant_id: int | None = None) -> int:
+        return await self._call(functools.partial(manage.hold, queue_id=queue_id, tenant_id=tenant_id))
+
+    async def release(self, now: float, *, queue_id: str | None = None, tenant_id: int | None = None) -> int:
+        return await self._call(functools.partial(manage.release, now=now, queue_id=queue_id, tenant_id=tenant_id))
+
+    async def delete(self, now: float, queue_id: str, tenant_id: int | None = None) -> int:
+        return await self._call(
+            functools.partial(manage.delete, keys=self.keys, now=now, queue_id=queue_id, tenant_id=tenant_id)
+        )
+
+    async def purge_tenant(self, tenant_id: int, logins: tuple[str, ...] = ()) -> int:
+        return await self._call(functools.partial(manage.purge_tenant, tenant_id=tenant_id, logins=logins))
+
+    async def figures(self) -> QueueFigures:
+        """Recipients by state, the oldest message, the spool's size and the outbox backlog, read on
+        a thread of their own (a count over a large queue never delays delivery's body reads)."""
+        return await self._figures_reader.run(functools.partial(manage.figures, path=self.path))
+
+    # -- the outboxes (cmcd/queue/events.py ships them to the store) -----------------------
+
+    async def take_events(self, limit: int) -> list[tuple[Any, ...]]:
+        return await self._call(functools.partial(outbox.take_events, limit=limit))
+
+    async def drop_events(self, up_to_id: int) -> None:
+        await self._call(functools.partial(outbox.drop_events, up_to_id=up_to_id))
+
+    async def put_audit(self, kind: str, records: Sequence[AuditRecord]) -> None:
+        """Commit login or operation-log RECORDS (KIND "login" or "ops") to the outbox."""
+        await self._call(functools.partial(outbox.put_audit, kind=kind, records=records))
+
+    async def take_audit(self, limit: int) -> list[tuple[int, str, AuditRecord]]:
+        return await self._call(functools.partial(outbox.take_audit, limit=limit))
+
+    async def drop_audit(self, up_to_id: int) -> None:
+        await self._call(functools.partial(outbox.drop_audit, up_to_id=up_to_id))
+
+    async def outbox_backlog(self) -> dict[str, int]:
+        return await self._call(outbox.backlog)
+
+    async def take_counts(self, limit: int) -> list[tuple[int, int, str, int]]:
+        return await self._call(functools.partial(outbox.take_counts, limit=limit))
+
+    async def drop_counts(self, up_to_id: int) -> None:
+        await self._call(functools.partial(outbox.drop_counts, up_to_id=up_to_id))
+
+    async def unshipped_counts(self, day: str, after_id: int) -> dict[int, int]:
+        return await self._call(functools.partial(outbox.unshipped_counts, day=day, after_id=after_id))
+
+    # -- the threads -----------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[Conn], T]) -> T:
+        return await self._reader.run(fn)
+
+    async def _call(self, fn: Callable[[Conn], T]) -> T:
+        """Run FN(connection) on the writer thread."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
+        fut: asyncio.Future[T] = loop.create_future()
         self._jobs.put(_Call(fn, fut, loop))
         return await fut
-
-    # -- the writer thread -----------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
@@ -450,19 +385,10 @@ class Spool:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                insert_messages(conn, self.keys, messages)
-                counts: dict[tuple[int, str], int] = {}
-                for m, day in zip(messages, days, strict=True):
-                    counts[(m.tenant_id, day)] = counts.get((m.tenant_id, day), 0) + 1
-                add_daily_counts(conn, counts)
+                tables.insert_messages(conn, self.keys, messages)
+                tables.count_messages(conn, messages, days)
                 if request is not None:
-                    conn.execute("DELETE FROM api_requests WHERE created < ?", (forget_before,))
-                    conn.execute(
-                        "INSERT INTO api_requests(tenant_id, key, request_hash, status, response, created) "
-                        "VALUES (?,?,?,?,?,?)",
-                        (request.tenant_id, request.key, request.request_hash, request.status, request.response,
-                         time.time()),
-                    )  # fmt: skip
+                    requests.insert(conn, request, time.time(), forget_before)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

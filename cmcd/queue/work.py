@@ -1,8 +1,8 @@
 """The delivery side of the spool: claiming due recipients, recording outcomes, erasing finished messages.
 
 Every function here takes the writer connection and runs on the spool's writer thread
-(through Spool.call), so a claim, a batch of outcomes, the bounces they cause and the
-erasure of a finished body are each one transaction. A remote reply is encrypted once here and
+(Spool.claim_due, Spool.apply_results), so a claim, a batch of outcomes, the bounces they cause
+and the erasure of a finished body are each one transaction. A remote reply is encrypted once here and
 the same ciphertext kept on the recipient row and in its outbox event (a reply echoes the address).
 """
 
@@ -18,14 +18,16 @@ from cmcd.crypto import DataKeys
 from cmcd.db import transaction
 from cmcd.queue import dsn
 from cmcd.queue.ids import QueueIdGenerator
-from cmcd.queue.spool import INSERT_EVENT, insert_messages
-from cmcd.records import Recipient, SpoolMessage
+from cmcd.queue.tables import INSERT_EVENT, insert_messages
+from cmcd.records import Recipient, RecipientState, SpoolMessage
 
 log = logging.getLogger("cmcd.queue")
 
 #: bodies up to this size travel with the claim; larger ones are read just before sending
 INLINE_BODY = 256 * 1024
 _CHUNK = 500  # SQLite's host parameters per IN (...) list
+#: final states the sender is told about in a delivery status notification
+_REPORTED = (RecipientState.BOUNCED, RecipientState.EXPIRED)
 
 
 def _chunks(items: list[Any], n: int = _CHUNK) -> Iterable[list[Any]]:
@@ -72,7 +74,7 @@ class Result:
 
     job: Job
     due: Due
-    state: str  # delivered, deferred, bounced, expired or suppressed
+    state: RecipientState  # one of RESULT_STATES
     response: str
     next_attempt: float = 0.0
     mx: str = ""
@@ -86,6 +88,8 @@ class ApplyReport:
     recorded: int
     finished: int  # messages whose body was erased
     bounces: int  # DSN messages queued
+    results: tuple[Result, ...] = ()  # what was applied (Spool.apply_results takes them on the writer thread)
+    committed_at: float = 0.0  # when the commit returned (the outcomes are durable from then), on the caller's clock
 
 
 def next_due(conn: sqlite3.Connection) -> float | None:
@@ -169,9 +173,9 @@ def apply_results(
     try:
         for r in results:
             job, due = r.job, r.due
-            attempt = due.attempts + (0 if r.state == "suppressed" else 1)
+            attempt = due.attempts + (0 if r.state == RecipientState.SUPPRESSED else 1)
             reply = keys.seal_text(r.response)
-            if r.state == "deferred":
+            if r.state == RecipientState.DEFERRED:
                 cur = conn.execute(
                     "UPDATE recipients SET state = CASE WHEN (SELECT held FROM messages WHERE queue_id = ?) "
                     "THEN 'held' ELSE 'deferred' END, attempts = ?, next_attempt = ?, last_response_enc = ?, "
@@ -180,8 +184,8 @@ def apply_results(
                 )
             else:
                 # a bounce is reported to a real sender (not for a bounce itself: those are dropped and logged)
-                notify = int(r.state in ("bounced", "expired") and bool(job.sender) and job.tenant_id not in dsn_off)
-                if r.state in ("bounced", "expired") and not job.sender:
+                notify = int(r.state in _REPORTED and bool(job.sender) and job.tenant_id not in dsn_off)
+                if r.state in _REPORTED and not job.sender:
                     log.warning("event=bounce_dropped queue_id=%s response=%r", job.queue_id, r.response)
                 cur = conn.execute(
                     "UPDATE recipients SET state = ?, attempts = ?, last_response_enc = ?, last_mx = ?, notify = ? "
@@ -223,7 +227,7 @@ def _queue_bounces(
             "AND (notify = 1 OR state = 'inflight')",
             (qid,),
         ).fetchall()
-        if not rows or any(r[2] == "inflight" for r in rows):
+        if not rows or any(r[2] == RecipientState.INFLIGHT for r in rows):
             continue
         m = conn.execute(
             "SELECT tenant_id, user_id, sender_enc, received, body FROM messages WHERE queue_id = ?", (qid,)
@@ -236,7 +240,8 @@ def _queue_bounces(
             arrival=m[3],
             now=now,
             recipients=[
-                dsn.failed(keys.decrypt(bytes(r[1])), keys.open_text(r[3]), r[4], r[2] == "expired") for r in rows
+                dsn.failed(keys.decrypt(bytes(r[1])), keys.open_text(r[3]), r[4], r[2] == RecipientState.EXPIRED)
+                for r in rows
             ],
             headers=dsn.original_headers(keys.decrypt_bytes(bytes(m[4]), qid.encode())),
         )

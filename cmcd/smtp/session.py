@@ -6,6 +6,10 @@ accepts only <CRLF>.<CRLF> as the end, keeps memory bounded on overruns, enforce
 minimum data rate, and leaves pipelined commands after the dot for the next read; and replies
 a client leaves unread (pipelining without reading, then perhaps QUIT) must drain within
 smtp.write_timeout, measured as progress, or the connection is reset (cmcd/writeguard.py).
+
+Over 500 lines on purpose: it is one subclass of aiosmtpd's SMTP whose methods override the
+library's and share its per-connection state; split, one protocol state machine would be read
+across files. Refusals come typed from submit/ and are sent as `refusal.reply`.
 """
 
 from __future__ import annotations
@@ -17,17 +21,17 @@ import logging
 import re
 import ssl
 from base64 import b64decode
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Session
 
 from cmcd import policy, writeguard
 from cmcd.records import Sender
+from cmcd.smtp.context import SmtpContext
+from cmcd.submit import refusals
 from cmcd.submit.service import SessionInfo
+from cmcd.tenancy.refusals import Refusal
 from cmcd.textout import has_controls
-
-if TYPE_CHECKING:
-    from cmcd.smtp.listener import SmtpContext
 
 log = logging.getLogger("cmcd.smtp")
 
@@ -418,9 +422,9 @@ class SubmissionSMTP(SMTP):
         if creds is None:
             return  # the reason was already sent
         result = await self.ctx.service.authenticate(creds[0], creds[1], self.client_ip, mechanism)
-        if isinstance(result, str):
-            await self.push(result)
-            if result.startswith("421"):
+        if isinstance(result, Refusal):
+            await self.push(result.reply)
+            if result.code == 421:  # throttled: the client must go away
                 self._close()
             return
         session.sender = result
@@ -499,7 +503,7 @@ class SubmissionSMTP(SMTP):
             await self.push(syntax)
             return None
         if command == "MAIL" and rest.startswith("<>") and (len(rest) == 2 or rest[2].isspace()):
-            await self.push("550 5.7.1 A null sender is not allowed for submission")
+            await self.push(refusals.NULL_SENDER.reply)
             return None
         address, params = self._getaddr(rest)
         if address is None:
@@ -542,9 +546,9 @@ class SubmissionSMTP(SMTP):
         if service.reloading:
             await service.current()
         session: Any = self.session
-        problem = service.check_mail(session.sender, address, False, int(size) if size else 0)
-        if problem:
-            await self.push(problem)
+        refusal = service.check_mail(session.sender, address, False, int(size) if size else 0)
+        if refusal is not None:
+            await self.push(refusal.reply)
             return
         envelope: Any = self.envelope
         envelope.mail_from = address
@@ -562,9 +566,9 @@ class SubmissionSMTP(SMTP):
             return
         session: Any = self.session
         envelope: Any = self.envelope
-        problem = self.ctx.service.check_rcpt(session.sender, address, len(envelope.rcpt_tos), False)
-        if problem:
-            await self.push(problem)
+        refusal = self.ctx.service.check_rcpt(session.sender, address, len(envelope.rcpt_tos), False)
+        if refusal is not None:
+            await self.push(refusal.reply)
             return
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -584,10 +588,14 @@ class SubmissionSMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
-                raw, problem = await self._read_data()
-                status = problem if raw is None else await self._call_handler_hook("DATA_BYTES", raw)
-                if raw is None:  # refused while reading (size, content, memory); the service counts its own
-                    self.ctx.service.stats.refused(problem)
+                raw, refusal = await self._read_data()
+                if raw is not None:
+                    status = await self._call_handler_hook("DATA_BYTES", raw)
+                elif refusal is not None:  # refused while reading (size, content, memory); the service counts its own
+                    self.ctx.service.stats.refused(refusal)
+                    status = refusal.reply
+                else:  # the client went away, or was cut off for a rate too low
+                    status = ""
             finally:
                 self._set_post_data_state()  # a failed transaction must not leave its envelope behind
             if status:
@@ -600,15 +608,16 @@ class SubmissionSMTP(SMTP):
             elif self.ctx.sessions.closing:
                 self._close("421 4.3.2 Service shutting down")
 
-    async def _read_data(self) -> tuple[bytes | None, str]:
-        """Read up to <CRLF>.<CRLF>; return (unstuffed bytes, "") or (None, reply)."""
+    async def _read_data(self) -> tuple[bytes | None, Refusal | None]:
+        """Read up to <CRLF>.<CRLF>; return (unstuffed bytes, None), (None, the refusal) or, when
+        the session is over, (None, None)."""
         cfg = self.ctx.config.smtp
         reader: Any = self._reader
         limit = self.data_size_limit or 0
         buf = bytearray(b"\r\n")  # a virtual CRLF: "." as the first line ends an empty message
         scan_from = 0
         received = 0
-        overrun = ""
+        overrun: Refusal | None = None
         start = self.loop.time()
         reader._limit = _DATA_READ_LIMIT  # read in large chunks during DATA
         try:
@@ -616,48 +625,48 @@ class SubmissionSMTP(SMTP):
                 self._reset_timeout(cfg.data_timeout)
                 chunk = await reader.read(_CHUNK)
                 if not chunk:
-                    return None, ""
+                    return None, None
                 received += len(chunk)
-                if not overrun:
+                if overrun is None:
                     self._hold(len(chunk))
                 buf += chunk
                 end = buf.find(b"\r\n.\r\n", scan_from)
-                if end >= 0 and not overrun:  # the last read counts against the limits too
+                if end >= 0 and overrun is None:  # the last read counts against the limits too
                     if limit and end > limit:
-                        overrun = "552 5.3.4 Message size exceeds fixed maximum message size"
+                        overrun = refusals.TOO_BIG
                     elif self.ctx.service.data_budget.over():
-                        overrun = "452 4.3.1 Insufficient system storage; try again later"
+                        overrun = refusals.DATA_BUSY
                 if end >= 0:
                     rest = buf[end + 5 :]
                     if rest:  # pipelined commands after the dot: leave them for the command loop
                         reader._buffer[0:0] = rest
                     del buf[end + 2 :]
                     break
-                if not overrun and limit and len(buf) - 2 > limit:
-                    overrun = "552 5.3.4 Message size exceeds fixed maximum message size"
-                elif not overrun and self.ctx.service.data_budget.over():
+                if overrun is None and limit and len(buf) - 2 > limit:
+                    overrun = refusals.TOO_BIG
+                elif overrun is None and self.ctx.service.data_budget.over():
                     log.warning("event=data_budget_exceeded in_flight=%d", self.ctx.service.data_budget.held_bytes)
-                    overrun = "452 4.3.1 Insufficient system storage; try again later"
-                if overrun:
+                    overrun = refusals.DATA_BUSY
+                if overrun is not None:
                     self._release()
                     del buf[:-4]  # keep only what could start the end-of-data sequence
                 scan_from = max(0, len(buf) - 4)
                 if policy.too_slow(received, self.loop.time() - start, cfg.min_data_rate, cfg.min_data_rate_grace):
                     log.info("event=data_too_slow client_ip=%s bytes=%d", self.client_ip, received)
                     self._close("421 4.4.2 Data rate too low; closing connection")
-                    return None, ""
+                    return None, None
         finally:
             reader._limit = self.line_length_limit
             self._reset_timeout()
-        if overrun:
+        if overrun is not None:
             return None, overrun
         if len(buf) > _INLINE_CHECK_BYTES:  # a large message is checked off the event loop
             verdict = await self.loop.run_in_executor(None, _check, buf, cfg.bare_newlines)
         else:
             verdict = _check(buf, cfg.bare_newlines)
         if verdict.body is None:
-            return None, verdict.problem
-        return verdict.body, ""
+            return None, refusals.bad_content(verdict.problem)
+        return verdict.body, None
 
     def _hold(self, n: int) -> None:
         self._data_held += n

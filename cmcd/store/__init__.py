@@ -1,4 +1,10 @@
-"""The store: tenants, users, domains, suppression and logs in SQLite; blocking calls run on one thread."""
+"""The store: the records in SQLite (tenants, users, API keys, domains and their DKIM keys,
+suppression, webhooks, the mail, login and operation logs, backups); blocking calls run on one
+thread (AsyncStore).
+
+It holds rows, not rules: validation and the in-memory directory are tenancy/'s, and it knows
+nothing of the queue.
+"""
 
 from __future__ import annotations
 

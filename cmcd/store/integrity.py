@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from cmcd.db import transaction
 from cmcd.errors import UntrustedFileError
+from cmcd.records import FINAL_STATES as RECIPIENT_FINAL_STATES
 
 if TYPE_CHECKING:  # store.py calls check_database() when it opens a store
     from cmcd.store.store import Store
@@ -25,8 +26,8 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 RESTORE_STORE = (
     "restore the store from a backup with `cmcd restore BACKUP` (cmcd serve --accept-loss cannot replace a store)"
 )
-#: mail-log states after which a recipient needs nothing more (as FINAL in cmcd/queue/spool.py)
-FINAL_STATES = ("delivered", "bounced", "expired", "suppressed", "deleted", "lost")
+#: mail-log states after which a recipient needs nothing more
+FINAL_STATES = tuple(s.value for s in RECIPIENT_FINAL_STATES)
 
 
 def _one_line(text: str, limit: int = 160) -> str:

@@ -219,6 +219,17 @@ MIGRATIONS: list[str] = [
     CREATE TABLE directory (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
     INSERT INTO directory(id, version) VALUES (1, 1);
     """,
+    # 10: daily message counts per tenant (the quota every process shares), shipped from each spool's
+    # counts outbox; per spool, the last outbox id added, so a shipment repeated adds nothing twice
+    """
+    CREATE TABLE daily_counts (
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        day TEXT NOT NULL,
+        messages INTEGER NOT NULL,
+        PRIMARY KEY (tenant_id, day)
+    );
+    CREATE TABLE daily_counts_shipped (spool_id TEXT PRIMARY KEY, up_to INTEGER NOT NULL);
+    """,
 ]
 
 _SEAL_BATCH = 5000

@@ -26,6 +26,7 @@ from cmcd.errors import Conflict, KeyFileError, NotFound, StoreError, UntrustedF
 from cmcd.records import Domain, IpCredential, Tenant, User
 from cmcd.store.api_store import ApiStore
 from cmcd.store.integrity import RESTORE_STORE, check_database
+from cmcd.store.quota_store import QuotaStore
 from cmcd.store.schema import migrate, schema_version
 from cmcd.store.webhook_store import WebhookStore
 
@@ -65,8 +66,8 @@ def open_store(path: Path, key_file: Path, create_key: bool = True) -> Store:
 
 def delete_tenant_rows(conn: sqlite3.Connection, tenant_id: int) -> dict[str, int]:
     """Delete tenant TENANT_ID and every row of it (users, IP credentials, domains and their keys,
-    suppressions, API keys, webhooks, mail, login and operation log rows, and failed logins with one
-    of its login names) inside the caller's transaction; tables an older schema lacks are skipped.
+    suppressions, API keys, webhooks, daily counts, mail, login and operation log rows, and failed logins
+    with one of its login names) inside the caller's transaction; tables an older schema lacks are skipped.
     Used by tenant_purge() on the store and by the purge of a tenant from backups."""
     present = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     logins = [r[0] for r in conn.execute("SELECT login FROM users WHERE tenant_id = ?", (tenant_id,))]
@@ -77,7 +78,7 @@ def delete_tenant_rows(conn: sqlite3.Connection, tenant_id: int) -> dict[str, in
             "DELETE FROM dkim_keys WHERE domain_id IN (SELECT id FROM domains WHERE tenant_id = ?)", (tenant_id,)
         ).rowcount
     for table in ("api_keys", "otp", "api_sessions", "message_tags", "webhooks", "ip_credentials", "users", "domains",
-                  "suppressions", "mail_log", "login_log", "ops_log"):  # fmt: skip
+                  "suppressions", "daily_counts", "mail_log", "login_log", "ops_log"):  # fmt: skip
         if table in present:
             counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (tenant_id,)).rowcount
     # failed logins with one of its login names were logged without a tenant
@@ -130,7 +131,7 @@ class NewKey:
     public_txt: str
 
 
-class Store(ApiStore, WebhookStore):
+class Store(ApiStore, WebhookStore, QuotaStore):
     def __init__(self, path: Path, keys: crypto.DataKeys):
         self.path = path
         self.keys = keys
@@ -166,9 +167,6 @@ class Store(ApiStore, WebhookStore):
             raise KeyFileError(
                 f"{self.path}: store.key_file is not the key this store was written with; restore the original key file"
             )
-
-    def _tx(self) -> sqlite3.Connection:
-        return self.conn
 
     # -- the directory: what in-memory caches are built from (cmcd.tenancy.directory) -----------
 
@@ -426,10 +424,6 @@ class Store(ApiStore, WebhookStore):
         with transaction(self.conn):
             for k in keys:
                 self._insert_key(d.id, d.name, k, state)
-
-    def dkim_selectors(self, tenant: str, domain: str) -> set[str]:
-        d = self.domain(tenant, domain)
-        return {r[0] for r in self.conn.execute("SELECT selector FROM dkim_keys WHERE domain_id = ?", (d.id,))}
 
     def dkim_transition(
         self, tenant: str, domain: str, moves: dict[str, str], selectors: set[str] | None = None
@@ -797,15 +791,6 @@ class Store(ApiStore, WebhookStore):
             self.conn.execute("VACUUM")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def login_log(self, limit: int = 100) -> list[dict[str, Any]]:
-        cur = self.conn.execute(
-            "SELECT l.ts, t.name, l.login, l.client_ip, l.mechanism, l.result, l.detail FROM login_log l "
-            "LEFT JOIN tenants t ON t.id = l.tenant_id ORDER BY l.id DESC LIMIT ?",
-            (limit,),
-        )
-        keys = ("ts", "tenant", "login", "client_ip", "mechanism", "result", "detail")
-        return [dict(zip(keys, r)) for r in cur]
-
     def ops_log(self, limit: int = 100) -> Iterator[dict[str, Any]]:
         cur = self.conn.execute(
             "SELECT o.ts, o.actor_uid, o.actor, t.name, o.action, o.target, o.result, o.detail FROM ops_log o "
@@ -814,20 +799,3 @@ class Store(ApiStore, WebhookStore):
         )
         keys = ("ts", "actor_uid", "actor", "tenant", "action", "target", "result", "detail")
         return (dict(zip(keys, r)) for r in cur)
-
-    def mail_log(self, queue_id: str) -> list[dict[str, Any]]:
-        cur = self.conn.execute(
-            "SELECT ts, event, sender_enc, rcpt_enc, status, response_enc, attempt, mx, ip, tls, delay, size, message_id "
-            "FROM mail_log WHERE queue_id = ? ORDER BY id",
-            (queue_id,),
-        )
-        keys = ("ts", "event", "sender", "rcpt", "status", "response", "attempt", "mx", "ip", "tls", "delay", "size",
-                "message_id")  # fmt: skip
-        out = []
-        for r in cur:
-            row = dict(zip(keys, r))
-            row["sender"] = self.keys.decrypt(r[2])
-            row["rcpt"] = self.keys.decrypt(r[3])
-            row["response"] = self.keys.open_text(r[5])
-            out.append(row)
-        return out

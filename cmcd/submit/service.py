@@ -1,7 +1,8 @@
 """The rules for a message coming in, for every way in: who may send as what, limits, header fixes, hand-off.
 
-Decisions come back as SMTP reply strings (with enhanced status codes) or None for "go on";
-the protocol layers (smtp/, later api/) only relay them. Never speaks a protocol itself.
+Decisions come back as typed refusals (cmcd/submit/refusals.py: a reason, an SMTP code, an
+enhanced status code and a text) or None for "go on", and a message taken as Accepted(queue_id);
+the protocol layers (smtp/, api/) render them and never read their text. Never speaks a protocol itself.
 """
 
 from __future__ import annotations
@@ -25,38 +26,34 @@ from cmcd import crypto, policy
 from cmcd.config import Config, SendingLimits
 from cmcd.doors import DataBudget
 from cmcd.errors import SpoolError
+from cmcd.queue import quota
 from cmcd.queue.audit import AuditLog
 from cmcd.queue.ids import QueueIdGenerator
-from cmcd.queue.spool import ApiRequest, DayClock, Spool
+from cmcd.queue.requests import ApiRequest
+from cmcd.queue.spool import DayClock, Spool
 from cmcd.records import Recipient, Sender, SpoolMessage, User
-from cmcd.stats import IntakeStats, counts_refusals, counts_refusals_async
+from cmcd.stats import IntakeStats
 from cmcd.store import AsyncStore, LoginRecord
 from cmcd.store.api_store import split_api_key
 from cmcd.submit import headers
+from cmcd.submit import refusals as refuse
+from cmcd.submit.refusals import Accepted, counted, counted_async
 from cmcd.submit.signing import DkimSigner
 from cmcd.tenancy.directory import Directory, Snapshot
-from cmcd.tenancy.rules import SEND_ROLES
+from cmcd.tenancy.refusals import Reason, Refusal
+from cmcd.tenancy.rules import SEND_ROLES, address_refusal
 from cmcd.tenancy.suppressions import Suppressions
 
 log = logging.getLogger("cmcd.submit")
 
-_BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x20\x7f]")
-_DOMAIN = re.compile(
-    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}$|^\[[0-9A-Fa-f:.]+\]$"
-)
+_HELO_BAD_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
 #: The DKIM hook: given the final message bytes and the From: domain, return signed bytes.
 Signer = Callable[[bytes, str], bytes]
 
 VERIFY_SLOTS = 2  # concurrent scrypt verifications (bounds memory at 64 MiB and leaves a core free)
-REPLY_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 #: the SMTP AUTH user name that says "the password is an API key" (the key's id works too)
 APIKEY_LOGIN = "apikey"
-REPLY_AUTH_THROTTLED = "421 4.7.0 Too many failed logins from your address; try again later"
-REPLY_SPOOL_FAILED = "451 4.3.0 Could not write the message to the queue; try again later"
-#: every refusal while (and after) the sender's tenant is purged: MAIL, RCPT, end of data, API sends
-REPLY_TENANT_CLOSING = "550 5.7.1 Your tenant is being deleted; nothing more is accepted for it"
-REPLY_AUTH_CLOSING = "535 5.7.8 Authentication credentials invalid: the account is being deleted"
 #: the login-log name of a failed login that used a purged tenant's login name (the name is erased)
 PURGED_LOGIN = "(login of a purged tenant)"
 
@@ -70,18 +67,6 @@ class SessionInfo:
     tls_version: str | None
     tls_cipher: str | None
     protocol: str = ""  # set by ways in other than SMTP ("HTTPS")
-
-
-def address_problem(address: str, smtputf8: bool) -> str | None:
-    """A 501 5.1.3 reply for an address we will not queue, or None."""
-    if _BAD_ADDRESS_CHARS.search(address):
-        return "501 5.1.3 Bad address syntax: control characters or spaces are not allowed"
-    if not smtputf8 and not address.isascii():
-        return "501 5.1.3 Non-ASCII address requires SMTPUTF8"
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not _DOMAIN.match(domain):
-        return "501 5.1.3 Bad address syntax: expected local-part@domain"
-    return None
 
 
 def _login_key(address_key: str, login: str) -> str:
@@ -153,7 +138,7 @@ class SubmitService:
         else:
             self._directory_reloaded(self.directory.snapshot)
         day = self._days.day(self.clock())
-        counts = await self.spool.call(lambda conn: self.spool.daily_counts(day))
+        counts = await quota.daily_counts(self.spool, self.astore, day)  # the store's, and any not shipped yet
         self._daily = {(tenant_id, day): n for tenant_id, n in counts.items()}
 
     def _directory_reloaded(self, snap: Snapshot) -> None:
@@ -178,7 +163,7 @@ class SubmitService:
 
     def close_tenant(self, tenant_id: int, logins: tuple[str, ...]) -> None:
         """The first step of a tenant purge: from this call on, nothing of TENANT_ID is accepted
-        (AUTH, MAIL, RCPT, end of data, API sends refused with REPLY_TENANT_CLOSING).
+        (AUTH, MAIL, RCPT, end of data, API sends refused with refusals.TENANT_CLOSING).
 
         Synchronous on purpose: every hand-off to the spool checks the flag with no await between
         the check and the spool's FIFO queue, so once this returns, every commit of the tenant
@@ -246,8 +231,8 @@ class SubmitService:
 
     async def authenticate(
         self, login: str, password: str, client_ip: str, mechanism: str, *, log_ok: bool = True
-    ) -> Sender | str:
-        """SMTP AUTH: a Sender on success, or the reply to send (535, or 421 once the IP is throttled).
+    ) -> Sender | Refusal:
+        """SMTP AUTH: a Sender on success, or the refusal (535, or 421 once the IP is throttled).
         LOG_OK false leaves the success row to the caller.
 
         SMTP credentials only. An application's: an API key of a sending role (sender or admin)
@@ -273,13 +258,14 @@ class SubmitService:
         if isinstance(result, Sender) and result.tenant_id in self._closing:
             now = self.clock()
             self._log_login(LoginRecord(now, name, client_ip, mechanism, "fail", result.tenant_id, "tenant deleted"))
-            result = REPLY_AUTH_CLOSING
-        self.stats.authenticated(isinstance(result, Sender), throttled=result == REPLY_AUTH_THROTTLED)
+            result = refuse.AUTH_CLOSING
+        throttled = isinstance(result, Refusal) and result.reason is Reason.AUTH_THROTTLED
+        self.stats.authenticated(isinstance(result, Sender), throttled=throttled)
         if isinstance(result, Sender) and log_ok:
             self._log_login(LoginRecord(self.clock(), name, client_ip, mechanism, "ok", result.tenant_id))
         return result
 
-    async def _authenticate_key(self, name: str, token: str, client_ip: str, mechanism: str) -> Sender | str:
+    async def _authenticate_key(self, name: str, token: str, client_ip: str, mechanism: str) -> Sender | Refusal:
         """An API key as the AUTH password: a digest lookup (the key is 256 random bits, no scrypt
         needed), read from the store every time, so a revoked key fails at once."""
         await self.current()
@@ -287,7 +273,7 @@ class SubmitService:
         which = self.auth_throttle(client_ip, name)
         if which is not None:
             self._log_login(self._throttled_row(now, name, client_ip, mechanism, which))
-            return REPLY_AUTH_THROTTLED
+            return refuse.AUTH_THROTTLED
         caller = await self.astore.call(self.astore.store.apikey_caller, token)
         if caller is not None and caller.role in SEND_ROLES:
             return Sender(caller.user_id, caller.tenant_id, caller.tenant, caller.login, mechanism)
@@ -297,22 +283,22 @@ class SubmitService:
 
     def _auth_failed(
         self, login: str, client_ip: str, mechanism: str, now: float, tenant_id: int | None, detail: str
-    ) -> str:
+    ) -> Refusal:
         """Count and log a failed AUTH; the one reply every failure gets."""
         self.note_auth_failure(client_ip, login)
         self._log_login(LoginRecord(now, login, client_ip, mechanism, "fail", tenant_id, detail))
         which = self.auth_throttle(client_ip, login)
         if which is not None:
             log.warning("event=auth_throttled client_ip=%s limit=%s", client_ip, which)
-        return REPLY_AUTH_INVALID
+        return refuse.AUTH_INVALID
 
-    async def _authenticate_once(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | str:
+    async def _authenticate_once(self, login: str, password: str, client_ip: str, mechanism: str) -> Sender | Refusal:
         await self.current()
         now = self.clock()
         which = self.auth_throttle(client_ip, login)
         if which is not None:
             self._log_login(self._throttled_row(now, login, client_ip, mechanism, which))
-            return REPLY_AUTH_THROTTLED
+            return refuse.AUTH_THROTTLED
         digest = hmac.new(self._cache_key, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
         cached = self._auth_cache.get(login)
         if cached is not None and cached[2] > now and hmac.compare_digest(cached[0], digest):
@@ -398,80 +384,80 @@ class SubmitService:
     def owns_domain(self, sender: Sender, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.directory.snapshot.tenant_domains.get(sender.tenant_id, frozenset())
 
-    @counts_refusals
-    def check_mail(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> str | None:
-        problem = self.check_sender(sender, address, smtputf8, size)
-        if problem:
-            return problem
+    @counted
+    def check_mail(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> Refusal | None:
+        refusal = self.check_sender(sender, address, smtputf8, size)
+        if refusal is not None:
+            return refusal
         now = self.clock()
         limits = self._limits(sender.tenant)
         if policy.over_daily_quota(
             self._daily.get((sender.tenant_id, self._days.day(now)), 0), limits.messages_per_day
         ):
-            return f"550 5.7.1 Daily quota of {limits.messages_per_day} messages reached for this tenant"
+            return refuse.daily_quota(limits.messages_per_day)
         if not self._rates.take(sender.tenant_id, limits.messages_per_second, now):
-            return (
-                f"451 4.7.1 Rate limit of {limits.messages_per_second:g} messages per second reached; try again later"
-            )
+            return refuse.rate_limit(limits.messages_per_second)
         return None
 
-    def check_sender(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> str | None:
+    def check_sender(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> Refusal | None:
         """MAIL's checks without the quota and rate (an API request is counted as a whole: check_batch)."""
         if sender.tenant_id in self._closing:
-            return REPLY_TENANT_CLOSING
+            return refuse.TENANT_CLOSING
         if not address:
-            return "550 5.7.1 A null sender is not allowed for submission"
+            return refuse.NULL_SENDER
         min_free = self.config.spool.min_free
         if min_free and self.spool.free_bytes() < min_free + size:
-            return "452 4.3.1 Insufficient system storage: the queue's disk is nearly full; try again later"
-        problem = address_problem(address, smtputf8)
-        if problem:
-            return problem
+            return refuse.SPOOL_LOW
+        refusal = address_refusal(address, smtputf8=smtputf8)
+        if refusal is not None:
+            return refusal
         if not self.owns_domain(sender, address.rpartition("@")[2]):
-            return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
+            return refuse.SENDER_DOMAIN
         return None
 
-    @counts_refusals
-    def check_rcpt(self, sender: Sender, address: str, accepted_so_far: int, smtputf8: bool) -> str | None:
+    @counted
+    def check_rcpt(self, sender: Sender, address: str, accepted_so_far: int, smtputf8: bool) -> Refusal | None:
         if sender.tenant_id in self._closing:
-            return REPLY_TENANT_CLOSING
+            return refuse.TENANT_CLOSING
         if accepted_so_far >= self.config.smtp.max_recipients:
-            return f"452 4.5.3 Too many recipients (limit {self.config.smtp.max_recipients} per message)"
-        problem = address_problem(address, smtputf8)
-        if problem is None and address.endswith("]"):
+            return refuse.too_many_recipients(self.config.smtp.max_recipients)
+        refusal = address_refusal(address, smtputf8=smtputf8)
+        if refusal is None and address.endswith("]"):
             # an address literal names a host, not a mail domain: no transactional mail needs one,
             # and delivering to whatever IP a tenant writes would let it aim cmcd at any host
-            return "550 5.1.2 Address literals are not accepted as recipients"
-        if problem is None and sender.tenant_id in self.directory.snapshot.refuse_suppressed:
+            return refuse.ADDRESS_LITERAL
+        if refusal is None and sender.tenant_id in self.directory.snapshot.refuse_suppressed:
             if self.suppressions.contains(sender.tenant_id, address):
-                return "550 5.7.1 Recipient address is on your suppression list (it bounced before)"
-        return problem
+                return refuse.SUPPRESSED
+        return refusal
 
     # -- end of data -----------------------------------------------------------------------
 
-    @counts_refusals_async
-    async def finish(self, sender: Sender, mail_from: str, rcpts: list[str], body: bytes, info: SessionInfo) -> str:
-        """Check the header, fix it, sign, spool; return the final reply."""
+    @counted_async
+    async def finish(
+        self, sender: Sender, mail_from: str, rcpts: list[str], body: bytes, info: SessionInfo
+    ) -> Accepted | Refusal:
+        """Check the header, fix it, sign, spool: Accepted once the message is on stable storage."""
         prepared = await self.prepare(sender, mail_from, rcpts, body, info)
-        if isinstance(prepared, str):
+        if isinstance(prepared, Refusal):
             return prepared
         now = prepared.received_ts
         day = self._days.day(now)
         key = (sender.tenant_id, day)
         quota = self._limits(sender.tenant).messages_per_day
         if policy.over_daily_quota(self._daily.get(key, 0), quota):  # concurrent sessions passed MAIL together
-            return f"550 5.7.1 Daily quota of {quota} messages reached for this tenant"
+            return refuse.daily_quota(quota)
         if self._gone(sender):  # no await from here to the spool's queue (close_tenant)
-            return REPLY_TENANT_CLOSING
+            return refuse.TENANT_CLOSING
         self._reserve(key, 1)  # given back if the commit fails
         try:
             await self.spool.commit(prepared, day)
         except SpoolError:
             self._daily[key] = self._daily.get(key, 1) - 1
-            return REPLY_SPOOL_FAILED
+            return refuse.SPOOL_FAILED
         self.accepted += 1
         self.stats.accept(sender.tenant)
-        return f"250 2.0.0 Ok: queued as {prepared.queue_id}"
+        return Accepted(prepared.queue_id)
 
     async def prepare(
         self,
@@ -481,22 +467,22 @@ class SubmitService:
         body: bytes,
         info: SessionInfo,
         tags: tuple[str, ...] = (),
-    ) -> SpoolMessage | str:
+    ) -> SpoolMessage | Refusal:
         """The message as it will be spooled (sender domain and From: checked, Received:,
-        Message-ID and Date added, DKIM-signed off the loop), or the refusal reply."""
+        Message-ID and Date added, DKIM-signed off the loop), or the refusal."""
         if mail_from and not self.owns_domain(sender, mail_from.rpartition("@")[2]):
-            return "553 5.7.1 Sender address rejected: its domain is not one of your tenant's domains"
+            return refuse.SENDER_DOMAIN
         hdr = headers.parse(body)
         if hdr.received >= self.config.smtp.max_hops:  # with ours it would pass the limit: a mail loop
             self.loops_refused += 1
             log.warning("event=mail_loop check=hops tenant=%s hops=%d", sender.tenant, hdr.received)
-            return f"554 5.4.6 Too many hops: the message already has {hdr.received} Received: fields (mail loop?)"
+            return refuse.mail_loop(hdr.received)
         domains = headers.from_domains(hdr)
         if not domains:
-            return "550 5.7.1 Message has no From: header; it must name one of your domains"
+            return refuse.NO_FROM
         for d in domains:
             if not d or not self.owns_domain(sender, d):
-                return "550 5.7.1 From: header rejected: its domain is not one of your tenant's domains"
+                return refuse.FROM_DOMAIN
         now = self.clock()
         qid = self.ids.next(now)
         body = headers.insert(body, hdr, self._received(qid, sender, info, now), self._missing(hdr, qid, now))
@@ -525,38 +511,38 @@ class SubmitService:
             self._daily = {k: c for k, c in self._daily.items() if k[1] == key[1]}
         self._daily[key] = self._daily.get(key, 0) + n
 
-    def check_batch(self, sender: Sender, n: int) -> str | None:
+    def check_batch(self, sender: Sender, n: int) -> Refusal | None:
         """Before an API request queues N messages: the daily quota must leave room for all N, and
         the per-second rate admits the request if a token is there and charges all N (the bucket
-        may go negative, so the average rate holds). A reply string when refused."""
+        may go negative, so the average rate holds). The refusal, if refused."""
         now = self.clock()
         limits = self._limits(sender.tenant)
         day = self._days.day(now)
         if limits.messages_per_day and self._daily.get((sender.tenant_id, day), 0) + n > limits.messages_per_day:
-            return f"550 5.7.1 Daily quota of {limits.messages_per_day} messages would be exceeded for this tenant"
+            return refuse.daily_quota(limits.messages_per_day, would_exceed=True)
         if not self._rates.charge(sender.tenant_id, limits.messages_per_second, now, n):
-            return (
-                f"451 4.7.1 Rate limit of {limits.messages_per_second:g} messages per second reached; try again later"
-            )
+            return refuse.rate_limit(limits.messages_per_second)
         return None
 
-    async def commit_all(self, sender: Sender, messages: list[SpoolMessage], request: ApiRequest | None) -> str | None:
+    async def commit_all(
+        self, sender: Sender, messages: list[SpoolMessage], request: ApiRequest | None
+    ) -> Refusal | None:
         """Spool MESSAGES prepared for one API request in one transaction (with the request's
-        Idempotency-Key): None once all are on disk, else the refusal reply (none was queued)."""
+        Idempotency-Key): None once all are on disk, else the refusal (none was queued)."""
         day = self._days.day(self.clock())
         key = (sender.tenant_id, day)
         quota = self._limits(sender.tenant).messages_per_day
         if quota and self._daily.get(key, 0) + len(messages) > quota:
-            return f"550 5.7.1 Daily quota of {quota} messages would be exceeded for this tenant"
+            return refuse.daily_quota(quota, would_exceed=True)
         if self._gone(sender):  # no await from here to the spool's queue (close_tenant)
-            return REPLY_TENANT_CLOSING
+            return refuse.TENANT_CLOSING
         self._reserve(key, len(messages))
         forget_before = self.clock() - self.config.api.idempotency_ttl
         try:
             await self.spool.commit_all(messages, day, request, forget_before)
         except SpoolError:  # give the reservation back (the day may have turned meanwhile)
             self._daily[key] = self._daily.get(key, len(messages)) - len(messages)
-            return REPLY_SPOOL_FAILED
+            return refuse.SPOOL_FAILED
         self.accepted += len(messages)
         for _ in messages:
             self.stats.accept(sender.tenant)
@@ -569,7 +555,7 @@ class SubmitService:
         elif sender.mechanism == "IP":
             protocol = "ESMTPS" if info.tls_version else "ESMTP"
         tls = f"\r\n\t(using {info.tls_version} with cipher {info.tls_cipher})" if info.tls_version else ""
-        helo = _BAD_ADDRESS_CHARS.sub("", info.helo)[:255] or "unknown"
+        helo = _HELO_BAD_CHARS.sub("", info.helo)[:255] or "unknown"
         stamp = self._date(now)
         return (
             f"Received: from {helo} ([{info.client_ip}]){tls}\r\n"

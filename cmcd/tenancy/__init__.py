@@ -15,7 +15,11 @@ from cmcd.queue.audit import AuditLog
 from cmcd.store import AsyncStore
 from cmcd.tenancy.accounts import Accounts
 from cmcd.tenancy.core import Core, Op
+from cmcd.tenancy.credentials import Credentials
 from cmcd.tenancy.directory import Directory
+from cmcd.tenancy.domains import Domains
+from cmcd.tenancy.tenants import Tenants
+from cmcd.tenancy.webhooks import Webhooks
 
 __all__ = ["Directory", "Op", "Tenancy"]
 
@@ -27,3 +31,7 @@ class Tenancy:
         self.directory = directory
         self.core = Core(config, astore, audit, directory)
         self.accounts = Accounts(self.core)
+        self.tenants = Tenants(self.core)
+        self.domains = Domains(self.core)
+        self.credentials = Credentials(self.core)
+        self.webhooks = Webhooks(self.core)

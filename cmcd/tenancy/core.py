@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from cmcd import crypto
 from cmcd.config import Config
@@ -37,13 +37,16 @@ T = TypeVar("T")
 class Op:
     """Who asks for a change and how the operation log names it. ACTION and TARGET are the
     door's words for it (`user.add` and `acme/alice` from cmcctl, `api.users.add` from the API);
-    DETAIL is added to the row of a change that was made."""
+    DETAIL is added to the row of a change that was made. OK_ROW, when the door names what the
+    change made (a key id, a webhook id), gives that row's (target, detail) from the command's
+    change instead."""
 
     actor: str
     action: str
     target: str
     actor_uid: int | None = None
     detail: str = ""
+    ok_row: Callable[[Any], tuple[str, str]] | None = None
 
 
 def as_refused(exc: StoreError) -> Refused:
@@ -97,9 +100,12 @@ class Core:
                 out = fn(self.store)
                 tenant_id = self._tenant_id(tenant)
                 self.store.bump_directory()
+                target, said = (
+                    op.ok_row(out) if op.ok_row is not None
+                    else (op.target, op.detail if detail is None else detail(out))
+                )  # fmt: skip
                 self.store._insert_ops([
-                    OpRecord(time.time(), op.actor_uid, op.actor, op.action, op.target, "ok", tenant_id,
-                             op.detail if detail is None else detail(out))
+                    OpRecord(time.time(), op.actor_uid, op.actor, op.action, target, "ok", tenant_id, said)
                 ])  # fmt: skip
             return out
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,12 @@ from cmcd import crypto
 from cmcd.admin.server import AdminServer
 from cmcd.config import AdminConfig, Config
 from cmcd.errors import CmcdError
+from cmcd.queue.audit import AuditLog
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import Spool
 from cmcd.records import Recipient, SpoolMessage
 from cmcd.store import AsyncStore, open_store
+from cmcd.tenancy import Directory, Tenancy
 
 STATUS = {"state": "running", "version": "test"}
 
@@ -35,10 +37,15 @@ STATUS = {"state": "running", "version": "test"}
 @dataclass
 class Daemon:
     server: AdminServer
+    tenancy: Tenancy
     astore: AsyncStore
     spool: Spool
     socket: Path
-    changes: list[int] = field(default_factory=list)
+    version_at_start: int
+
+    async def changes(self) -> int:
+        """How many changes tenancy commands made (how far the store's directory version moved)."""
+        return (await self.astore.call(self.astore.store.directory_state))[0] - self.version_at_start
 
     async def ops(self) -> list[dict[str, Any]]:
         """The operation log, oldest first."""
@@ -66,6 +73,13 @@ def _config(sock: Path) -> Config:
     return Config(admin=AdminConfig(socket=str(sock)))
 
 
+async def tenancy_of(config: Config, astore: AsyncStore, spool: Spool) -> Tenancy:
+    """The tenancy layer as the daemon builds it (its directory read once; no poller)."""
+    directory = Directory(astore, poll_s=0)
+    await directory.start()
+    return Tenancy(config, astore, AuditLog(spool, astore), directory)
+
+
 @pytest.fixture
 async def daemon(tmp_path: Path, sock_dir: Path) -> AsyncIterator[Daemon]:
     store = open_store(tmp_path / "cmcd.db", tmp_path / "data.key")
@@ -73,13 +87,14 @@ async def daemon(tmp_path: Path, sock_dir: Path) -> AsyncIterator[Daemon]:
     spool = Spool(tmp_path / "spool", store.keys)
     spool.start()
     sock = sock_dir / "admin.sock"
-    changes: list[int] = []
-    server = AdminServer(_config(sock), astore, spool, on_change=lambda: changes.append(1), status=lambda: STATUS)
+    tenancy = await tenancy_of(_config(sock), astore, spool)
+    server = AdminServer(_config(sock), tenancy, spool, status=lambda: STATUS)
     await server.start()
     try:
-        yield Daemon(server, astore, spool, sock, changes)
+        yield Daemon(server, tenancy, astore, spool, sock, store.directory_state()[0])
     finally:
         await server.close()
+        await tenancy.directory.close()
         spool.stop()
         astore.close()
 
@@ -166,7 +181,7 @@ async def test_stale_socket_replaced_live_socket_refused(sock_dir: Path, daemon:
     s.bind(str(stale))
     s.close()  # leaves the file behind with nothing listening, like a crashed daemon
     assert stale.exists()
-    other = AdminServer(_config(stale), daemon.astore, daemon.spool, on_change=lambda: None, status=lambda: STATUS)
+    other = AdminServer(_config(stale), daemon.tenancy, daemon.spool, status=lambda: STATUS)
     await other.start()
     try:
         r = await cmcctl(stale, "--json", "status")
@@ -174,7 +189,7 @@ async def test_stale_socket_replaced_live_socket_refused(sock_dir: Path, daemon:
     finally:
         await other.close()
 
-    rival = AdminServer(_config(daemon.socket), daemon.astore, daemon.spool, on_change=lambda: None, status=dict)
+    rival = AdminServer(_config(daemon.socket), daemon.tenancy, daemon.spool, status=dict)
     with pytest.raises(CmcdError, match="another process is serving the admin socket"):
         await rival.start()
     assert json.loads(await ok(daemon, "--json", "status")) == STATUS  # the first server is untouched
@@ -217,7 +232,7 @@ async def test_raw_protocol_bad_lines_keep_connection_usable(daemon: Daemon) -> 
     finally:
         writer.close()
         await writer.wait_closed()
-    assert daemon.changes == [1]  # only the one successful mutation
+    assert await daemon.changes() == 1  # only the one successful mutation
     assert [(o["action"], o["result"]) for o in await daemon.ops()] == [
         ("tenant.add", "refused"),
         ("tenant.add", "refused"),
@@ -242,7 +257,7 @@ async def test_status_and_config_option(daemon: Daemon, tmp_path: Path) -> None:
 async def test_tenant_add_list_show(daemon: Daemon) -> None:
     assert (await ok(daemon, "tenant", "add", "acme")).strip() == "added tenant acme (id 1)"
     await ok(daemon, "tenant", "add", "globex")
-    assert daemon.changes == [1, 1]
+    assert await daemon.changes() == 2
     assert table_rows(await ok(daemon, "tenant", "list")) == [["acme", "1"], ["globex", "2"]]
     assert json.loads(await ok(daemon, "--json", "tenant", "list")) == [
         {"id": 1, "name": "acme"},
@@ -270,7 +285,7 @@ async def test_tenant_errors(daemon: Daemon) -> None:
     assert await refused(daemon, "tenant", "add", "acme") == "tenant 'acme' already exists"
     assert "use letters, digits" in await refused(daemon, "tenant", "add", "bad name!")
     assert await refused(daemon, "tenant", "show", "nosuch") == "no tenant 'nosuch'"
-    assert daemon.changes == [1]
+    assert await daemon.changes() == 1
     dup = (await daemon.ops())[1]
     assert (dup["action"], dup["target"], dup["result"]) == ("tenant.add", "acme", "refused")
     assert dup["detail"] == "tenant 'acme' already exists" and dup["tenant"] == "acme"
@@ -282,12 +297,14 @@ async def test_tenant_errors(daemon: Daemon) -> None:
 
 async def test_user_add_with_password_from_stdin(daemon: Daemon) -> None:
     await ok(daemon, "tenant", "add", "acme")
-    out = await ok(daemon, "user", "add", "acme", "app1", "--role", "admin", "--password-stdin", stdin=b"s3cret-Pass\n")
+    out = await ok(
+        daemon, "user", "add", "acme", "app1", "--role", "admin", "--password-stdin", stdin=b"s3cret-Pass-1\n"
+    )
     assert out.strip() == "added user app1 (admin) to tenant acme"
-    assert await verifies(daemon, "app1", "s3cret-Pass")
+    assert await verifies(daemon, "app1", "s3cret-Pass-1")
     assert table_rows(await ok(daemon, "user", "list", "acme"))[0][:3] == ["app1", "admin", "yes"]
     assert "no password on stdin" in await refused(daemon, "user", "add", "acme", "app2", "--password-stdin")
-    assert await refused(daemon, "user", "add", "acme", "app1", "--password-stdin", stdin=b"x\n") == (
+    assert await refused(daemon, "user", "add", "acme", "app1", "--password-stdin", stdin=b"another-password\n") == (
         "login 'app1' already exists"
     )
 
@@ -341,7 +358,7 @@ async def test_unknown_tenant(daemon: Daemon) -> None:
     assert await refused(daemon, "user", "list", "nosuch") == "no tenant 'nosuch'"
     assert await refused(daemon, "domain", "add", "nosuch", "a.example") == "no tenant 'nosuch'"
     assert await refused(daemon, "queue", "list", "--tenant", "nosuch") == "no tenant 'nosuch'"
-    assert daemon.changes == []
+    assert await daemon.changes() == 0
     ops = await daemon.ops()
     assert [(o["action"], o["target"], o["result"], o["tenant"]) for o in ops] == [
         ("user.add", "nosuch/app1", "refused", None),
@@ -370,7 +387,7 @@ async def test_ipcred_add_list_delete(daemon: Daemon) -> None:
     listed = json.loads(await ok(daemon, "--json", "ipcred", "list", "acme"))
     assert listed == [{"tenant": "acme", "login": "app1", "cidr": "2001:db8::1/128"}]
     assert "has no credential" in await refused(daemon, "ipcred", "delete", "acme", "app1", "192.0.2.0/24")
-    assert len(daemon.changes) == 5  # tenant, user, two adds, one delete
+    assert await daemon.changes() == 5  # tenant, user, two adds, one delete
 
 
 async def test_domain_add_list(daemon: Daemon) -> None:
@@ -461,7 +478,7 @@ async def test_ops_log_records_caller_and_never_passwords(daemon: Daemon) -> Non
     dump = json.dumps(ops)
     for secret in ("given-Password-1", generated, changed, "refused-Password-2"):
         assert secret not in dump
-    assert len(daemon.changes) == 7
+    assert await daemon.changes() == 7
 
 
 async def test_overlong_request_line_is_discarded_and_connection_stays_usable(daemon: Daemon) -> None:
@@ -477,4 +494,4 @@ async def test_overlong_request_line_is_discarded_and_connection_stays_usable(da
     finally:
         writer.close()
         await writer.wait_closed()
-    assert await daemon.ops() == [] and daemon.changes == []
+    assert await daemon.ops() == [] and await daemon.changes() == 0

@@ -286,6 +286,8 @@ def test_blocks_and_audit(world: Any) -> None:
     audit = d.http("GET", "/v1/audit", token=keys["acme-admin"])[2]["data"]
     actions = [a["action"] for a in audit]
     assert "api.blocks.add" in actions and "api.blocks.delete" in actions and "api.emails.send" in actions
+    blocks = {(a["action"], a["target"], a["result"], a["detail"]) for a in audit}
+    assert {("api.blocks.add", "1 address", "ok", "added"), ("api.blocks.delete", "1 address", "ok", "")} <= blocks
     assert all(a["actor"].startswith("api:") or a["actor"] for a in audit)
     beta_audit = d.http("GET", "/v1/audit", token=keys["beta-admin"])[2]["data"]
     assert not any(a["action"] == "api.blocks.add" for a in beta_audit)
@@ -347,7 +349,7 @@ def test_totp_enrolment_and_session_login(world: Any) -> None:
 
 def test_otp_enroll_prints_a_qr_code(world: Any) -> None:
     d, _, _, _ = world
-    d.admin("user.add", tenant="acme", login="qr-admin", role="admin", password="pw-qr")
+    d.admin("user.add", tenant="acme", login="qr-admin", role="admin", password="pw-qr-admin-1")
     proc = subprocess.run(
         [sys.executable, "-m", "cmcd.admin.cli", "--socket", str(d.root / "admin.sock"), "user", "otp-enroll", "acme", "qr-admin"],
         capture_output=True, text=True, timeout=30,
@@ -398,6 +400,13 @@ def test_tenant_admin_manages_users_and_keys(world: Any) -> None:
     assert ("api.users.add", "ok") in actions and ("api.users.add", "refused") in actions
     assert ("api.apikeys.revoke", "ok") in actions and ("api.users.delete", "ok") in actions
     assert ("api.apikeys.add", "refused") in actions and ("api.users.delete", "refused") in actions
+    # one row per change, written by the tenancy command, in the API's words: the key it made by id
+    rows = {(o["action"], o["target"], o["result"]): o for o in d.ops_log() if o["actor"].startswith("api:")}
+    added = rows[("api.users.add", "reporting", "ok")]
+    assert added["actor"].startswith("api:acme-admin (") and added["detail"] == "role=viewer"
+    assert rows[("api.apikeys.add", f"reporting {key['key_id']}", "ok")]["detail"] == "role=viewer"
+    assert ("api.apikeys.revoke", key["key_id"], "ok") in rows and ("api.users.delete", "reporting", "ok") in rows
+    assert len([o for o in d.ops_log() if (o["action"], o["target"]) == ("api.users.delete", "reporting")]) == 2
 
 
 def test_api_requests_are_counted_in_metrics(world: Any) -> None:

@@ -23,16 +23,17 @@ import pytest
 
 import cmcd.admin.backup_verbs as backup_verbs
 import cmcd.admin.cli as ctl
-import cmcd.admin.server as server_mod
 import cmcd.daemon as daemon_mod
-from cmcd.admin.backup_verbs import BACKUP_VERBS, BackupScheduler
+from cmcd.admin.backup_verbs import BackupScheduler
 from cmcd.admin.server import AdminServer
 from cmcd.config import AdminConfig, BackupConfig, Config, Duration, SpoolConfig, StoreConfig
+from cmcd.queue.audit import AuditLog
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import Spool
 from cmcd.records import Recipient, SpoolMessage
 from cmcd.store import AsyncStore, open_store
 from cmcd.store import backup as bk
+from cmcd.tenancy import Directory, Tenancy
 
 # Until cli.py, server.py and daemon.py wire the backup commands in, drive them the way they will be.
 if "backup" in ctl.cli.commands:
@@ -57,6 +58,7 @@ class Env:
     server: AdminServer
     astore: AsyncStore
     spool: Spool
+    directory: Directory
     running: bool = True
 
     @property
@@ -75,6 +77,7 @@ class Env:
         if self.running:
             self.running = False
             await self.server.close()
+            await self.directory.close()
             self.spool.stop()
             self.astore.close()
 
@@ -84,13 +87,6 @@ class Run:
     code: int
     out: str
     err: str
-
-
-@pytest.fixture(autouse=True)
-def backup_verbs_served(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, verb in BACKUP_VERBS.items():
-        if name not in server_mod.VERBS:
-            monkeypatch.setitem(server_mod.VERBS, name, verb)
 
 
 @pytest.fixture
@@ -140,9 +136,11 @@ async def env(root: Path) -> AsyncIterator[Env]:
     spool = Spool(root / "spool", store.keys)
     spool.start()
     config = _config(root)
-    server = AdminServer(config, astore, spool, on_change=lambda: None, status=lambda: {})
+    directory = Directory(astore, poll_s=0)
+    await directory.start()
+    server = AdminServer(config, Tenancy(config, astore, AuditLog(spool, astore), directory), spool, status=lambda: {})
     await server.start()
-    e = Env(root, config, _config_file(root), server, astore, spool)
+    e = Env(root, config, _config_file(root), server, astore, spool, directory)
     try:
         yield e
     finally:

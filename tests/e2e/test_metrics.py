@@ -17,7 +17,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from cmcd import policy, stats
-from cmcd.submit import service
+from cmcd.submit import refusals, service
+from cmcd.tenancy.refusals import Reason, Refusal
+from cmcd.tenancy.rules import address_refusal
 from tests.conftest import Cmcd, message
 from tests.e2e.test_delivery import FAST, final, submit
 from tests.peers import DnsServer, Sink, free_port
@@ -170,28 +172,57 @@ def _refusals(module: ModuleType) -> list[str]:
     return found
 
 
+AUTH_REASONS = (Reason.AUTH_INVALID, Reason.AUTH_THROTTLED)
+#: every refusal submit makes, those with a number in them made with one (AUTH's are counted in
+#: cmcd_smtp_auth_total instead)
+MESSAGE_REFUSALS = [
+    *(v for v in vars(refusals).values() if isinstance(v, Refusal) and v.reason not in AUTH_REASONS),
+    refusals.daily_quota(5),
+    refusals.daily_quota(5, would_exceed=True),
+    refusals.rate_limit(2.5),
+    refusals.too_many_recipients(3),
+    refusals.mail_loop(30),
+    refusals.bad_content(policy.check_data(b"\r\na\x00b\r\n", "reject").problem),
+    *(r for r in map(address_refusal, ("no-at-sign", "sp ace@a.test", "\u00e9@a.test")) if r is not None),
+]
+
+
 def test_every_refusal_the_service_makes_has_a_reason_of_its_own() -> None:
-    # counted in cmcd_smtp_auth_total instead
-    auth = (service.REPLY_AUTH_INVALID, service.REPLY_AUTH_THROTTLED, service.REPLY_AUTH_CLOSING)
-    refusals = [r for r in _refusals(service) if r not in auth]
-    assert len(refusals) >= 10
-    assert {r: stats.reject_reason(r) for r in refusals if stats.reject_reason(r) == "other"} == {}
+    assert _refusals(service) == []  # every refusal it makes is a typed one (cmcd/submit/refusals.py)
+    assert len(MESSAGE_REFUSALS) >= 10
+    counted = stats.IntakeStats()
+    for refusal in MESSAGE_REFUSALS:
+        counted.refused(refusal)
+    assert {k for k, v in counted.rejected.items() if not v} == {"other"}  # each label but "other" is one's own
+
+
+class _Checks:
+    """A check that returns what it is given, counted as SubmitService's are."""
+
+    def __init__(self) -> None:
+        self.stats = stats.IntakeStats()
+
+    @refusals.counted
+    def check(self, result: Refusal | refusals.Accepted | None) -> Refusal | refusals.Accepted | None:
+        return result
 
 
 @pytest.mark.parametrize(
-    ("reply", "reason"),
+    ("result", "reason"),
     [
-        ("552 5.3.4 Message size exceeds fixed maximum message size", "too_big"),
-        ("452 4.3.1 Insufficient system storage; try again later", "busy"),
-        (policy.check_data(b"\r\na\x00b\r\n", "reject").problem, "bad_content"),
-        ("550 5.7.1 Recipient address is on your suppression list (it bounced before)", "suppressed"),
-        ("250 2.0.0 Ok: queued as X", None),
-        ("554 5.0.0 something new", "other"),
+        (refusals.TOO_BIG, "too_big"),
+        (refusals.DATA_BUSY, "busy"),
+        (refusals.bad_content(policy.check_data(b"\r\na\x00b\r\n", "reject").problem), "bad_content"),
+        (refusals.SUPPRESSED, "suppressed"),
+        (refusals.Accepted("X"), None),
+        (None, None),
+        (Refusal(Reason.OTHER, 554, "5.0.0", "something new"), "other"),
+        (Refusal(Reason.CONFLICT, 550, "5.7.1", "no message's reason"), "other"),
     ],
-    ids=["size", "memory", "nul-byte", "suppressed", "accepted-is-no-refusal", "unknown"],
+    ids=["size", "memory", "nul-byte", "suppressed", "accepted-is-no-refusal", "go-on", "unknown", "not-a-message"],
 )
-def test_refusal_reasons(reply: str, reason: str | None) -> None:
-    counted = stats.IntakeStats()
-    counted.refused(reply)
-    assert {k: v for k, v in counted.rejected.items() if v} == ({reason: 1} if reason else {})
-    assert set(counted.rejected) == set(stats.REJECT_REASONS)
+def test_refusal_reasons(result: Refusal | refusals.Accepted | None, reason: str | None) -> None:
+    checks = _Checks()
+    assert checks.check(result) is result
+    assert {k: v for k, v in checks.stats.rejected.items() if v} == ({reason: 1} if reason else {})
+    assert set(checks.stats.rejected) == set(stats.REJECT_REASONS)

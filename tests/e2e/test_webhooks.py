@@ -377,6 +377,8 @@ def test_tenant_admin_manages_webhooks_over_the_api(world: tuple[Cmcd, Receiver]
     ops = [(o["action"], o["result"]) for o in d.ops_log() if o["action"].startswith("api.webhooks")]
     assert ("api.webhooks.add", "ok") in ops and ("api.webhooks.add", "refused") in ops
     assert ("api.webhooks.delete", "refused") in ops and ("api.webhooks.delete", "ok") in ops
+    rows = [(o["target"], o["result"], o["detail"]) for o in d.ops_log() if o["action"] == "api.webhooks.add"]
+    assert (f"webhook={hook['id']}", "ok", "delivered") in rows  # the row names the endpoint made
 
 
 def test_a_tenant_has_at_most_ten_webhooks(world: tuple[Cmcd, Receiver]) -> None:

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from cmcd.queue import manage
-from cmcd.queue.audit import AuditLog, outbox_backlog, put_audit
+from cmcd.queue.audit import AuditLog
 from cmcd.queue.events import EventShipper
 from cmcd.queue.spool import Spool
 from cmcd.store import AsyncStore, open_store
@@ -27,7 +26,7 @@ class Parts:
         return self.astore.store.conn.execute(f"SELECT event_key, tenant_id FROM {table} ORDER BY id").fetchall()
 
     async def backlog(self) -> dict[str, int]:
-        return dict(await self.spool.call(outbox_backlog))
+        return await self.spool.outbox_backlog()
 
 
 @pytest.fixture
@@ -87,7 +86,7 @@ async def test_a_failing_store_sends_rows_to_the_outbox_and_shipping_later_adds_
     assert len(parts.rows("ops_log")) == 1
     assert await parts.backlog() == {"mail": 0, "login": 0, "ops": 0}
     # shipped again (a crash between the store's commit and the outbox's delete): nothing doubles
-    await parts.spool.call(lambda conn: put_audit(conn, "login", logins))
+    await parts.spool.put_audit("login", logins)
     assert await parts.shipper.ship_all() == 22
     assert len(parts.rows("login_log")) == 22
 
@@ -99,7 +98,7 @@ async def test_rows_are_held_in_memory_when_neither_store_nor_spool_can_be_writt
     with monkeypatch.context() as m:
         m.setattr(store, "log_logins", _full)
         m.setattr(store, "log_ops", _full)
-        m.setattr(parts.spool, "call", _async_full)
+        m.setattr(parts.spool, "put_audit", _async_full)
         await parts.audit.logins(_logins(4))
         await parts.audit.ops([OpRecord(T0, 0, "root", "tenant.add", "acme", "ok")])
         assert parts.audit.backlog_in_memory() == 5
@@ -116,7 +115,7 @@ async def _async_full(*args: Any, **kwargs: Any) -> Any:
 
 async def test_rows_of_a_tenant_purged_meanwhile_are_not_brought_back(parts: Parts) -> None:
     store = parts.astore.store
-    await parts.spool.call(lambda conn: put_audit(conn, "login", _logins(3, tenant_id=1) + _logins(2, None)))
+    await parts.spool.put_audit("login", _logins(3, tenant_id=1) + _logins(2, None))
     store.tenant_purge("acme")
     assert await parts.shipper.ship_all() == 5
     assert [t for _, t in parts.rows("login_log")] == [None, None]
@@ -146,7 +145,7 @@ async def test_a_tenant_purge_takes_its_rows_out_of_the_outbox_too(parts: Parts)
         LoginRecord(T0, "alice", "192.0.2.1", "PLAIN", "fail", None),  # a failed login of one of its names
         LoginRecord(T0, "mallory", "192.0.2.1", "PLAIN", "fail", None),
     ]
-    await parts.spool.call(lambda conn: put_audit(conn, "login", rows))
-    await parts.spool.call(lambda conn: put_audit(conn, "ops", [OpRecord(T0, 0, "root", "x", "y", "ok", 1)]))
-    await parts.spool.call(lambda conn: manage.purge_tenant(conn, 1, ("alice",)))
+    await parts.spool.put_audit("login", rows)
+    await parts.spool.put_audit("ops", [OpRecord(T0, 0, "root", "x", "y", "ok", 1)])
+    await parts.spool.purge_tenant(1, ("alice",))
     assert await parts.backlog() == {"mail": 0, "login": 1, "ops": 0}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from cmcd.config import Config
@@ -79,17 +77,14 @@ def test_the_enhanced_code_of_a_closing_reply(reply: Reply, enhanced: str) -> No
 
 
 @pytest.mark.parametrize("name", ["acme\n", "acme\r", "ac\nme", " acme"], ids=["lf", "cr", "inside", "space"])
-def test_a_tenant_or_login_name_with_a_newline_is_refused(tmp_path: Path, name: str) -> None:
-    from cmcd.errors import CmcdError
-    from cmcd.store.store import open_store
+def test_a_tenant_or_login_name_with_a_newline_is_refused(name: str) -> None:
+    """The one rule every door checks names with (tenancy.rules; the store no longer checks)."""
+    from cmcd.tenancy import rules
+    from cmcd.tenancy.refusals import Reason, Refused
 
-    store = open_store(tmp_path / "cmcd.db", tmp_path / "data.key")
-    try:
-        with pytest.raises(CmcdError):
-            store.tenant_add(name)
-        store.tenant_add("acme")
-        with pytest.raises(CmcdError):
-            store.user_add("acme", name.replace("acme", "alice"), "sender", "scrypt$unused")
-        assert [t.name for t in store.tenants()] == ["acme"]
-    finally:
-        store.close()
+    with pytest.raises(Refused) as tenant:
+        rules.check_tenant_name(name)
+    with pytest.raises(Refused) as login:
+        rules.check_login(name.replace("acme", "alice"))
+    assert (tenant.value.refusal.reason, login.value.refusal.reason) == (Reason.INVALID, Reason.INVALID)
+    assert rules.check_tenant_name("acme") == "acme" and rules.check_login("alice") == "alice"

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from cmcd import crypto
-from cmcd.admin import cli, metrics
+from cmcd.admin import cli_base, metrics
 from cmcd.admin import server as admin_server
 from cmcd.api.server import _token_name
 from cmcd.config import from_dict
@@ -101,10 +101,10 @@ def test_a_log_line_cannot_be_forged() -> None:
 
 
 def test_cmcctl_table_cells_escape_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
-    cli.table({"LOGIN": "login", "RESULT": "result"}, [{"login": "a\r\nforged  ok", "result": "fail"}], "none")
+    cli_base.table({"LOGIN": "login", "RESULT": "result"}, [{"login": "a\r\nforged  ok", "result": "fail"}], "none")
     out = capsys.readouterr().out
     assert out.splitlines()[1].startswith("a\\r\\nforged  ok") and len(out.splitlines()) == 2
-    n = cli._emit(iter([{"login": "=1+2", "result": "x\ny"}]), ("login", "result"), "csv")
+    n = cli_base.emit(iter([{"login": "=1+2", "result": "x\ny"}]), ("login", "result"), "csv")
     assert n == 1 and capsys.readouterr().out == "login,result\r\n'=1+2,x\\ny\r\n"
 
 

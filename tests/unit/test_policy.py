@@ -1,4 +1,4 @@
-"""Pure policy tables: DATA line endings and NUL, dot-unstuffing, slow clients, windows and buckets on a fake clock."""
+"""Pure policy tables: DATA line endings and NUL, dot-unstuffing, slow clients, windows and token buckets on a fake clock."""
 
 from __future__ import annotations
 
@@ -186,3 +186,39 @@ def test_token_bucket_keys_are_separate() -> None:
     assert bucket.take(1, 1.0, 0.0) is True
     assert bucket.take(1, 1.0, 0.0) is False
     assert bucket.take(2, 1.0, 0.0) is True
+
+
+# (steps of (now, n)) for one key at 2 a second: whether charge admits a request of N messages
+CHARGE_CASES = {
+    "within-the-burst": [(0.0, 2, True), (1.0, 2, True)],
+    "one-token-admits-a-big-request": [(0.0, 10, True), (0.0, 1, False)],
+    "debt-is-paid-at-the-rate": [(0.0, 10, True), (4.0, 1, False), (4.5, 1, True)],
+    "zero-messages-are-free": [(0.0, 2, True), (0.0, 0, True), (0.0, 1, False)],
+}
+
+
+@pytest.mark.parametrize("steps", list(CHARGE_CASES.values()), ids=list(CHARGE_CASES))
+def test_token_bucket_charge(steps: list[tuple[float, int, bool]]) -> None:
+    bucket = policy.TokenBucket()
+    for i, (now, n, expected) in enumerate(steps):
+        assert bucket.charge("acme", 2.0, now, n) is expected, f"step {i}: {n} at t={now}"
+
+
+# -- Bucket: the one token bucket, as the ready queue's rates use it ----------------------------
+
+# (rate per second, burst or None for max(1, rate), steps of (now, seconds to wait; 0.0 = taken))
+WAIT_CASES = {
+    "full-at-start-then-waits-for-the-next": (2.0, None, [(0.0, 0.0), (0.0, 0.0), (0.0, 0.5), (0.25, 0.25)]),
+    "a-wait-takes-nothing": (1.0, None, [(0.0, 0.0), (0.5, 0.5), (0.5, 0.5), (1.0, 0.0)]),
+    "burst-below-the-rate": (10.0, 2.0, [(0.0, 0.0), (0.0, 0.0), (0.0, 0.1), (100.0, 0.0), (100.0, 0.0), (100.0, 0.1)]),
+    "burst-above-the-rate": (0.05, 3.0, [(0.0, 0.0)] * 3 + [(0.0, 20.0), (20.0, 0.0)]),
+    "burst-below-one-is-one": (0.5, 0.2, [(0.0, 0.0), (0.0, 2.0)]),
+    "zero-is-unlimited": (0.0, None, [(0.0, 0.0)] * 10),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("rate", "burst", "steps"), list(WAIT_CASES.values()), ids=list(WAIT_CASES))
+def test_bucket_take(rate: float, burst: float | None, steps: list[tuple[float, float]]) -> None:
+    bucket = policy.Bucket.full(rate, 0.0, burst)
+    for i, (now, wait) in enumerate(steps):
+        assert bucket.take(rate, now, burst) == pytest.approx(wait), f"step {i} at t={now}"

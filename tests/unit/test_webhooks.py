@@ -13,21 +13,13 @@ from typing import Any
 
 import pytest
 
-from cmcd.api.webhooks import (
-    RETRY_MAX_S,
-    WebhookDispatcher,
-    WebhookUrlError,
-    backoff_s,
-    check_url,
-    refused_reason,
-    signature,
-    split_url,
-)
+from cmcd.api.webhooks import RETRY_MAX_S, WebhookDispatcher, backoff_s, signature
 from cmcd.config import ApiConfig, Config, Duration
 from cmcd.errors import NotFound, StoreError
 from cmcd.store import AsyncStore, open_store
 from cmcd.store.store import Store
 from cmcd.store.webhook_store import WEBHOOK_EVENTS, Webhook, parse_events
+from cmcd.tenancy.webhook_urls import WebhookUrlError, check_url, refused_reason, split_url
 
 
 @pytest.mark.parametrize(

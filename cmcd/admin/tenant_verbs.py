@@ -1,0 +1,146 @@
+"""Admin verbs for tenants, their settings, users, IP credentials and suppression lists: each
+change is one tenancy command (cmcd.tenancy.accounts), which checks it and writes its
+operation-log row; reads are store reads. Never validates a name or a password itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cmcd.admin.verb import Args, BadRequest, Context, Verb, command, read
+from cmcd.records import User
+
+SUPPRESSION_LIST_DEFAULT = 100
+SUPPRESSION_LIST_MAX = 10_000
+
+
+def _user(u: User) -> dict[str, Any]:
+    return {"tenant": u.tenant, "login": u.login, "role": u.role, "enabled": u.enabled, "created": u.created}
+
+
+# -- tenants ---------------------------------------------------------------------------------------
+
+
+async def _tenant_add(ctx: Context, a: Args) -> Any:
+    return dataclasses.asdict(await ctx.tenancy.accounts.tenant_add(a.op, a.text("name")))
+
+
+async def _tenant_list(ctx: Context, a: Args) -> Any:
+    return [dataclasses.asdict(t) for t in await ctx.astore.call(ctx.store.tenants)]
+
+
+async def _tenant_show(ctx: Context, a: Args) -> Any:
+    return await ctx.astore.call(ctx.store.tenant_summary, a.text("name"))
+
+
+async def _tenant_set(ctx: Context, a: Args) -> Any:
+    dsn = a.raw.get("dsn")
+    if dsn is not None and not isinstance(dsn, bool):
+        raise BadRequest("tenant.set: dsn must be true or false")
+    return await ctx.tenancy.accounts.tenant_set(
+        a.op, a.text("name"), dsn=dsn, suppressed_rcpt=a.optional_text("suppressed_rcpt")
+    )
+
+
+# -- users -----------------------------------------------------------------------------------------
+
+
+def _with_password(u: User, generated: str | None) -> dict[str, Any]:
+    """The user, and the password cmcd generated for it (shown once)."""
+    return _user(u) | ({"password": generated} if generated is not None else {})
+
+
+async def _user_add(ctx: Context, a: Args) -> Any:
+    tenant, login, role = a.text("tenant"), a.text("login"), a.optional_text("role") or "sender"
+    u, generated = await ctx.tenancy.accounts.user_add(a.op, tenant, login, role, a.password())
+    return _with_password(u, generated)
+
+
+async def _user_list(ctx: Context, a: Args) -> Any:
+    return [_user(u) for u in await ctx.astore.call(ctx.store.users, a.text("tenant"))]
+
+
+async def _user_passwd(ctx: Context, a: Args) -> Any:
+    u, generated = await ctx.tenancy.accounts.user_passwd(a.op, a.text("tenant"), a.text("login"), a.password())
+    return _with_password(u, generated)
+
+
+async def _user_disable(ctx: Context, a: Args) -> Any:
+    return _user(await ctx.tenancy.accounts.user_enable(a.op, a.text("tenant"), a.text("login"), False))
+
+
+async def _user_enable(ctx: Context, a: Args) -> Any:
+    return _user(await ctx.tenancy.accounts.user_enable(a.op, a.text("tenant"), a.text("login"), True))
+
+
+async def _user_set_role(ctx: Context, a: Args) -> Any:
+    """A new role for LOGIN; like a password change or disable, it ends the user's API sessions."""
+    tenant, login, role = a.text("tenant"), a.text("login"), a.text("role")
+    return _user(await ctx.tenancy.accounts.user_set_role(a.op, tenant, login, role))
+
+
+async def _user_delete(ctx: Context, a: Args) -> Any:
+    tenant, login = a.text("tenant"), a.text("login")
+    await ctx.tenancy.accounts.user_delete(a.op, tenant, login)
+    return {"tenant": tenant, "login": login, "deleted": True}
+
+
+# -- IP credentials --------------------------------------------------------------------------------
+
+
+async def _ipcred_add(ctx: Context, a: Args) -> Any:
+    c = await ctx.tenancy.accounts.ipcred_add(a.op, a.text("tenant"), a.text("login"), a.text("cidr"))
+    return {"tenant": c.tenant, "login": c.login, "cidr": c.cidr}
+
+
+async def _ipcred_list(ctx: Context, a: Args) -> Any:
+    creds = await ctx.astore.call(ctx.store.ipcreds, a.optional_text("tenant"))
+    return [{"tenant": c.tenant, "login": c.login, "cidr": c.cidr} for c in creds]
+
+
+async def _ipcred_delete(ctx: Context, a: Args) -> Any:
+    tenant, login, cidr = a.text("tenant"), a.text("login"), a.text("cidr")
+    await ctx.tenancy.accounts.ipcred_delete(a.op, tenant, login, cidr)
+    return {"tenant": tenant, "login": login, "cidr": cidr, "deleted": True}
+
+
+# -- suppressions ----------------------------------------------------------------------------------
+
+
+async def _suppression_list(ctx: Context, a: Args) -> Any:
+    limit = a.integer("limit", SUPPRESSION_LIST_DEFAULT, 1, SUPPRESSION_LIST_MAX)
+    return await ctx.astore.call(ctx.store.suppressions, a.text("tenant"), limit)
+
+
+async def _suppression_add(ctx: Context, a: Args) -> Any:
+    tenant, address = a.text("tenant"), a.text("address")
+    added = await ctx.tenancy.accounts.suppression_add(a.op, tenant, address, "added by operator")
+    return {"tenant": tenant, "address": address, "added": added}
+
+
+async def _suppression_delete(ctx: Context, a: Args) -> Any:
+    tenant, address = a.text("tenant"), a.text("address")
+    await ctx.tenancy.accounts.suppression_delete(a.op, tenant, address)
+    return {"tenant": tenant, "address": address, "deleted": True}
+
+
+TENANT_VERBS: dict[str, Verb] = {
+    "tenant.add": command(_tenant_add, ("name",), "{name}", tenant_arg="name"),
+    "tenant.list": read(_tenant_list),
+    "tenant.show": read(_tenant_show, "name"),
+    "tenant.set": command(_tenant_set, ("name", "dsn", "suppressed_rcpt"), "{name}", tenant_arg="name"),
+    "user.add": command(_user_add, ("tenant", "login", "role", "password"), "{tenant}/{login}"),
+    "user.list": read(_user_list, "tenant"),
+    "user.passwd": command(_user_passwd, ("tenant", "login", "password"), "{tenant}/{login}"),
+    "user.disable": command(_user_disable, ("tenant", "login"), "{tenant}/{login}"),
+    "user.enable": command(_user_enable, ("tenant", "login"), "{tenant}/{login}"),
+    "user.delete": command(_user_delete, ("tenant", "login"), "{tenant}/{login}"),
+    "user.set-role": command(_user_set_role, ("tenant", "login", "role"), "{tenant}/{login} role={role}"),
+    "ipcred.add": command(_ipcred_add, ("tenant", "login", "cidr"), "{tenant}/{login} {cidr}"),
+    "ipcred.list": read(_ipcred_list, "tenant"),
+    "ipcred.delete": command(_ipcred_delete, ("tenant", "login", "cidr"), "{tenant}/{login} {cidr}"),
+    "suppression.list": read(_suppression_list, "tenant", "limit"),
+    "suppression.add": command(_suppression_add, ("tenant", "address"), "{tenant}"),
+    "suppression.delete": command(_suppression_delete, ("tenant", "address"), "{tenant}"),
+}
