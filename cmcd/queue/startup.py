@@ -23,7 +23,8 @@ from pathlib import Path
 from cmcd.errors import UntrustedFileError
 from cmcd.queue.spool import Spool
 from cmcd.store import Store, open_store
-from cmcd.store.integrity import RESTORE_STORE, database_problem, record_lost, set_spool_id, spool_id, unfinished
+from cmcd.store.integrity import RESTORE_STORE, database_problem
+from cmcd.store.lost import record_lost, set_spool_id, spool_id, unfinished
 
 SPOOL_FILE = "queue.db"  # as Spool names it
 ACCEPT_LOSS = "cmcd serve --accept-loss"

@@ -8,15 +8,13 @@ Refused for anything it will not do. Reads are plain store reads.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
 from typing import Any, TypeVar
 
+import cmcd.tenancy.rules as rules
 from cmcd import crypto
-from cmcd.errors import StoreError
 from cmcd.records import IpCredential, Tenant, User
 from cmcd.store.store import MIN_IPCRED_PREFIX, Store
-from cmcd.tenancy import rules
-from cmcd.tenancy.core import Core, Op, as_refused
+from cmcd.tenancy.core import Core, Op
 from cmcd.tenancy.refusals import invalid
 
 T = TypeVar("T")
@@ -27,16 +25,6 @@ SUPPRESSED_RCPT_MODES = ("accept", "refuse")
 class Accounts:
     def __init__(self, core: Core):
         self.core = core
-
-    async def _need(self, op: Op, tenant: str | None, fn: Callable[..., T], *args: Any) -> T:
-        """A read that must succeed before a change is worked out (an unknown tenant or user is
-        refused, and on record, before a password is hashed or a key made)."""
-        try:
-            return await self.core.astore.call(fn, *args)
-        except StoreError as exc:
-            await self.core.refuse(op, tenant, as_refused(exc))
-
-    # -- tenants ---------------------------------------------------------------------------
 
     async def tenant_add(self, op: Op, name: str) -> Tenant:
         await self.core.checked(op, None, lambda: rules.check_tenant_name(name))
@@ -80,7 +68,7 @@ class Accounts:
 
         await self.core.checked(op, tenant, check)
         secret, generated = await self._password(op, tenant, password)
-        await self._need(op, tenant, self.core.store.tenant, tenant)  # before hashing
+        await self.core.need(op, tenant, self.core.store.tenant, tenant)  # before hashing
         digest = await self.core.hash_password(secret)
         user = await self.core.change(op, tenant, lambda s: s.user_add(tenant, login, role, digest))
         return user, secret if generated else None
@@ -88,7 +76,7 @@ class Accounts:
     async def user_passwd(self, op: Op, tenant: str, login: str, password: str | None) -> tuple[User, str | None]:
         """A new password (it ends the user's API sessions); the generated one is returned once."""
         secret, generated = await self._password(op, tenant, password)
-        await self._need(op, tenant, self.core.store.user, tenant, login)  # before hashing
+        await self.core.need(op, tenant, self.core.store.user, tenant, login)  # before hashing
         digest = await self.core.hash_password(secret)
         user = await self.core.change(op, tenant, lambda s: s.user_update(tenant, login, password_hash=digest))
         return user, secret if generated else None

@@ -129,6 +129,15 @@ class Core:
         )  # fmt: skip
         raise refused
 
+    async def need(self, op: Op, tenant: str | None, fn: Callable[..., T], *args: Any) -> T:
+        """A store read a change is worked out from: what it refuses (an unknown tenant or user,
+        another tenant's domain) is refused, and on record, before any work (a password hashed,
+        a key made, a URL looked up)."""
+        try:
+            return await self.astore.call(fn, *args)
+        except StoreError as exc:
+            await self.refuse(op, tenant, as_refused(exc))
+
     async def checked(self, op: Op, tenant: str | None, check: Callable[[], T]) -> T:
         """CHECK() (a rule from cmcd.tenancy.rules); its Refused is written to the log and raised."""
         try:

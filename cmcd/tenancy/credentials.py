@@ -10,13 +10,11 @@ or enabled change each end the user's sessions in the same transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from cmcd import totp
-from cmcd.errors import StoreError
 from cmcd.store.store import Store
-from cmcd.tenancy.core import Core, Op, as_refused
+from cmcd.tenancy.core import Core, Op
 from cmcd.tenancy.refusals import invalid
 
 T = TypeVar("T")
@@ -25,13 +23,6 @@ T = TypeVar("T")
 class Credentials:
     def __init__(self, core: Core):
         self.core = core
-
-    async def _need(self, op: Op, tenant: str, fn: Callable[..., T], *args: Any) -> T:
-        """A read the change is worked out from; what it refuses is refused, and on record."""
-        try:
-            return await self.core.astore.call(fn, *args)
-        except StoreError as exc:
-            await self.core.refuse(op, tenant, as_refused(exc))
 
     async def otp_enroll(self, op: Op, tenant: str, login: str, issuer: str) -> tuple[str, str]:
         """Start (or restart) TOTP enrolment of tenant admin LOGIN: (the provisioning URI, the
@@ -43,8 +34,8 @@ class Credentials:
 
     async def otp_confirm(self, op: Op, tenant: str, login: str, code: str, now: float) -> list[str]:
         """The first CODE from the authenticator app confirms enrolment: the recovery codes, once."""
-        user = await self._need(op, tenant, self.core.store.user, tenant, login)
-        state = await self._need(op, tenant, self.core.store.otp_state, user.id)
+        user = await self.core.need(op, tenant, self.core.store.user, tenant, login)
+        state = await self.core.need(op, tenant, self.core.store.otp_state, user.id)
         if state is None or state[1]:
             await self.core.refuse(
                 op, tenant, invalid(f"user {login!r} of tenant {tenant!r} has no enrolment waiting for confirmation")

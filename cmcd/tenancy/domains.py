@@ -16,13 +16,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import cmcd.tenancy.rules as rules
 from cmcd.config import DkimConfig
 from cmcd.dkim import DkimKey
-from cmcd.errors import StoreError
 from cmcd.records import Domain
 from cmcd.store.store import NewKey, Store
-from cmcd.tenancy import rules
-from cmcd.tenancy.core import Core, Op, as_refused
+from cmcd.tenancy.core import Core, Op
 from cmcd.tenancy.refusals import invalid
 
 T = TypeVar("T")
@@ -125,14 +124,6 @@ class Domains:
     def __init__(self, core: Core):
         self.core = core
 
-    async def _need(self, op: Op, tenant: str, fn: Callable[..., T], *args: Any) -> T:
-        """A read a change is worked out from: what it refuses (an unknown tenant, another
-        tenant's domain) is refused, and on record, before any key is made."""
-        try:
-            return await self.core.astore.call(fn, *args)
-        except StoreError as exc:
-            await self.core.refuse(op, tenant, as_refused(exc))
-
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
@@ -152,7 +143,7 @@ class Domains:
     async def add(self, op: Op, tenant: str, domain: str, dkim: DkimConfig) -> tuple[Domain, list[str]]:
         """TENANT may send as DOMAIN, signed with new keys (active at once): (the domain, its selectors)."""
         name = await self.core.checked(op, tenant, lambda: rules.sender_domain(domain))
-        await self._need(op, tenant, self.core.store.tenant, tenant)  # before making keys
+        await self.core.need(op, tenant, self.core.store.tenant, tenant)  # before making keys
         try:
             keys = await self._thread(new_keys, dkim, name, set(), time.time())
         except ValueError:
@@ -191,7 +182,7 @@ class Domains:
             if any(k["state"] == "pending" for k in keys):
                 raise invalid(f"{name} already has pending keys: activate or retire them first")
 
-        current = await self._need(op, tenant, self.core.store.dkim_keys, tenant, name)
+        current = await self.core.need(op, tenant, self.core.store.dkim_keys, tenant, name)
         await self.core.checked(op, tenant, lambda: no_pending(current))
         keys = await self._thread(new_keys, dkim, name, {k["selector"] for k in current}, time.time())
 
@@ -243,7 +234,7 @@ class Domains:
         """Look DOMAIN's records up with LOOKUP and record, key by key, whether DNS shows it
         (a key known to be missing or wrong does not sign): the lookup's results."""
         name = domain_name(domain)
-        recs = records(name, await self._need(op, tenant, self.core.store.dkim_keys, tenant, name), hostname)
+        recs = records(name, await self.core.need(op, tenant, self.core.store.dkim_keys, tenant, name), hostname)
         results = await lookup(recs)
         states = dns_states(recs, results)
         await self.core.change(op, tenant, lambda s: s.dkim_set_dns(tenant, name, states))

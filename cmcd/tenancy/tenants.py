@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cmcd.errors import StoreError
 from cmcd.records import Tenant
-from cmcd.tenancy.core import Core, Op, as_refused
+from cmcd.tenancy.core import Core, Op
 
 
 class Tenants:
@@ -24,11 +23,7 @@ class Tenants:
     async def begin_purge(self, op: Op, name: str) -> Tenant:
         """Mark tenant NAME as being purged, so a purge cut short is finished by the next start
         (pending_purges). An unknown tenant is refused, and on record."""
-        actor, uid = op.actor, op.actor_uid
-        try:
-            return await self.core.astore.call(self.core.store.purge_begin, name, actor, uid)
-        except StoreError as exc:
-            await self.core.refuse(op, None, as_refused(exc))
+        return await self.core.need(op, None, self.core.store.purge_begin, name, op.actor, op.actor_uid)
 
     async def pending_purges(self) -> list[dict[str, Any]]:
         """Purges begun and not committed: [{"tenant_id", "name", "actor", "actor_uid"}]."""

@@ -17,7 +17,7 @@ import dns.asyncresolver
 from cmcd.errors import StoreError
 from cmcd.store.store import Store
 from cmcd.store.webhook_store import MAX_PER_TENANT, parse_events
-from cmcd.tenancy.core import Core, Op, as_refused
+from cmcd.tenancy.core import Core, Op
 from cmcd.tenancy.refusals import Refusal, Refused, conflict, invalid, not_found
 from cmcd.tenancy.webhook_urls import WebhookUrlError, check_url, new_secret
 
@@ -70,10 +70,7 @@ class Webhooks:
         on: (its listing row, the signing secret, shown once). URL's host is looked up through
         RESOLVER; a refused URL raises UrlRefused."""
         wanted = await self.core.checked(op, tenant, lambda: webhook_events(events))
-        try:  # an unknown tenant is refused before any DNS lookup
-            await self.core.astore.call(self.core.store.tenant, tenant)
-        except StoreError as exc:
-            await self.core.refuse(op, tenant, as_refused(exc))
+        await self.core.need(op, tenant, self.core.store.tenant, tenant)  # before any DNS lookup
         try:
             await check_url(url, resolver, self.core.config.api.webhook_allow_private)
         except WebhookUrlError as exc:

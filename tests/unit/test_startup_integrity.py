@@ -10,7 +10,7 @@ import pytest
 from cmcd.errors import UntrustedFileError
 from cmcd.queue.startup import Opened, open_checked
 from cmcd.store import Store, open_store
-from cmcd.store.integrity import set_spool_id, spool_id, unfinished
+from cmcd.store.lost import set_spool_id, spool_id, unfinished
 
 NOW = 2_000_000_000.0
 
