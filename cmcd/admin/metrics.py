@@ -257,6 +257,20 @@ class DaemonCollector(Collector):
             "When the last backup succeeded (Unix time; 0: none known).",
             self.backup_last_success(),
         )
+        directory = self.service.directory
+        yield GaugeMetricFamily(
+            "cmcd_directory_version",
+            "The store's directory version this process's tenancy caches were last read at.",
+            directory.snapshot.version,
+        )
+        yield CounterMetricFamily(
+            "cmcd_directory_reloads", "Full reloads of the in-memory tenancy directory.", directory.reloads
+        )
+        yield CounterMetricFamily(
+            "cmcd_directory_refresh_failures",
+            "Directory version checks or reloads that failed (the caches stay as they were; retried at the next poll).",
+            directory.refresh_failures,
+        )
         buckets, total = _buckets(self.service.astore.call_seconds)
         yield HistogramMetricFamily(
             "cmcd_store_write_seconds", "Seconds each store call took on the store thread.", buckets, total

@@ -80,6 +80,7 @@ class Directory:
         self._refreshing: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self.reloads = 0  # full reloads, read by /metrics and tests
+        self.refresh_failures = 0  # polls that could not read the store (/metrics)
 
     def on_reload(self, listener: Callable[[Snapshot], None]) -> None:
         """LISTENER(snapshot) after every full reload (the DKIM signer loads its keys this way)."""
@@ -141,9 +142,17 @@ class Directory:
 
     async def _poll(self) -> None:
         """Changes another process made reach this one within poll_s."""
+        failing = False
         while True:
             await asyncio.sleep(self.poll_s)
             try:
                 await self.refresh()
             except Exception:
-                log.exception("event=directory_refresh_failed")
+                self.refresh_failures += 1
+                if self.refresh_failures == 1 or not failing:  # one line when it starts, not one a poll
+                    log.exception("event=directory_refresh_failed")
+                failing = True
+            else:
+                if failing:
+                    log.warning("event=directory_refresh_recovered failures=%d", self.refresh_failures)
+                failing = False
