@@ -1,5 +1,6 @@
-"""What an API handler module (users.py, hooks.py) needs from the server, as a Protocol, and how
-the API names a change for the operation log; no I/O here.
+"""What an API handler module (users.py, hooks.py, blocks.py, records.py, sessions.py) needs from
+the server, as a Protocol, how the API names a change for the operation log, and whose address a
+request came from; no I/O here.
 
 cmcd.api.server owns the routes and passes its ApiServer, which is an ApiContext; the handler
 modules import this module, never the server, so there is no import circle.
@@ -17,6 +18,7 @@ from cmcd.config import Config
 from cmcd.store import AsyncStore
 from cmcd.store.api_store import ApiCaller
 from cmcd.store.store import Store
+from cmcd.submit.service import SubmitService
 from cmcd.tenancy import Op, Tenancy
 
 
@@ -27,8 +29,11 @@ class ApiContext(Protocol):
     astore: AsyncStore
     store: Store
     tenancy: Tenancy
+    #: the way in for messages, and its logins (service.auth: password checks, throttle, login log)
+    service: SubmitService
     #: the daemon's resolver (dns.nameservers): webhook URLs are checked with it
     resolver: dns.asyncresolver.Resolver
+    clock: Callable[[], float]
 
     async def caller(self, request: web.Request, need: str | None) -> ApiCaller:
         """The authenticated caller, allowed NEED (None: any role); else a Problem."""
@@ -39,6 +44,16 @@ class ApiContext(Protocol):
     ) -> tuple[Any, bytearray]:
         """The request's JSON body, read under the API's limits; else a Problem."""
         ...
+
+    async def log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:
+        """An operation-log row for what CALLER did that is no tenancy command (ok, or refused: ERROR)."""
+        ...
+
+
+def client_ip(request: web.Request) -> str:
+    """The address REQUEST came from ("?" once its connection is gone)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return str(peer[0]) if peer else "?"
 
 
 def api_actor(caller: ApiCaller) -> str:

@@ -1,4 +1,5 @@
-"""The delivery engine: connections and sessions for the per-site ready queues, and outcomes.
+"""The delivery engine: connections and sessions for the per-site ready queues, and each recipient's
+outcome; never writes the spool itself (deliver/results.py does).
 
 Jobs (one message, one domain) arrive from the scheduler. Each is routed to the site its
 domain's mail goes to; each site has its own ready queue (deliver/ready.py: the pure policy of
@@ -16,13 +17,9 @@ loop. As a last guard no code path can bypass, new connections to one site are l
 delivery.connect_rate_limit a second. In-process timers (dead sites, rates) use the monotonic
 clock; retry and lifetime times are stored, so they are wall-clock times (etc/cmcd.toml).
 
-Every claimed recipient yields exactly one Result; results are written to the spool in
-batches (one transaction per batch, bounces and body erasure included). The window in which a
-kill -9 causes a duplicate is the remote's 250 to that commit, so it is kept short: a result
-starts a write at once unless one is already waiting for the writer thread, and that waiting
-write takes every result that arrived until the writer thread runs it (never a batch fixed
-while an earlier one was still being written). What remains is the writer thread's current
-work and the fsync of the outcome's own commit (commit_window_ms, in `cmcctl status`).
+Every claimed recipient yields exactly one Result, handed to the results writer
+(deliver/results.py), which writes them to the spool in batches and keeps the window between
+a remote's 250 and its commit short.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ import asyncio
 import logging
 import math
 import random
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,20 +37,18 @@ from cmcd import policy
 from cmcd.config import Config, parse_rate
 from cmcd.deliver.client import SmtpClient, SmtpError, client_tls_context
 from cmcd.deliver.ready import ReadyQueue
+from cmcd.deliver.results import ResultsWriter
 from cmcd.deliver.routing import Route, Router
 from cmcd.deliver.session import failure_outcome, open_session
 from cmcd.policy import Outcome
-from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import Spool
 from cmcd.queue.work import Due, Job, Result
-from cmcd.records import RESULT_STATES, RecipientState
-from cmcd.stats import DELIVERY_BUCKETS_S, Histogram
+from cmcd.records import RecipientState
+from cmcd.stats import Histogram
 from cmcd.submit.headers import count_received
 from cmcd.tenancy.suppressions import Suppressions
 
 log = logging.getLogger("cmcd.deliver")
-
-CHECKPOINT_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -87,59 +81,50 @@ class DeliveryEngine:
         self.router = router
         self.suppressions = suppressions
         self.release = release  # tells the scheduler how many claimed recipients are done
-        self.wake = wake  # tells the scheduler new work was queued (a bounce)
-        self.dsn_off = dsn_off
         self.clock = clock  # wall clock: stored retry times and message ages
         self.mono = mono  # in-process timers: dead sites, connection rates
-        self.ids = QueueIdGenerator()
+        self.results = ResultsWriter(
+            spool, hostname=lambda: self.config.server.hostname, release=release, wake=wake, dsn_off=dsn_off,
+            clock=clock, mono=mono,
+        )  # fmt: skip
         self.tls_context = client_tls_context()
         self.sites: dict[str, Site] = {}
         self.connections = 0
         self._starved: deque[Site] = deque()
         self._resolving: dict[str, list[Job]] = {}
-        #: outcomes not yet handed to the writer thread, and when each was known (mono); the writer
-        #: thread takes them (under the lock) when it runs the write that is waiting for it
-        self._results: list[Result] = []
-        self._stamps: list[float] = []
-        self._results_lock = threading.Lock()
-        self._write_waiting = False  # a write is queued on the writer thread and has not started
-        self._write_paused = False  # a write failed: the next one waits for its retry
-        self._writes: set[asyncio.Task[None]] = set()
-        self.commit_windows: deque[float] = deque(maxlen=20000)  # seconds, remote reply to outcome committed
         self._tasks: set[asyncio.Task[None]] = set()
-        self._erased = False
-        self._checkpointer: asyncio.Task[None] | None = None
         self._closing = False
-        self.counts: dict[str, int] = dict.fromkeys(RESULT_STATES, 0)
         self.possible_duplicates = 0  # recipients deferred after their message was fully sent
         self.connect_throttled = 0  # times a site's new connections waited for connect_rate_limit
         #: failed sessions by the stage they ended in: connect, hello (greeting/EHLO/STARTTLS),
         #: ready (closed or 421 after EHLO, before a transaction), transaction
         self.session_failures: dict[str, int] = {"connect": 0, "hello": 0, "ready": 0, "transaction": 0}
         self.loops: dict[str, int] = {"own_address": 0, "hops": 0}  # messages bounced as loops, by check
-        self.delivery_seconds = Histogram(DELIVERY_BUCKETS_S)  # received to final state, read by /metrics
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Outcomes so far by state (the results writer counts them)."""
+        return self.results.counts
+
+    @property
+    def delivery_seconds(self) -> Histogram:
+        """Received to final state, read by /metrics."""
+        return self.results.delivery_seconds
 
     # -- life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+        self.results.start()
 
     async def close(self) -> None:
         """Stop delivering: open transactions are cut, their recipients stay inflight and are
         queued again at the next start (at-least-once); every outcome already known is written."""
         self._closing = True
+        self.results.closing()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._checkpointer is not None:
-            self._checkpointer.cancel()
-            await asyncio.gather(self._checkpointer, return_exceptions=True)
-        while self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
-        if self._results:  # a write failed and its retry was cancelled: one last try
-            self._write_paused = False
-            self._start_write()
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.results.close()
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -172,15 +157,11 @@ class DeliveryEngine:
 
     def commit_window_ms(self) -> dict[str, float]:
         """Remote reply to outcome committed, over the last results: p50, p99, max (milliseconds)."""
-        w = sorted(self.commit_windows)
-        if not w:
-            return {"n": 0, "p50": 0.0, "p99": 0.0, "max": 0.0}
-        pick = lambda q: round(w[min(len(w) - 1, int(q * len(w)))] * 1000, 2)  # noqa: E731
-        return {"n": len(w), "p50": pick(0.5), "p99": pick(0.99), "max": round(w[-1] * 1000, 2)}
+        return self.results.commit_window_ms()
 
     def erased(self) -> None:
         """A body was deleted outside the engine (an operator's delete): checkpoint soon."""
-        self._erased = True
+        self.results.erased()
 
     # -- jobs in -------------------------------------------------------------------------------
 
@@ -195,7 +176,7 @@ class DeliveryEngine:
             suppressed = [d for d in job.recipients if self.suppressions.contains(job.tenant_id, d.address)]
             if suppressed:
                 for due in suppressed:
-                    self._result(
+                    self.results.add(
                         Result(
                             job, due, RecipientState.SUPPRESSED, "5.7.1 recipient is on the tenant's suppression list"
                         )
@@ -448,89 +429,21 @@ class DeliveryEngine:
         now = self.clock()
         mx, ip, tls = where or ("", "", "")
         if outcome.verdict == policy.DELIVERED:
-            self._result(Result(job, due, RecipientState.DELIVERED, outcome.text, mx=mx, ip=ip, tls=tls))
+            self.results.add(Result(job, due, RecipientState.DELIVERED, outcome.text, mx=mx, ip=ip, tls=tls))
         elif outcome.verdict == policy.BOUNCED:
             suppress = outcome.hard and bool(job.sender)
             if suppress:
                 self.suppressions.add(job.tenant_id, due.address)
-            self._result(
+            self.results.add(
                 Result(job, due, RecipientState.BOUNCED, outcome.text, mx=mx, ip=ip, tls=tls, suppress=suppress)
             )
         elif policy.expired(job.received, now, self.d.max_lifetime):
-            self._result(Result(job, due, RecipientState.EXPIRED, outcome.text, mx=mx, ip=ip, tls=tls))
+            self.results.add(Result(job, due, RecipientState.EXPIRED, outcome.text, mx=mx, ip=ip, tls=tls))
         else:
             delay = policy.retry_delay(due.attempts + 1, self.d.retry_schedule, self.d.retry_jitter, random.random())
-            self._result(Result(job, due, RecipientState.DEFERRED, outcome.text, now + delay, mx=mx, ip=ip, tls=tls))
-
-    def _result(self, result: Result) -> None:
-        self.counts[result.state] = self.counts.get(result.state, 0) + 1
-        if result.state != RecipientState.DEFERRED:
-            self.delivery_seconds.observe(self.clock() - result.job.received)
-        with self._results_lock:
-            self._results.append(result)
-            self._stamps.append(self.mono())
-            if self._write_waiting or self._write_paused:
-                return  # the waiting write takes this one too
-            self._write_waiting = True
-        self._start_write(queued=True)
-
-    def _start_write(self, *, queued: bool = False) -> None:
-        if not queued:
-            with self._results_lock:
-                if self._write_waiting or not self._results:
-                    return
-                self._write_waiting = True
-        task = asyncio.get_running_loop().create_task(self._write(self.dsn_off()))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _write(self, dsn_off: frozenset[int]) -> None:
-        taken: list[tuple[list[Result], list[float]]] = []
-
-        def take() -> list[Result]:
-            """On the writer thread: every result known by now goes in this write (with its stamp)."""
-            with self._results_lock:
-                batch, stamps = self._results, self._stamps
-                self._results, self._stamps = [], []
-                self._write_waiting = False  # from here on a new result needs a write of its own
-            taken.append((batch, stamps))
-            return batch
-
-        try:
-            report = await self.spool.apply_results(
-                take, clock=self.clock, hostname=self.config.server.hostname, ids=self.ids, dsn_off=dsn_off,
-                mono=self.mono,
-            )  # fmt: skip
-        except Exception as exc:
-            with self._results_lock:  # rolled back: they go first in the next write
-                for batch, stamps in taken:
-                    self._results[:0], self._stamps[:0] = batch, stamps
-            log.error("event=results_write_failed error=%r", str(exc))  # the results wait for the retry
-            if self._closing:
-                return  # close() makes the last try
-            self._write_paused = True
-            await asyncio.sleep(1.0)
-            self._write_paused = False
-            self._start_write()
-            return
-        if not report.results:
-            return
-        self.commit_windows.extend(report.committed_at - t for t in taken[0][1])
-        self.release(len(report.results))
-        self.wake()  # a deferral may now be the earliest due time, and a bounce is new work
-        if report.finished:
-            self._erased = True
-
-    async def _checkpoint_loop(self) -> None:
-        """Bodies are deleted with secure_delete; a checkpoint then moves the zeroed pages out of the WAL."""
-        while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
-            if self._erased:
-                self._erased = False
-                try:
-                    await self.spool.checkpoint()
-                except Exception:
-                    log.exception("event=checkpoint_failed")
+            self.results.add(
+                Result(job, due, RecipientState.DEFERRED, outcome.text, now + delay, mx=mx, ip=ip, tls=tls)
+            )
 
 
 def _wake(waiter: asyncio.Future[bool], value: bool) -> None:

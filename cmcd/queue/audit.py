@@ -63,7 +63,7 @@ class AuditLog:
         if not records:
             return
         if kind == "ops":  # kept for years and shown to tenants (/v1/audit): no URL keeps its secrets
-            records = [_without_url_secrets(r) if isinstance(r, OpRecord) else r for r in records]
+            records = [without_url_secrets(r) if isinstance(r, OpRecord) else r for r in records]
         store = self.astore.store
         try:
             if kind == "login":
@@ -113,7 +113,7 @@ def group_by_kind(rows: list[tuple[int, str, AuditRecord]]) -> dict[str, list[An
     return out
 
 
-def _without_url_secrets(record: OpRecord) -> OpRecord:
+def without_url_secrets(record: OpRecord) -> OpRecord:
     """RECORD with the user information, query string and fragment of every URL in its target
     and detail redacted (a webhook URL's token)."""
     target, detail = redact_urls(record.target), redact_urls(record.detail)

@@ -19,7 +19,7 @@ from cmcd import crypto
 from cmcd.config import Config
 from cmcd.db import transaction
 from cmcd.errors import Conflict, NotFound, StoreError
-from cmcd.queue.audit import AuditLog
+from cmcd.queue.audit import AuditLog, without_url_secrets
 from cmcd.store import AsyncStore
 from cmcd.store.store import OpRecord, Store
 from cmcd.tenancy.directory import Directory
@@ -104,9 +104,8 @@ class Core:
                     op.ok_row(out) if op.ok_row is not None
                     else (op.target, op.detail if detail is None else detail(out))
                 )  # fmt: skip
-                self.store._insert_ops([
-                    OpRecord(time.time(), op.actor_uid, op.actor, op.action, target, "ok", tenant_id, said)
-                ])  # fmt: skip
+                row = OpRecord(time.time(), op.actor_uid, op.actor, op.action, target, "ok", tenant_id, said)
+                self.store.log_ops([without_url_secrets(row)])  # a webhook URL's token is never on record
             return out
 
         try:

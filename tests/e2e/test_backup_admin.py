@@ -31,7 +31,7 @@ from cmcd.queue.audit import AuditLog
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.spool import Spool
 from cmcd.records import Recipient, SpoolMessage
-from cmcd.store import AsyncStore, open_store
+from cmcd.store import AsyncStore, backup_file, open_store
 from cmcd.store import backup as bk
 from cmcd.tenancy import Directory, Tenancy
 
@@ -508,7 +508,7 @@ def decrypted(e: Env) -> list[bytes]:
     for b in bk.list_backups(e.backup_dir):
         raw = e.root / "raw.db"
         with raw.open("wb") as f:
-            bk._unseal_store(b.path, key, f)
+            backup_file.unseal_store(b.path, key, f)
         out.append(raw.read_bytes())
         target = e.root / "restored" / b.name
         bk.restore_backup(b.path, e.root / "backup.key", target, now=time.time())

@@ -13,7 +13,7 @@ from cmcd.queue.audit import AuditLog
 from cmcd.queue.events import EventShipper
 from cmcd.queue.spool import Spool
 from cmcd.store import AsyncStore, open_store
-from cmcd.store.store import LoginRecord, OpRecord
+from cmcd.store.log_store import LoginRecord, OpRecord
 
 T0 = 1_794_999_600.0
 

@@ -15,9 +15,9 @@ import pytest
 from cmcd import crypto
 from cmcd.db import transaction
 from cmcd.errors import BackupError
-from cmcd.store import Store, open_store
+from cmcd.store import Store, backup_chunks, backup_file, open_store
 from cmcd.store import backup as bk
-from cmcd.store.store import LoginRecord
+from cmcd.store.log_store import LoginRecord
 
 T0 = 1_794_999_600.0  # 2026-11-18T11:00:00Z, the tests' clock
 
@@ -492,8 +492,8 @@ def test_pruning_removes_the_chunks_no_kept_generation_lists(tmp_path: Path, sto
         store.expire_rows("mail_log", T0 + hour * 3000 - 1500)  # retention frees pages, which are used again
         names.append(backup(tmp_path, now=T0 + 3600 * hour, keep=2).name)
     key = bk.read_backup_key(tmp_path / "backup.key")
-    listed = [bk._read_manifest(b.path, key) for b in bk.list_backups(tmp_path / "backups")]
-    referenced = {bk.chunks.chunk_path(tmp_path / "backups", c) for m in listed if m is not None for c in m.ids}
+    listed = [backup_file.read_manifest(b.path, key) for b in bk.list_backups(tmp_path / "backups")]
+    referenced = {backup_chunks.chunk_path(tmp_path / "backups", c) for m in listed if m is not None for c in m.ids}
     assert [b.name for b in bk.list_backups(tmp_path / "backups")] == names[-2:]
     assert chunk_files(tmp_path) == referenced
     for b in bk.list_backups(tmp_path / "backups"):
@@ -501,9 +501,9 @@ def test_pruning_removes_the_chunks_no_kept_generation_lists(tmp_path: Path, sto
 
 
 def _a_chunk(tmp_path: Path, info: bk.BackupInfo) -> Path:
-    manifest = bk._read_manifest(info.path, bk.read_backup_key(tmp_path / "backup.key"))
+    manifest = backup_file.read_manifest(info.path, bk.read_backup_key(tmp_path / "backup.key"))
     assert manifest is not None and len(manifest.ids) >= 2
-    return bk.chunks.chunk_path(tmp_path / "backups", manifest.ids[1])
+    return backup_chunks.chunk_path(tmp_path / "backups", manifest.ids[1])
 
 
 @pytest.mark.parametrize(
@@ -554,7 +554,7 @@ def decrypted_generations(tmp_path: Path) -> list[bytes]:
     for b in bk.list_backups(tmp_path / "backups"):
         raw = tmp_path / "raw.db"
         with raw.open("wb") as f:
-            bk._unseal_store(b.path, key, f)
+            backup_file.unseal_store(b.path, key, f)
         out.append(raw.read_bytes())
         target = tmp_path / "restored" / b.name
         bk.restore_backup(b.path, tmp_path / "backup.key", target, now=T0)

@@ -19,7 +19,7 @@ from cmcd.doors import (
     listener_caps,
 )
 from cmcd.smtp.listener import SessionRegistry
-from cmcd.submit.service import throttle_key
+from cmcd.submit.auth import throttle_key
 
 
 @pytest.mark.parametrize(
