@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from cmcd.errors import BackupError
+from cmcd.store.backup_fs import fsync_dir
 
 log = logging.getLogger("cmcd.backup")
 
@@ -187,11 +188,3 @@ def remove_chunks(backup_dir: Path, ids: Iterable[bytes], *, overwrite: bool) ->
     for directory in touched:
         fsync_dir(directory)
     return removed
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
