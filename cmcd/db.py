@@ -39,6 +39,7 @@ def _savepoint(conn: sqlite3.Connection) -> Iterator[None]:
         yield
         conn.execute("RELEASE nested")
     except BaseException:
-        conn.execute("ROLLBACK TO nested")
-        conn.execute("RELEASE nested")
+        if conn.in_transaction:  # SQLite may have rolled the whole transaction back itself (disk full)
+            conn.execute("ROLLBACK TO nested")
+            conn.execute("RELEASE nested")
         raise

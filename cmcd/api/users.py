@@ -10,6 +10,7 @@ Never imports cmcd.api.server: the server passes itself as an ApiContext.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from aiohttp import web
@@ -48,7 +49,7 @@ async def add_user(api: ApiContext, request: web.Request) -> web.Response:
     if password is not None and not isinstance(password, str):
         raise Problem(422, "invalid", "password: at least 12 characters (or leave it out to have one generated)",
                       extra={"field": "password"})  # fmt: skip
-    op = api_op(caller, "api.users.add", login, f"role={role}")
+    op = dataclasses.replace(api_op(caller, "api.users.add", login, f"role={role}"), refused_text=_said_to_tenant)
     try:
         u, generated = await api.tenancy.accounts.user_add(op, caller.tenant, login, role, password)
     except Refused as exc:
@@ -60,6 +61,14 @@ async def add_user(api: ApiContext, request: web.Request) -> web.Response:
         ) from None
     return web.json_response(_user_row(u, False) | ({"password": generated} if generated is not None else {}),
                              status=201)  # fmt: skip
+
+
+def _said_to_tenant(refused: Refused) -> str:
+    """A refused row's detail, which the tenant reads through /v1/audit: a taken login is "not
+    available", never whose it is (logins are unique across tenants)."""
+    if refused.refusal.reason is Reason.CONFLICT:
+        return "that login is not available"
+    return str(refused)
 
 
 async def delete_user(api: ApiContext, request: web.Request) -> web.Response:

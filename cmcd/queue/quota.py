@@ -1,7 +1,8 @@
 """Daily message counts per tenant: committed in the spool with the messages, kept for good in the store.
 
-The store holds the count every process shares (a daily quota is a limit per tenant, whatever
-process or host took the mail). A commit cannot span the spool and the store, so each commit of
+The store holds the count of every process (a daily quota is a limit per tenant, whatever
+process or host took the mail). Today a process reads it once, at start, and counts on its own
+from there: one process per host is exact; several (issue 13) need leases from this count. A commit cannot span the spool and the store, so each commit of
 messages adds its counts to the spool's counts outbox in its own transaction, and ship() moves
 them to the store: the store adds rows past the last outbox id it has from this spool and records
 that id in the same transaction, so a shipment repeated after a crash adds nothing twice, and a

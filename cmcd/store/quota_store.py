@@ -1,4 +1,4 @@
-"""Daily message counts per tenant in the store: the count every process (and host) shares; never decides a limit.
+"""Daily message counts per tenant in the store, as every process (and host) shipped them; never decides a limit.
 
 A mixin of Store (same connection, same single thread). Counts arrive from a spool's counts outbox
 (cmcd/queue/quota.py) as rows (outbox id, tenant id, day, messages). The store remembers, per spool,

@@ -213,11 +213,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX api_sessions_user ON api_sessions(user_id);
     """,
     # 9: the directory version: bumped by every tenancy command in the transaction of its change,
-    # so any process holding caches of tenants, users, keys, domains or suppressions can tell
-    # with one read whether they are current (cmcd.tenancy.directory)
+    # so any process holding caches of tenants, users, keys and domains can tell with one read
+    # whether they are current (cmcd.tenancy.directory); `removals` moves when suppressions are
+    # removed (an added one is seen by its row id)
     """
-    CREATE TABLE directory (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
-    INSERT INTO directory(id, version) VALUES (1, 1);
+    CREATE TABLE directory (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL,
+        removals INTEGER NOT NULL
+    );
+    INSERT INTO directory(id, version, removals) VALUES (1, 1, 1);
     """,
     # 10: daily message counts per tenant (the quota every process shares), shipped from each spool's
     # counts outbox; per spool, the last outbox id added, so a shipment repeated adds nothing twice

@@ -111,34 +111,46 @@ class Store(ApiStore, WebhookStore, QuotaStore, DomainStore, LogStore, PurgeStor
 
     # -- the directory: what in-memory caches are built from (cmcd.tenancy.directory) -----------
 
-    def bump_directory(self) -> int:
-        """Inside a tenancy command's transaction: the store-wide directory version moves on."""
-        self.conn.execute("UPDATE directory SET version = version + 1 WHERE id = 1")
-        return int(self.conn.execute("SELECT version FROM directory WHERE id = 1").fetchone()[0])
+    def bump_directory(self, *, accounts: bool = True, removals: bool = False) -> None:
+        """Inside a tenancy command's transaction: the store-wide directory version moves on
+        (ACCOUNTS: tenants, users, credentials, domains, keys, settings; REMOVALS: suppressions
+        were removed — an added suppression needs no bump, its row id is newer)."""
+        self.conn.execute(
+            "UPDATE directory SET version = version + ?, removals = removals + ? WHERE id = 1",
+            (int(accounts), int(removals)),
+        )
 
-    def directory_state(self) -> tuple[int, int]:
-        """(directory version, highest suppression row id): two indexed reads, to tell whether
-        caches are current (a hard bounce adds a suppression row without a command)."""
-        version = self.conn.execute("SELECT version FROM directory WHERE id = 1").fetchone()[0]
+    def directory_state(self) -> tuple[int, int, int]:
+        """(directory version, suppression removals, highest suppression row id): two indexed
+        reads, to tell whether caches are current (a hard bounce adds a suppression row without
+        a command)."""
+        version, removals = self.conn.execute("SELECT version, removals FROM directory WHERE id = 1").fetchone()
         top = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM suppressions").fetchone()[0]
-        return int(version), int(top)
+        return int(version), int(removals), int(top)
 
     def directory_rows(self) -> dict[str, Any]:
-        """Everything the in-memory directory holds, read in one transaction (a consistent cut)."""
+        """The accounts part of the in-memory directory, read in one transaction (a consistent cut)."""
         self.conn.execute("BEGIN")  # deferred: a read snapshot, no write lock
         try:
-            version, top = self.directory_state()
             return {
-                "version": version,
-                "suppression_top": top,
+                "version": self.directory_state()[0],
                 "tenants": self.tenants(),
                 "domains": self.domains(),
                 "ipcreds": self.ipcreds(),
                 "enabled": {r[0] for r in self.conn.execute("SELECT id FROM users WHERE enabled = 1")},
                 "dkim": self.dkim_signing_keys(),
                 "settings": self.tenant_settings(),
-                "suppressions": self.suppression_index(),
             }
+        finally:
+            self.conn.execute("COMMIT")
+
+    def suppression_set(self) -> tuple[int, int, set[tuple[int, bytes]]]:
+        """(removals, top row id, every (tenant id, address HMAC)): the whole suppression index,
+        built here on the store's thread, never on the event loop."""
+        self.conn.execute("BEGIN")
+        try:
+            _, removals, top = self.directory_state()
+            return removals, top, set(self.suppression_index())
         finally:
             self.conn.execute("COMMIT")
 
@@ -347,7 +359,8 @@ class Store(ApiStore, WebhookStore, QuotaStore, DomainStore, LogStore, PurgeStor
                 "DELETE FROM suppressions WHERE tenant_id = ? AND address_hmac = ?", (t.id, self.keys.index(address))
             )
         if cur.rowcount == 0:
-            raise NotFound(f"{address!r} is not on tenant {tenant!r}'s suppression list")
+            # the address is not repeated: this text goes to the operation log, kept for years
+            raise NotFound(f"that address is not on tenant {tenant!r}'s suppression list")
 
     def tenant_settings(self) -> dict[int, tuple[bool, str]]:
         """tenant id -> (send bounces, what RCPT does with a suppressed address: accept or refuse)."""

@@ -115,9 +115,9 @@ class SubmitService:
         self._daily = {(tenant_id, day): n for tenant_id, n in counts.items()}
 
     def _directory_reloaded(self, snap: Snapshot) -> None:
-        """A new directory cut: the signer's keys from it, and no cached login outlives it."""
+        """A new directory cut: no cached login outlives it, and the signer's keys come from it."""
+        self.auth.forget_cached()  # first: nothing below may leave an old password usable
         self.dkim.load(list(snap.dkim_keys))
-        self.auth.forget_cached()
 
     @property
     def suppressions(self) -> Suppressions:

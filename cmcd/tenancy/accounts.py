@@ -142,9 +142,11 @@ class Accounts:
         """ADDRESS on TENANT's suppression list; False when it already was."""
         await self.core.checked(op, tenant, lambda: rules.check_address(address))
         return await self.core.change(
-            op, tenant, lambda s: s.suppression_add(tenant, address, reason),
+            op, tenant, lambda s: s.suppression_add(tenant, address, reason), accounts=False,
             detail=lambda added: op.detail or ("added" if added else "already listed"),
         )  # fmt: skip
 
     async def suppression_delete(self, op: Op, tenant: str, address: str) -> None:
-        await self.core.change(op, tenant, lambda s: s.suppression_delete(tenant, address))
+        await self.core.change(
+            op, tenant, lambda s: s.suppression_delete(tenant, address), accounts=False, removals=True
+        )

@@ -39,7 +39,9 @@ class Op:
     door's words for it (`user.add` and `acme/alice` from cmcctl, `api.users.add` from the API);
     DETAIL is added to the row of a change that was made. OK_ROW, when the door names what the
     change made (a key id, a webhook id), gives that row's (target, detail) from the command's
-    change instead."""
+    change instead. REFUSED_TEXT, when the door tells its caller less than the refusal says
+    (a login taken by another tenant), is what a "refused" row's detail says instead: the
+    tenant reads its own rows through the API."""
 
     actor: str
     action: str
@@ -47,6 +49,16 @@ class Op:
     actor_uid: int | None = None
     detail: str = ""
     ok_row: Callable[[Any], tuple[str, str]] | None = None
+    refused_text: Callable[[Refused], str] | None = None
+
+
+#: an operation-log row keeps at most this much of a target or detail (they may echo input)
+MAX_TARGET_CHARS = 200
+MAX_DETAIL_CHARS = 500
+
+
+def _clip(text: str, most: int) -> str:
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 def as_refused(exc: StoreError) -> Refused:
@@ -88,23 +100,34 @@ class Core:
             raise as_refused(exc) from None
 
     async def change(
-        self, op: Op, tenant: str | None, fn: Callable[[Store], T], detail: Callable[[T], str] | None = None
+        self,
+        op: Op,
+        tenant: str | None,
+        fn: Callable[[Store], T],
+        detail: Callable[[T], str] | None = None,
+        *,
+        accounts: bool = True,
+        removals: bool = False,
     ) -> T:
         """Run FN(store) in one transaction with the directory bump and OP's operation-log row
         (for TENANT, when named; its detail is DETAIL(result) when given, else OP's), then refresh
-        the directory; Refused when the store refuses."""
-        self.directory.changing()
+        the directory; Refused when the store refuses. ACCOUNTS and REMOVALS say which version
+        the change moves (an added suppression moves neither: its row id is newer)."""
+        if accounts:
+            self.directory.changing()
 
         def tx() -> T:
             with transaction(self.store.conn):
                 out = fn(self.store)
                 tenant_id = self._tenant_id(tenant)
-                self.store.bump_directory()
+                if accounts or removals:
+                    self.store.bump_directory(accounts=accounts, removals=removals)
                 target, said = (
                     op.ok_row(out) if op.ok_row is not None
                     else (op.target, op.detail if detail is None else detail(out))
                 )  # fmt: skip
-                row = OpRecord(time.time(), op.actor_uid, op.actor, op.action, target, "ok", tenant_id, said)
+                row = OpRecord(time.time(), op.actor_uid, op.actor, op.action, _clip(target, MAX_TARGET_CHARS), "ok",
+                               tenant_id, _clip(said, MAX_DETAIL_CHARS))  # fmt: skip
                 self.store.log_ops([without_url_secrets(row)])  # a webhook URL's token is never on record
             return out
 
@@ -112,7 +135,11 @@ class Core:
             out = await self.astore.call(tx)
         except StoreError as exc:
             await self.refuse(op, tenant, as_refused(exc))
-        await self.directory.refresh()
+        try:
+            await self.directory.refresh()
+        except Exception:  # committed: the poller brings the directory up to date when it can
+            self.directory.refresh_failures += 1
+            log.exception("event=directory_refresh_failed action=%s", op.action)
         return out
 
     async def refuse(self, op: Op, tenant: str | None, refused: Refused) -> NoReturn:
@@ -122,9 +149,11 @@ class Core:
         except Exception:  # the store cannot be read: the row is still written, without its tenant
             log.exception("event=ops_log_tenant_unknown action=%s", op.action)
             tenant_id = None
+        said = op.refused_text(refused) if op.refused_text is not None else str(refused)
         await self.audit.op(
-            ts=time.time(), actor_uid=op.actor_uid, actor=op.actor, action=op.action, target=op.target,
-            result="refused", tenant_id=tenant_id, detail=str(refused),
+            ts=time.time(), actor_uid=op.actor_uid, actor=op.actor, action=op.action,
+            target=_clip(op.target, MAX_TARGET_CHARS), result="refused", tenant_id=tenant_id,
+            detail=_clip(said, MAX_DETAIL_CHARS),
         )  # fmt: skip
         raise refused
 

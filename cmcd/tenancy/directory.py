@@ -5,10 +5,10 @@ It is built from the store and kept current two ways:
 - in this process, a tenancy command awaits `refresh()` before it returns, so the change is in
   every index here when the caller hears "done";
 - for changes made by another process (a worker, a node), the store keeps a directory version
-  that every command bumps in the transaction of its change. `refresh()` reads it (and the top
-  suppression row id, as a hard bounce adds a suppression without a command) in one cheap store
-  call and reloads only when it moved; a poller calls it every `poll_s`, and a session calls
-  `current()` before it decides on a login.
+  that every command bumps in the transaction of its change (and a second one, `removals`, for
+  suppressions removed; an added suppression, a command's or a hard bounce's, is seen by its
+  newer row id). `refresh()` reads them in one cheap store call and reloads only what moved; a
+  poller calls it every `poll_s`. A decision waits (`current()`) only while a reload runs.
 """
 
 from __future__ import annotations
@@ -72,12 +72,12 @@ class Directory:
         self.snapshot = Snapshot()
         self.suppressions = Suppressions(astore.store.keys)
         self._suppression_top = 0
+        self._removals = 0
         #: moves when a change begins (changing()) and when a reload lands: a decision that began
         #: before (a password check under way) compares it and starts over
         self.generation = 0
         self._listeners: list[Callable[[Snapshot], None]] = []
         self._lock = asyncio.Lock()
-        self._refreshing: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self.reloads = 0  # full reloads, read by /metrics and tests
         self.refresh_failures = 0  # polls that could not read the store (/metrics)
@@ -92,10 +92,9 @@ class Directory:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def close(self) -> None:
-        for task in (self._poller, self._refreshing):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
 
     def changing(self) -> None:
         """A command is about to change the store: decisions under way start over after it."""
@@ -103,34 +102,46 @@ class Directory:
 
     @property
     def reloading(self) -> bool:
-        """True while a refresh is under way (then await current())."""
+        """True while a reload is under way (then await current()); a version check that finds
+        everything current never makes anyone wait."""
         return self._lock.locked()
 
     async def current(self) -> None:
-        """Wait for a refresh under way, so no decision uses what it is replacing."""
+        """Wait for a reload under way, so no decision uses what it is replacing."""
         if self._lock.locked():
             async with self._lock:
                 pass
 
     async def refresh(self, force: bool = False) -> None:
-        """Make every index reflect the store as of now: one cheap read, and a reload only of what
-        moved. Serialised: a caller that arrives during a refresh waits and reads again after it,
-        so what it changed before calling is always seen."""
+        """Make every index reflect the store as of now: one cheap read of the versions, and a
+        reload only of what moved (the accounts snapshot, the whole suppression set after a
+        removal, or just the suppressions added since the last read). Nothing waits on a check
+        that finds everything current; a reload is serialised, and a caller that arrives during
+        one waits and checks again after it, so what it changed before calling is always seen."""
+        state = await self._astore.call(self._astore.store.directory_state)
+        if not force and not self._stale(state):
+            return
         async with self._lock:
-            version, top = await self._astore.call(self._astore.store.directory_state)
+            version, removals, top = await self._astore.call(self._astore.store.directory_state)
             if force or version != self.snapshot.version:
-                await self._reload()
+                await self._reload_accounts()
+            if force or removals != self._removals:
+                self._removals, self._suppression_top, entries = await self._astore.call(
+                    self._astore.store.suppression_set
+                )
+                self.suppressions.load(entries)
             elif top > self._suppression_top:
                 self._suppression_top, added = await self._astore.call(
                     self._astore.store.suppressions_after, self._suppression_top
                 )
                 self.suppressions.update(added)
 
-    async def _reload(self) -> None:
-        rows = await self._astore.call(self._astore.store.directory_rows)
-        snap = Snapshot.from_rows(rows)
-        self.suppressions.load(rows["suppressions"])
-        self._suppression_top = rows["suppression_top"]
+    def _stale(self, state: tuple[int, int, int]) -> bool:
+        version, removals, top = state
+        return version != self.snapshot.version or removals != self._removals or top > self._suppression_top
+
+    async def _reload_accounts(self) -> None:
+        snap = Snapshot.from_rows(await self._astore.call(self._astore.store.directory_rows))
         self.snapshot = snap
         self.generation += 1
         self.reloads += 1

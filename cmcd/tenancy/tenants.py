@@ -38,7 +38,7 @@ class Tenants:
         def detail(counts: dict[str, int]) -> str:
             return " ".join([op.detail, *(f"{k}={v}" for k, v in counts.items())]).strip()
 
-        counts = await self.core.change(op, None, lambda s: s.tenant_purge(tenant.name), detail=detail)
+        counts = await self.core.change(op, None, lambda s: s.tenant_purge(tenant.name), detail=detail, removals=True)
         await self.finish_erase()
         return counts
 

@@ -5,6 +5,7 @@ the rules as tables."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -309,6 +310,39 @@ async def test_a_change_by_another_process_is_seen_at_the_next_refresh(world: Wo
         assert w.directory.snapshot.dsn_off == {tenant_id}
     finally:
         other.close()
+
+
+async def test_a_removal_elsewhere_reloads_the_suppressions_and_keeps_what_is_not_shipped(world: World) -> None:
+    """A suppression removed by another process bumps `removals`: the whole set is read again,
+    without the accounts; a hard bounce this process added in memory, whose row the store does
+    not have yet, survives that reload."""
+    w = world
+    tenant_id = await tenant_with_user(w)
+    await w.accounts.suppression_add(op("suppression.add", "acme"), "acme", "old@dst.test", "operator")
+    w.directory.suppressions.add(tenant_id, "fresh-bounce@dst.test")  # the engine, before its event ships
+    other = open_store(w.store_path, w.key_file)
+    try:
+        with transaction(other.conn):
+            other.suppression_delete("acme", "old@dst.test")
+            other.bump_directory(accounts=False, removals=True)
+        reloads = w.directory.reloads
+        await w.directory.refresh()
+        assert not w.directory.suppressions.contains(tenant_id, "old@dst.test")
+        assert w.directory.suppressions.contains(tenant_id, "fresh-bounce@dst.test")
+        assert w.directory.reloads == reloads  # the accounts snapshot was not read again
+    finally:
+        other.close()
+
+
+async def test_a_current_directory_makes_nobody_wait(world: World) -> None:
+    """A check that finds every version current takes no lock: sessions never wait on a poll."""
+    w = world
+    await tenant_with_user(w)
+    await w.directory.refresh()
+    task = asyncio.get_running_loop().create_task(w.directory.refresh())
+    await asyncio.sleep(0)  # the refresh is now waiting on the store thread
+    assert not w.directory.reloading
+    await task
 
 
 # -- transactions nest ---------------------------------------------------------------------------------
