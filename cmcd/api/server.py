@@ -39,7 +39,6 @@ from cmcd.api.send import BULK_MAX_RECIPIENTS, Sending
 from cmcd.api.sessions import Sessions
 from cmcd.config import Config, split_hostport
 from cmcd.doors import JSON_BODY_WEIGHT, JSON_NODE_BYTES, json_node_cap, json_nodes
-from cmcd.errors import StoreError
 from cmcd.store import AsyncStore, LoginRecord
 from cmcd.store.api_store import KEY_PREFIX, ApiCaller, split_api_key
 from cmcd.submit.service import SubmitService
@@ -412,4 +411,4 @@ def _token_name(token: str) -> str:
     return f"{KEY_PREFIX}{key_id}" if key_id is not None and _KEY_ID.fullmatch(key_id) else ""
 
 
-__all__ = ["ApiServer", "Problem", "StoreError"]
+__all__ = ["ApiServer"]

@@ -41,7 +41,7 @@ from cmcd.config import Config
 from cmcd.queue.audit import AuditLog
 from cmcd.redact import redact_url, redact_urls
 from cmcd.store import AsyncStore
-from cmcd.store.store import OpRecord
+from cmcd.store.log_store import OpRecord
 from cmcd.store.webhook_store import Webhook
 from cmcd.tenancy.webhook_urls import Target, WebhookUrlError, check_url
 

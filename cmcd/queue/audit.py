@@ -20,7 +20,7 @@ from cmcd.queue.outbox import KINDS, AuditRecord
 from cmcd.queue.spool import Spool
 from cmcd.redact import redact_urls
 from cmcd.store import AsyncStore
-from cmcd.store.store import LoginRecord, OpRecord
+from cmcd.store.log_store import LoginRecord, OpRecord
 
 log = logging.getLogger("cmcd.audit")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from cmcd.db import transaction
 from cmcd.queue.tables import EVENT_LIST
-from cmcd.store.store import LoginRecord, OpRecord
+from cmcd.store.log_store import LoginRecord, OpRecord
 
 KINDS = ("login", "ops")
 

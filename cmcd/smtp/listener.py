@@ -89,4 +89,4 @@ class SmtpListeners:
             await server.wait_closed()
 
 
-__all__ = ["SessionRegistry", "SmtpContext", "SmtpListeners", "SubmissionHandler"]
+__all__ = ["SmtpListeners"]

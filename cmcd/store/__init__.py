@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from cmcd.stats import STORE_BUCKETS_S, Histogram
-from cmcd.store.store import LoginRecord, Store, open_store
+from cmcd.store.log_store import LoginRecord
+from cmcd.store.store import Store, open_store
 
 T = TypeVar("T")
 

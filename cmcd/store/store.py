@@ -26,16 +26,16 @@ from cmcd.db import transaction
 from cmcd.errors import Conflict, KeyFileError, NotFound, StoreError, UntrustedFileError
 from cmcd.records import IpCredential, Tenant, User
 from cmcd.store.api_store import ApiStore
-from cmcd.store.domain_store import DomainStore, NewKey
+from cmcd.store.domain_store import DomainStore
 from cmcd.store.integrity import RESTORE_STORE, check_database
-from cmcd.store.log_store import LoginRecord, LogStore, OpRecord
+from cmcd.store.log_store import LogStore
 from cmcd.store.purge_store import PurgeStore
 from cmcd.store.quota_store import QuotaStore
 from cmcd.store.schema import migrate, schema_version
 from cmcd.store.webhook_store import WebhookStore
 
 # the records callers pass to Store methods, importable from here as from their own modules
-__all__ = ["KEY_CHECK", "MIN_IPCRED_PREFIX", "LoginRecord", "NewKey", "OpRecord", "Store", "open_store"]
+__all__ = ["KEY_CHECK", "MIN_IPCRED_PREFIX", "Store", "open_store"]
 
 #: The widest networks an IP credential may name (a /0 would be an open relay for the tenant).
 MIN_IPCRED_PREFIX = {4: 16, 6: 48}

@@ -21,7 +21,8 @@ from cmcd.db import transaction
 from cmcd.errors import Conflict, NotFound, StoreError
 from cmcd.queue.audit import AuditLog, without_url_secrets
 from cmcd.store import AsyncStore
-from cmcd.store.store import OpRecord, Store
+from cmcd.store.log_store import OpRecord
+from cmcd.store.store import Store
 from cmcd.tenancy.directory import Directory
 from cmcd.tenancy.refusals import Reason, Refusal, Refused
 

@@ -20,7 +20,8 @@ import cmcd.tenancy.rules as rules
 from cmcd.config import DkimConfig
 from cmcd.dkim import DkimKey
 from cmcd.records import Domain
-from cmcd.store.store import NewKey, Store
+from cmcd.store.domain_store import NewKey
+from cmcd.store.store import Store
 from cmcd.tenancy.core import Core, Op
 from cmcd.tenancy.refusals import invalid
 

@@ -18,7 +18,7 @@ from cmcd.doors import (
     json_nodes,
     listener_caps,
 )
-from cmcd.smtp.listener import SessionRegistry
+from cmcd.smtp.context import SessionRegistry
 from cmcd.submit.auth import throttle_key
 
 
