@@ -220,13 +220,18 @@ def _queue_bounces(
 ) -> int:
     """One DSN per message for its recipients waiting to be reported, once none of its recipients
     is still being attempted (so recipients that fail together are reported together)."""
+    # One query per chunk, not one per message: most messages were delivered and have no such row.
+    waiting: dict[str, list[Any]] = {}
+    for chunk in _chunks(qids):
+        for r in conn.execute(
+            "SELECT queue_id, id, rcpt_enc, state, last_response_enc, last_mx FROM recipients "
+            f"WHERE queue_id IN ({_marks(len(chunk))}) AND (notify = 1 OR state = 'inflight') ORDER BY id",
+            chunk,
+        ):
+            waiting.setdefault(r[0], []).append(r[1:])
     messages = []
     for qid in qids:
-        rows = conn.execute(
-            "SELECT id, rcpt_enc, state, last_response_enc, last_mx FROM recipients WHERE queue_id = ? "
-            "AND (notify = 1 OR state = 'inflight')",
-            (qid,),
-        ).fetchall()
+        rows = waiting.get(qid)
         if not rows or any(r[2] == RecipientState.INFLIGHT for r in rows):
             continue
         m = conn.execute(

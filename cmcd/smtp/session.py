@@ -126,7 +126,7 @@ class SubmissionSMTP(SMTP):
         self._auth_methods = {}  # AUTH is smtp_AUTH's own, below
         self._handle_hooks = ctx.hooks
         self._ehlo_hook_ver = None
-        self._smtp_methods = {name: getattr(self, "smtp_" + name) for name in _COMMANDS}
+        self._smtp_methods = _COMMANDS  # shared and read-only: functions, bound when called
         self._enforce_call_limit = False  # our _handle_client applies _CALL_LIMITS
         # aiosmtpd keeps these limits in a class-wide dict that grows on every EHLO; ours are per session.
         self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26, "RCPT": 512})
@@ -325,7 +325,7 @@ class SubmissionSMTP(SMTP):
                     await self.push(f'500 5.5.1 Error: command "{command}" not recognized')
                     continue
                 self._reset_timeout()
-                await method(arg)
+                await method(self, arg)
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
                 raise
@@ -715,4 +715,8 @@ class SubmissionSMTP(SMTP):
         self.loop.call_later(_CLOSE_GRACE_S, transport.abort)  # type: ignore[attr-defined]
 
 
-_COMMANDS = tuple(name[5:] for name in dir(SubmissionSMTP) if name.startswith("smtp_"))
+# Command name -> the (unbound) smtp_* function; one table for every session instead of a dict
+# of bound methods built per connection (aiosmtpd's HELP reads only attributes off these).
+_COMMANDS: dict[str, Any] = {
+    name[5:]: getattr(SubmissionSMTP, name) for name in dir(SubmissionSMTP) if name.startswith("smtp_")
+}

@@ -63,14 +63,16 @@ def parse(body: bytes) -> HeaderInfo:
     return HeaderInfo(tuple(from_values), message_id, has_date, header_end, received)
 
 
-_RECEIVED = re.compile(rb"(?:^|\r?\n)received[ \t]*:", re.IGNORECASE)
+# Matched in the lowercased block with a newline put in front: a literal prefix lets `re` skip
+# ahead in C (an IGNORECASE pattern starting with an alternation tried every position, ~13x slower).
+_RECEIVED = re.compile(rb"\nreceived[ \t]*:")
 
 
 def count_received(body: bytes) -> int:
     """Received: fields in the header block of BODY (a spooled message), without parsing the rest."""
     end = body.find(b"\r\n\r\n")
     block = body[: end + 2] if end >= 0 else body
-    return len(_RECEIVED.findall(block))
+    return len(_RECEIVED.findall(b"\n" + block.lower()))
 
 
 _SIMPLE_FROM = re.compile(r"^\s*<?([A-Za-z0-9._+-]+)@([A-Za-z0-9.-]+)>?\s*$")
