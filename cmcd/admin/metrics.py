@@ -65,6 +65,8 @@ BACKLOG = 128
 HTTP_LOG = "cmcd.metrics.http"
 SERVER_HEADER = "cmcd"  # no versions (what the API says too)
 MAX_REMEMBERED = 64  # credentials that passed, remembered so a scrape costs no scrypt
+MAX_LINE_BYTES = 4096  # the request line and each header line
+MAX_HEADERS = 32
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,12 @@ class MetricsServer:
         # aiohttp's own answers before our handler (400 for a malformed request line) take its
         # default Server value, which names Python's and aiohttp's versions: make that ours too
         web_response.SERVER_SOFTWARE = SERVER_HEADER
-        server = web.Server(self._handle, access_log=None, logger=logging.getLogger(HTTP_LOG))
+        # a scrape is one short request: at most 32 header lines of 4 KiB (aiohttp's defaults
+        # would let each connection hold ~1 MiB of headers)
+        server = web.Server(
+            self._handle, access_log=None, logger=logging.getLogger(HTTP_LOG),
+            max_line_size=MAX_LINE_BYTES, max_field_size=MAX_LINE_BYTES, max_headers=MAX_HEADERS,
+        )  # fmt: skip
         self._runner = web.ServerRunner(server, shutdown_timeout=self.timers.header_timeout)
         await self._runner.setup()
         self._front = FrontDoor(self.door, self._tls, server, lambda: self.timers, server_log=HTTP_LOG)

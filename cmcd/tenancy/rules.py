@@ -32,8 +32,10 @@ def address_refusal(address: str, *, smtputf8: bool = True) -> Refusal | None:
         )
     if not smtputf8 and not address.isascii():
         return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", "Non-ASCII address requires SMTPUTF8")
+    if len(address) > MAX_ADDRESS_CHARS:
+        return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", f"Address too long (at most {MAX_ADDRESS_CHARS} characters)")
     local, at, domain = address.rpartition("@")
-    if not at or not local or not _MAIL_DOMAIN.match(domain) or len(address) > MAX_ADDRESS_CHARS:
+    if not at or not local or not _MAIL_DOMAIN.match(domain):
         return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", "Bad address syntax: expected local-part@domain")
     return None
 

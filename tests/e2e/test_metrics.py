@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import http.client
 import smtplib
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,12 @@ def test_queue_gauges_and_the_http_surface(make_cmcd: Any) -> None:
     assert body.endswith(b"# EOF\n")
     assert get(port, "/nothing")[0] == 404
     assert get(port, method="POST")[0] == 405
+    # a header line past 4 KiB is refused before the handler (aiohttp's default would take 8 KiB
+    # lines, 128 of them); a normal scrape is served again after it
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+        assert sock.recv(64).split(b" ", 2)[1] in (b"400", b"431")
+    assert get(port)[0] == 200
 
 
 # -- the reason labels (no sockets; here beside the metric they label) --------------------------
