@@ -16,16 +16,13 @@ from typing import Any
 import pytest
 
 from cmcd import crypto
-from cmcd.config import Config
 from cmcd.db import transaction
-from cmcd.queue.audit import AuditLog
-from cmcd.queue.spool import Spool
 from cmcd.store import AsyncStore, Store, open_store
 from cmcd.tenancy import rules
 from cmcd.tenancy.accounts import Accounts
-from cmcd.tenancy.core import Core, Op
 from cmcd.tenancy.directory import Directory
 from cmcd.tenancy.refusals import Reason, Refused
+from tests.unit.tenancy_parts import op, open_tenancy
 
 PASSWORD = "correct horse battery"  # 21 characters: the policy wants at least 12
 #: the tables a command changes; a refused command leaves every one of them as it was
@@ -60,24 +57,10 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    store_path, key_file = tmp_path / "cmcd.db", tmp_path / "data.key"
-    store = open_store(store_path, key_file)
-    astore = AsyncStore(store)
-    spool = Spool(tmp_path / "spool", store.keys)  # the audit log's fallback for rows the store cannot take
-    spool.start()
-    directory = Directory(astore, poll_s=0)  # no poller: every refresh here is the test's own
-    await directory.start()
-    accounts = Accounts(Core(Config(), astore, AuditLog(spool, astore), directory))
-    try:
-        yield World(store, astore, directory, accounts, store_path, key_file)
-    finally:
-        await directory.close()
-        spool.stop()
-        astore.close()
-
-
-def op(action: str, target: str) -> Op:
-    return Op(actor="root", action=action, target=target, actor_uid=0)
+    async with open_tenancy(tmp_path) as tenancy:
+        core = tenancy.core
+        yield World(core.store, core.astore, tenancy.directory, tenancy.accounts,
+                    tmp_path / "cmcd.db", tmp_path / "data.key")  # fmt: skip
 
 
 async def tenant_with_user(w: World, role: str = "admin") -> int:

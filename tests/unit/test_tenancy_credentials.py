@@ -15,12 +15,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from cmcd import totp
-from cmcd.config import Config
-from cmcd.queue.audit import AuditLog
-from cmcd.queue.spool import Spool
-from cmcd.store import AsyncStore, Store, open_store
-from cmcd.tenancy import Directory, Op, Tenancy
+from cmcd.store import Store
+from cmcd.tenancy import Op, Tenancy
 from cmcd.tenancy.refusals import Reason, Refused
+from tests.unit import tenancy_parts as parts
+from tests.unit.tenancy_parts import open_tenancy
 
 PASSWORD = "correct horse battery"
 ISSUER = "cmcd mx.cmcd.test"
@@ -49,26 +48,15 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    store = open_store(tmp_path / "cmcd.db", tmp_path / "data.key")
-    astore = AsyncStore(store)
-    spool = Spool(tmp_path / "spool", store.keys)
-    spool.start()
-    directory = Directory(astore, poll_s=0)
-    await directory.start()
-    tenancy = Tenancy(Config(), astore, AuditLog(spool, astore), directory)
-    await tenancy.accounts.tenant_add(op("tenant.add"), "acme")
-    await tenancy.accounts.user_add(op("user.add"), "acme", "boss", "admin", PASSWORD)
-    await tenancy.accounts.user_add(op("user.add"), "acme", "app", "sender", PASSWORD)
-    try:
-        yield World(store, tenancy)
-    finally:
-        await directory.close()
-        spool.stop()
-        astore.close()
+    async with open_tenancy(tmp_path) as tenancy:
+        await tenancy.accounts.tenant_add(op("tenant.add"), "acme")
+        await tenancy.accounts.user_add(op("user.add"), "acme", "boss", "admin", PASSWORD)
+        await tenancy.accounts.user_add(op("user.add"), "acme", "app", "sender", PASSWORD)
+        yield World(tenancy.core.store, tenancy)
 
 
 def op(action: str, target: str = "acme/boss") -> Op:
-    return Op(actor="root", action=action, target=target, actor_uid=0)
+    return parts.op(action, target)
 
 
 async def refused(w: World, reason: Reason, text: str, call: Any) -> None:

@@ -15,13 +15,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cmcd.config import Config, DkimConfig
-from cmcd.queue.audit import AuditLog
-from cmcd.queue.spool import Spool
-from cmcd.store import AsyncStore, Store, open_store
+from cmcd.config import DkimConfig
+from cmcd.store import Store
 from cmcd.tenancy import Directory, Op, Tenancy
 from cmcd.tenancy.domains import Record, dns_states, domain_name, records, zone_lines
 from cmcd.tenancy.refusals import Reason, Refused
+from tests.unit.tenancy_parts import op, open_tenancy
 
 DKIM = DkimConfig(rsa_bits=1024)  # the shortest RSA key DKIM takes: quick to make
 HOST = "mx.cmcd.test"
@@ -63,25 +62,10 @@ class World:
 
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
-    store = open_store(tmp_path / "cmcd.db", tmp_path / "data.key")
-    astore = AsyncStore(store)
-    spool = Spool(tmp_path / "spool", store.keys)
-    spool.start()
-    directory = Directory(astore, poll_s=0)  # no poller: the directory moves only by the commands
-    await directory.start()
-    tenancy = Tenancy(Config(), astore, AuditLog(spool, astore), directory)
-    for name in ("acme", "beta"):
-        await tenancy.accounts.tenant_add(op("tenant.add", name), name)
-    try:
-        yield World(store, tenancy)
-    finally:
-        await directory.close()
-        spool.stop()
-        astore.close()
-
-
-def op(action: str, target: str) -> Op:
-    return Op(actor="root", action=action, target=target, actor_uid=0)
+    async with open_tenancy(tmp_path) as tenancy:
+        for name in ("acme", "beta"):
+            await tenancy.accounts.tenant_add(op("tenant.add", name), name)
+        yield World(tenancy.core.store, tenancy)
 
 
 def lookup_saying(status: str) -> Any:

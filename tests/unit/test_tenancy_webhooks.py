@@ -14,15 +14,13 @@ import dns.nameserver
 import pytest
 
 from cmcd.config import ApiConfig, Config
-from cmcd.queue.audit import AuditLog
-from cmcd.queue.spool import Spool
-from cmcd.store import AsyncStore, open_store
+from cmcd.store import AsyncStore
 from cmcd.store.webhook_store import MAX_PER_TENANT, WEBHOOK_EVENTS
 from cmcd.tenancy import Op, Tenancy
-from cmcd.tenancy.directory import Directory
 from cmcd.tenancy.refusals import Reason, Refused
 from cmcd.tenancy.webhook_urls import HOST_NOT_PUBLIC, SECRET_PREFIX
 from cmcd.tenancy.webhooks import UrlRefused, parse_webhook_id
+from tests.unit.tenancy_parts import open_tenancy
 
 PUBLIC_URL = "https://192.0.2.10/hook"  # TEST-NET-1: "private" to the guard, so allow_private is on
 
@@ -55,21 +53,11 @@ def _nowhere() -> dns.asyncresolver.Resolver:
 
 
 async def _world(tmp_path: Path, allow_private: bool) -> AsyncIterator[World]:
-    store = open_store(tmp_path / "cmcd.db", tmp_path / "data.key")
-    for tenant in ("acme", "beta"):
-        store.tenant_add(tenant)
-    astore = AsyncStore(store)
-    spool = Spool(tmp_path / "spool", store.keys)
-    spool.start()
-    directory = Directory(astore, poll_s=0)
-    await directory.start()
     config = Config(api=ApiConfig(webhook_allow_private=allow_private))
-    try:
-        yield World(Tenancy(config, astore, AuditLog(spool, astore), directory), astore, _nowhere())
-    finally:
-        await directory.close()
-        spool.stop()
-        astore.close()
+    async with open_tenancy(tmp_path, config) as tenancy:
+        for tenant in ("acme", "beta"):
+            tenancy.core.store.tenant_add(tenant)
+        yield World(tenancy, tenancy.core.astore, _nowhere())
 
 
 @pytest.fixture
