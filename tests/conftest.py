@@ -344,6 +344,18 @@ def strip_signatures(raw: bytes) -> bytes:
         raw = raw[m.end() :]
 
 
+def wait_until(done: Callable[[], Any], what: str, timeout: float = 10) -> Any:
+    """Poll DONE() until it returns something truthy (returned); fail naming WHAT after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = done()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
 def message(
     sender: str = "alice@acme.test", to: str = "rcpt@dst.test", subject: str = "hello", body: str = "hi"
 ) -> bytes:

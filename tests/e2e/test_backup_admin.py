@@ -465,7 +465,11 @@ async def test_scheduler_close_waits_for_a_backup_in_progress(root: Path, monkey
     loop = asyncio.get_running_loop()
     assert await loop.run_in_executor(None, entered.wait, 30)
     closing = asyncio.ensure_future(scheduler.close())
-    await asyncio.sleep(0.05)
+    # close() has stopped the schedule and taken the backup in progress, whose thread is still held
+    deadline = loop.time() + 30
+    while scheduler._task is not None or scheduler._running is not None:
+        assert loop.time() < deadline, "close() never reached the backup in progress"
+        await asyncio.sleep(0.01)
     assert not closing.done()  # still waiting for the backup thread
     release.set()
     await asyncio.wait_for(closing, 30)

@@ -208,7 +208,7 @@ def test_slow_command_is_cut_off_by_the_command_timeout(make_cmcd) -> None:  # t
         for byte in b"NOOP and a very slow line" * 4:
             try:
                 s.send(bytes([byte]))
-                time.sleep(0.2)
+                time.sleep(0.2)  # the clock is the subject: a client's pacing, one byte at a time
             except OSError:
                 closed = True
                 break

@@ -228,7 +228,7 @@ def test_acknowledged_messages_survive_kill_9(make_cmcd) -> None:
             deadline = time.monotonic() + 15
             for _ in range(CLIENTS):
                 logged_in.acquire(timeout=max(0.0, deadline - time.monotonic()))
-            time.sleep(rng.uniform(*KILL_AFTER_S))
+            time.sleep(rng.uniform(*KILL_AFTER_S))  # the clock is the subject: a kill after a random delay
             d.kill9()
         finally:
             stop.set()

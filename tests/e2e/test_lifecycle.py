@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests.conftest import PASSWORD, message, queue_id
+from tests.conftest import PASSWORD, message, queue_id, wait_until
+from tests.e2e.test_delivery import outbox_events
 
 
 def test_sigterm_lets_an_open_transaction_finish_then_exits_zero(make_cmcd) -> None:  # type: ignore[no-untyped-def]
@@ -82,7 +83,7 @@ def test_connections_past_the_per_ip_limit_get_421(make_cmcd) -> None:  # type: 
     finally:
         for s in held:
             s.close()
-    time.sleep(0.2)
+    wait_until(lambda: d.admin("status")["sessions"] == 0, "cmcd saw the held connections close")
     with d.smtp() as c:  # slots come back when connections close
         assert c.noop()[0] == 250
 
@@ -119,19 +120,19 @@ def test_full_disk_refuses_then_recovers_when_space_returns(make_cmcd, tmp_path)
             assert b"disk" in text
 
             filler.unlink()
-            time.sleep(1.1)
+            time.sleep(1.1)  # the clock is the subject: free space is read at most once a second
             assert c.mail("alice@acme.test")[0] == 250  # no SIZE=: the write itself runs out of space
             assert c.rcpt("rcpt@dst.test")[0] == 250
             code, text = c.data(big)
             assert (code, text[:5]) == (451, b"4.3.0")
             assert c.noop()[0] == 250
-            time.sleep(1.1)
+            time.sleep(1.1)  # the clock is the subject: free space is read at most once a second
             code, text = c.mail("alice@acme.test", [f"SIZE={len(big)}"])  # declared: refused up front
             assert (code, text[:5]) == (452, b"4.3.1"), text
             c.rset()
 
             subprocess.run(["mount", "-o", "remount,size=16m", str(spool)], check=True)
-            time.sleep(1.1)
+            time.sleep(1.1)  # the clock is the subject: free space is read at most once a second
             assert c.mail("alice@acme.test")[0] == 250
             assert c.rcpt("rcpt@dst.test")[0] == 250
             second = queue_id(c.data(message(subject="second", body="after")))
@@ -193,7 +194,8 @@ def test_accepted_event_survives_kill_right_after_250(make_cmcd) -> None:  # typ
     assert rows() == [(qid, "accepted", "one@dst.test"), (qid, "accepted", "two@dst.test")]
     d.stop()
     d.start()  # shipping again after a restart never doubles a row
-    time.sleep(1)
+    # a double could only come from the spool's outbox: once it is empty, all of it was shipped
+    wait_until(lambda: outbox_events(d, qid) == [], "the spool's outbox drained after the restart")
     assert len(rows()) == 2
 
 

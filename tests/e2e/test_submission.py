@@ -217,9 +217,9 @@ def test_rate_limit_and_daily_quota(make_cmcd) -> None:
         import time
 
         for _ in range(2):
-            time.sleep(1.05)
+            time.sleep(1.05)  # the clock is the subject: 1 message per second is allowed
             assert _send(c)[0] == 250
-        time.sleep(1.05)
+        time.sleep(1.05)  # the clock is the subject: past the per-second limit, so only the daily quota refuses
         code, text = c.mail("alice@acme.test")
         assert (code, text[:5]) == (550, b"5.7.1") and b"quota of 3 messages" in text
 

@@ -150,7 +150,7 @@ def _reader(rcvbuf: int, chunk: int, pause_s: float | None) -> Callable[[int], N
             s.settimeout(30)
             try:
                 while s.recv(chunk):
-                    time.sleep(pause_s)
+                    time.sleep(pause_s)  # the clock is the subject: a slow reader's pacing
             except ConnectionError:
                 pass
 
