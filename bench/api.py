@@ -19,7 +19,9 @@ looked up and nothing leaves loopback.
 
 Both clients run in a separate process (`--worker api|smtp`, uvloop). Timed per path: from the
 first request (or MAIL) to the last 202 (or 250), and to the last delivery smtp-sink counted;
-the rates are messages / those times. Daemon CPU is its utime+stime over the same span.
+the rates are messages / those times. Daemon CPU is utime+stime over the same span, of cmcd's
+supervisor and every worker ([server] workers from --workers, else cmcd's default), printed per
+process and as the share of the machine's cores.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from intake import VENV_BIN, git_state, loadavg, log, proc_cpu  # noqa: E402
+import proctree  # noqa: E402  (bench/proctree.py: CPU per process of a tree)
+from intake import VENV_BIN, git_state, loadavg, log  # noqa: E402
 from relay import Daemon, Sink, daemon_toml  # noqa: E402
 
 TENANT, DOMAIN, USER, PASSWORD = "bench", "bench.test", "sender1", "bench-password-1"
@@ -257,7 +260,7 @@ def start_daemon(tls_dir: Path, sink: Sink, args: argparse.Namespace) -> tuple[D
     (tmp / "cmcd.toml").write_text(
         daemon_toml(
             tmp, tls_dir, hostname="api.bench.local", delivery=tuning, routes={"*": f"127.0.0.1:{sink.port}"},
-            smtps_listen=None, api=True, comment='"*" routes every domain',
+            smtps_listen=None, api=True, comment='"*" routes every domain', workers=args.workers,
         )
     )  # fmt: skip
     proc = subprocess.Popen(
@@ -324,11 +327,12 @@ def run_path(kind: str, tls_dir: Path, sink: Sink, args: argparse.Namespace) -> 
     try:
         base = sink.count
         mark: dict[str, float] = {}
+        snaps: dict[str, proctree.Snapshot] = {}
 
         def on_row(row: dict[str, Any]) -> None:
             if row.get("ready"):
                 mark["t0"] = time.monotonic()
-                mark["cpu0"] = proc_cpu(d.proc.pid)
+                snaps["0"] = proctree.snapshot(d.proc.pid, threads=True)
                 res.update({k: v for k, v in row.items() if k != "ready"})
             elif "req" in row:
                 flag = "" if row["ok"] else f"  FAILED {row['status']} {row.get('reply', '')}"
@@ -353,7 +357,14 @@ def run_path(kind: str, tls_dir: Path, sink: Sink, args: argparse.Namespace) -> 
             time.sleep(0.2)
         res["delivered"] = sink.count - base
         res["delivery_s"] = sink.changed - mark["t0"]
-        res["daemon_cpu_s"] = proc_cpu(d.proc.pid) - mark["cpu0"]
+        # the daemon's CPU (supervisor and every worker) from the first request to the last delivery
+        use = proctree.usage(
+            snaps["0"], proctree.snapshot(d.proc.pid, threads=True), time.monotonic() - mark["t0"], proctree.cmcd_label
+        )
+        res["daemon_cpu_s"] = use.total_s
+        res["cpu_share"] = use.share
+        res["cpu_tree"] = use.to_json()
+        res["cpu_describe"] = use.describe("cmcd", threads=True)
         status = d.admin("status")
         res["status_delivery"] = status.get("delivery")
         if client.get("errors"):
@@ -373,12 +384,13 @@ def run_path(kind: str, tls_dir: Path, sink: Sink, args: argparse.Namespace) -> 
 
 def table(results: list[dict[str, Any]]) -> str:
     rows = [("path", "messages", "last 202/250 s", "accept msg/s", "last delivery s", "end-to-end msg/s",
-             "daemon CPU ms/msg", "client CPU s", "delivered")]  # fmt: skip
+             "daemon CPU ms/msg", "cores used", "client CPU s", "delivered")]  # fmt: skip
     for r in results:
         n = r["accepted"]
         rows.append((
             r["label"], str(n), f"{r['last_s']:.2f}", f"{n / r['last_s']:.0f}", f"{r['delivery_s']:.2f}",
-            f"{n / r['delivery_s']:.0f}", f"{r['daemon_cpu_s'] * 1000 / max(n, 1):.2f}", f"{r['client_cpu_s']:.1f}",
+            f"{n / r['delivery_s']:.0f}", f"{r['daemon_cpu_s'] * 1000 / max(n, 1):.2f}", f"{100 * r['cpu_share']:.0f}%",
+            f"{r['client_cpu_s']:.1f}",
             f"{r['delivered']}/{n}",
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -402,6 +414,9 @@ def main() -> int:
     ap.add_argument("--sessions", "-k", type=int, default=20, help="parallel SMTP sessions (default 20)")
     ap.add_argument("--paths", default="api,smtp", help="api, smtp or both (default)")
     ap.add_argument("--cmcd", action="append", default=[], metavar="KEY=VALUE", help="extra [delivery] setting")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="cmcd's [server] workers (default: unset, cmcd's own default)"
+    )
     ap.add_argument("--timeout", type=float, default=3600.0, help="limit for one client run in s (default 3600)")
     ap.add_argument("--stall", type=float, default=60.0, help="give up waiting for deliveries after this long")
     ap.add_argument("--keep", action="store_true", help="keep the daemons' temporary directories")
@@ -423,6 +438,13 @@ def main() -> int:
     print(f"# cmcd API benchmark, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {args.recipients} messages per path; "
           f"API: {args.requests} requests of {per} (in flight: {args.api_parallel}); SMTP: {args.sessions} sessions")  # fmt: skip
     print(f"# cmcd code: {git_state()}; host: {os.cpu_count()} CPUs; load average {loadavg()}", flush=True)
+    print(
+        "# cmcd workers: "
+        + (f"{args.workers} ([server] workers)" if args.workers else f"unset: cmcd's default ({os.cpu_count()})")
+        + "; daemon CPU: the supervisor and every worker, from the first request (MAIL) to the last delivery;"
+        " cores used: that CPU / (that time x the machine's cores)",
+        flush=True,
+    )
 
     def on_term(signum: int, frame: Any) -> None:  # noqa: ARG001 - so that the finally below stops the peers
         raise KeyboardInterrupt(f"signal {signum}")
@@ -446,6 +468,7 @@ def main() -> int:
             print(f"    last {'202' if kind == 'api' else '250'} at {r['last_s']:.2f} s, last delivery at "
                   f"{r['delivery_s']:.2f} s; {what} {size} bytes; delivered {r['delivered']}/{r['accepted']}; "
                   f"cmcd delivery counters {r['status_delivery']}", flush=True)  # fmt: skip
+            print(f"    {r['cpu_describe']}", flush=True)
             for p in r["problems"]:
                 print(f"    PROBLEM: {p}", flush=True)
             results.append(r)

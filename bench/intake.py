@@ -8,16 +8,22 @@ Per round (R rounds, default 3; the order of the systems rotates each round):
 (a) cmcd over STARTTLS + AUTH PLAIN: K concurrent sessions (a separate client process,
     raw asyncio streams on uvloop), each keeping one connection and sending 4 KB messages
     back to back (next MAIL after the 250 for DATA), N messages in all. Per message the
-    time from writing the end-of-data "." to reading the 250 is recorded (p50/p99).
+    time from writing the end-of-data "." to reading the 250 is recorded (p50/p90/p99/max).
+(p) (a) paced, open loop: the same K sessions together offer --rate msg/s (default 600);
+    message i is planned at t0 + i/rate whatever the replies so far, and goes out on the
+    first free session at that time (late, and counted as behind schedule, when none is).
 (b) cmcd with Postfix's smtp-source (20 sessions, one connection per message, HELO, no
     TLS, no AUTH) through an IP credential against cmcd's plain submission listener.
 (c) the same smtp-source load against the system Postfix on a loopback port.
 
-Every cmcd run is a fresh daemon in a fresh temporary directory. cmcd's delivery is held:
-all domains are routed to a closed loopback port, so nothing leaves, and each accepted
-message stays in SPOOL/queue.db, where the benchmark counts it. Postfix is held the same
-way by default (`defer_transports = smtp`); `--postfix-mode relay` relays it to
-smtp-sink instead, `--postfix-mode hold` puts every message on the hold queue.
+Every cmcd run is a fresh daemon in a fresh temporary directory ([server] workers from
+--workers, else cmcd's default); each run prints the CPU of the supervisor and of every worker
+process over the load, and the share of the machine's cores used (Postfix: its total).
+cmcd's delivery is held: all domains are routed to a closed loopback port, so nothing
+leaves, and each accepted message stays in its spool shard (SPOOL/queue*.db), where the
+benchmark counts it. Postfix is held the same way by default (`defer_transports = smtp`);
+`--postfix-mode relay` relays it to smtp-sink instead, `--postfix-mode hold` puts every
+message on the hold queue.
 
 Network: loopback only. Postfix never looks anything up in DNS (smtpd_peername_lookup =
 no, smtp_dns_support_level = disabled, relayhost in brackets); cmcd's resolver points at a
@@ -31,6 +37,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -53,16 +60,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(ROOT / "bench"))
+
+import proctree  # noqa: E402  (bench/proctree.py: CPU per process of a tree)
 
 SENDER = "sender@bench.test"
 RCPT = "rcpt@dst.test"
 USER = "sender1"
 PASSWORD = "bench-password-1"
 MSG_SIZE = 4096
+LATE_S = 0.010  # paced (p): a message whose MAIL went out this much after its planned time is behind schedule
 
 POSTFIX_DIR = Path("/etc/postfix")
 POSTFIX_LOG = Path("/var/log/postfix-bench.log")
 POSTFIX_SPOOL = Path("/var/spool/postfix")
+POSTFIX_LOCK = Path("/run/lock/cmcd-system-postfix.lock")  # tests/peers.py's: whoever holds it owns the system Postfix
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,25 +140,18 @@ def proc_status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def tree_status_kb(root: int, key: str) -> int:
+    """KEY (VmRSS, VmHWM) summed over ROOT and its descendants: cmcd's supervisor and its workers."""
+    total = 0
+    for pid in proc_children_tree(root):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += proc_status_kb(pid, key)
+    return total
+
+
 def proc_children_tree(root: int) -> list[int]:
-    """ROOT and all its descendants (by scanning /proc)."""
-    parent: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                rest = f.read().rsplit(")", 1)[1].split()
-            parent[int(d)] = int(rest[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    out, todo = [root], [root]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out.extend(kids)
-        todo.extend(kids)
-    return out
+    """ROOT and all its descendants (through /proc/<pid>/task/<tid>/children)."""
+    return proctree.tree_pids(root)
 
 
 def tree_cpu(root: int) -> float:
@@ -234,6 +239,25 @@ async def _cmd(reader, writer, data: bytes, want: int, stage: str) -> bytes:
     return reply
 
 
+async def _take(p: dict, state: dict) -> float | None:
+    """Claim the next message: its planned send time (time.perf_counter()), or None when every message is
+    taken. Saturated (rate 0): now. Paced (open loop): message i is planned at t0 + i / rate, whatever
+    the replies so far; a free session sleeps until then, and a message no session was free for at its
+    time starts late (the lateness is recorded)."""
+    i = state["next"]
+    if i >= p["messages"]:
+        return None
+    state["next"] = i + 1
+    now = time.perf_counter()
+    if not p["rate"]:
+        return now
+    planned = state["t0"] + i / p["rate"]
+    if planned > now:
+        await asyncio.sleep(planned - now)
+    state["late"].append(max(time.perf_counter() - planned, 0.0))
+    return planned
+
+
 def _client_tls_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA store: the daemon's certificate is a dev one
     ctx.check_hostname = False
@@ -270,8 +294,7 @@ async def _raw_session(p: dict, state: dict, ready: asyncio.Event, go: asyncio.E
     await go.wait()
     now = time.perf_counter  # uvloop's loop.time() has only millisecond resolution
     try:
-        while state["remaining"] > 0:
-            state["remaining"] -= 1
+        while (planned := await _take(p, state)) is not None:
             try:
                 await _cmd(reader, writer, mail, 250, "MAIL")
                 await _cmd(reader, writer, rcpt, 250, "RCPT")
@@ -283,6 +306,7 @@ async def _raw_session(p: dict, state: dict, ready: asyncio.Event, go: asyncio.E
                 if code != 250:
                     raise SmtpReplyError("end of data", reply)
                 lat.append(t1 - t0)
+                state["sojourn"].append(t1 - planned)
                 state["last_ok"] = t1
             except SmtpReplyError as exc:
                 key = f"{exc.stage}: {exc.reply[:60].decode(errors='replace').strip()}"
@@ -333,8 +357,7 @@ async def _aiosmtplib_session(p: dict, state: dict, ready: asyncio.Event, go: as
         ready.set()
     await go.wait()
     try:
-        while state["remaining"] > 0:
-            state["remaining"] -= 1
+        while (planned := await _take(p, state)) is not None:
             try:
                 await smtp.mail(SENDER)
                 await smtp.rcpt(RCPT)
@@ -344,6 +367,7 @@ async def _aiosmtplib_session(p: dict, state: dict, ready: asyncio.Event, go: as
                 await smtp.data(body)
                 t1 = now()
                 lat.append(t1 - t0)
+                state["sojourn"].append(t1 - planned)
                 state["last_ok"] = t1
                 if p["rset"]:
                     await smtp.rset()
@@ -361,7 +385,10 @@ async def _aiosmtplib_session(p: dict, state: dict, ready: asyncio.Event, go: as
 
 async def _client_main(p: dict) -> dict:
     state: dict[str, Any] = {
-        "remaining": p["messages"],
+        "next": 0,
+        "t0": 0.0,
+        "late": [],  # paced: per message, how late its MAIL went out after its planned time
+        "sojourn": [],  # per message, planned send time (saturated: when a session took it) to 250
         "latencies": [],
         "errors": {},
         "setup_errors": [],
@@ -380,7 +407,7 @@ async def _client_main(p: dict) -> dict:
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.perf_counter()
+    t0 = state["t0"] = time.perf_counter()
     go.set()
     timed_out = False
     try:
@@ -392,8 +419,17 @@ async def _client_main(p: dict) -> dict:
     lat = sorted(state["latencies"])
     ok = len(lat)
     wall = max(t_end - t0, 1e-9)
+    late = sorted(state["late"])
+    sojourn = sorted(state["sojourn"])
     return {
         "ok": ok,
+        "rate_offered": p["rate"],
+        "late_count": sum(x >= LATE_S for x in late),
+        "late_p99_ms": pct(late, 99) * 1000 if late else None,
+        "late_max_ms": late[-1] * 1000 if late else None,
+        "sojourn_p50_ms": pct(sojourn, 50) * 1000 if sojourn else None,
+        "sojourn_p99_ms": pct(sojourn, 99) * 1000 if sojourn else None,
+        "sojourn_max_ms": sojourn[-1] * 1000 if sojourn else None,
         "errors": state["errors"],
         "setup_errors": state["setup_errors"][:10],
         "setup_error_count": len(state["setup_errors"]),
@@ -401,6 +437,7 @@ async def _client_main(p: dict) -> dict:
         "wall_s": wall,
         "msgs_per_s": ok / wall,
         "p50_ms": pct(lat, 50) * 1000 if lat else None,
+        "p90_ms": pct(lat, 90) * 1000 if lat else None,
         "p99_ms": pct(lat, 99) * 1000 if lat else None,
         "max_ms": lat[-1] * 1000 if lat else None,
         "timed_out": timed_out,
@@ -422,10 +459,11 @@ def client_worker() -> None:
     print(json.dumps(result), flush=True)
 
 
-def run_client(port: int, args: argparse.Namespace, on_ready) -> dict:
-    """Run the (a) load in a separate process; ON_READY() is called once all sessions are authenticated,
-    just before the messages start."""
+def run_client(port: int, args: argparse.Namespace, on_ready, rate: float = 0.0) -> dict:
+    """Run the (a) load in a separate process, saturated or (RATE msg/s) paced; ON_READY() is called once
+    all sessions are authenticated, just before the messages start."""
     params = {
+        "rate": rate,
         "host": "127.0.0.1",
         "port": port,
         "user": USER,
@@ -557,6 +595,7 @@ class Postfix:
         self.backup_dir = workdir / "postfix-backup"
         self.backed_up: dict[str, bool] = {}
         self.started = False
+        self.lock_fd: int | None = None
 
     def _run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -570,7 +609,28 @@ class Postfix:
     def master_pid(self) -> int:
         return int((POSTFIX_SPOOL / "pid" / "master.pid").read_text().split()[0])
 
+    def _lock(self, timeout: float = 900.0) -> None:
+        """Hold tests/peers.py's system-Postfix lock (a test's PostfixMx or bench/relay.py may be using it)."""
+        POSTFIX_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(POSTFIX_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + timeout
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise TimeoutError(f"someone holds {POSTFIX_LOCK} (a test's PostfixMx?)") from None
+                if not said:
+                    log(f"waiting for {POSTFIX_LOCK} (someone uses the system Postfix)")
+                    said = True
+                time.sleep(0.5)
+        self.lock_fd = fd
+
     def setup(self) -> None:
+        self._lock()
         if self.running():
             raise RuntimeError(
                 "the system Postfix is already running (someone else may be using it); "
@@ -659,7 +719,7 @@ class Postfix:
 
     def teardown(self) -> None:
         errors = []
-        if self.started or self.running():
+        if self.started or (self.backed_up and self.running()):  # never stop someone else's Postfix
             r = self._run("postfix", "stop", check=False)
             if r.returncode != 0:
                 errors.append(f"postfix stop: {r.stdout}{r.stderr}")
@@ -674,6 +734,9 @@ class Postfix:
                     dst.unlink(missing_ok=True)
             except OSError as exc:
                 errors.append(f"restore {dst}: {exc}")
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
         if errors:
             log("Postfix teardown problems: " + "; ".join(errors))
         else:
@@ -700,6 +763,7 @@ def run_postfix(pf: Postfix, sink: SmtpSink, args: argparse.Namespace) -> dict:
     cpu0 = tree_cpu(master)
     th.start()
     res = run_smtp_source(pf.port, args)
+    cpu_load = tree_cpu(master)  # master + every process under it, + what they reaped
     # let qmgr finish moving the mail (deferring it, or relaying it to the sink)
     deadline = time.monotonic() + args.timeout
     if pf.mode == "relay":
@@ -717,6 +781,9 @@ def run_postfix(pf: Postfix, sink: SmtpSink, args: argparse.Namespace) -> dict:
             "accepted": accepted,
             "cpu_s": cpu1 - cpu0,
             "cpu_ms_per_msg": (cpu1 - cpu0) * 1000 / max(accepted, 1),
+            "cpu_load_s": cpu_load - cpu0,
+            "cpu_window_s": res["wall_s"],
+            "cpu_share": (cpu_load - cpu0) / max(res["wall_s"] * (os.cpu_count() or 1), 1e-9),
             "peak_mb": peak["pss"] / 1024,
         }
     )
@@ -767,10 +834,11 @@ def start_daemon(args: argparse.Namespace, dead_port: int) -> Daemon:
     spool = tmp / "spool"
     spool.mkdir()
     sock = tmp / "admin.sock"
+    workers = f"workers = {args.workers}\n" if args.workers else ""
     config = f"""\
 [server]
 hostname = "bench.local"
-
+{workers}
 [smtp]
 listen = ["127.0.0.1:{port_plain}"]
 listen_tls = ["127.0.0.1:{port_tls}"]
@@ -868,17 +936,21 @@ def stop_daemon(d: Daemon) -> int | None:
 
 
 def count_spooled(spool: Path) -> int | str:
+    """Rows of `messages` over every spool shard: queue.db (worker 0) and queue-<k>.db (worker k)."""
     db = spool / "queue.db"
     if not db.exists():
         return f"no {db}"
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    total = 0
+    for path in [db, *sorted(spool.glob("queue-*.db"))]:
         try:
-            return con.execute("SELECT count(*) FROM messages").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        return f"error: {exc}"
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+            try:
+                total += con.execute("SELECT count(*) FROM messages").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            return f"error: {path.name}: {exc}"
+    return total
 
 
 class Profiler:
@@ -900,6 +972,7 @@ class Profiler:
                 "--rate",
                 "200",
                 "--nonblocking",
+                "--subprocesses",  # the workers, when cmcd runs more than one process
                 *(["--gil"] if gil else []),
                 "--format",
                 "raw",
@@ -960,20 +1033,27 @@ def run_cmcd(kind: str, args: argparse.Namespace, dead_port: int, profile_base: 
     pid = d.proc.pid
     res: dict[str, Any] = {"code": code}
     prof = None
-    cpu_start = proc_cpu(pid)
+
+    def tree_total() -> float:  # the supervisor and every worker (one process when workers = 1)
+        return proctree.total_s(proctree.snapshot(pid))
+
+    cpu_start = tree_total()
     mark: dict[str, float] = {}
+    snaps: dict[str, proctree.Snapshot] = {}
 
     def on_ready() -> None:
         nonlocal prof
-        mark["cpu0"] = proc_cpu(pid)
-        mark["rss0"] = proc_status_kb(pid, "VmRSS")
-        mark["hwm0"] = proc_status_kb(pid, "VmHWM")
+        mark["rss0"] = tree_status_kb(pid, "VmRSS")
+        mark["hwm0"] = tree_status_kb(pid, "VmHWM")
         if profile_base is not None:
-            prof = Profiler(pid, profile_base, args.profile_gil)
+            prof = Profiler(pid, profile_base, args.profile_gil)  # waits a second for py-spy to attach
+        snaps["0"] = proctree.snapshot(pid, threads=True)
+        mark["t0"] = time.monotonic()
+        mark["cpu0"] = proctree.total_s(snaps["0"])
 
     try:
-        if kind == "a":
-            res.update(run_client(d.port_plain, args, on_ready))
+        if kind in "ap":
+            res.update(run_client(d.port_plain, args, on_ready, args.rate if kind == "p" else 0.0))
             res["sent_ok"] = res["ok"]
             res["setup_cpu_s"] = mark["cpu0"] - cpu_start
             res["rss_after_auth_mb"] = mark["rss0"] / 1024
@@ -982,17 +1062,24 @@ def run_cmcd(kind: str, args: argparse.Namespace, dead_port: int, profile_base: 
             on_ready()
             res.update(run_smtp_source(d.port_plain, args))
             res["sent_ok"] = args.messages if res["rc"] == 0 and not res["timed_out"] else "smtp-source aborted"
+        # the load's window: from "go" (after the sessions' set-up) until the client (smtp-source) is done
+        snap1 = proctree.snapshot(pid, threads=True)
+        use = proctree.usage(snaps["0"], snap1, time.monotonic() - mark["t0"], proctree.cmcd_label)
+        res["cpu_tree"] = use.to_json()
+        res["cpu_describe"] = use.describe("cmcd", threads=True)
+        res["cpu_share"] = use.share
+        res["cpu_window_s"] = use.wall_s
         cpu0 = mark["cpu0"]
-        cpu_load = proc_cpu(pid)
-        cpu1 = wait_cpu_idle(lambda: proc_cpu(pid)) if d.proc.poll() is None else cpu_load
+        cpu_load = proctree.total_s(snap1)
+        cpu1 = wait_cpu_idle(tree_total) if d.proc.poll() is None else cpu_load
         res["cpu_s"] = cpu1 - cpu0
         res["cpu_load_s"] = cpu_load - cpu0
         if prof is not None:
             res["profile"] = prof.stop()
             res["profile_files"] = [str(prof.raw), str(prof.summary)]
             prof = None
-        res["peak_mb"] = proc_status_kb(pid, "VmHWM") / 1024 if d.proc.poll() is None else float("nan")
-        res["rss_end_mb"] = proc_status_kb(pid, "VmRSS") / 1024 if d.proc.poll() is None else float("nan")
+        res["peak_mb"] = tree_status_kb(pid, "VmHWM") / 1024 if d.proc.poll() is None else float("nan")
+        res["rss_end_mb"] = tree_status_kb(pid, "VmRSS") / 1024 if d.proc.poll() is None else float("nan")
         res["alive_at_end"] = d.proc.poll() is None
     finally:
         if prof is not None:
@@ -1026,6 +1113,7 @@ def cmcd_available() -> bool:
 
 LABELS = {
     "a": "cmcd (a) STARTTLS+AUTH, {K} conns, reuse",
+    "p": "cmcd (p) = (a) paced at {R:g}/s, open loop",
     "b": "cmcd (b) smtp-source -s {S}, IP cred",
     "c": "Postfix (c) smtp-source -s {S}, {mode}",
 }
@@ -1040,8 +1128,9 @@ def describe_run(kind: str, i: int, r: dict) -> str:
         return f"  run {i + 1} {kind}: ERROR {r['error']}"
     s = f"  run {i + 1} {kind}: {r['msgs_per_s']:7.0f} msg/s  wall {r['wall_s']:6.2f}s  cpu {r['cpu_ms_per_msg']:.3f} ms/msg"
     s += f"  peak {r['peak_mb']:.1f} MB"
-    if kind == "a":
-        s += f"  p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms"
+    if kind in "ap":
+        s += f"  p50 {fmt_ms(r['p50_ms'])} p90 {fmt_ms(r.get('p90_ms'))} p99 {fmt_ms(r['p99_ms'])} ms"
+        s += f" max {fmt_ms(r['max_ms'])} ms"
         s += f"  250s={r['ok']} spooled={r['spooled']}"
         s += f"  client cpu {r['client_cpu_s'] * 1000 / max(r['ok'], 1):.3f} ms/msg ({100 * r['client_cpu_s'] / r['wall_s']:.0f}% of a core)"
         s += (
@@ -1049,6 +1138,14 @@ def describe_run(kind: str, i: int, r: dict) -> str:
             f" RSS after setup {r['rss_after_auth_mb']:.1f} MB (peak so far {r['hwm_after_auth_mb']:.1f} MB),"
             f" at end {r['rss_end_mb']:.1f} MB"
         )
+        if kind == "p":
+            s += (
+                f"\n      paced: offered {r['rate_offered']:g} msg/s, achieved {r['msgs_per_s']:.0f};"
+                f" behind schedule (MAIL >= {LATE_S * 1000:.0f} ms after its planned time) {r['late_count']} of"
+                f" {r['ok']}, lateness p99 {fmt_ms(r['late_p99_ms'])} max {fmt_ms(r['late_max_ms'])} ms;"
+                f" planned send -> 250 p50 {fmt_ms(r['sojourn_p50_ms'])} p99 {fmt_ms(r['sojourn_p99_ms'])}"
+                f" max {fmt_ms(r['sojourn_max_ms'])} ms"
+            )
         if r["errors"] or r["setup_error_count"]:
             s += f"\n      errors: {r['errors']} setup_errors({r['setup_error_count']}): {r['setup_errors'][:3]}"
     elif kind == "b":
@@ -1059,7 +1156,13 @@ def describe_run(kind: str, i: int, r: dict) -> str:
         s += f"  accepted={r['accepted']}  smtp-source rc={r['rc']}"
         if r["rc"] != 0 or r["timed_out"]:
             s += f"\n      smtp-source: {r['output'][-500:]}"
-    if kind in "ab":
+        s += (
+            f"\n      Postfix CPU over {r['cpu_window_s']:.2f}s (master + children, + reaped):"
+            f" {r['cpu_load_s']:.2f}s ({100 * r['cpu_load_s'] / max(r['cpu_window_s'], 1e-9):.0f}% of one core)"
+            f" = {100 * r['cpu_share']:.0f}% of the {os.cpu_count()} cores"
+        )
+    if kind in "abp":
+        s += f"\n      {r['cpu_describe']}"
         s += f"\n      cmcd code: {r.get('code', '?')}"
         if r.get("problem_count"):
             s += f"\n      daemon logged {r['problem_count']} warning/error lines, e.g.: " + " | ".join(
@@ -1072,6 +1175,10 @@ def describe_run(kind: str, i: int, r: dict) -> str:
     return s
 
 
+def fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def fmt_med(vals: list[float], fmt: str = "{:.0f}") -> str:
     if not vals:
         return "-"
@@ -1079,35 +1186,52 @@ def fmt_med(vals: list[float], fmt: str = "{:.0f}") -> str:
 
 
 def final_table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
-    rows = [("system", "msg/s median", "all runs", "p50 ms", "p99 ms", "peak MB", "CPU ms/msg", "accepted / counted")]
+    rows = [
+        (
+            "system",
+            "msg/s median",
+            "all runs",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "peak MB",
+            "CPU ms/msg",
+            "cores used",
+            "accepted / counted",
+        )
+    ]
     med: dict[str, float] = {}
     for kind in args.systems:
         runs = [r for r in results[kind] if "error" not in r]
-        label = LABELS[kind].format(K=args.concurrency, S=args.sessions, mode=args.postfix_mode)
+        label = LABELS[kind].format(K=args.concurrency, S=args.sessions, mode=args.postfix_mode, R=args.rate)
         rates = [r["msgs_per_s"] for r in runs]
         if rates:
             med[kind] = statistics.median(rates)
         allr = " ".join(f"{x:.0f}" for x in rates) + (
             f" (+{len(results[kind]) - len(runs)} failed)" if len(runs) < len(results[kind]) else ""
         )
-        p50 = fmt_med([r["p50_ms"] for r in runs if r.get("p50_ms") is not None], "{:.2f}") if kind == "a" else "-"
-        p99 = fmt_med([r["p99_ms"] for r in runs if r.get("p99_ms") is not None], "{:.2f}") if kind == "a" else "-"
+        lat = {
+            q: fmt_med([r[q] for r in runs if r.get(q) is not None], "{:.2f}") if kind in "ap" else "-"
+            for q in ("p50_ms", "p90_ms", "p99_ms", "max_ms")
+        }
         peak = fmt_med([r["peak_mb"] for r in runs], "{:.1f}")
         if kind == "c":
             peak += " (ΣPSS)"
         cpu = fmt_med([r["cpu_ms_per_msg"] for r in runs], "{:.3f}")
+        share = fmt_med([100 * r["cpu_share"] for r in runs if "cpu_share" in r], "{:.0f}%")
         if kind == "c":
             check = " ".join(f"{r['accepted']}" for r in runs) + (
                 " at the sink" if args.postfix_mode == "relay" else " in queue"
             )
         else:
             check = " ".join(f"{r['sent_ok']}/{r['spooled']}" for r in runs)
-        rows.append((label, fmt_med(rates), allr, p50, p99, peak, cpu, check))
+        rows.append((label, fmt_med(rates), allr, *lat.values(), peak, cpu, share, check))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(
-        "accepted / counted: 250 replies seen by the client / rows in SPOOL/queue.db messages, per run"
+        "accepted / counted: 250 replies seen by the client / rows of `messages` in every spool shard, per run"
         + (
             ""
             if "c" not in args.systems
@@ -1116,11 +1240,22 @@ def final_table(results: dict[str, list[dict]], args: argparse.Namespace) -> str
             else "; Postfix: messages in its queue after the run"
         )
     )
-    client = [r["client_cpu_s"] / r["wall_s"] for r in results.get("a", []) if "error" not in r]
-    if client:
+    lines.append(
+        f"cores used: CPU during the load / (its wall time x {os.cpu_count()} cores), cmcd: the supervisor and"
+        " every worker, Postfix: master and all its children; latencies: end-of-data sent -> 250 received"
+    )
+    for kind in ("a", "p"):
+        client = [r["client_cpu_s"] / r["wall_s"] for r in results.get(kind, []) if "error" not in r]
+        if client:
+            lines.append(
+                f"({kind}) client process: {100 * max(client):.0f}% of one core at most (it is not the bottleneck "
+                "while this stays well below 100%)"
+            )
+    paced = [r for r in results.get("p", []) if "error" not in r]
+    if paced:
         lines.append(
-            f"(a) client process: {100 * max(client):.0f}% of one core at most (it is not the bottleneck "
-            "while this stays well below 100%)"
+            f"(p) offered {args.rate:g} msg/s; behind schedule (MAIL >= {LATE_S * 1000:.0f} ms late), per run: "
+            + " ".join(f"{r['late_count']}/{r['ok']}" for r in paced)
         )
     if "c" in med:
         for kind in "ab":
@@ -1132,10 +1267,21 @@ def final_table(results: dict[str, list[dict]], args: argparse.Namespace) -> str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", "-n", type=int, default=20000, help="messages per run (default 20000)")
-    ap.add_argument("--concurrency", "-k", type=int, default=50, help="client connections for (a) (default 50)")
+    ap.add_argument("--concurrency", "-k", type=int, default=50, help="client connections for (a) and (p) (default 50)")
     ap.add_argument("--runs", "-r", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--sessions", type=int, default=20, help="smtp-source -s for (b) and (c) (default 20)")
-    ap.add_argument("--systems", default="a,b,c", help="which of a,b,c to run (default a,b,c)")
+    ap.add_argument(
+        "--systems", default="a,p,b,c", help="which of a,p,b,c to run (default all; p is (a) paced, open loop)"
+    )
+    ap.add_argument(
+        "--rate", type=float, default=600.0, help="(p): msg/s the K sessions together offer, open loop (default 600)"
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="cmcd's [server] workers (default: the key unset, so cmcd's own default applies)",
+    )
     ap.add_argument(
         "--postfix-mode",
         choices=("defer", "relay", "hold"),
@@ -1144,14 +1290,16 @@ def main() -> int:
     )
     ap.add_argument("--client", choices=("raw", "aiosmtplib"), default="raw", help="client for (a) (default raw)")
     ap.add_argument("--rset", action="store_true", help="(a): send RSET after every message")
-    ap.add_argument("--timeout", type=float, default=0.0, help="per-run load timeout in s (default 60 + N/40)")
+    ap.add_argument(
+        "--timeout", type=float, default=0.0, help="per-run load timeout in s (default 60 + N/min(40, rate))"
+    )
     ap.add_argument("--ready-timeout", type=float, default=30.0, help="wait for event=ready (default 30s)")
     ap.add_argument(
         "--profile",
         nargs="?",
         const="a",
-        choices=("a", "b"),
-        help="py-spy the daemon during the first (a) run (or the first (b) run: --profile b)",
+        choices=("a", "p", "b"),
+        help="py-spy the daemon (every process) during the first (a) run (or the first (p) or (b) run)",
     )
     ap.add_argument("--profile-gil", action="store_true", help="py-spy --gil: sample only the thread holding the GIL")
     ap.add_argument("--profile-out", default="", help="profile output base path (default /tmp/cmcd-intake-profile-TS)")
@@ -1163,13 +1311,17 @@ def main() -> int:
         client_worker()
         return 0
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if not set(args.systems) <= {"a", "b", "c"} or not args.systems:
-        ap.error("--systems takes a comma-separated subset of a,b,c")
+    if not set(args.systems) <= {"a", "p", "b", "c"} or not args.systems:
+        ap.error("--systems takes a comma-separated subset of a,p,b,c")
+    if args.rate <= 0:
+        ap.error("--rate must be > 0")
+    if args.workers < 0:
+        ap.error("--workers must be >= 1")
     if not args.timeout:
-        args.timeout = 60 + args.messages / 40
+        args.timeout = 60 + args.messages / min(40.0, args.rate)
     if os.geteuid() != 0 and "c" in args.systems:
         ap.error("(c) configures the system Postfix: run as root, or pass --systems a,b")
-    if any(k in args.systems for k in "ab") and not cmcd_available():
+    if any(k in args.systems for k in "abp") and not cmcd_available():
         ap.error(f"{VENV_BIN / 'cmcd'} serve --help does not work yet: cmcd is not installed or not finished")
 
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -1179,6 +1331,16 @@ def main() -> int:
     )
     print(f"# cmcd code: {git_state()}")
     print(f"# host: {os.cpu_count()} CPUs, {os.uname().release}; Python {sys.version.split()[0]}; client {args.client}")
+    print(
+        "# cmcd workers: "
+        + (
+            f"{args.workers} ([server] workers = {args.workers})"
+            if args.workers
+            else f"[server] workers unset: cmcd's default (os.cpu_count() = {os.cpu_count()})"
+        )
+        + "; each run prints the processes it found and their CPU"
+        + (f"; (p) paced at {args.rate:g} msg/s" if "p" in args.systems else "")
+    )
     print(
         "# cmcd delivery held (routes to a closed loopback port); Postfix mode: "
         + {

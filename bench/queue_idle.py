@@ -7,9 +7,11 @@ Builds a spool holding N deferred recipients (N / per-message messages, 1 KB bod
 with the daemon's key, next attempt in an hour) straight through SQLite, then:
 
 1. starts cmcd on it and times start to "ready" (recovery included);
-2. samples the daemon's CPU time over --idle seconds while nothing is due (should be ~0);
+2. samples the daemon's CPU time over --idle seconds while nothing is due (should be ~0), per
+   process: the supervisor and each worker ([server] workers from --workers, else cmcd's default);
 3. marks 10 % of the recipients inflight (as a crash mid-delivery leaves them), kill -9's the
-   daemon and times the restart (inflight -> queued recovery included);
+   daemon (the supervisor: its workers must go too; orphans are reported and killed) and times
+   the restart (inflight -> queued recovery included);
 4. times `queue list` (first page and a page deep in the queue) and `queue summary`.
 
 Loopback only: DNS points at a closed loopback port and every domain is routed to a closed port.
@@ -18,6 +20,7 @@ Loopback only: DNS points at a closed loopback port and every domain is routed t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -32,14 +35,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import proctree  # noqa: E402  (bench/proctree.py: CPU per process of a tree)
 
 from cmcd.admin.client import AdminClient  # noqa: E402
 from cmcd.queue.ids import QueueIdGenerator  # noqa: E402
 from cmcd.queue.spool import Spool  # noqa: E402
 from cmcd.store import open_store  # noqa: E402
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def build(tmp: Path, recipients: int, per_message: int) -> float:
@@ -86,7 +89,7 @@ def build(tmp: Path, recipients: int, per_message: int) -> float:
     return time.monotonic() - t0
 
 
-def config(tmp: Path) -> Path:
+def config(tmp: Path, workers: int) -> Path:
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     port = dead.getsockname()[1]
@@ -96,6 +99,7 @@ def config(tmp: Path) -> Path:
         f"""
 [server]
 hostname = "bench.test"
+{f"workers = {workers}" if workers else ""}
 [smtp]
 listen = ["127.0.0.1:0"]
 tls_cert = "{tmp / "cert.pem"}"
@@ -149,15 +153,35 @@ class Daemon:
             raise RuntimeError("cmcd did not start:\n" + "\n".join(self.lines[-20:]))
         return time.monotonic() - t0
 
-    def cpu_s(self) -> float:
+    def snapshot(self) -> proctree.Snapshot:
+        """The supervisor and every worker (one process when workers = 1)."""
         assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return proctree.snapshot(self.proc.pid, threads=True)
 
-    def kill9(self) -> None:
+    def kill9(self) -> str:
+        """kill -9 the supervisor (or the one process); what became of its workers."""
         assert self.proc is not None
+        before = self.snapshot()
+        workers = [pid for pid in before if pid != self.proc.pid]
         self.proc.kill()
         self.proc.wait()
+        t0 = time.monotonic()
+        left = workers
+        while left and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+            left = [
+                pid
+                for pid in left
+                if (p := proctree.read_proc(pid)) and p.started == before[pid].started and p.state != "Z"
+            ]
+        if not workers:
+            return "one process"
+        if not left:
+            return f"its {len(workers)} workers gone {time.monotonic() - t0:.2f}s later"
+        for pid in left:  # orphans of the daemon this benchmark started: they must not keep a shard or a port
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+        return f"{len(left)} of {len(workers)} workers still running 10s later (ORPHANS; killed)"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -176,20 +200,25 @@ def main() -> None:
     ap.add_argument("--recipients", type=int, default=1_000_000)
     ap.add_argument("--per-message", type=int, default=5)
     ap.add_argument("--idle", type=float, default=10.0)
+    ap.add_argument(
+        "--workers", type=int, default=0, help="cmcd's [server] workers (default: unset, cmcd's own default)"
+    )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cmcd-bench-queue-") as name:
         tmp = Path(name)
         built = build(tmp, a.recipients, a.per_message)
         size = sum(p.stat().st_size for p in (tmp / "spool").iterdir())
         print(f"built {a.recipients} deferred recipients in {built:.1f}s (spool {size / 1e6:.0f} MB)")
-        d = Daemon(config(tmp))
+        d = Daemon(config(tmp, a.workers))
         try:
+            print(f"cmcd workers: {a.workers or f'unset (cmcd default, {os.cpu_count()} CPUs)'}")
             print(f"start to ready: {d.start():.2f}s")
             time.sleep(1.0)
-            c0 = d.cpu_s()
+            s0, t0 = d.snapshot(), time.monotonic()
             time.sleep(a.idle)
-            used = d.cpu_s() - c0
-            print(f"idle CPU over {a.idle:.0f}s: {used:.2f}s ({100 * used / a.idle:.1f}% of one core)")
+            use = proctree.usage(s0, d.snapshot(), time.monotonic() - t0, proctree.cmcd_label)
+            print(f"idle CPU over {a.idle:.0f}s: {use.total_s:.2f}s ({use.core_pct(use.total_s):.1f}% of one core)")
+            print(use.describe("idle cmcd", threads=True))
             t, page = admin(tmp / "admin.sock", "queue.list", limit=100)
             print(f"queue list, first page: {1000 * t:.0f} ms")
             cursor = page["next"]
@@ -199,7 +228,7 @@ def main() -> None:
             print(f"queue list --domain, a later page: {1000 * t:.0f} ms")
             t, summary = admin(tmp / "admin.sock", "queue.summary")
             print(f"queue summary: {1000 * t:.0f} ms ({summary['states']})")
-            d.kill9()
+            print(f"kill -9 of the daemon: {d.kill9()}")
             conn = sqlite3.connect(str(tmp / "spool" / "queue.db"))
             with conn:
                 n = conn.execute(

@@ -36,6 +36,11 @@ the end time is the last change of the healthy sinks' counts. After a settle per
 exact numbers are checked: per sink, transactions == expected (cmcd always; Postfix where
 its batching is known), cmcd's delivered counter, Postfix's "status=sent" log lines.
 
+CPU: from the first submission until the system is idle again (per message), and per process
+from the first submission to completion: cmcd's supervisor and each worker ([server] workers from
+--workers, else cmcd's default) in seconds and % of one core, and the share of the machine's cores
+used (Postfix: master and all its children).
+
 Network: loopback only. cmcd: [dns] nameservers = ["127.0.0.1:9"] (nothing listens there) and
 every domain routed with [delivery.routes]. Postfix: smtp_dns_support_level = disabled,
 smtpd_peername_lookup = no, relayhost and transport_maps with bracketed IP next hops.
@@ -70,6 +75,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import intake  # noqa: E402  (bench/intake.py: the shared helpers)
+import proctree  # noqa: E402  (bench/proctree.py: CPU per process of a tree)
 from intake import VENV_BIN, free_port, git_state, loadavg, log, proc_children_tree, proc_cpu, wait_port  # noqa: E402
 
 from cmcd.admin.client import AdminClient, AdminClientError  # noqa: E402
@@ -115,18 +121,6 @@ SHAPES = {
 
 # ---------------------------------------------------------------------------------------
 # CPU accounting
-
-
-def task_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds per thread of PID."""
-    out: dict[int, float] = {}
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[int(tid)] = (int(fields[11]) + int(fields[12])) / intake.CLK_TCK
-    return out
 
 
 def tree_snapshot(root: int) -> dict[int, tuple[str, float, float]]:
@@ -533,11 +527,14 @@ def daemon_toml(
     api: bool = False,
     nameserver: str = "127.0.0.1:9",
     comment: str = "every domain is routed",
+    workers: int | None = None,
 ) -> str:
     """A benchmark daemon's configuration, everything under TMP and on loopback: limits off,
     metrics off, DNS at NAMESERVER (where nothing answers), DELIVERY ("key = value" lines) and
-    ROUTES (domain -> "host:port") for [delivery]. Shared by relay.py, api.py and soak.py."""
+    ROUTES (domain -> "host:port") for [delivery]; [server] workers = WORKERS when given (else
+    the key is left out and cmcd's default applies). Shared by relay.py, api.py and soak.py."""
     q = toml_str
+    workers_line = f"workers = {workers}\n" if workers else ""
     route_lines = "".join(f"{q(d)} = {q(t)}\n" for d, t in routes.items())
     smtps = f"listen_tls = [{q(smtps_listen)}]" if smtps_listen else "listen_tls = []"
     api_section = '\n[api]\nlisten = "127.0.0.1:0"\n' if api else ""
@@ -545,7 +542,7 @@ def daemon_toml(
 [server]
 hostname = {q(hostname)}
 shutdown_grace = "5s"
-
+{workers_line}
 [smtp]
 listen = [{q(smtp_listen)}]
 {smtps}
@@ -590,7 +587,7 @@ def start_cmcd(args: argparse.Namespace, peers: Peers, tls_dir: Path) -> Daemon:
     tuning = "".join(f"{k} = {v}\n" for k, v in args.cmcd_delivery.items())
     config = daemon_toml(
         tmp, tls_dir, hostname="relay.bench.local", delivery=tuning, routes=peers.routes(),
-        comment="every domain has a static route",
+        comment="every domain has a static route", workers=args.workers,
     )  # fmt: skip
     cfg = tmp / "cmcd.toml"
     cfg.write_text(config)
@@ -797,8 +794,13 @@ def run_one(system: str, shape: Shape, peers: Peers, args: argparse.Namespace, p
         sink0 = {s.name: s.count for s in peers.all()}
         sinkcpu0 = sum(s.cpu() for s in peers.all())
         snap0 = tree_snapshot(root_pid)
-        threads0 = task_cpu(root_pid) if system == "cmcd" else {}
         mark: dict[str, float] = {}
+        per_proc: dict[str, proctree.Snapshot] = {}
+
+        def on_go() -> None:  # the first submission: the measured window starts
+            per_proc["0"] = proctree.snapshot(root_pid, threads=system == "cmcd")
+            mark.setdefault("t0", time.monotonic())
+
         backlog: dict[str, int] = {"max": 0}
         stop_sampler = threading.Event()
 
@@ -818,7 +820,7 @@ def run_one(system: str, shape: Shape, peers: Peers, args: argparse.Namespace, p
 
         th = threading.Thread(target=sampler, daemon=True)
         th.start()
-        sub = submit(port, shape, args, lambda: mark.setdefault("t0", time.monotonic()))
+        sub = submit(port, shape, args, on_go)
         t0 = mark["t0"]
         exp = expected_for(shape, peers, sub["accepted"])
         res["submit"] = {k: v for k, v in sub.items() if k not in ("t0",)}
@@ -851,6 +853,21 @@ def run_one(system: str, shape: Shape, peers: Peers, args: argparse.Namespace, p
             elif time.monotonic() - last_t > args.stall:
                 break
         t_done = time.monotonic()
+        # CPU per process over the window: first submission to completion (cmcd: supervisor and workers)
+        use = proctree.usage(
+            per_proc["0"],
+            proctree.snapshot(root_pid, threads=system == "cmcd"),
+            t_done - t0,
+            proctree.cmcd_label if system == "cmcd" else proctree.comm_label,
+        )
+        res["cpu_window"] = use.to_json()
+        res["cpu_share"] = use.share
+        res["cpu_describe"] = (
+            use.describe("cmcd", threads=True)
+            if system == "cmcd"
+            else f"Postfix CPU over {use.wall_s:.2f}s (master + children, + reaped): {use.total_s:.2f}s"
+            f" ({use.core_pct(use.total_s):.0f}% of one core) = {100 * use.share:.0f}% of the {use.cpus} cores"
+        )
         stop_sampler.set()
         th.join()
         end = max((s.changed for s in healthy_sinks), default=t_done)
@@ -859,25 +876,16 @@ def run_one(system: str, shape: Shape, peers: Peers, args: argparse.Namespace, p
         wall = max(end - t0, 1e-9)
         # the system's CPU: until it is idle again (what follows the last delivery is part of the cost)
         t_idle = time.monotonic()
-        if system == "cmcd":
-            intake.wait_cpu_idle(lambda: proc_cpu(root_pid), limit=args.idle_limit)
-        else:
-            intake.wait_cpu_idle(lambda: tree_total(tree_snapshot(root_pid)), limit=args.idle_limit)
+        intake.wait_cpu_idle(lambda: tree_total(tree_snapshot(root_pid)), limit=args.idle_limit)
         res["idle_wait_s"] = time.monotonic() - t_idle
         time.sleep(args.settle)
         snap1 = tree_snapshot(root_pid)
         split = tree_split(snap0, snap1)
-        if system == "cmcd":  # one process, whatever its comm says
+        if system == "cmcd":  # the supervisor and its workers, whatever their comm says
             split = {"cmcd": sum(split.values())}
         res["cpu_s"] = sum(split.values())
         res["cpu_split"] = split
         if system == "cmcd":
-            threads1 = task_cpu(root_pid)
-            main_t = threads1.get(root_pid, 0.0) - threads0.get(root_pid, 0.0)
-            others = sorted(
-                ((t, c - threads0.get(t, 0.0)) for t, c in threads1.items() if t != root_pid), key=lambda x: -x[1]
-            )
-            res["threads"] = {"main": main_t, "others": [round(c, 2) for _, c in others if c > 0.01]}
             assert d is not None
             res["status"] = d.admin("status")
         res["sink_cpu_s"] = sum(s.cpu() for s in peers.all()) - sinkcpu0
@@ -989,12 +997,9 @@ def describe(r: dict) -> str:
     cores = lambda c: f"{c:.1f}s ({100 * c / max(r['submit_to_done_s'], 1e-9):.0f}%)"  # noqa: E731
     split = ", ".join(f"{k} {cores(v)}" for k, v in sorted(r["cpu_split"].items(), key=lambda kv: -kv[1]))
     s += f"\n            CPU: {split}; submitter {cores(r['submit']['cpu_s'])}; sinks {cores(r['sink_cpu_s'])}"
+    s += f"\n            {r['cpu_describe']}"
     if r["system"] == "cmcd":
-        t = r["threads"]
-        s += (
-            f"\n            cmcd threads: main {t['main']:.1f}s, others {t['others'][:6]}; idle {r['idle_wait_s']:.1f}s"
-        )
-        s += f" after the last delivery, stop took {r.get('stop_s', 0):.1f}s"
+        s += f"\n            idle {r['idle_wait_s']:.1f}s after the last delivery, stop took {r.get('stop_s', 0):.1f}s"
         s += f"\n            cmcd code: {r.get('code', '?')}; DKIM signing with: {r.get('dkim') or 'no keys'}"
         st = r.get("status", {})
         s += f"; status delivery={st.get('delivery')} inflight={st.get('inflight')}"
@@ -1015,7 +1020,20 @@ def med(vals: list[float]) -> float | None:
 
 
 def final_table(results: dict[tuple[str, str], list[dict]], shapes: list[str], systems: list[str]) -> str:
-    rows = [("shape", "system", "msg/s", "rcpt/s", "txn/s", "all runs msg/s", "accept msg/s", "CPU ms/msg", "checks")]
+    rows = [
+        (
+            "shape",
+            "system",
+            "msg/s",
+            "rcpt/s",
+            "txn/s",
+            "all runs msg/s",
+            "accept msg/s",
+            "CPU ms/msg",
+            "cores used",
+            "checks",
+        )
+    ]
     meds: dict[tuple[str, str], float] = {}
     for sk in shapes:
         for sysname in systems:
@@ -1035,6 +1053,7 @@ def final_table(results: dict[tuple[str, str], list[dict]], shapes: list[str], s
                     " ".join(f"{r['msgs_per_s']:.0f}" for r in runs) + (f" (+{failed} failed)" if failed else ""),
                     fmt(med([r["accept_per_s"] for r in runs])),
                     "-" if not runs else f"{statistics.median([r['cpu_ms_per_msg'] for r in runs]):.2f}",
+                    "-" if not runs else f"{100 * statistics.median([r['cpu_share'] for r in runs]):.0f}%",
                     "OK"
                     if runs and all(not r["checks"] for r in runs)
                     else f"{sum(bool(r['checks']) for r in runs)} run(s) with problems",
@@ -1046,6 +1065,10 @@ def final_table(results: dict[tuple[str, str], list[dict]], shapes: list[str], s
     lines.append("msg/s, rcpt/s: healthy messages/recipients / (last delivery at the sink - first submission);")
     lines.append(
         "txn/s: transactions the healthy sinks counted / the same time; accept: messages / submitter wall time"
+    )
+    lines.append(
+        f"cores used: CPU from the first submission to completion / (that time x {os.cpu_count()} cores);"
+        " cmcd: the supervisor and every worker, Postfix: master and all its children"
     )
     for sk in shapes:
         if (sk, "cmcd") in meds and (sk, "postfix") in meds:
@@ -1070,6 +1093,12 @@ def main() -> int:
     ap.add_argument("--shape", default="all", help="one, ten, ten1, ten10, mixed, all, or a comma-separated list")
     ap.add_argument("--systems", default="cmcd,postfix", help="cmcd, postfix or both (default)")
     ap.add_argument("--sessions", type=int, default=SESSIONS, help="parallel submission sessions (default 20)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="cmcd's [server] workers (default: the key unset, so cmcd's own default applies)",
+    )
     ap.add_argument(
         "--cmcd",
         action="append",
@@ -1112,6 +1141,8 @@ def main() -> int:
         args.cmcd_delivery[k.strip()] = v.strip()
     if not args.timeout:
         args.timeout = 120 + args.messages * 10 / 100
+    if args.workers < 0:
+        ap.error("--workers must be >= 1")
     if os.geteuid() != 0:
         ap.error("run as root: smtp-sink -u nobody and the system Postfix need it")
 
@@ -1122,10 +1153,20 @@ def main() -> int:
     )
     print(f"# cmcd code: {git_state()}; [delivery] overrides: {args.cmcd_delivery or 'none (defaults)'}")
     print(
+        "# cmcd workers: "
+        + (
+            f"{args.workers} ([server] workers = {args.workers})"
+            if args.workers
+            else f"[server] workers unset: cmcd's default (os.cpu_count() = {os.cpu_count()})"
+        )
+        + "; each run prints the processes it found and their CPU"
+    )
+    print(
         f"# host: {os.cpu_count()} CPUs, {os.uname().release}; load average {loadavg()}; Postfix logs to {POSTFIX_LOG}"
     )
     print(
-        "# CPU: cmcd process / Postfix master + children (by process name) from the first submission until idle",
+        "# CPU: cmcd supervisor + workers / Postfix master + children (by process name) from the first submission"
+        " until idle; per process and share of the cores: from the first submission to completion",
         flush=True,
     )
 

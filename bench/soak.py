@@ -50,6 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+import proctree  # noqa: E402  (bench/proctree.py: the daemon's process tree)
 from intake import VENV_BIN, free_port, git_state, loadavg, log, wait_port  # noqa: E402
 from relay import daemon_toml  # noqa: E402
 
@@ -431,14 +432,18 @@ class Tail:
 
 
 def rss_kb(pid: int, key: str = "VmRSS") -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    """KEY (VmRSS, VmHWM) of PID summed with its descendants': cmcd's supervisor and its workers."""
+    total = 0
+    for p in proctree.tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
 
 
 class Daemon:
@@ -542,7 +547,7 @@ def write_config(tmp: Path, sinks: Sinks, args: argparse.Namespace) -> tuple[Pat
         tmp, tls, hostname="soak.bench.local", delivery=delivery,
         routes={d: f"127.0.0.1:{p}" for d, p in routes.items()},
         smtp_listen=f"127.0.0.1:{port}", smtps_listen=None, nameserver=f"127.0.0.1:{dead}",
-        comment="every domain has a static route",
+        comment="every domain has a static route", workers=args.workers,
     )  # fmt: skip
     cfg = tmp / "cmcd.toml"
     cfg.write_text(config)
@@ -582,6 +587,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"# cmcd soak benchmark, {started}; cmcd code: {git_state()}")
     print(f"# host: {os.cpu_count()} CPUs, load average {loadavg()}; {args.minutes} min, {args.sessions} sessions, "
           f"{args.kills} kill -9, message size {args.size} B, max_lifetime {args.lifetime}", flush=True)  # fmt: skip
+    print(f"# cmcd workers: {args.workers or f'[server] workers unset (cmcd default, {os.cpu_count()} CPUs)'}; "
+          "RSS is the sum over the supervisor and its workers; kill -9 hits the supervisor", flush=True)  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="cmcd-soak-"))
     sinks = Sinks(workdir)
     cfg, port = write_config(workdir, sinks, args)
@@ -933,6 +940,7 @@ def main() -> int:
     ap.add_argument("--drain-timeout", type=float, default=900.0, help="wait at most this long to drain (900 s)")
     ap.add_argument("--size", type=int, default=4096, help="message body size in bytes (4096)")
     ap.add_argument("--report-s", type=float, default=60.0, help="progress line interval (60 s)")
+    ap.add_argument("--workers", type=int, default=0, help="cmcd's [server] workers (default: unset, cmcd's default)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (daemon.log, spool)")
     ap.add_argument("--json", default="", help="also write the numbers to this file")
     ap.add_argument("--sink-worker", action="store_true", help=argparse.SUPPRESS)

@@ -3,7 +3,7 @@ durable spool, delivery to the recipients' exchangers, and the records an operat
 
 Its packages are layers, low to high (DESIGN.md, "Module boundaries"): the base modules here
 (config, policy, crypto, records, errors), store, queue, tenancy, submit, then smtp, api and deliver
-(which never import each other), admin; cmcd/daemon.py wires them together. No layer imports one
+(which never import each other), admin; cmcd/daemon/ wires them together. No layer imports one
 above it.
 """
 

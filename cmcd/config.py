@@ -218,6 +218,7 @@ _RANGES = (
     ("smtp.auth_cache_ttl", 0.0, 86400.0),
     ("smtp.auth_fail_window", 1.0, 30 * 86400.0),
     ("server.shutdown_grace", 0.0, 3600.0),
+    ("server.workers", 1, 256),
     ("dns.timeout", 0.1, 300.0),
     ("backup.interval", 60.0, 30 * 86400.0),
     ("backup.keep", 1, 100_000),

@@ -7,6 +7,7 @@ Every default here is the one documented in etc/cmcd.toml.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ class ServerConfig:
     timezone: str = "UTC"
     #: seconds SIGTERM waits for open transactions before exiting
     shutdown_grace: Duration = Duration(30)
+    #: worker processes, each with its own spool shard (1: a single process, no supervisor)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ REQUIRE_PEERS = os.environ.get("CMCD_REQUIRE_PEERS") == "1"
 PASSWORD = "correct horse battery"
 
 
+TEST_WORKERS = os.environ.get("CMCD_TEST_WORKERS", "")
+
+
 def need(program: str) -> str:
     """Path of a peer program; skip (or fail under CMCD_REQUIRE_PEERS=1) when it is missing."""
     path = shutil.which(program) or next(
@@ -95,7 +98,9 @@ class Cmcd:
             cert.cert_chain_pems[0].write_to_path(str(tls / "cert.pem"))
             cert.private_key_pem.write_to_path(str(tls / "key.pem"))
         cfg: dict[str, Any] = {
-            "server": {"hostname": "mx.cmcd.test", "shutdown_grace": "5s"},
+            # [server] workers: cmcd's default (one per CPU) unless CMCD_TEST_WORKERS says otherwise
+            "server": {"hostname": "mx.cmcd.test", "shutdown_grace": "5s"}
+            | ({"workers": int(TEST_WORKERS)} if TEST_WORKERS else {}),
             "smtp": {
                 "listen": ["127.0.0.1:0"],
                 "listen_tls": ["127.0.0.1:0"],
@@ -262,17 +267,23 @@ class Cmcd:
         """queue id -> {raw, body, sender, recipients}, read from the spool database; body is raw
         without the DKIM-Signature fields cmcd put in front (intake tests compare the rest)."""
         keys = self.keys()
-        conn = sqlite3.connect(f"file:{Path(self.config['spool']['dir']) / 'queue.db'}?mode=ro", uri=True)
-        try:
-            out: dict[str, dict[str, Any]] = {}
-            for qid, sender, body in conn.execute("SELECT queue_id, sender_enc, body FROM messages"):
-                raw = keys.decrypt_bytes(bytes(body), qid.encode())
-                out[qid] = {"raw": raw, "body": strip_signatures(raw), "sender": keys.decrypt(sender), "recipients": []}
-            for qid, rcpt, state in conn.execute("SELECT queue_id, rcpt_enc, state FROM recipients ORDER BY id"):
-                out[qid]["recipients"].append((keys.decrypt(rcpt), state))
-            return out
-        finally:
-            conn.close()
+        out: dict[str, dict[str, Any]] = {}
+        for shard in sorted(Path(self.config["spool"]["dir"]).glob("queue*.db")):  # every worker's shard
+            conn = sqlite3.connect(f"file:{shard}?mode=ro", uri=True)
+            try:
+                for qid, sender, body in conn.execute("SELECT queue_id, sender_enc, body FROM messages"):
+                    raw = keys.decrypt_bytes(bytes(body), qid.encode())
+                    out[qid] = {
+                        "raw": raw,
+                        "body": strip_signatures(raw),
+                        "sender": keys.decrypt(sender),
+                        "recipients": [],
+                    }
+                for qid, rcpt, state in conn.execute("SELECT queue_id, rcpt_enc, state FROM recipients ORDER BY id"):
+                    out[qid]["recipients"].append((keys.decrypt(rcpt), state))
+            finally:
+                conn.close()
+        return out
 
     def mail_log(self, queue_id: str | None = None) -> list[dict[str, Any]]:
         """Mail-log rows (oldest first), addresses and replies decrypted, read from the store file."""

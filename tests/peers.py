@@ -565,6 +565,7 @@ class Sink:
         self.messages: list[Received] = []
         self.connections = 0  # connections accepted so far
         self.active = 0  # connections open now
+        self.peak = 0  # the most connections open at once
         self.transactions = 0  # MAIL commands seen
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -578,6 +579,7 @@ class Sink:
         with self._lock:
             self.connections += 1
             self.active += 1
+            self.peak = max(self.peak, self.active)
 
     def _closed(self, protocol: _SinkProtocol) -> None:
         if protocol in self._protocols:

@@ -3,5 +3,5 @@ operation log, a table of verbs over commands), cmcctl itself, the Prometheus /m
 backups, retention and evidence reports.
 
 It is a transport and the operator's tools, not a place for rules: tenancy/ changes tenants and
-submit/ decides about messages. Nothing imports admin but cmcd/daemon.py.
+submit/ decides about messages. Nothing imports admin but cmcd/daemon/.
 """

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from aiohttp import web, web_response
@@ -273,31 +273,103 @@ class DaemonCollector(Collector):
             "Directory version checks or reloads that failed (the caches stay as they were; retried at the next poll).",
             directory.refresh_failures,
         )
+        leases = self.service.leases
+        reservations = CounterMetricFamily(
+            "cmcd_quota_lease_reservations",
+            "Blocks of tenants' daily quotas reserved from the store, one store round trip each, by result "
+            "(full, short: less than asked, none: the quota is used up, failed: the store did not answer).",
+            labels=["result"],
+        )
+        for result, n in leases.reservations.items():
+            reservations.add_metric([result], n)
+        yield reservations
+        lease_messages = CounterMetricFamily(
+            "cmcd_quota_lease_messages",
+            "Messages of daily quotas reserved from the store in blocks, and returned unused at shutdown.",
+            labels=["direction"],
+        )
+        lease_messages.add_metric(["reserved"], leases.reserved_messages)
+        lease_messages.add_metric(["returned"], leases.returned_messages)
+        yield lease_messages
         buckets, total = _buckets(self.service.astore.call_seconds)
         yield HistogramMetricFamily(
             "cmcd_store_write_seconds", "Seconds each store call took on the store thread.", buckets, total
         )
 
 
+class QueueFiguresCache:
+    """The spool's queue figures, read again at most every max(MIN_REFRESH_S, REFRESH_COST x the
+    last read's duration) seconds; concurrent scrapes wait for one read together."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self.figures = QueueFigures()
+        self._read_at = -math.inf  # time.monotonic() of the last queue read
+        self._read_cost_s = 0.0
+        self._reading: asyncio.Task[None] | None = None
+
+    def current(self) -> QueueFigures:
+        return self.figures
+
+    async def refresh(self) -> None:
+        if self._reading is None:
+            if time.monotonic() - self._read_at < max(MIN_REFRESH_S, REFRESH_COST * self._read_cost_s):
+                return
+            self._reading = asyncio.get_running_loop().create_task(self._read())
+        await asyncio.shield(self._reading)
+
+    async def close(self) -> None:
+        if self._reading is not None:
+            await asyncio.gather(self._reading, return_exceptions=True)
+
+    async def _read(self) -> None:
+        start = time.monotonic()
+        try:
+            self.figures = await self.spool.figures()
+        except Exception:  # a failed read keeps the last figures; the next scrape tries again
+            log.exception("event=metrics_queue_read_failed")
+        finally:
+            self._read_at = time.monotonic()
+            self._read_cost_s = self._read_at - start
+            self._reading = None
+
+
+def daemon_registry(
+    *,
+    service: SubmitService,
+    engine: DeliveryEngine,
+    scheduler: Scheduler,
+    queue: QueueFiguresCache,
+    backup_last_success: Callable[[], float] = lambda: 0.0,
+    clock: Callable[[], float] = time.time,
+    webhooks: Callable[[], dict[str, int]] = dict,
+) -> CollectorRegistry:
+    """The registry of one cmcd process's metrics."""
+    registry = CollectorRegistry()
+    registry.register(
+        DaemonCollector(
+            service=service, engine=engine, scheduler=scheduler, queue=queue.current,
+            backup_last_success=backup_last_success, clock=clock, webhooks=webhooks,
+        )
+    )  # fmt: skip
+    return registry
+
+
 class MetricsServer:
-    """Serves /metrics on [metrics] listen (nothing when it is empty)."""
+    """Serves REGISTRY on [metrics] listen (nothing when it is empty); REFRESH runs before each scrape."""
 
     def __init__(
         self,
         config: Config,
         *,
-        service: SubmitService,
-        engine: DeliveryEngine,
-        scheduler: Scheduler,
-        spool: Spool,
-        backup_last_success: Callable[[], float] = lambda: 0.0,
-        clock: Callable[[], float] = time.time,
-        webhooks: Callable[[], dict[str, int]] = dict,
+        registry: CollectorRegistry,
+        door: Door,
+        refresh: Callable[[], Awaitable[None]] | None = None,
         max_connections: int | None = None,
     ):
         self.listen = config.metrics.listen
         #: scrapes at once: [metrics] max_connections, cut by the daemon to its share of descriptors
-        self.door = service.stats.doors["metrics"]
+        self.door = door
         self.door.max_total = config.metrics.max_connections if max_connections is None else max_connections
         m = config.metrics
         #: the TLS handshake, the request's headers and the reading of the response: each within header_timeout
@@ -312,21 +384,11 @@ class MetricsServer:
         self._cache_key = os.urandom(32)
         self._checking = asyncio.Lock()  # one scrypt (32 MiB) at a time
         self._dummy_hash = ""  # checked for an unknown login, so it costs what a known one does
-        self.spool = spool
-        self.registry = CollectorRegistry()
-        self.registry.register(
-            DaemonCollector(
-                service=service, engine=engine, scheduler=scheduler, queue=lambda: self._figures,
-                backup_last_success=backup_last_success, clock=clock, webhooks=webhooks,
-            )
-        )  # fmt: skip
+        self.registry = registry
+        self._refresh = refresh
         self.bound: list[str] = []
         self._front: FrontDoor | None = None
         self._runner: web.ServerRunner | None = None
-        self._figures = QueueFigures()
-        self._read_at = -math.inf  # time.monotonic() of the last queue read
-        self._read_cost_s = 0.0
-        self._reading: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if not self.listen:
@@ -355,30 +417,6 @@ class MetricsServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._reading is not None:
-            await asyncio.gather(self._reading, return_exceptions=True)
-
-    # -- the queue figures ---------------------------------------------------------------------
-
-    async def refresh(self) -> None:
-        """Read the queue figures again unless the last read is recent for its cost; concurrent
-        scrapes wait for one read together."""
-        if self._reading is None:
-            if time.monotonic() - self._read_at < max(MIN_REFRESH_S, REFRESH_COST * self._read_cost_s):
-                return
-            self._reading = asyncio.get_running_loop().create_task(self._read())
-        await asyncio.shield(self._reading)
-
-    async def _read(self) -> None:
-        start = time.monotonic()
-        try:
-            self._figures = await self.spool.figures()
-        except Exception:  # a failed read keeps the last figures; the next scrape tries again
-            log.exception("event=metrics_queue_read_failed")
-        finally:
-            self._read_at = time.monotonic()
-            self._read_cost_s = self._read_at - start
-            self._reading = None
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -416,7 +454,8 @@ class MetricsServer:
             return 405, {"Allow": "GET, HEAD"}, b""
         if path == "/":
             return 200, *_text(INDEX)
-        await self.refresh()
+        if self._refresh is not None:
+            await self._refresh()
         encoder, content_type = choose_encoder(request_headers.get("Accept", ""))
         return 200, {"Content-Type": content_type}, encoder(self.registry)
 

@@ -1,7 +1,8 @@
 """Erasing a tenant (`tenant.delete --purge`), and finishing at start a purge a crash cut short.
 
 This module orchestrates what spans the daemon: intake closed to the tenant, its SMTP sessions
-dropped, its queue purged (the spool), then the store's part through the tenancy command
+dropped, its queue purged (the spool; with workers, every worker's shard through Context.peers),
+then the store's part through the tenancy command
 (cmcd.tenancy.tenants: every row in one transaction with the operation-log row, then the erase),
 which returns once the directory no longer holds the tenant; only then is intake reopened (the
 tenant's number may be given to a new tenant). Never deletes a store row itself.
@@ -9,10 +10,12 @@ tenant's number may be given to a new tenant). Never deletes a store row itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
-from cmcd.admin.verb import Args, BadRequest, Context, Verb, command
+from cmcd.admin.verb import Args, BadRequest, Context, Peers, Verb, command
+from cmcd.errors import CmcdError
 from cmcd.records import Tenant
 from cmcd.tenancy import Op
 
@@ -36,7 +39,10 @@ async def resume(ctx: Context) -> None:
     committed is run again from the start; a committed one's checkpoint and vacuum are redone."""
     tenants = ctx.tenancy.tenants
     try:
-        for p in await tenants.pending_purges():
+        pending = await tenants.pending_purges()
+        if pending and ctx.peers is not None:
+            await _peers_up(ctx.peers)
+        for p in pending:
             log.warning("event=tenant_purge_resumed tenant_id=%d", p["tenant_id"])
             tenant = Tenant(id=p["tenant_id"], name=p["name"])
             await _purge(ctx, tenant, p["actor"], p["actor_uid"], note="resumed after a restart; ")
@@ -44,6 +50,21 @@ async def resume(ctx: Context) -> None:
             log.warning("event=tenant_purge_erase_finished reason=interrupted")
     except Exception:
         log.exception("event=tenant_purge_resume_failed")
+
+
+async def _peers_up(peers: Peers, attempts: int = 12) -> None:
+    """Wait for the host's other workers to answer (they start beside worker 0), with backoff; a
+    purge to finish needs every shard. Raises the last failure after ATTEMPTS."""
+    delay = 0.25
+    for attempt in range(attempts):
+        try:
+            await peers.each("worker.refresh")
+            return
+        except CmcdError:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(delay)  # backoff between attempts: the workers are still starting
+            delay = min(delay * 2, 10.0)
 
 
 async def _purge(ctx: Context, tenant: Tenant, actor: str, actor_uid: int | None, note: str = "") -> dict[str, int]:
@@ -58,6 +79,8 @@ async def _purge(ctx: Context, tenant: Tenant, actor: str, actor_uid: int | None
     finally:
         if ctx.intake is not None:
             ctx.intake.reopen_tenant(tenant.id)
+        if ctx.peers is not None:  # each worker reads the directory first: the tenant is gone there too
+            await ctx.peers.each("worker.reopen_tenant", tenant_id=tenant.id)
 
 
 async def _purge_closed(
@@ -71,6 +94,10 @@ async def _purge_closed(
         ctx.intake.close_tenant(tenant.id, logins)
     sessions = ctx.drop_sessions(tenant.id) if ctx.drop_sessions is not None else 0
     messages = await ctx.spool.purge_tenant(tenant.id, logins)
+    if ctx.peers is not None:  # the other workers: their intake closed, sessions dropped, shards purged
+        for done in await ctx.peers.each("worker.purge_tenant", tenant_id=tenant.id, logins=list(logins)):
+            sessions += int(done["sessions"])
+            messages += int(done["messages"])
     log.info("event=tenant_purge_queue_done tenant_id=%d messages=%d", tenant.id, messages)
     op = Op(
         actor=actor, actor_uid=actor_uid, action="tenant.purge", target=f"tenant #{tenant.id}",

@@ -78,27 +78,14 @@ class _Connection:
         self.busy = False
 
 
-class AdminServer:
-    def __init__(
-        self,
-        config: Config,
-        tenancy: Tenancy,
-        spool: Spool,
-        status: Callable[[], dict[str, Any]],
-        *,
-        scheduler: Scheduler | None = None,
-        engine: DeliveryEngine | None = None,
-        drop_sessions: Callable[[int], int] | None = None,
-        intake: SubmitService | None = None,
-        verbs: dict[str, Verb] = VERBS,
-    ):
-        self._path = config.path(config.admin.socket)
-        self.context = Context(
-            config=config, tenancy=tenancy, spool=spool, audit=tenancy.core.audit, status=status,
-            scheduler=scheduler, engine=engine, intake=intake, drop_sessions=drop_sessions,
-        )  # fmt: skip
-        self._verbs = verbs
-        self._resume_task: asyncio.Task[None] | None = None
+class SocketServer:
+    """The admin socket's transport: a Unix socket at PATH (mode 0660), JSON lines in, one reply
+    (or a stream) out per request; what a request does is `handle`'s. PRIVATE: only processes of
+    this user may connect (a worker's socket, spoken to by its supervisor)."""
+
+    def __init__(self, path: Path, *, private: bool = False):
+        self._path = path
+        self.private = private
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
         self._conns: set[_Connection] = set()
@@ -108,14 +95,13 @@ class AdminServer:
     def path(self) -> Path:
         return self._path
 
-    def reconfigure(self, config: Config) -> None:
-        """A reload: verbs use CONFIG from the next request on (the socket stays where it is)."""
-        self.context = dataclasses.replace(self.context, config=config)
+    async def handle(self, caller: Caller, line: bytes) -> dict[str, Any]:
+        raise NotImplementedError
 
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen on admin.socket (mode 0660), replacing a stale socket file but never a live one."""
+        """Listen on the path (mode 0660), replacing a stale socket file but never a live one."""
         loop = asyncio.get_running_loop()
         sock = await loop.run_in_executor(None, _bind, self._path)
         self._inode = os.stat(self._path).st_ino
@@ -125,15 +111,11 @@ class AdminServer:
             sock.close()
             self._unlink()
             raise
-        log.info("event=admin_listening socket=%s", self._path)
-        self._resume_task = loop.create_task(purge.resume(self.context))
+        log.info("event=admin_listening socket=%s private=%s", self._path, str(self.private).lower())
 
     async def close(self) -> None:
         """Stop accepting, let a request in progress finish, drop idle connections, remove the socket."""
         self._closing = True
-        if self._resume_task is not None:
-            self._resume_task.cancel()
-            await asyncio.gather(self._resume_task, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -163,6 +145,9 @@ class AdminServer:
             if self._closing:
                 return
             caller = await self._peer(writer)
+            if self.private and caller.uid != os.getuid():
+                log.warning("event=admin_private_refused uid=%d socket=%s", caller.uid, self._path)
+                return
             while not self._closing:
                 try:
                     line = await _next_line(reader)
@@ -175,7 +160,7 @@ class AdminServer:
                     continue
                 conn.busy = True
                 try:
-                    reply = await self._handle(caller, line)
+                    reply = await self.handle(caller, line)
                     if isinstance(reply.get("result"), Stream):
                         await _stream(writer, reply["result"])
                     else:
@@ -199,6 +184,56 @@ class AdminServer:
         name = await asyncio.get_running_loop().run_in_executor(None, _user_name, uid)
         return Caller(pid=pid, uid=uid, gid=gid, name=name)
 
+
+class AdminServer(SocketServer):
+    """The verbs of one cmcd process. PRIVATE (a worker's socket): a request may name the caller its
+    supervisor serves ("as"), ask for no operation-log row ("log": false: the supervisor has the
+    row written once, by worker 0, with "record": the outcome of a verb it fanned out)."""
+
+    def __init__(
+        self,
+        config: Config,
+        tenancy: Tenancy,
+        spool: Spool,
+        status: Callable[[], dict[str, Any]],
+        *,
+        scheduler: Scheduler | None = None,
+        engine: DeliveryEngine | None = None,
+        drop_sessions: Callable[[int], int] | None = None,
+        intake: SubmitService | None = None,
+        verbs: dict[str, Verb] = VERBS,
+        path: Path | None = None,
+        private: bool = False,
+        resume_purges: bool = True,
+        extra: dict[str, Any] | None = None,
+    ):
+        super().__init__(path if path is not None else config.path(config.admin.socket), private=private)
+        self.context = Context(
+            config=config, tenancy=tenancy, spool=spool, audit=tenancy.core.audit, status=status,
+            scheduler=scheduler, engine=engine, intake=intake, drop_sessions=drop_sessions, **(extra or {}),
+        )  # fmt: skip
+        self._verbs = verbs
+        self._resume_purges = resume_purges
+        self._resume_task: asyncio.Task[None] | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: verbs use CONFIG from the next request on (the socket stays where it is)."""
+        self.context = dataclasses.replace(self.context, config=config)
+
+    async def start(self) -> None:
+        await super().start()
+        if self._resume_purges:
+            self._resume_task = asyncio.get_running_loop().create_task(purge.resume(self.context))
+
+    async def close(self) -> None:
+        if self._resume_task is not None:
+            self._resume_task.cancel()
+            await asyncio.gather(self._resume_task, return_exceptions=True)
+        await super().close()
+
+    async def handle(self, caller: Caller, line: bytes) -> dict[str, Any]:
+        return await self._handle(caller, line)
+
     async def _handle(self, caller: Caller, line: bytes) -> dict[str, Any]:
         try:
             request = json.loads(line)
@@ -212,6 +247,14 @@ class AdminServer:
             return _error(f"unknown verb {verb!r}; known verbs: {', '.join(self._verbs)}")
         raw_args = request.get("args")
         target = _target(spec, raw_args)
+        if self.private:  # the supervisor speaks for the operator it serves
+            caller = _forwarded(request.get("as"), caller)
+            if "record" in request:  # the outcome of a verb the supervisor fanned out: its one row
+                args = raw_args if isinstance(raw_args, dict) else {}
+                record = request["record"]
+                await self._log_op(caller, verb, spec, target, args, None if record == "ok" else str(record))
+                return {"ok": True, "result": None}
+        logged = not (self.private and request.get("log") is False)
         result: Any = None
         error: str | None = None
         on_record = False  # a tenancy command's refusal: the command wrote its row
@@ -224,7 +267,7 @@ class AdminServer:
             log.exception("event=admin_request_failed verb=%s uid=%d", verb, caller.uid)
             error = f"{verb} failed inside cmcd ({exc}); see the daemon log"
         args = raw_args if isinstance(raw_args, dict) else {}
-        if spec.log is Log.SERVER or (error is not None and not on_record and (spec.mutation or args)):
+        if logged and (spec.log is Log.SERVER or (error is not None and not on_record and (spec.mutation or args))):
             await self._log_op(caller, verb, spec, target, args, error)
         if error is not None:
             return _error(error)
@@ -266,6 +309,16 @@ async def _stream(writer: asyncio.StreamWriter, stream: Stream) -> None:
         await _send(writer, {"end": True, "rows": n, "error": str(exc)})
         return
     await _send(writer, {"end": True, "rows": n})
+
+
+def _forwarded(raw: Any, peer: Caller) -> Caller:
+    """The caller a supervisor names in a request ("as"), else the peer itself."""
+    if not isinstance(raw, dict):
+        return peer
+    try:
+        return Caller(pid=int(raw["pid"]), uid=int(raw["uid"]), gid=int(raw["gid"]), name=str(raw["name"]))
+    except (KeyError, TypeError, ValueError):
+        return peer
 
 
 class _Overlong(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cmcd.errors import CmcdError
 from cmcd.tenancy import Op
@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from cmcd.store.store import Store
     from cmcd.submit.service import SubmitService
     from cmcd.tenancy import Tenancy
+
+
+class Peers(Protocol):
+    """The other workers of the host, reached through their private admin sockets."""
+
+    async def each(self, verb: str, **args: Any) -> list[Any]:
+        """VERB's result from every other worker (raises CmcdError naming one that failed)."""
+        ...
 
 
 class BadRequest(CmcdError):
@@ -124,6 +132,10 @@ class Context:
     intake: SubmitService | None = None
     #: ends a tenant's SMTP sessions; returns how many
     drop_sessions: Callable[[int], int] | None = None
+    #: the host's other workers (worker 0's; None in a single process): a purge reaches every shard
+    peers: Peers | None = None
+    #: this process's metrics in the text exposition format (a worker's: its supervisor merges them)
+    metrics_text: Callable[[], Awaitable[bytes]] | None = None
 
     @property
     def astore(self) -> AsyncStore:

@@ -197,10 +197,11 @@ class FrontDoor:
         self._server_log = logging.getLogger(server_log)
         self._bad_requests = BadRequestLog(f"{door.name}_bad_request")
 
-    async def start(self, host: str, port: int, backlog: int) -> int:
-        """Listen on HOST:PORT; the port bound."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=backlog)
+    async def start(self, host: str, port: int, backlog: int, sock: socket.socket | None = None) -> int:
+        """Listen on HOST:PORT, or on SOCK when one is given (bound by the supervisor); the port bound."""
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, port), family=family, backlog=backlog)
         sock.setblocking(False)
         self.sock = sock
         self._server_log.addFilter(self._bad_requests)

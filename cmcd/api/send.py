@@ -3,8 +3,9 @@
 The JSON is built into messages by compose.py off the event loop, then each goes through
 SubmitService exactly like SMTP (sender domain, limits, suppression, DKIM, the spool's
 durability contract): the 202 is sent only after the spool committed every message of the
-request, together with its Idempotency-Key; a repeated key gets the stored answer. A refusal
-refuses the whole request and nothing is queued. Never imports cmcd.api.server: the server
+request, together with its Idempotency-Key; a repeated key gets the stored answer, from whichever
+worker process it reaches (cmcd/queue/requests.py: the key is claimed in the store first). A
+refusal refuses the whole request and nothing is queued. Never imports cmcd.api.server: the server
 passes itself as an ApiContext.
 """
 
@@ -22,7 +23,7 @@ from aiohttp import web
 from cmcd.api.compose import Composed, ComposeError, compose_bulk, compose_one
 from cmcd.api.context import ApiContext, client_ip
 from cmcd.api.problems import Problem, problem
-from cmcd.queue.requests import ApiRequest
+from cmcd.queue.requests import Action, ApiRequest, Idempotency
 from cmcd.records import Sender, SpoolMessage
 from cmcd.store.api_store import ApiCaller
 from cmcd.submit.service import SessionInfo
@@ -35,11 +36,21 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}\Z")
 
 
 class Sending:
-    """The two send endpoints of one server, and the Idempotency-Keys of its requests in progress."""
+    """The two send endpoints of one server, and the Idempotency-Keys of its requests."""
 
     def __init__(self, api: ApiContext) -> None:
         self.api = api
-        self._in_progress: set[tuple[int, str]] = set()
+        self._keys: Idempotency | None = None  # made at the first keyed request (the app is built without a daemon)
+
+    @property
+    def keys(self) -> Idempotency:
+        if self._keys is None:
+            api = self.api
+            self._keys = Idempotency(
+                api.service.spool, api.astore, api.service.shard, api.config.server.workers,
+                lambda: api.config.api.idempotency_ttl, api.clock,
+            )  # fmt: skip
+        return self._keys
 
     async def post_email(self, request: web.Request) -> web.Response:
         return await self._send(request, bulk=False)
@@ -57,34 +68,31 @@ class Sending:
         digest.update(raw)  # not prefix + raw: that would copy the body once more
         request_hash = digest.digest()
         del raw  # parsed and hashed: its memory is not needed while the messages are built
-        slot: tuple[int, str] | None = None
         if key is not None:
             if not _IDEMPOTENCY_KEY.match(key):
                 raise Problem(400, "bad-idempotency-key", "Idempotency-Key: 1 to 255 visible ASCII characters")
-            slot = (caller.tenant_id, key)
-            if slot in self._in_progress:  # taken before the lookup: no second request slips in between
-                raise Problem(409, "in-progress", "a request with this Idempotency-Key is still being processed")
-            self._in_progress.add(slot)
+            verdict = await self.keys.begin(caller.tenant_id, key, request_hash)
+            if verdict.action is Action.REPLAY:
+                return web.Response(text=verdict.response, status=verdict.status, content_type="application/json",
+                                    headers={"Idempotent-Replayed": "true"})  # fmt: skip
+            if verdict.action is not Action.GO:
+                raise _refusal(verdict.action)
         try:
+            status, response, count = await self._queue(caller, body, bulk, key, request_hash, request)
+        except asyncio.CancelledError:  # the commit may still land: settled by the next request or start
             if key is not None:
-                since = api.clock() - api.config.api.idempotency_ttl
-                found = await api.service.spool.find_request(caller.tenant_id, key, since)
-                if found is not None:
-                    if found.request_hash != request_hash:
-                        raise Problem(422, "idempotency-key-reused",
-                                      "this Idempotency-Key was used for a different request")  # fmt: skip
-                    return web.Response(text=found.response, status=found.status, content_type="application/json",
-                                        headers={"Idempotent-Replayed": "true"})  # fmt: skip
-            try:
-                status, response, count = await self._queue(caller, body, bulk, key, request_hash, request)
-            except Problem as p:
-                await api.log_op(caller, action, "-", f"{p.status} {p.detail}")
-                raise
-            await api.log_op(caller, action, f"{count} message(s)", None, response[:200])
-            return web.Response(text=response, status=status, content_type="application/json")
-        finally:
-            if slot is not None:
-                self._in_progress.discard(slot)
+                self.keys.forget(caller.tenant_id, key)
+            raise
+        except Exception as exc:  # refused, or the spool failed: nothing of the request was committed
+            if key is not None:
+                await self.keys.refused(caller.tenant_id, key)
+            if isinstance(exc, Problem):
+                await api.log_op(caller, action, "-", f"{exc.status} {exc.detail}")
+            raise
+        if key is not None:
+            await self.keys.answered(caller.tenant_id, key, request_hash, status, response)
+        await api.log_op(caller, action, f"{count} message(s)", None, response[:200])
+        return web.Response(text=response, status=status, content_type="application/json")
 
     async def _queue(
         self, caller: ApiCaller, body: Any, bulk: bool, key: str | None, request_hash: bytes, request: web.Request
@@ -151,3 +159,19 @@ class Sending:
             return result
 
         return list(await asyncio.gather(*(one(c) for c in composed)))
+
+
+#: Retry-After, seconds, when the request with the key is running (here or in another worker)
+IN_PROGRESS_RETRY_AFTER = "1"
+
+
+def _refusal(action: Action) -> Problem:
+    """The problem a keyed request gets when it is neither run nor replayed."""
+    if action is Action.REUSED:
+        return Problem(422, "idempotency-key-reused", "this Idempotency-Key was used for a different request")
+    if action is Action.BUSY:
+        p = Problem(409, "in-progress", "a request with this Idempotency-Key is still being processed; retry later")
+    else:
+        p = Problem(503, "try-later", "the Idempotency-Key cannot be checked now; retry later")
+    p.headers["Retry-After"] = IN_PROGRESS_RETRY_AFTER
+    return p

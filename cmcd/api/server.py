@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -129,7 +130,8 @@ class ApiServer:
         r.add_delete("/v1/webhooks/{webhook_id}", functools.partial(hooks.delete_hook, self))
         return app
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on api.listen, or on SOCK (a worker's, bound by the supervisor)."""
         host, port = split_hostport(self.config.api.listen)
         api = self.config.api
         # aiohttp's own idle timer only backs ours up (cmcd/api/frontdoor.py): it can never fire first
@@ -139,7 +141,7 @@ class ApiServer:
         server = self._runner.server
         assert server is not None
         self._front = FrontDoor(self.door, self.tls, server, lambda: self.config.api)
-        self.port = await self._front.start(host, port, backlog=512)
+        self.port = await self._front.start(host, port, backlog=512, sock=sock)
         log.info(
             "event=api_listening listen=%s port=%d max_connections=%d max_connections_per_ip=%d "
             "max_request_bytes=%d",

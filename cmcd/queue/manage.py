@@ -17,12 +17,10 @@ from typing import Any
 from cmcd.crypto import DataKeys
 from cmcd.db import transaction
 from cmcd.errors import NotFound, StoreError
-from cmcd.queue import outbox
+from cmcd.queue import counts, outbox
 from cmcd.queue.tables import INSERT_EVENT
 from cmcd.records import PENDING_STATES, RecipientState
 
-#: qshape's age buckets, in minutes: a message counts in the first bucket its age is under
-AGE_BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 STATES = PENDING_STATES  # what a listing can filter on
 
 
@@ -123,33 +121,9 @@ def show(conn: sqlite3.Connection, keys: DataKeys, queue_id: str, tenant_id: int
 
 
 def summary(conn: sqlite3.Connection, now: float, tenant_id: int | None = None, top: int = 50) -> dict[str, Any]:
-    """Recipients by state, and by destination domain with qshape's age buckets."""
-    scope, scope_args = _scope(tenant_id)
-    by_state = {s: 0 for s in STATES}
-    domains: dict[str, list[int]] = {}
-    cuts = [now - b * 60 for b in AGE_BUCKETS_MIN]
-    rows = conn.execute(
-        "SELECT r.domain, r.state, m.received FROM recipients r JOIN messages m ON m.queue_id = r.queue_id "
-        f"WHERE r.state IN ('queued', 'deferred', 'inflight', 'held'){scope}",
-        scope_args,
-    )
-    for domain, state, received in rows:
-        by_state[state] = by_state.get(state, 0) + 1
-        counts = domains.get(domain)
-        if counts is None:
-            counts = domains[domain] = [0] * (len(AGE_BUCKETS_MIN) + 2)
-        counts[0] += 1
-        bucket = next((i for i, cut in enumerate(cuts) if received > cut), len(cuts))
-        counts[bucket + 1] += 1
-    ranked = sorted(domains.items(), key=lambda kv: (-kv[1][0], kv[0]))
-    total = [sum(c[i] for c in domains.values()) for i in range(len(AGE_BUCKETS_MIN) + 2)]
-    return {
-        "states": by_state,
-        "buckets_min": list(AGE_BUCKETS_MIN),
-        "total": total,
-        "domains": [{"domain": d, "counts": c} for d, c in ranked[:top]],
-        "more_domains": max(0, len(ranked) - top),
-    }
+    """Recipients by state, and by destination domain with qshape's age buckets (from the running
+    counts: its cost follows the domains and minutes in the queue, not the recipients)."""
+    return counts.summary(conn, now, tenant_id, top)
 
 
 def _message_ids(conn: sqlite3.Connection, queue_id: str | None, tenant_id: int | None) -> list[str]:
@@ -259,8 +233,9 @@ def delete(conn: sqlite3.Connection, keys: DataKeys, now: float, queue_id: str, 
 
 def purge_tenant(conn: sqlite3.Connection, tenant_id: int, logins: tuple[str, ...] = ()) -> int:
     """Delete every queued message of TENANT_ID with its recipients, its pending mail-log events,
-    login and operation-log rows (and failed logins, logged without a tenant, of its LOGINS) and
-    its daily counts not yet shipped (secure_delete overwrites the pages), then checkpoint and vacuum the spool.
+    login and operation-log rows (and failed logins, logged without a tenant, of its LOGINS), its
+    daily counts not yet shipped and its API Idempotency-Keys (secure_delete overwrites the pages),
+    then checkpoint and vacuum the spool.
     Returns the number of messages removed."""
     with transaction(conn):
         qids = [(r[0],) for r in conn.execute("SELECT queue_id FROM messages WHERE tenant_id = ?", (tenant_id,))]
@@ -274,6 +249,8 @@ def purge_tenant(conn: sqlite3.Connection, tenant_id: int, logins: tuple[str, ..
             [(login,) for login in logins],
         )
         conn.execute("DELETE FROM counts_outbox WHERE tenant_id = ?", (tenant_id,))
+        # its Idempotency-Keys: a new tenant given the same id must not be answered its responses
+        conn.execute("DELETE FROM api_requests WHERE tenant_id = ?", (tenant_id,))
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.execute("VACUUM")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -289,8 +266,9 @@ class QueueFigures:
 
 
 def figures(conn: sqlite3.Connection, path: Path) -> QueueFigures:
-    """The queue figures: one count grouped by state, one minimum, two stat calls, the outbox counts."""
-    recipients = {state: n for state, n in conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state")}
+    """The queue figures: the running counts by state, one index probe for the oldest message, two
+    stat calls, the outbox counts."""
+    recipients = counts.by_state(conn)
     (oldest,) = conn.execute("SELECT MIN(received) FROM messages WHERE held = 0").fetchone()
     size = 0
     for p in (path, path.with_name(path.name + "-wal")):

@@ -1,12 +1,13 @@
 """Daily message counts per tenant: committed in the spool with the messages, kept for good in the store.
 
-The store holds the count of every process (a daily quota is a limit per tenant, whatever
-process or host took the mail). Today a process reads it once, at start, and counts on its own
-from there: one process per host is exact; several (issue 13) need leases from this count. A commit cannot span the spool and the store, so each commit of
-messages adds its counts to the spool's counts outbox in its own transaction, and ship() moves
-them to the store: the store adds rows past the last outbox id it has from this spool and records
-that id in the same transaction, so a shipment repeated after a crash adds nothing twice, and a
-count is never lost. Never decides whether a message may be taken (submit/ does, from these counts).
+The store holds the count of every process: the record of what each tenant had accepted. What
+limits is not this count but the store's reservations, taken in blocks by each process
+(cmcd/submit/leases.py); a tenant's first reservation of a day starts from this count, so it is
+shipped once before a process takes mail (SubmitService.start). A commit cannot span the spool
+and the store, so each commit of messages adds its counts to the spool's counts outbox in its own
+transaction, and ship() moves them to the store: the store adds rows past the last outbox id it
+has from this spool and records that id in the same transaction, so a shipment repeated after a
+crash adds nothing twice, and a count is never lost. Never decides whether a message may be taken.
 """
 
 from __future__ import annotations

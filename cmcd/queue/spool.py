@@ -11,7 +11,8 @@ No connection leaves this package: callers use the operations below (intake, del
 administration, the outboxes, idempotency keys, the figures /metrics shows), which run on the
 writer thread (changes) or on a reader thread with a read-only connection (reads, beside the
 writer: WAL lets readers and the writer proceed together, so a long listing never delays a 250).
-The SQL is in tables.py, work.py, manage.py, outbox.py and requests.py.
+The SQL is in tables.py, work.py, manage.py, outbox.py and requests.py; the queue's running counts
+(kept by triggers, read by the summary and the figures) in counts.py.
 
 Everything that can hold an address is encrypted under the data key: addresses (with an HMAC
 index), bodies (DSNs too), and remote replies (recipients.last_response_enc, events.response_enc),
@@ -117,11 +118,11 @@ class _Reader:
 
 
 class Spool:
-    def __init__(self, directory: Path, keys: DataKeys):
+    def __init__(self, directory: Path, keys: DataKeys, name: str = "queue.db"):
         self.directory = directory
         self.keys = keys
         directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "queue.db"
+        self.path = directory / name  # queue.db, or queue-K.db for shard K > 0 (queue/startup.py)
         self._conn = sqlite3.connect(
             str(self.path), isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
         )
@@ -209,6 +210,13 @@ class Spool:
         """The response to TENANT_ID's request with Idempotency-Key KEY, if one was committed since SINCE."""
         return await self._read(functools.partial(requests.find, tenant_id=tenant_id, key=key, since=since))
 
+    async def requests_page(
+        self, since: float, after: int, limit: int
+    ) -> tuple[int, list[tuple[int, str, bytes, int, str, float]]]:
+        """Up to LIMIT API requests committed since SINCE past row AFTER (requests.page: what the
+        store's claims are reconciled with at start)."""
+        return await self._read(functools.partial(requests.page, since=since, after=after, limit=limit))
+
     # -- delivery --------------------------------------------------------------------------
 
     async def claim_due(self, now: float, limit: int) -> list[Job]:
@@ -264,6 +272,8 @@ class Spool:
         return await self._read(functools.partial(manage.show, keys=self.keys, queue_id=queue_id, tenant_id=tenant_id))
 
     async def summary(self, now: float, tenant_id: int | None = None) -> dict[str, Any]:
+        """Recipients by state and by domain in qshape's age buckets at NOW (counts.summary: read
+        from the running counts, not from every row)."""
         return await self._read(functools.partial(manage.summary, now=now, tenant_id=tenant_id))
 
     async def retry(
@@ -296,8 +306,8 @@ class Spool:
         return await self._call(functools.partial(manage.purge_tenant, tenant_id=tenant_id, logins=logins))
 
     async def figures(self) -> QueueFigures:
-        """Recipients by state, the oldest message, the spool's size and the outbox backlog, read on
-        a thread of their own (a count over a large queue never delays delivery's body reads)."""
+        """Recipients by state (the running counts), the oldest message (an index probe), the spool's
+        size and the outbox backlog, read on a thread of their own (never delays delivery's body reads)."""
         return await self._figures_reader.run(functools.partial(manage.figures, path=self.path))
 
     # -- the outboxes (cmcd/queue/events.py ships them to the store) -----------------------

@@ -10,23 +10,35 @@ A store that is missing while the spool holds mail, or a store that is empty or 
 refused by the store (cmcd/store/store.py open_store); no flag starts without it. First start on
 an empty data directory creates the key, the store and the spool as before. Blocking throughout:
 callers run open_checked() in a thread.
+
+With [server] workers = N, worker K opens shard K (queue-K.db; shard 0 keeps queue.db): the store
+keeps one id per shard (meta spool_id.K), and a shard's unfinished recipients are those whose queue
+ids name it. A shard beyond N that still holds mail stops start-up (stranded_shards); a shard is held
+by one process at a time (lock_shard).
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
+import os
+import re
 import secrets
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmcd.errors import UntrustedFileError
+from cmcd.queue.ids import shard_of
 from cmcd.queue.spool import Spool
 from cmcd.store import Store, open_store
 from cmcd.store.integrity import RESTORE_STORE, database_problem
-from cmcd.store.lost import record_lost, set_spool_id, spool_id, unfinished
+from cmcd.store.lost import Unfinished, record_lost, set_spool_id, spool_id, unfinished
 
-SPOOL_FILE = "queue.db"  # as Spool names it
+SPOOL_FILE = "queue.db"  # shard 0's file (and the only one with [server] workers = 1)
+SHARD_FILE = re.compile(r"queue-([1-9][0-9]*)\.db")
+LOCK_WAIT_S = 15.0  # a worker of a supervisor just killed may still hold its shard for a moment
 ACCEPT_LOSS = "cmcd serve --accept-loss"
 
 
@@ -49,9 +61,68 @@ class Opened:
     set_aside: list[Path] = field(default_factory=list)
 
 
-def open_checked(store_path: Path, key_file: Path, spool_dir: Path, *, accept_loss: bool, now: float) -> Opened:
-    """Open the store and the spool, or raise UntrustedFileError naming the file at fault."""
-    spool_path = spool_dir / SPOOL_FILE
+def shard_file(shard: int) -> str:
+    """The file name of spool shard SHARD in spool.dir: queue.db for shard 0, queue-K.db for K > 0."""
+    return SPOOL_FILE if shard == 0 else f"queue-{shard}.db"
+
+
+def stranded_shards(spool_dir: Path, workers: int) -> list[str]:
+    """A line for each shard file beyond WORKERS that still holds mail or mail-log rows: no worker
+    would deliver it, so start-up refuses until [server] workers reaches it again."""
+    out = []
+    for path in sorted(spool_dir.glob("queue-*.db")):
+        m = SHARD_FILE.fullmatch(path.name)
+        if m is None or int(m.group(1)) < workers:
+            continue
+        held = _held(path)
+        if held:
+            out.append(
+                f"{path}: spool shard {m.group(1)} holds {held}, but [server] workers = {workers}; "
+                f"set workers to at least {int(m.group(1)) + 1} until it has drained (cmcctl queue summary)"
+            )
+    return out
+
+
+def lock_shard(spool_dir: Path, shard: int, wait_s: float = LOCK_WAIT_S) -> int:
+    """Hold spool shard SHARD for this process (an exclusive flock on its .lock file, released when
+    the process ends, kill -9 too); wait up to WAIT_S for another process to let go, then raise
+    UntrustedFileError naming the shard. Returns the descriptor, to keep open."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    path = spool_dir / f"{shard_file(shard)}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise UntrustedFileError(
+                    f"{spool_dir / shard_file(shard)}: spool shard {shard} is in use by another process "
+                    f"(held for {wait_s:g} s); is another cmcd running on this spool.dir?"
+                ) from None
+            time.sleep(0.05)  # polling a lock another process holds; flock has no timed wait
+
+
+def prepare_store(store_path: Path, key_file: Path, spool_dir: Path) -> None:
+    """For a supervisor, before its workers open the store together: refuse a missing store while
+    a shard holds mail (as open_checked does for one), else create or migrate the store once."""
+    if not store_path.exists():
+        for spool_path in sorted(spool_dir.glob("queue*.db")):
+            held = _held(spool_path)
+            if held:
+                raise UntrustedFileError(
+                    f"{store_path}: the store is missing, but the spool {spool_path} holds {held}; {RESTORE_STORE}"
+                )
+    open_store(store_path, key_file).close()
+
+
+def open_checked(
+    store_path: Path, key_file: Path, spool_dir: Path, *, accept_loss: bool, now: float, shard: int = 0
+) -> Opened:
+    """Open the store and spool shard SHARD, or raise UntrustedFileError naming the file at fault."""
+    spool_path = spool_dir / shard_file(shard)
     if not store_path.exists():  # before open_store: a key without its store is the lesser news
         held = _held(spool_path)
         if held:
@@ -60,7 +131,7 @@ def open_checked(store_path: Path, key_file: Path, spool_dir: Path, *, accept_lo
             )
     store = open_store(store_path, key_file)
     try:
-        return _open_spool(store, spool_path, accept_loss=accept_loss, now=now)
+        return _open_spool(store, spool_path, shard, accept_loss=accept_loss, now=now)
     except BaseException:
         store.close()
         raise
@@ -107,14 +178,19 @@ def _write_spool_id(spool_path: Path, value: str) -> None:
         conn.close()
 
 
-def _problem(store: Store, spool_path: Path, expected: str | None) -> tuple[str, str | None]:
+def _unfinished(store: Store, shard: int) -> list[Unfinished]:
+    """The store's unfinished recipients whose queue ids name SHARD (an id of another form: shard 0)."""
+    return [u for u in unfinished(store) if (shard_of(u.queue_id) or 0) == shard]
+
+
+def _problem(store: Store, spool_path: Path, shard: int, expected: str | None) -> tuple[str, str | None]:
     """What is wrong with the spool ("" if nothing) and the id it carries."""
     try:
         size = spool_path.stat().st_size
     except FileNotFoundError:
         size = -1
     if size <= 0:
-        if expected is None and not unfinished(store):
+        if expected is None and not _unfinished(store, shard):
             return "", None  # a new spool (first start, or an older store with nothing in flight)
         why = "the spool is missing" if size < 0 else "the spool is empty (0 bytes)"
         return f"{why}, but the store {store.path} says one was in use", None
@@ -130,14 +206,14 @@ def _problem(store: Store, spool_path: Path, expected: str | None) -> tuple[str,
     return "", found
 
 
-def _open_spool(store: Store, spool_path: Path, *, accept_loss: bool, now: float) -> Opened:
-    expected = spool_id(store)
-    problem, found = _problem(store, spool_path, expected)
+def _open_spool(store: Store, spool_path: Path, shard: int, *, accept_loss: bool, now: float) -> Opened:
+    expected = spool_id(store, shard)
+    problem, found = _problem(store, spool_path, shard, expected)
     lost: list[LostMessage] = []
     aside: list[Path] = []
     if problem:
         if not accept_loss:
-            n = len(unfinished(store))
+            n = len(_unfinished(store, shard))
             raise UntrustedFileError(
                 f"{spool_path}: {problem}; {n} accepted recipient{'s have' if n != 1 else ' has'} no final state; "
                 "put back the intact spool (is its file system mounted?), "
@@ -145,19 +221,19 @@ def _open_spool(store: Store, spool_path: Path, *, accept_loss: bool, now: float
             )
         aside = _set_aside(spool_path, now)
         found = None
-        lost = _record_lost(store, spool_path, aside, now)
+        lost = _record_lost(store, spool_path, shard, aside, now)
     new_id = found or secrets.token_hex(16)
     if found is None:
         spool_path.parent.mkdir(parents=True, exist_ok=True)
         _write_spool_id(spool_path, new_id)
     try:
-        spool = Spool(spool_path.parent, store.keys)
+        spool = Spool(spool_path.parent, store.keys, spool_path.name)
     except sqlite3.OperationalError as exc:  # whole, but cannot be written (mode, owner, a full disk)
         raise UntrustedFileError(
             f"{spool_path}: cannot open the spool ({exc}); check its owner, mode and disk"
         ) from None
     if expected != new_id:
-        set_spool_id(store, new_id)
+        set_spool_id(store, new_id, shard)
     return Opened(store, spool, new_id, lost, aside)
 
 
@@ -179,9 +255,9 @@ def _set_aside(spool_path: Path, now: float) -> list[Path]:
     return moved
 
 
-def _record_lost(store: Store, spool_path: Path, aside: list[Path], now: float) -> list[LostMessage]:
-    """Log every unfinished recipient of the store as lost; the messages, for one log line each."""
-    recipients = unfinished(store)
+def _record_lost(store: Store, spool_path: Path, shard: int, aside: list[Path], now: float) -> list[LostMessage]:
+    """Log every unfinished recipient of the shard as lost; the messages, for one log line each."""
+    recipients = _unfinished(store, shard)
     kept = f"kept as {aside[0].name}" if aside else "missing"
     why = f"lost with the spool {spool_path} ({kept}); no final state was recorded; started with --accept-loss"
     record_lost(store, recipients, now, why)

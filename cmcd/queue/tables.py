@@ -12,6 +12,7 @@ from typing import Any
 
 from cmcd.crypto import DataKeys
 from cmcd.db import transaction
+from cmcd.queue import counts
 from cmcd.records import RecipientState, SpoolMessage
 
 SCHEMA = """
@@ -134,6 +135,9 @@ def create(conn: sqlite3.Connection, keys: DataKeys) -> None:
         for column in columns:
             if column.split()[0] not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    # the oldest message not held (/metrics), and the rows of one minute's messages (the queue summary)
+    conn.execute("CREATE INDEX IF NOT EXISTS messages_received ON messages(held, received)")
+    counts.install(conn)  # the queue's running counts: built from a scan once, kept by triggers since
     _counts_to_outbox(conn)
     if _seal_replies(conn, keys):
         # secure_delete zeroed the old values in the file; their old pages in the WAL go too

@@ -5,10 +5,12 @@ Sessions (session.py) and this module share context.py; the session never import
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from cmcd.config import Config, split_hostport
 from cmcd.crypto import server_tls_context
+from cmcd.listening import Inherited
 from cmcd.smtp.context import SessionRegistry, SmtpContext, SubmissionHandler
 from cmcd.smtp.session import SubmissionSMTP
 from cmcd.submit.service import SubmitService
@@ -21,7 +23,7 @@ HANDSHAKE_TIMEOUT_S = 10.0
 class SmtpListeners:
     """Starts the submission (STARTTLS) and implicit-TLS listeners; closes them gracefully."""
 
-    def __init__(self, config: Config, service: SubmitService):
+    def __init__(self, config: Config, service: SubmitService, inherited: Inherited | None = None):
         smtp = config.smtp
         tls = server_tls_context(str(config.path(smtp.tls_cert)), str(config.path(smtp.tls_key)))
         self.ctx = SmtpContext(
@@ -32,6 +34,7 @@ class SmtpListeners:
             SessionRegistry(smtp.max_connections, smtp.max_connections_per_ip, door=service.stats.doors["smtp"]),
         )
         self.servers: list[asyncio.AbstractServer] = []
+        self.inherited = inherited if inherited is not None else Inherited("{}")
         self.bound: dict[str, list[str]] = {"smtp": [], "smtps": []}
 
     def reload(self, config: Config) -> None:
@@ -53,18 +56,19 @@ class SmtpListeners:
             ("smtps", ctx.config.smtp.listen_tls, True),
         ):
             for hp in addrs:
-                host, port = split_hostport(hp)
-                server = await loop.create_server(
-                    lambda implicit=implicit: SubmissionSMTP(ctx, implicit_tls=implicit),  # type: ignore[misc]
-                    host,
-                    port,
-                    # implicit TLS: the handshake precedes connection_made (and so the connection
-                    # limits); a short handshake timeout bounds what a silent client can hold
-                    ssl=ctx.tls_context if implicit else None,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if implicit else None,
-                    backlog=1024,
-                    reuse_address=True,
-                )
+                # implicit TLS: the handshake precedes connection_made (and so the connection
+                # limits); a short handshake timeout bounds what a silent client can hold
+                tls = ctx.tls_context if implicit else None
+                handshake = HANDSHAKE_TIMEOUT_S if implicit else None
+                factory = functools.partial(SubmissionSMTP, ctx, implicit_tls=implicit)
+                sock = self.inherited.take(kind, hp)  # a worker's: the supervisor bound it
+                if sock is not None:
+                    server = await loop.create_server(factory, sock=sock, ssl=tls, ssl_handshake_timeout=handshake)
+                else:
+                    host, port = split_hostport(hp)
+                    server = await loop.create_server(
+                        factory, host, port, ssl=tls, ssl_handshake_timeout=handshake, backlog=1024, reuse_address=True
+                    )
                 self.servers.append(server)
                 for sock in server.sockets:
                     name = sock.getsockname()

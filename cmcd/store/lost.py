@@ -15,17 +15,22 @@ from cmcd.store.store import Store
 FINAL_STATES = tuple(s.value for s in RECIPIENT_FINAL_STATES)
 
 
-def spool_id(store: Store) -> str | None:
-    """The id of the spool this store was last started with, or None (a new store, or one from before ids)."""
-    row = store.conn.execute("SELECT value FROM meta WHERE key = 'spool_id'").fetchone()
+def _key(shard: int) -> str:
+    return "spool_id" if shard == 0 else f"spool_id.{shard}"
+
+
+def spool_id(store: Store, shard: int = 0) -> str | None:
+    """The id of spool shard SHARD this store was last started with, or None (a new store or shard,
+    or one from before ids)."""
+    row = store.conn.execute("SELECT value FROM meta WHERE key = ?", (_key(shard),)).fetchone()
     return None if row is None else str(row[0])
 
 
-def set_spool_id(store: Store, value: str) -> None:
+def set_spool_id(store: Store, value: str, shard: int = 0) -> None:
     with transaction(store.conn):
         store.conn.execute(
-            "INSERT INTO meta(key, value) VALUES ('spool_id', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (value,),
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (_key(shard), value),
         )
 
 

@@ -22,8 +22,9 @@ from cmcd.store.log_store import OpRecord
 
 def delete_tenant_rows(conn: sqlite3.Connection, tenant_id: int) -> dict[str, int]:
     """Delete tenant TENANT_ID and every row of it (users, IP credentials, domains and their keys,
-    suppressions, API keys, webhooks, daily counts, mail, login and operation log rows, and failed logins
-    with one of its login names) inside the caller's transaction; tables an older schema lacks are skipped.
+    suppressions, API keys, webhooks, daily counts and quota reservations, Idempotency-Key claims,
+    mail, login and operation log rows, and failed logins with one of its login names) inside the
+    caller's transaction; tables an older schema lacks are skipped.
     Used by tenant_purge() on the store and by the purge of a tenant from backups."""
     present = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     logins = [r[0] for r in conn.execute("SELECT login FROM users WHERE tenant_id = ?", (tenant_id,))]
@@ -34,7 +35,8 @@ def delete_tenant_rows(conn: sqlite3.Connection, tenant_id: int) -> dict[str, in
             "DELETE FROM dkim_keys WHERE domain_id IN (SELECT id FROM domains WHERE tenant_id = ?)", (tenant_id,)
         ).rowcount
     for table in ("api_keys", "otp", "api_sessions", "message_tags", "webhooks", "ip_credentials", "users", "domains",
-                  "suppressions", "daily_counts", "mail_log", "login_log", "ops_log"):  # fmt: skip
+                  "suppressions", "daily_counts", "quota_reserved", "idempotency_keys", "mail_log", "login_log",
+                  "ops_log"):  # fmt: skip
         if table in present:
             counts[table] = c(f"DELETE FROM {table} WHERE tenant_id = ?", (tenant_id,)).rowcount
     # failed logins with one of its login names were logged without a tenant

@@ -235,6 +235,33 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE daily_counts_shipped (spool_id TEXT PRIMARY KEY, up_to INTEGER NOT NULL);
     """,
+    # 11: the daily quota the worker processes have reserved in blocks (leases), per tenant and day:
+    # what limits (cmcd/submit/leases.py); never under the day's daily_counts, which stay the record
+    """
+    CREATE TABLE quota_reserved (
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        day TEXT NOT NULL,
+        reserved INTEGER NOT NULL,
+        PRIMARY KEY (tenant_id, day)
+    );
+    """,
+    # 12: API Idempotency-Keys claimed by the worker processes (cmcd/store/request_store.py): which
+    # spool shard runs the request a key names, and its response once committed. Not named
+    # api_requests, the spool's table of them: a backup must hold no table of the spool's
+    """
+    CREATE TABLE idempotency_keys (
+        tenant_id INTEGER NOT NULL,
+        key_hmac BLOB NOT NULL,
+        fingerprint BLOB NOT NULL,
+        shard INTEGER NOT NULL,
+        created REAL NOT NULL,
+        status INTEGER NOT NULL DEFAULT 0,
+        response_enc BLOB,
+        PRIMARY KEY (tenant_id, key_hmac)
+    );
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created);
+    CREATE INDEX idempotency_keys_unanswered ON idempotency_keys(shard) WHERE response_enc IS NULL;
+    """,
 ]
 
 _SEAL_BATCH = 5000

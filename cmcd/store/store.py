@@ -7,8 +7,9 @@ them on the store's single thread. Addresses are stored encrypted with an HMAC i
 replies (mail_log.response_enc) and suppression reasons (suppressions.reason_enc) are encrypted
 too, as a reply echoes the address, and decrypted on read for cmcctl, the API and webhooks.
 Store is this module's rows plus its mixins, one per group of tables: API keys and sessions
-(api_store), webhooks (webhook_store), daily counts (quota_store), domains and DKIM keys
-(domain_store), the logs (log_store), a tenant's purge and erasure (purge_store).
+(api_store), Idempotency-Key claims (request_store), webhooks (webhook_store), daily counts
+(quota_store), domains and DKIM keys (domain_store), the logs (log_store), a tenant's purge and
+erasure (purge_store).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from cmcd.store.integrity import RESTORE_STORE, check_database
 from cmcd.store.log_store import LogStore
 from cmcd.store.purge_store import PurgeStore
 from cmcd.store.quota_store import QuotaStore
+from cmcd.store.request_store import RequestStore
 from cmcd.store.schema import migrate, schema_version
 from cmcd.store.webhook_store import WebhookStore
 
@@ -72,7 +74,7 @@ def open_store(path: Path, key_file: Path, create_key: bool = True) -> Store:
         raise UntrustedFileError(f"{path}: cannot open the store ({exc}); {RESTORE_STORE}") from None
 
 
-class Store(ApiStore, WebhookStore, QuotaStore, DomainStore, LogStore, PurgeStore):
+class Store(ApiStore, RequestStore, WebhookStore, QuotaStore, DomainStore, LogStore, PurgeStore):
     def __init__(self, path: Path, keys: crypto.DataKeys):
         self.path = path
         self.keys = keys

@@ -90,6 +90,8 @@ FROM_DOMAIN = Refusal(
     Reason.FROM_DOMAIN, 550, "5.7.1", "From: header rejected: its domain is not one of your tenant's domains"
 )
 SPOOL_FAILED = Refusal(Reason.SPOOL_FAILED, 451, "4.3.0", "Could not write the message to the queue; try again later")
+#: the tenant's daily quota lease ran out and the store could not be asked for more (submit/leases.py)
+QUOTA_UNCHECKED = Refusal(Reason.BUSY, 451, "4.3.0", "Could not check the daily quota; try again later")
 #: smtp.max_message_size (the SMTP session, while reading DATA)
 TOO_BIG = Refusal(Reason.TOO_BIG, 552, "5.3.4", "Message size exceeds fixed maximum message size")
 #: smtp.max_data_in_flight: message bytes in memory from every session (the SMTP session, in DATA)

@@ -4,6 +4,10 @@ Decisions come back as typed refusals (cmcd/submit/refusals.py: a reason, an SMT
 enhanced status code and a text) or None for "go on", and a message taken as Accepted(queue_id);
 the protocol layers (smtp/, api/) render them and never read their text. Never speaks a protocol itself.
 Logins (who is sending) are cmcd/submit/auth.py's: the service holds an Authenticator as .auth.
+The daily quota is taken from leases on the store's reservations (cmcd/submit/leases.py, which
+states what the quota means across worker processes and after a crash): MAIL and an API
+request's check only look at what this process knows; end of data (and an API request's commit)
+takes the message from the tenant's lease, reserving the next block from the store when it is short.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cmcd.store import AsyncStore
 from cmcd.submit import headers
 from cmcd.submit import refusals as refuse
 from cmcd.submit.auth import Authenticator
+from cmcd.submit.leases import Leases, LeaseUnavailable
 from cmcd.submit.refusals import Accepted, counted, counted_async
 from cmcd.submit.signing import DkimSigner
 from cmcd.tenancy.directory import Directory, Snapshot
@@ -77,6 +82,10 @@ class SubmitService:
         #: login (and operation) rows: to the store, or to the spool's outbox when it cannot take them
         self.audit = audit if audit is not None else AuditLog(spool, astore)
         self.ids = QueueIdGenerator()
+        #: how many workers share the host's rates (set by a worker; 1 in a single process)
+        self.rate_shares = 1
+        #: the spool shard this process owns (its queue ids name it; so do its Idempotency-Key claims)
+        self.shard = 0
         self.tz = ZoneInfo(config.server.timezone)
         self._days = DayClock(self.tz)
         self._tenant_limits: dict[str, SendingLimits] = {}
@@ -91,7 +100,8 @@ class SubmitService:
         #: tenants being purged (tenant.delete --purge): nothing of theirs is taken from close_tenant() on
         self._closing: set[int] = set()
         self._rates = policy.TokenBucket()
-        self._daily: dict[tuple[int, str], int] = {}
+        #: the daily quota: this process's leases on the store's reservations (0 = unlimited never asks)
+        self.leases = Leases(astore, lambda: self.config.server.workers)
         self.accepted = 0
         self.loops_refused = 0  # messages refused at intake for too many Received: fields (554 5.4.6)
         self.stats = IntakeStats()  # read by /metrics
@@ -110,9 +120,9 @@ class SubmitService:
             await self.directory.start()
         else:
             self._directory_reloaded(self.directory.snapshot)
-        day = self._days.day(self.clock())
-        counts = await quota.daily_counts(self.spool, self.astore, day)  # the store's, and any not shipped yet
-        self._daily = {(tenant_id, day): n for tenant_id, n in counts.items()}
+        # a tenant's first reservation of the day starts from the store's count: nothing of this spool
+        # may be left out of it (a spool of a cmcd before leases counted without reserving)
+        await quota.ship(self.spool, self.astore)
 
     def _directory_reloaded(self, snap: Snapshot) -> None:
         """A new directory cut: no cached login outlives it, and the signer's keys come from it."""
@@ -140,11 +150,14 @@ class SubmitService:
         Failed logins with one of LOGINS are logged from now on without the name."""
         self._closing.add(tenant_id)
         self.auth.forget_tenant(tenant_id, logins)
+        self.leases.forget(tenant_id)
 
     def reopen_tenant(self, tenant_id: int) -> None:
         """The purge is over and the caches were re-read without the tenant: its number may be
-        given to a new tenant (SQLite reuses the highest id), which must not inherit the block."""
+        given to a new tenant (SQLite reuses the highest id), which must not inherit the block
+        (nor a quota lease)."""
         self._closing.discard(tenant_id)
+        self.leases.forget(tenant_id)
 
     def tenant_closing(self, sender: Sender) -> bool:
         return sender.tenant_id in self._closing
@@ -159,6 +172,7 @@ class SubmitService:
         await self.directory.current()
 
     async def close(self) -> None:
+        await self.leases.close()  # what the leases hold goes back to the store's reservations
         if self._own_directory:
             await self.directory.close()
         await self.auth.close()
@@ -187,12 +201,11 @@ class SubmitService:
             return refusal
         now = self.clock()
         limits = self._limits(sender.tenant)
-        if policy.over_daily_quota(
-            self._daily.get((sender.tenant_id, self._days.day(now)), 0), limits.messages_per_day
-        ):
-            return refuse.daily_quota(limits.messages_per_day)
+        quota = limits.messages_per_day
+        if quota and self.leases.room(sender.tenant_id, self._days.day(now), quota, now) < 1:
+            return refuse.daily_quota(quota)
         if not self._rates.take(sender.tenant_id, limits.messages_per_second, now):
-            return refuse.rate_limit(limits.messages_per_second)
+            return refuse.rate_limit(self._host_rate(limits.messages_per_second))
         return None
 
     def check_sender(self, sender: Sender, address: str, smtputf8: bool, size: int = 0) -> Refusal | None:
@@ -239,17 +252,14 @@ class SubmitService:
             return prepared
         now = prepared.received_ts
         day = self._days.day(now)
-        key = (sender.tenant_id, day)
         quota = self._limits(sender.tenant).messages_per_day
-        if policy.over_daily_quota(self._daily.get(key, 0), quota):  # concurrent sessions passed MAIL together
-            return refuse.daily_quota(quota)
-        if self._gone(sender):  # no await from here to the spool's queue (close_tenant)
-            return refuse.TENANT_CLOSING
-        self._reserve(key, 1)  # given back if the commit fails
-        try:
+        refusal = await self._take_quota(sender, day, quota, 1, now)  # given back if not committed
+        if refusal is not None:
+            return refusal
+        try:  # no await from _take_quota's check of close_tenant to the spool's queue
             await self.spool.commit(prepared, day)
         except SpoolError:
-            self._daily[key] = self._daily.get(key, 1) - 1
+            self._give_back(sender, day, quota, 1)
             return refuse.SPOOL_FAILED
         self.accepted += 1
         self.stats.accept(sender.tenant)
@@ -302,22 +312,42 @@ class SubmitService:
         was being prepared."""
         return sender.tenant_id in self._closing or sender.tenant_id not in self.directory.snapshot.tenant_domains
 
-    def _reserve(self, key: tuple[int, str], n: int) -> None:
-        if key not in self._daily:  # a new day (or tenant): forget the counts of past days
-            self._daily = {k: c for k, c in self._daily.items() if k[1] == key[1]}
-        self._daily[key] = self._daily.get(key, 0) + n
+    async def _take_quota(
+        self, sender: Sender, day: str, quota: int, n: int, now: float, *, batch: bool = False
+    ) -> Refusal | None:
+        """Take N messages of the tenant's daily QUOTA on DAY from its lease (0: unlimited, nothing
+        to take), then check the tenant is not being purged; None if the caller may commit at once
+        (with no await before the spool's queue: close_tenant), else the refusal, nothing taken."""
+        if quota:
+            try:
+                taken = await self.leases.take(sender.tenant_id, day, quota, n, now)
+            except LeaseUnavailable:
+                return refuse.TENANT_CLOSING if self._gone(sender) else refuse.QUOTA_UNCHECKED
+            if not taken:
+                return refuse.TENANT_CLOSING if self._gone(sender) else refuse.daily_quota(quota, would_exceed=batch)
+        if self._gone(sender):
+            self._give_back(sender, day, quota, n)
+            return refuse.TENANT_CLOSING
+        return None
+
+    def _give_back(self, sender: Sender, day: str, quota: int, n: int) -> None:
+        """N messages taken by _take_quota were not committed: back to the lease."""
+        if quota:
+            self.leases.give_back(sender.tenant_id, day, n)
 
     def check_batch(self, sender: Sender, n: int) -> Refusal | None:
-        """Before an API request queues N messages: the daily quota must leave room for all N, and
-        the per-second rate admits the request if a token is there and charges all N (the bucket
-        may go negative, so the average rate holds). The refusal, if refused."""
+        """Before an API request queues N messages: the daily quota must leave room for all N (as
+        far as this process knows: commit_all takes them), and the per-second rate admits the
+        request if a token is there and charges all N (the bucket may go negative, so the average
+        rate holds). The refusal, if refused."""
         now = self.clock()
         limits = self._limits(sender.tenant)
         day = self._days.day(now)
-        if limits.messages_per_day and self._daily.get((sender.tenant_id, day), 0) + n > limits.messages_per_day:
-            return refuse.daily_quota(limits.messages_per_day, would_exceed=True)
+        quota = limits.messages_per_day
+        if quota and self.leases.room(sender.tenant_id, day, quota, now) < n:
+            return refuse.daily_quota(quota, would_exceed=True)
         if not self._rates.charge(sender.tenant_id, limits.messages_per_second, now, n):
-            return refuse.rate_limit(limits.messages_per_second)
+            return refuse.rate_limit(self._host_rate(limits.messages_per_second))
         return None
 
     async def commit_all(
@@ -325,19 +355,18 @@ class SubmitService:
     ) -> Refusal | None:
         """Spool MESSAGES prepared for one API request in one transaction (with the request's
         Idempotency-Key): None once all are on disk, else the refusal (none was queued)."""
-        day = self._days.day(self.clock())
-        key = (sender.tenant_id, day)
+        now = self.clock()
+        day = self._days.day(now)
         quota = self._limits(sender.tenant).messages_per_day
-        if quota and self._daily.get(key, 0) + len(messages) > quota:
-            return refuse.daily_quota(quota, would_exceed=True)
-        if self._gone(sender):  # no await from here to the spool's queue (close_tenant)
-            return refuse.TENANT_CLOSING
-        self._reserve(key, len(messages))
+        # given back if not committed
+        refusal = await self._take_quota(sender, day, quota, len(messages), now, batch=True)
+        if refusal is not None:
+            return refusal
         forget_before = self.clock() - self.config.api.idempotency_ttl
-        try:
+        try:  # no await from _take_quota's check of close_tenant to the spool's queue
             await self.spool.commit_all(messages, day, request, forget_before)
-        except SpoolError:  # give the reservation back (the day may have turned meanwhile)
-            self._daily[key] = self._daily.get(key, len(messages)) - len(messages)
+        except SpoolError:
+            self._give_back(sender, day, quota, len(messages))
             return refuse.SPOOL_FAILED
         self.accepted += len(messages)
         for _ in messages:
@@ -367,6 +396,10 @@ class SubmitService:
         if not hdr.has_date:
             out += f"Date: {self._date(now)}\r\n".encode()
         return out
+
+    def _host_rate(self, share: float) -> float:
+        """The host's rate a refusal names: a worker enforces its share of it (cmcd/shares.py)."""
+        return share * self.rate_shares
 
     def _limits(self, tenant: str) -> SendingLimits:
         limits = self._tenant_limits.get(tenant)

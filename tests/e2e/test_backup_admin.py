@@ -23,7 +23,7 @@ import pytest
 
 import cmcd.admin.backup_verbs as backup_verbs
 import cmcd.admin.cli as ctl
-import cmcd.daemon as daemon_mod
+import cmcd.daemon.cli as daemon_mod
 from cmcd.admin.backup_verbs import BackupScheduler
 from cmcd.admin.server import AdminServer
 from cmcd.config import AdminConfig, BackupConfig, Config, Duration, SpoolConfig, StoreConfig

@@ -90,3 +90,36 @@ def test_time_prefix_is_the_same_within_a_microsecond_and_differs_across() -> No
     t = 1_700_000_000.25
     assert a.next(t)[:11] == b.next(t)[:11]
     assert a.next(t)[:11] < b.next(t + 1e-5)[:11]
+
+
+@pytest.mark.parametrize("shard", [0, 1, 2, 30, 31, ids.MAX_SHARDS - 1])
+def test_an_id_names_its_shard(shard: int) -> None:
+    gen = ids.QueueIdGenerator(shard)
+    for now in (None, 1_700_000_000.0, 4_102_444_800.0):
+        qid = gen.next(now)
+        assert len(qid) == LENGTH and set(qid) <= ALPHABET
+        assert ids.shard_of(qid) == shard
+
+
+def test_ids_of_many_shards_sort_by_time_first() -> None:
+    t = 1_700_000_000.0
+    got = [ids.QueueIdGenerator(shard).next(t + i * 1e-6) for i, shard in enumerate([5, 0, 3, 1])]
+    assert got == sorted(got)
+
+
+def test_an_id_older_than_shards_belongs_to_shard_zero() -> None:
+    # the old layout: 11 symbols of time, 6 of a counter started below half its range
+    old = ids._encode(1_700_000_000_000_000, 11) + ids._encode(ids._BASE**6 // 2 - 1, 6)
+    assert ids.shard_of(old) == 0
+
+
+@pytest.mark.parametrize("text", ["", "X", "0" * 16, "0" * 18, "a" * 17, "A" * 17, "0000000000000000!"])
+def test_text_that_is_no_queue_id_has_no_shard(text: str) -> None:
+    assert ids.shard_of(text) is None
+
+
+def test_a_shard_outside_the_id_space_is_refused() -> None:
+    with pytest.raises(ValueError):
+        ids.QueueIdGenerator(ids.MAX_SHARDS)
+    with pytest.raises(ValueError):
+        ids.QueueIdGenerator(-1)

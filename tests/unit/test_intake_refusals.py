@@ -90,6 +90,8 @@ RENDERED: list[tuple[str, Refusal, Rendered]] = [
               "sender-domain")),
     ("spool-failed", refusals.SPOOL_FAILED,
      Rendered("451 4.3.0 Could not write the message to the queue; try again later", 503, "try-later", "1")),
+    ("quota-unchecked", refusals.QUOTA_UNCHECKED,
+     Rendered("451 4.3.0 Could not check the daily quota; try again later", 503, "try-later", "1")),
     ("too-big", refusals.TOO_BIG,
      Rendered("552 5.3.4 Message size exceeds fixed maximum message size", 422, "refused")),
     ("data-busy", refusals.DATA_BUSY,

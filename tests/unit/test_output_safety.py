@@ -21,7 +21,8 @@ from cmcd.admin import cli_base, metrics
 from cmcd.admin import server as admin_server
 from cmcd.api.server import _token_name
 from cmcd.config import from_dict
-from cmcd.daemon import LogfmtFormatter, main
+from cmcd.daemon.cli import main
+from cmcd.daemon.logs import LogfmtFormatter
 from cmcd.errors import ConfigError
 from cmcd.textout import FORMULA_STARTS, CsvWriter, csv_cell, escape_controls, has_controls
 

@@ -1,4 +1,8 @@
-"""Wires the daemon together and owns the event loop, signals and shutdown (and the `cmcd` command); no rules.
+"""One cmcd process: wires the whole path of a message together and owns its event loop, signals and
+shutdown; no rules. It runs alone ([server] workers = 1) or as worker K of a supervisor (a
+WorkerRole): then it opens spool shard K, takes its listening sockets from the supervisor, serves
+a private admin socket its supervisor speaks to, and only worker 0 runs what is once per host
+(backups, retention, webhook deliveries, finishing a purge cut short).
 
 Start order: store -> queue (spool) -> submit -> scheduler and delivery -> smtp -> admin; shutdown in reverse.
 """
@@ -11,83 +15,68 @@ import os
 import signal
 import socket
 import sqlite3
-import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import click
+from prometheus_client.exposition import generate_latest
 
-from cmcd import __version__, crypto, doors
+from cmcd import __version__, doors
 from cmcd import config as config_mod
-from cmcd.admin.backup_cli import restore_command
 from cmcd.admin.backup_verbs import BackupScheduler
-from cmcd.admin.metrics import MetricsServer
+from cmcd.admin.metrics import MetricsServer, QueueFiguresCache, daemon_registry
 from cmcd.admin.retention import RetentionJob
 from cmcd.admin.server import AdminServer
+from cmcd.admin.verb import Peers
+from cmcd.admin.verbs import VERBS
+from cmcd.admin.worker_verbs import WORKER_VERBS
 from cmcd.api.server import ApiServer
 from cmcd.api.webhooks import WebhookDispatcher
 from cmcd.config import Config
+from cmcd.daemon.logs import sd_notify
 from cmcd.deliver.engine import DeliveryEngine
 from cmcd.deliver.routing import Router, make_resolver
-from cmcd.errors import CmcdError, ConfigError
+from cmcd.errors import ConfigError, StoreError, UntrustedFileError
+from cmcd.listening import Inherited
+from cmcd.queue import requests
 from cmcd.queue.audit import AuditLog
 from cmcd.queue.events import EventShipper
+from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
-from cmcd.queue.startup import Opened, open_checked
-from cmcd.redact import redact_urls
+from cmcd.queue.startup import Opened, lock_shard, open_checked, stranded_shards
+from cmcd.shares import worker_share
 from cmcd.smtp.listener import SmtpListeners
 from cmcd.store import AsyncStore
 from cmcd.submit.service import SubmitService
 from cmcd.tenancy import Directory, Tenancy
-from cmcd.textout import escape_controls
 
 log = logging.getLogger("cmcd")
 
 
-class LogfmtFormatter(logging.Formatter):
-    """One line per event: ts=... level=... logger=... then the message's own key=value pairs.
-
-    Values a client chose (a login name, a remote reply) reach the message through %s; control
-    characters in the line are escaped (\\r \\n \\x00), so no value can start a line of its own.
-    Anything that looks like an address loses its local part (crypto.redact_addresses): remote
-    replies echo the recipient, and the log is the one record that cannot be encrypted. A URL
-    keeps its host and path only (redact.redact_urls: a webhook's token is in its query string)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        msg = record.getMessage()
-        if "=" not in msg.split(" ", 1)[0]:
-            msg = f"msg={msg!r}"
-        line = f"ts={ts} level={record.levelname.lower()} logger={record.name} {msg}"
-        if record.exc_info:
-            line += " exc=" + repr(self.formatException(record.exc_info))
-        return escape_controls(crypto.redact_addresses(redact_urls(line)))
+def worker_socket(config: Config, index: int) -> Path:
+    """Worker INDEX's private admin socket: beside admin.socket, for the supervisor (and worker 0) only."""
+    path = config.path(config.admin.socket)
+    return path.with_name(f"{path.name}.w{index}")
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(LogfmtFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
+@dataclass
+class WorkerRole:
+    """What makes a process worker INDEX of WORKERS under a supervisor."""
 
-
-def sd_notify(notify_socket: str | None, message: str) -> None:
-    """Tell systemd (Type=notify) about READY=1 / STOPPING=1; a no-op outside systemd."""
-    if not notify_socket:
-        return
-    addr = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(message.encode())
+    index: int
+    workers: int
+    #: to the supervisor: "READY" is written here once the worker serves; its end means the supervisor is gone
+    control: socket.socket
+    inherited: Inherited = field(default_factory=lambda: Inherited("{}"))
+    #: the other workers (worker 0 reaches them for a purge); None for the others
+    peers: Peers | None = None
 
 
 #: settings read once at start; a SIGHUP reload names them in the log when they changed
 RESTART_ONLY = (
-    "server.timezone", "smtp.listen", "smtp.listen_tls", "spool.dir", "store.path", "store.key_file",
+    "server.timezone", "server.workers", "smtp.listen", "smtp.listen_tls", "spool.dir", "store.path", "store.key_file",
     "admin.socket", "metrics.listen", "api.listen", "backup.dir", "backup.key_file", "dns.nameservers", "dns.timeout",
     "metrics.tls_cert", "metrics.tls_key", "metrics.basic_auth_users",
     "api.max_connections", "api.max_connections_per_ip", "metrics.max_connections",  # sized with the descriptors at start
@@ -109,8 +98,13 @@ class Daemon:
         notify_socket: str | None = None,
         config_path: str | None = None,
         accept_loss: bool = False,
+        role: WorkerRole | None = None,
     ):
-        self.config = config
+        self.role = role
+        self.host_config = config  # as loaded; a worker runs on its share of the host's limits
+        self.config = worker_share(config, role.index, role.workers) if role is not None else config
+        self.shard = role.index if role is not None else 0
+        self._shard_lock: int | None = None
         self.accept_loss = accept_loss  # cmcd serve --accept-loss: a bad spool is set aside, its mail logged lost
         self.config_path = config_path
         self.notify_socket = notify_socket
@@ -133,6 +127,7 @@ class Daemon:
         return {
             "version": __version__,
             "pid": os.getpid(),
+            "worker": self.role.index if self.role is not None else None,
             "uptime_s": round(time.time() - self.started, 1),
             "sessions": len(sessions.live) if sessions else 0,
             "accepted": self.service.accepted if self.service else 0,
@@ -158,11 +153,14 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        role = self.role
+        host_jobs = role is None or role.index == 0  # once per host: backups, retention, webhooks, purges
 
         # refuses (UntrustedFileError) a store or spool it cannot trust, before anything listens
+        await asyncio.to_thread(self._hold_shard)
         opened = await asyncio.to_thread(
             open_checked, cfg.path(cfg.store.path), cfg.path(cfg.store.key_file), cfg.path(cfg.spool.dir),
-            accept_loss=self.accept_loss, now=time.time(),
+            accept_loss=self.accept_loss, now=time.time(), shard=self.shard,
         )  # fmt: skip
         store = opened.store
         astore = AsyncStore(store)
@@ -170,6 +168,7 @@ class Daemon:
         _log_loss(opened, self.accept_loss)
         report = await asyncio.to_thread(spool.recover)
         log.info("event=spool_recovered inflight_requeued=%d", report.inflight_requeued)
+        await _reconcile_requests(spool, astore, self.shard, cfg.api.idempotency_ttl)
         spool.start()
         audit = AuditLog(spool, astore)  # login and operation rows: the store, else the spool's outbox
         events = EventShipper(spool, astore, audit)
@@ -178,6 +177,9 @@ class Daemon:
         await directory.start()
         self.tenancy = tenancy = Tenancy(cfg, astore, audit, directory)
         self.service = service = SubmitService(cfg, astore, spool, audit=audit, directory=directory)
+        service.ids = QueueIdGenerator(self.shard)  # queue ids name the shard that holds the message
+        service.rate_shares = role.workers if role is not None else 1
+        service.shard = self.shard
         await service.start()
         self.scheduler = scheduler = Scheduler(
             spool, lambda jobs: engine.submit(jobs), max_inflight=cfg.delivery.max_inflight
@@ -186,6 +188,7 @@ class Daemon:
             cfg, spool, Router(cfg), service.suppressions,
             release=scheduler.release, wake=scheduler.wake, dsn_off=lambda: service.dsn_off,
         )  # fmt: skip
+        engine.results.ids = QueueIdGenerator(self.shard)  # a DSN is queued in this shard too
         spool.on_commit = scheduler.wake
         if report.inflight_requeued:
             # in flight when the last process died: the remote may have said 250 before the outcome was
@@ -197,34 +200,91 @@ class Daemon:
             scheduler.start()
         else:
             log.warning("event=delivery_disabled reason=config")
-        self.smtp = smtp = SmtpListeners(cfg, service)
+        inherited = role.inherited if role is not None else Inherited("{}")
+        self.smtp = smtp = SmtpListeners(cfg, service, inherited)
         await smtp.start()
         engine.router.set_own_listeners(smtp.bound["smtp"] + smtp.bound["smtps"])
+        self.backups = backups = BackupScheduler(cfg, cfg.path(cfg.store.path)) if host_jobs else None
+        queue_figures = QueueFiguresCache(spool)
+        registry = daemon_registry(
+            service=service, engine=engine, scheduler=scheduler, queue=queue_figures,
+            backup_last_success=lambda: backups.last_success if backups is not None else 0.0,
+            webhooks=lambda: self.webhooks.counts if self.webhooks is not None else {},
+        )  # fmt: skip
+
+        async def metrics_text() -> bytes:
+            await queue_figures.refresh()
+            return generate_latest(registry)
+
         admin = AdminServer(
             cfg, tenancy, spool, self.status, scheduler=scheduler, engine=engine,
             drop_sessions=smtp.ctx.sessions.drop_tenant, intake=service,
+            verbs=VERBS if role is None else VERBS | WORKER_VERBS,
+            path=worker_socket(cfg, role.index) if role is not None else None, private=role is not None,
+            resume_purges=host_jobs, extra={"peers": role.peers if role is not None else None, "metrics_text": metrics_text},
         )  # fmt: skip
         await admin.start()
         self.admin = admin
-        self.backups = backups = BackupScheduler(cfg, cfg.path(cfg.store.path))
         fds = _plan_descriptors(cfg)  # the HTTP listeners' caps: their share of the descriptors left
         metrics = MetricsServer(
-            cfg, service=service, engine=engine, scheduler=scheduler, spool=spool,
+            cfg, registry=registry, door=service.stats.doors["metrics"], refresh=queue_figures.refresh,
             max_connections=fds.metrics_max_connections,
-            backup_last_success=lambda: backups.last_success,
-            webhooks=lambda: self.webhooks.counts if self.webhooks is not None else {},
         )  # fmt: skip
-        await metrics.start()
+        if role is None:  # a worker's metrics reach /metrics through its supervisor
+            await metrics.start()
         resolver = make_resolver(cfg)  # for webhook URLs: dns.nameservers, never another resolver
         if cfg.api.listen:
             self.api = ApiServer(cfg, service, astore, tenancy, resolver, max_connections=fds.api_max_connections)
-            await self.api.start()
-        self.webhooks = webhooks = WebhookDispatcher(cfg, astore, resolver, audit=audit)
-        webhooks.start()
-        retention = RetentionJob(cfg, astore, audit=audit)
-        retention.start()
-        backups.start()
+            await self.api.start(inherited.take("api", cfg.api.listen))
+        webhooks = retention = None
+        if host_jobs:
+            self.webhooks = webhooks = WebhookDispatcher(cfg, astore, resolver, audit=audit)
+            webhooks.start()
+            retention = RetentionJob(cfg, astore, audit=audit)
+            retention.start()
+            assert backups is not None
+            backups.start()
 
+        if role is not None:
+            await self._serve_as_worker(role, smtp)
+        else:
+            await self._serve_alone(smtp)
+
+        log.info("event=stopping grace_s=%g", cfg.server.shutdown_grace)
+        sd_notify(self.notify_socket, "STOPPING=1")
+        await metrics.close()
+        await queue_figures.close()
+        if self.api is not None:
+            await self.api.close()
+        if webhooks is not None:
+            await webhooks.close()
+        await admin.close()
+        if retention is not None:
+            await retention.close()
+        if backups is not None:
+            await backups.close()
+        await smtp.close(cfg.server.shutdown_grace)
+        await scheduler.close()
+        await engine.close()
+        await service.close()
+        await directory.close()
+        await events.close()
+        await asyncio.to_thread(spool.stop)
+        await asyncio.to_thread(astore.close)
+        log.info("event=stopped")
+
+    def _hold_shard(self) -> None:
+        """Refuse shards no worker would drain; hold this process's shard (released when it ends)."""
+        cfg = self.config
+        spool_dir = cfg.path(cfg.spool.dir)
+        if self.role is None:
+            stranded = stranded_shards(spool_dir, 1)
+            if stranded:
+                raise UntrustedFileError("; ".join(stranded))
+        self._shard_lock = lock_shard(spool_dir, self.shard)
+
+    async def _serve_alone(self, smtp: SmtpListeners) -> None:
+        cfg = self.config
         log.info(
             "event=ready version=%s pid=%d smtp=%s smtps=%s admin=%s api=%s",
             __version__,
@@ -235,29 +295,40 @@ class Daemon:
             f"{cfg.api.listen.rpartition(':')[0]}:{self.api.port}" if self.api is not None else "-",
         )
         sd_notify(self.notify_socket, "READY=1")
-        watchdog = loop.create_task(self._watchdog()) if self.notify_socket else None
+        watchdog = asyncio.get_running_loop().create_task(self._watchdog()) if self.notify_socket else None
         await self.stop_event.wait()
         if watchdog is not None:
             watchdog.cancel()
 
-        log.info("event=stopping grace_s=%g", cfg.server.shutdown_grace)
-        sd_notify(self.notify_socket, "STOPPING=1")
-        await metrics.close()
-        if self.api is not None:
-            await self.api.close()
-        await webhooks.close()
-        await admin.close()
-        await retention.close()
-        await backups.close()
-        await smtp.close(cfg.server.shutdown_grace)
-        await scheduler.close()
-        await engine.close()
-        await service.close()
-        await directory.close()
-        await events.close()
-        await asyncio.to_thread(spool.stop)
-        await asyncio.to_thread(astore.close)
-        log.info("event=stopped")
+    async def _serve_as_worker(self, role: WorkerRole, smtp: SmtpListeners) -> None:
+        """Tell the supervisor this worker serves; stop when told to, or when the supervisor is gone."""
+        loop = asyncio.get_running_loop()
+        log.info(
+            "event=worker_ready worker=%d pid=%d shard=%s smtp=%s smtps=%s", role.index, os.getpid(),
+            self.spool.path.name if self.spool else "-", ",".join(smtp.bound["smtp"]) or "-",
+            ",".join(smtp.bound["smtps"]) or "-",
+        )  # fmt: skip
+        role.control.setblocking(False)
+
+        def readable() -> None:
+            try:
+                data = role.control.recv(64)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the supervisor is gone (kill -9 too): no worker outlives it
+                loop.remove_reader(role.control.fileno())
+                log.warning("event=supervisor_gone worker=%d", role.index)
+                self.stop_event.set()
+
+        loop.add_reader(role.control.fileno(), readable)
+        try:
+            await loop.sock_sendall(role.control, b"READY\n")
+        except OSError:
+            self.stop_event.set()
+        await self.stop_event.wait()
+        loop.remove_reader(role.control.fileno())
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 at half of systemd's WatchdogSec, from the event loop: a stuck loop misses it."""
@@ -280,10 +351,12 @@ class Daemon:
         except ConfigError as exc:
             log.error("event=reload_failed problems=%r", exc.problems)
             return
-        old = self.config
-        stuck = _changed(old, new, RESTART_ONLY)
+        stuck = _changed(self.host_config, new, RESTART_ONLY)
         if stuck:
             log.warning("event=reload_needs_restart keys=%s", ",".join(stuck))
+        self.host_config = new
+        if self.role is not None:  # this worker's share of the host's limits, from the file as read
+            new = worker_share(new, self.role.index, self.role.workers)
         self.config = new
         if self.service is not None:
             self.service.config = new
@@ -333,6 +406,18 @@ def _plan_descriptors(cfg: Config) -> doors.DescriptorPlan:
     return plan
 
 
+async def _reconcile_requests(spool: Spool, astore: AsyncStore, shard: int, ttl_s: float) -> None:
+    """Before serving: the store's Idempotency-Key claims of this shard agree with its spool again
+    (queue/requests.py); a store that cannot be written now leaves them (other workers answer 409)."""
+    try:
+        written, dropped = await requests.reconcile(spool, astore, shard, time.time(), ttl_s)
+    except (sqlite3.Error, StoreError) as exc:
+        log.warning("event=idempotency_reconcile_failed shard=%d error=%r", shard, str(exc))
+        return
+    if written or dropped:
+        log.info("event=idempotency_reconciled shard=%d responses_copied=%d claims_dropped=%d", shard, written, dropped)
+
+
 def _log_loss(opened: Opened, accept_loss: bool) -> None:
     """One warning per message --accept-loss recorded lost, then the total."""
     for m in opened.lost:
@@ -346,88 +431,3 @@ def _log_loss(opened: Opened, accept_loss: bool) -> None:
         )
     elif accept_loss:
         log.info("event=accept_loss_unused reason=spool_intact")
-
-
-def serve(
-    config: Config, notify_socket: str | None = None, config_path: str | None = None, accept_loss: bool = False
-) -> None:
-    import uvloop
-
-    uvloop.run(Daemon(config, notify_socket, config_path, accept_loss).run())
-
-
-DEFAULT_CONFIG = "/etc/cmcd/cmcd.toml"
-
-
-def _load(path: str) -> config_mod.Config:
-    try:
-        return config_mod.load(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"cmcd: {path}: {problem}", err=True)
-        sys.exit(2)
-
-
-@click.group()
-def main() -> None:
-    """cmcd: a self-hosted, multi-tenant mail delivery daemon."""
-
-
-@main.command("serve")
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="TOML configuration file.")
-@click.option(
-    "--accept-loss",
-    is_flag=True,
-    help="Start even though the spool is missing, empty, damaged or not this store's: rename it FILE.lost-TIME, "
-    "start a new spool and log every recipient it held as lost. Use once, after an intact copy proved unavailable.",
-)
-def serve_command(config_path: str, accept_loss: bool) -> None:
-    """Run the daemon in the foreground (systemd Type=notify).
-
-    Start-up refuses, with one line naming the file and what to do, a store or spool it cannot
-    trust: a data key without its store, a store that is missing while the spool holds mail, empty,
-    garbled or failing SQLite's quick_check (restore it with `cmcd restore BACKUP`), or a spool that
-    is missing, empty, damaged or another store's (put it back, or start once with --accept-loss).
-    """
-    cfg = _load(config_path)
-    os.umask(0o077)  # the store, spool and keys are for the daemon's user only
-    setup_logging()
-    try:
-        serve(cfg, notify_socket=os.environ.get("NOTIFY_SOCKET"), config_path=config_path, accept_loss=accept_loss)
-    except CmcdError as exc:
-        click.echo(f"cmcd: {exc}", err=True)
-        sys.exit(1)
-    except OSError as exc:
-        click.echo(f"cmcd: cannot start: {exc}", err=True)
-        sys.exit(1)
-    except sqlite3.Error as exc:  # a database the start-up checks did not name: still one line, no traceback
-        click.echo(f"cmcd: cannot start: a database file cannot be used: {' '.join(str(exc).split())}", err=True)
-        sys.exit(1)
-
-
-@main.command("check-config")
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="TOML configuration file.")
-def check_config(config_path: str) -> None:
-    """Validate a configuration file without starting; exit non-zero on any problem."""
-    _load(config_path)
-    click.echo(f"{config_path}: ok")
-
-
-@main.command("hash-password")
-@click.option("--password-stdin", is_flag=True, help="Read the password from stdin instead of asking twice.")
-def hash_password_command(password_stdin: bool) -> None:
-    """Print the scrypt hash of a password, for [metrics] basic_auth_users."""
-    if password_stdin:
-        password = sys.stdin.read().removesuffix("\n").removesuffix("\r")
-    else:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    if not password:
-        click.echo("cmcd: an empty password; nothing to hash", err=True)
-        sys.exit(2)
-    click.echo(crypto.hash_password(password))
-
-
-main.add_command(restore_command)
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""`python -m cmcd.daemon`: the `cmcd` command."""
+
+from cmcd.daemon.cli import main
+
+main()
