@@ -4,14 +4,15 @@
     .venv/bin/python bench/queue_idle.py [--recipients 1000000] [--per-message 5] [--idle 10]
 
 Builds a spool holding N deferred recipients (N / per-message messages, 1 KB bodies encrypted
-with the daemon's key, next attempt in an hour) straight through SQLite, then:
+with the daemon's key, next attempt in an hour) straight through SQLite, the messages spread evenly
+over the shards (one per worker: queue.db, queue-1.db, ...; each with queue ids naming it), then:
 
 1. starts cmcd on it and times start to "ready" (recovery included);
 2. samples the daemon's CPU time over --idle seconds while nothing is due (should be ~0), per
    process: the supervisor and each worker ([server] workers from --workers, else cmcd's default);
-3. marks 10 % of the recipients inflight (as a crash mid-delivery leaves them), kill -9's the
-   daemon (the supervisor: its workers must go too; orphans are reported and killed) and times
-   the restart (inflight -> queued recovery included);
+3. marks 10 % of the recipients of every shard inflight (as a crash mid-delivery leaves them),
+   kill -9's the daemon (the supervisor: its workers must go too; orphans are reported and
+   killed) and times the restart (inflight -> queued recovery included, per worker);
 4. times `queue list` (first page and a page deep in the queue) and `queue summary`.
 
 Loopback only: DNS points at a closed loopback port and every domain is routed to a closed port.
@@ -39,53 +40,62 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import proctree  # noqa: E402  (bench/proctree.py: CPU per process of a tree)
 
+from cmcd import config as cmcd_config  # noqa: E402
 from cmcd.admin.client import AdminClient  # noqa: E402
 from cmcd.queue.ids import QueueIdGenerator  # noqa: E402
 from cmcd.queue.spool import Spool  # noqa: E402
+from cmcd.queue.startup import shard_file  # noqa: E402
 from cmcd.store import open_store  # noqa: E402
 
 
-def build(tmp: Path, recipients: int, per_message: int) -> float:
+def build(tmp: Path, recipients: int, per_message: int, shards: int) -> float:
+    """The store and SHARDS spool shards; message n goes to shard n % SHARDS, with an id of that shard."""
     t0 = time.monotonic()
     store = open_store(tmp / "cmcd.db", tmp / "data.key")
     tenant = store.tenant_add("bench")
     store.domain_add("bench", "bench.test")
     keys = store.keys
     store.close()
-    spool = Spool(tmp / "spool", keys)  # creates the schema
-    spool.stop()
-    conn = sqlite3.connect(str(tmp / "spool" / "queue.db"))
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=OFF")
-    ids = QueueIdGenerator()
+    conns, ids = [], []
+    for shard in range(shards):
+        Spool(tmp / "spool", keys, shard_file(shard)).stop()  # creates the schema (and the counts' triggers)
+        conn = sqlite3.connect(str(tmp / "spool" / shard_file(shard)))
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=OFF")
+        conns.append(conn)
+        ids.append(QueueIdGenerator(shard))
     now = time.time()
     body = b"Subject: queued\r\n\r\n" + b"x" * 1000 + b"\r\n"
     sender_enc, sender_hmac = keys.encrypt("sender@bench.test"), keys.index("sender@bench.test")
     messages = recipients // per_message
     rng = random.Random(1)
-    with conn:
-        for start in range(0, messages, 10_000):
-            msgs, rcpts = [], []
-            for _ in range(min(10_000, messages - start)):
-                qid = ids.next(now - rng.uniform(0, 86400))
-                msgs.append((qid, tenant.id, 1, sender_enc, sender_hmac, len(body), now - 3600,
-                             keys.encrypt_bytes(body, qid.encode()), f"<{qid}@bench.test>"))  # fmt: skip
-                for i in range(per_message):
-                    address = f"r{start}-{i}@dst{rng.randrange(1000)}.test"
-                    rcpts.append((qid, keys.encrypt(address), keys.index(address), address.split("@")[1],
-                                  "deferred", 1, now + 3600 + rng.uniform(0, 3600), "451 4.3.0 later"))  # fmt: skip
-            conn.executemany(
-                "INSERT INTO messages(queue_id, tenant_id, user_id, sender_enc, sender_hmac, size_bytes, received, "
-                "body, message_id) VALUES (?,?,?,?,?,?,?,?,?)",
-                msgs,
-            )
-            conn.executemany(
-                "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, state, attempts, next_attempt, "
-                "last_response) VALUES (?,?,?,?,?,?,?,?)",
-                rcpts,
-            )
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
+    for start in range(0, messages, 10_000):
+        msgs: list[list[tuple[Any, ...]]] = [[] for _ in conns]
+        rcpts: list[list[tuple[Any, ...]]] = [[] for _ in conns]
+        for n in range(start, min(start + 10_000, messages)):
+            shard = n % shards
+            qid = ids[shard].next(now - rng.uniform(0, 86400))
+            msgs[shard].append((qid, tenant.id, 1, sender_enc, sender_hmac, len(body), now - 3600,
+                                keys.encrypt_bytes(body, qid.encode()), f"<{qid}@bench.test>"))  # fmt: skip
+            for i in range(per_message):
+                address = f"r{n}-{i}@dst{rng.randrange(1000)}.test"
+                rcpts[shard].append((qid, keys.encrypt(address), keys.index(address), address.split("@")[1],
+                                     "deferred", 1, now + 3600 + rng.uniform(0, 3600), "451 4.3.0 later"))  # fmt: skip
+        for conn, shard_msgs, shard_rcpts in zip(conns, msgs, rcpts, strict=True):
+            with conn:  # a message before its recipients: the counts' triggers look it up
+                conn.executemany(
+                    "INSERT INTO messages(queue_id, tenant_id, user_id, sender_enc, sender_hmac, size_bytes, "
+                    "received, body, message_id) VALUES (?,?,?,?,?,?,?,?,?)",
+                    shard_msgs,
+                )
+                conn.executemany(
+                    "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, state, attempts, next_attempt, "
+                    "last_response) VALUES (?,?,?,?,?,?,?,?)",
+                    shard_rcpts,
+                )
+    for conn in conns:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
     return time.monotonic() - t0
 
 
@@ -206,10 +216,15 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cmcd-bench-queue-") as name:
         tmp = Path(name)
-        built = build(tmp, a.recipients, a.per_message)
+        cfg = config(tmp, a.workers)
+        shards = cmcd_config.load(cfg).server.workers  # one shard per worker, as cmcd will run them
+        built = build(tmp, a.recipients, a.per_message, shards)
         size = sum(p.stat().st_size for p in (tmp / "spool").iterdir())
-        print(f"built {a.recipients} deferred recipients in {built:.1f}s (spool {size / 1e6:.0f} MB)")
-        d = Daemon(config(tmp, a.workers))
+        print(
+            f"built {a.recipients} deferred recipients over {shards} shard{'s' if shards != 1 else ''} "
+            f"in {built:.1f}s (spool {size / 1e6:.0f} MB)"
+        )
+        d = Daemon(cfg)
         try:
             print(f"cmcd workers: {a.workers or f'unset (cmcd default, {os.cpu_count()} CPUs)'}")
             print(f"start to ready: {d.start():.2f}s")
@@ -229,16 +244,23 @@ def main() -> None:
             t, summary = admin(tmp / "admin.sock", "queue.summary")
             print(f"queue summary: {1000 * t:.0f} ms ({summary['states']})")
             print(f"kill -9 of the daemon: {d.kill9()}")
-            conn = sqlite3.connect(str(tmp / "spool" / "queue.db"))
-            with conn:
-                n = conn.execute(
-                    "UPDATE recipients SET state = 'inflight' WHERE id % 10 = 0 AND state = 'deferred'"
-                ).rowcount
-            conn.close()
+            n = 0
+            for shard in range(shards):
+                conn = sqlite3.connect(str(tmp / "spool" / shard_file(shard)))
+                with conn:
+                    n += conn.execute(
+                        "UPDATE recipients SET state = 'inflight' WHERE id % 10 = 0 AND state = 'deferred'"
+                    ).rowcount
+                conn.close()
+            mark = len(d.lines)
             took = d.start()
-            recovered = [line for line in d.lines if "event=spool_recovered" in line][-1]
-            m = re.search(r"inflight_requeued=(\d+)", recovered)
-            print(f"restart after kill -9 with {n} inflight: {took:.2f}s to ready (requeued {m and m.group(1)})")
+            requeued = [
+                int(m) for m in re.findall(r"event=spool_recovered inflight_requeued=(\d+)", "\n".join(d.lines[mark:]))
+            ]
+            print(
+                f"restart after kill -9 with {n} inflight: {took:.2f}s to ready "
+                f"(requeued {sum(requeued)}; per worker: {', '.join(map(str, requeued))})"
+            )
         finally:
             d.stop()
 

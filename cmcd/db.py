@@ -43,3 +43,21 @@ def _savepoint(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute("ROLLBACK TO nested")
             conn.execute("RELEASE nested")
         raise
+
+
+#: how long the store's connection waits for a lock another process holds (a backup, another worker)
+STORE_BUSY_MS = 30_000
+#: a write a client waits on (a login's failure count, a quota block) waits at most this long
+CLIENT_WAIT_MS = 500
+
+
+@contextlib.contextmanager
+def lock_wait(conn: sqlite3.Connection, ms: int = CLIENT_WAIT_MS, restore_ms: int = STORE_BUSY_MS) -> Iterator[None]:
+    """Inside: a write that finds the file locked by another process waits at most MS (then
+    "database is locked"), not the connection's usual RESTORE_MS: for writes a waiting client
+    must not wait for."""
+    conn.execute(f"PRAGMA busy_timeout = {int(ms)}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(restore_ms)}")

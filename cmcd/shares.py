@@ -32,8 +32,9 @@ request, per shard, or in force once per host):
 | smtp.messages_per_second                    | S | a tenant's rate for the host (the default)          |
 | smtp.tenant_limits.*.messages_per_second    | S | a tenant's rate for the host (its override)         |
 | smtp.messages_per_day, *.messages_per_day   | K | the daily quota is leased from the store in blocks  |
-| smtp.auth_fail_limit(_per_address)          | S | failures are counted in each worker's memory: whole |
-|                                             |   | limits would give a guesser N times the tries       |
+| smtp.auth_fail_limit(_per_address)          | K | failed logins are counted in the store by every     |
+|                                             |   | worker together (submit/auth.py; while the store    |
+|                                             |   | cannot be written, each alone against limit // N)   |
 | smtp.auth_fail_window, auth_cache_ttl       | K | durations                                           |
 | smtp.max_message_size, max_recipients,      | K | per message                                         |
 | max_hops                                    |   |                                                     |
@@ -191,10 +192,6 @@ class _Sharer:
                 ),
                 messages_per_second=self.rate(smtp.messages_per_second),
                 tenant_limits=typing.cast("dict[str, TenantLimits]", types.MappingProxyType(tenants)),
-                auth_fail_limit=self.count("smtp.auth_fail_limit", smtp.auth_fail_limit),
-                auth_fail_limit_per_address=self.count(
-                    "smtp.auth_fail_limit_per_address", smtp.auth_fail_limit_per_address
-                ),
             ),
             delivery=dataclasses.replace(
                 d,

@@ -30,6 +30,7 @@ import trustme
 
 from cmcd import crypto
 from cmcd.admin.client import AdminClient, RequestRefused
+from cmcd.queue.ids import shard_of
 
 REQUIRE_PEERS = os.environ.get("CMCD_REQUIRE_PEERS") == "1"
 PASSWORD = "correct horse battery"
@@ -263,12 +264,22 @@ class Cmcd:
     def keys(self) -> crypto.DataKeys:
         return crypto.read_key_file(self.root / "data.key")
 
+    def shards(self) -> list[Path]:
+        """Every spool shard file (queue.db, and queue-K.db for worker K > 0)."""
+        return sorted(Path(self.config["spool"]["dir"]).glob("queue*.db"))
+
+    def shard_file(self, queue_id: str) -> Path:
+        """The spool shard file that holds QUEUE_ID (its id names the shard)."""
+        shard = shard_of(queue_id)
+        assert shard is not None, queue_id
+        return Path(self.config["spool"]["dir"]) / ("queue.db" if shard == 0 else f"queue-{shard}.db")
+
     def spooled(self) -> dict[str, dict[str, Any]]:
         """queue id -> {raw, body, sender, recipients}, read from the spool database; body is raw
         without the DKIM-Signature fields cmcd put in front (intake tests compare the rest)."""
         keys = self.keys()
         out: dict[str, dict[str, Any]] = {}
-        for shard in sorted(Path(self.config["spool"]["dir"]).glob("queue*.db")):  # every worker's shard
+        for shard in self.shards():  # every worker's shard
             conn = sqlite3.connect(f"file:{shard}?mode=ro", uri=True)
             try:
                 for qid, sender, body in conn.execute("SELECT queue_id, sender_enc, body FROM messages"):

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from cmcd.admin.backup_cli import backup, purge_from_backups
-from cmcd.admin.cli_base import Client, CtlError, fields, pass_client, read_password, said, tabled, tenant_arg
+from cmcd.admin.cli_base import Client, CtlError, fields, pass_client, read_password, said, table, tabled, tenant_arg
 from cmcd.admin.cli_domains import domain, webhook
 from cmcd.admin.cli_queue import log_group, queue, retention
 from cmcd.admin.evidence_render import FORMATS
@@ -47,8 +47,20 @@ def cli(ctx: click.Context, socket_path: str | None, config_path: str | None, as
 @cli.command()
 @pass_client
 def status(c: Client) -> None:
-    """Show the daemon's state."""
-    c.show(c.call("status"), fields)
+    """Show the daemon's state (with workers: the host's figures added up, then one line per worker)."""
+    c.show(c.call("status"), _status)
+
+
+def _status(result: dict[str, Any]) -> None:
+    workers = result.pop("workers", None)
+    fields(result)
+    if workers:
+        click.echo()
+        table(
+            {"WORKER": "worker", "PID": "pid", "UP": "up", "RESTARTS": "restarts", "SESSIONS": "sessions",
+             "ACCEPTED": "accepted", "INFLIGHT": "inflight"},
+            workers, "",
+        )  # fmt: skip
 
 
 @cli.group()

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmcd.queue.manage import QueueFigures
+from cmcd.queue.manage import QueueFigures, add_figures
 
 if TYPE_CHECKING:
     from cmcd.admin.verb import Context
@@ -97,6 +97,7 @@ class Run:
         self.spool = ctx.spool
         self.engine = ctx.engine
         self.status = ctx.status
+        self.peers = ctx.peers
         self.tenant = tenant
         self.tenant_id = tenant_id
         self.now = now
@@ -111,6 +112,9 @@ class Run:
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
     async def queue_figures(self) -> QueueFigures:
+        """The host's queue figures: this shard's, and with workers every other shard's added."""
         if self._queue is None:
-            self._queue = await self.spool.figures()
+            mine = await self.spool.figures()
+            others = await self.peers.each("worker.figures") if self.peers is not None else []
+            self._queue = add_figures([mine, *(QueueFigures(**f) for f in others)])
         return self._queue

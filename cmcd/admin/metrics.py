@@ -149,7 +149,7 @@ class DaemonCollector(Collector):
             "API connections reset because the client stopped reading a response ([api] write_timeout).",
             stats.api_write_timeouts,
         )
-        yield from _listener_families(stats.doors)
+        yield from listener_families(stats.doors)
         hooks = self.webhooks()
         events = CounterMetricFamily(
             "cmcd_webhook_events",
@@ -493,8 +493,10 @@ class MetricsServer:
         return crypto.verify_password(password, stored)
 
 
-def _listener_families(doors: dict[str, Door]) -> Iterator[Metric]:
-    """Per listener (smtp, api, metrics): connections refused and timed out; open and allowed (HTTP ones)."""
+def listener_families(doors: dict[str, Door]) -> Iterator[Metric]:
+    """Per listener (smtp, api, metrics): connections refused and timed out; open and allowed (HTTP ones).
+    A process reports the doors it holds; a supervisor reports its own metrics listener's this way and
+    the merge puts them in place of its workers' (cmcd/daemon/merge.py)."""
     refused = CounterMetricFamily(
         "cmcd_listener_connections_refused",
         "Connections closed unserved, by listener and reason (max_connections, max_connections_per_ip; "

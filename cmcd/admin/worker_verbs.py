@@ -4,6 +4,7 @@ operators' socket (cmcd/admin/verbs.py does not include them)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from cmcd.admin.verb import Args, BadRequest, Context, Verb, read
@@ -27,6 +28,11 @@ async def _metrics(ctx: Context, a: Args) -> Any:
     if ctx.metrics_text is None:
         raise BadRequest("worker.metrics: this process has no metrics")
     return {"text": (await ctx.metrics_text()).decode("utf-8")}
+
+
+async def _figures(ctx: Context, a: Args) -> Any:
+    """This shard's queue figures (worker 0 adds them up for the evidence report)."""
+    return dataclasses.asdict(await ctx.spool.figures())
 
 
 async def _purge_tenant(ctx: Context, a: Args) -> Any:
@@ -54,6 +60,7 @@ async def _reopen_tenant(ctx: Context, a: Args) -> Any:
 WORKER_VERBS: dict[str, Verb] = {
     "worker.refresh": read(_refresh),
     "worker.metrics": read(_metrics),
+    "worker.figures": read(_figures),
     "worker.purge_tenant": read(_purge_tenant, "tenant_id", "logins"),
     "worker.reopen_tenant": read(_reopen_tenant, "tenant_id"),
 }

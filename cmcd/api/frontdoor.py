@@ -21,7 +21,8 @@ counted in cmcd_listener_timeouts_total.
 
 A malformed request (bad request line, oversize header, bad chunk) is answered by aiohttp, which
 logs a traceback at level error for each: BadRequestLog folds those into one event=api_bad_request
-line per REFUSAL_LOG_EVERY_S with a count, as refused connections are.
+line per REFUSAL_LOG_EVERY_S with a count, as refused connections are (per process: with
+[server] workers, at most one line per worker in that time).
 
 The metrics listener uses the same door with its own Door, its own timers (Timers: [metrics]
 header_timeout for all three) and its own aiohttp logger, optionally without TLS; its log

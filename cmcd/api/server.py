@@ -252,9 +252,8 @@ class ApiServer:
         if caller is None:
             # the throttle holds back guessing from an address; a valid key (256 random bits) from the
             # same address (a shared NAT) is never held back by it
-            if self.service.auth.auth_throttled(ip, BEARER_LOGIN):
+            if await self.service.auth.count_failure(ip, BEARER_LOGIN) is not None:
                 raise Problem(429, "throttled", "too many failed logins from your address; try again later")
-            self.service.auth.note_auth_failure(ip, BEARER_LOGIN)
             self.service.auth.log_login(
                 LoginRecord(self.clock(), _token_name(token), ip, "API", "fail", None, "bad token")
             )

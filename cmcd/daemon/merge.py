@@ -6,7 +6,9 @@
 - A queue listing is ordered by queue id in every shard: the first LIMIT of the merged lists are
   the first LIMIT of the host.
 - A metric family adds its samples up across workers by name and labels, except gauges that are a
-  moment or a version, not an amount (MAX_GAUGES): those take the largest.
+  moment or a version, not an amount (MAX_GAUGES): those take the largest. What the supervisor
+  counts itself (its own metrics listener: the workers hold that listener's door but never serve
+  it) takes the place of the workers' samples of the same name and labels.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def add(values: Sequence[Any]) -> Any:
 def status(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The host's status: every worker's added up, and each worker's own under "workers"."""
     merged = add(list(answers)) if answers else {}
+    timings = [a["outcome_commit_ms"] for a in answers if isinstance(a.get("outcome_commit_ms"), dict)]
+    if timings:  # percentiles do not add up: the slowest worker's (an upper bound for the host's)
+        merged["outcome_commit_ms"] = {k: max(t.get(k, 0) for t in timings) for k in timings[0]} | {
+            "n": sum(t.get("n", 0) for t in timings)
+        }
     merged["workers"] = [
         {k: a.get(k) for k in ("worker", "pid", "uptime_s", "sessions", "accepted", "inflight")} for a in answers
     ]
@@ -84,8 +91,9 @@ def summary(answers: Sequence[dict[str, Any]], top: int = 50) -> dict[str, Any]:
     }
 
 
-def metrics(texts: Iterable[str]) -> list[Metric]:
-    """Metric families for the host from each worker's text exposition."""
+def metrics(texts: Iterable[str], own: Iterable[Metric] = ()) -> list[Metric]:
+    """Metric families for the host from each worker's text exposition, with OWN (the supervisor's
+    families) in place of the workers' samples of the same name and labels."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:
@@ -100,6 +108,11 @@ def metrics(texts: Iterable[str]) -> list[Metric]:
                 else:
                     samples[key] = s.value
             kept.samples = []
+    for family in own:
+        families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+        samples = values.setdefault(family.name, {})
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     for name, family in families.items():
         family.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
     return list(families.values())

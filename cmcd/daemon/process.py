@@ -165,7 +165,7 @@ class Daemon:
         store = opened.store
         astore = AsyncStore(store)
         self.spool = spool = opened.spool
-        _log_loss(opened, self.accept_loss)
+        log_loss(opened, self.accept_loss)
         report = await asyncio.to_thread(spool.recover)
         log.info("event=spool_recovered inflight_requeued=%d", report.inflight_requeued)
         await _reconcile_requests(spool, astore, self.shard, cfg.api.idempotency_ttl)
@@ -250,6 +250,12 @@ class Daemon:
         else:
             await self._serve_alone(smtp)
 
+        smtp.stop_accepting()
+        if role is not None:  # the supervisor waits for every worker to stop accepting before it says so
+            try:
+                role.control.send(b"STOPPING\n")
+            except OSError:
+                pass
         log.info("event=stopping grace_s=%g", cfg.server.shutdown_grace)
         sd_notify(self.notify_socket, "STOPPING=1")
         await metrics.close()
@@ -418,7 +424,7 @@ async def _reconcile_requests(spool: Spool, astore: AsyncStore, shard: int, ttl_
         log.info("event=idempotency_reconciled shard=%d responses_copied=%d claims_dropped=%d", shard, written, dropped)
 
 
-def _log_loss(opened: Opened, accept_loss: bool) -> None:
+def log_loss(opened: Opened, accept_loss: bool) -> None:
     """One warning per message --accept-loss recorded lost, then the total."""
     for m in opened.lost:
         log.warning("event=message_lost queue_id=%s tenant=%s recipients=%d", m.queue_id, m.tenant, m.recipients)

@@ -31,21 +31,21 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from cmcd import __version__
 from cmcd import config as config_mod
-from cmcd.admin.metrics import MetricsServer
+from cmcd.admin.metrics import MetricsServer, listener_families
 from cmcd.admin.server import SocketServer
 from cmcd.admin.verb import BadRequest, Caller, Stream
 from cmcd.admin.verbs import VERBS
 from cmcd.config import Config
 from cmcd.daemon import merge
 from cmcd.daemon.logs import sd_notify
-from cmcd.daemon.process import worker_socket
+from cmcd.daemon.process import log_loss, worker_socket
 from cmcd.daemon.wire import Refusal, WorkerUnavailable, ask, forward
 from cmcd.daemon.workers import WorkerProcess, worker_argv
 from cmcd.doors import Door
 from cmcd.errors import CmcdError, ConfigError, UntrustedFileError
 from cmcd.listening import bind_shared, bound_name, key
 from cmcd.queue.ids import shard_of
-from cmcd.queue.startup import prepare_store, stranded_shards
+from cmcd.queue.startup import open_checked, prepare_store, stranded_shards
 from cmcd.shares import raised_limits
 
 log = logging.getLogger("cmcd.supervisor")
@@ -53,6 +53,7 @@ log = logging.getLogger("cmcd.supervisor")
 SMTP_BACKLOG = 1024
 API_BACKLOG = 512
 STOP_MARGIN_S = 10.0  # past shutdown_grace, a worker still running is killed
+STOP_ACCEPT_WAIT_S = 5.0  # a worker's word that it takes no new connection, after SIGTERM
 
 #: queue verbs that fan out when they name no queue id
 _FAN_OUT = frozenset({"queue.list", "queue.summary", "queue.retry", "queue.hold", "queue.release"})
@@ -73,6 +74,8 @@ class Supervisor:
         self.stop_event = asyncio.Event()
         self.stopping = False
         self.started = time.time()
+        #: the /metrics listener's connections: its refusals and timeouts are shown with the workers' figures
+        self.metrics_door = Door("metrics", config.metrics.max_connections)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -82,13 +85,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        # the store is made (first start) or migrated once, here, before workers open it together
-        await asyncio.to_thread(
-            prepare_store, cfg.path(cfg.store.path), cfg.path(cfg.store.key_file), cfg.path(cfg.spool.dir)
-        )
-        stranded = await asyncio.to_thread(stranded_shards, cfg.path(cfg.spool.dir), self.n)
-        if stranded:
-            raise UntrustedFileError("; ".join(stranded))
+        # refuses (UntrustedFileError, one line naming the file) a store or shard it cannot trust
+        # before any worker starts; the store is made (first start) or migrated here, once
+        await asyncio.to_thread(self._check_files)
         self._warn_raised()
         per_worker = self._bind()
         argv = worker_argv(self.config_path, self.n, self.accept_loss)
@@ -102,9 +101,7 @@ class Supervisor:
         except BaseException:
             await self._stop_workers()
             raise
-        metrics = MetricsServer(
-            cfg, registry=self._registry(), door=Door("metrics", cfg.metrics.max_connections), refresh=self._scrape
-        )
+        metrics = MetricsServer(cfg, registry=self._registry(), door=self.metrics_door, refresh=self._scrape)
         await metrics.start()
         watch = [loop.create_task(self._watch(w)) for w in self.workers]
         log.info(
@@ -116,6 +113,12 @@ class Supervisor:
         watchdog = loop.create_task(self._watchdog()) if self.notify_socket else None
         await self.stop_event.wait()
         self.stopping = True
+        for sock in self.sockets:  # its copies: a listener closes once every worker has closed its own too
+            sock.close()
+        for w in self.workers:
+            w.signal(signal.SIGTERM)
+        # "stopping" once no worker takes a new connection (a worker busy recovering may take a moment)
+        await asyncio.gather(*(w.stopped_accepting(STOP_ACCEPT_WAIT_S) for w in self.workers))
         log.info("event=stopping workers=%d grace_s=%g", self.n, cfg.server.shutdown_grace)
         sd_notify(self.notify_socket, "STOPPING=1")
         if watchdog is not None:
@@ -126,9 +129,27 @@ class Supervisor:
         for task in watch:
             task.cancel()
         await asyncio.gather(*watch, return_exceptions=True)
-        for sock in self.sockets:
-            sock.close()
         log.info("event=stopped")
+
+    def _check_files(self) -> None:
+        """The store and every shard opened and checked as a single process does at start (with
+        --accept-loss, a bad shard set aside and its mail logged lost, here, once), then closed:
+        the workers open them again, already trusted."""
+        cfg = self.config
+        spool_dir = cfg.path(cfg.spool.dir)
+        prepare_store(cfg.path(cfg.store.path), cfg.path(cfg.store.key_file), spool_dir)
+        stranded = stranded_shards(spool_dir, self.n)
+        if stranded:
+            raise UntrustedFileError("; ".join(stranded))
+        for shard in range(self.n):
+            opened = open_checked(
+                cfg.path(cfg.store.path), cfg.path(cfg.store.key_file), spool_dir,
+                accept_loss=self.accept_loss, now=time.time(), shard=shard,
+            )  # fmt: skip
+            log_loss(opened, self.accept_loss)
+            opened.spool.stop()
+            opened.store.close()
+        self.accept_loss = False  # used: the workers open shards that are whole again
 
     def _warn_raised(self) -> None:
         for raised in raised_limits(self.config, self.n):
@@ -257,7 +278,8 @@ class Supervisor:
                 texts.append((await ask(self.socket_of(k), {"verb": "worker.metrics", "log": False}))["text"])
             except (Refusal, WorkerUnavailable) as exc:  # a worker restarting: its part is missing this once
                 log.warning("event=metrics_worker_missing worker=%d error=%r", k, str(exc))
-        self.merged = merge.metrics(texts)
+        # the metrics listener is the supervisor's: its door's figures, not the workers' idle ones
+        self.merged = merge.metrics(texts, own=listener_families({"metrics": self.metrics_door}))
 
     merged: list[Metric] = []
 

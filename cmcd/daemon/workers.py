@@ -96,6 +96,17 @@ class WorkerProcess:
             return True
         return False
 
+    async def stopped_accepting(self, timeout_s: float) -> bool:
+        """True once the worker said it takes no new connection (after SIGTERM); False when it ended
+        or said nothing within TIMEOUT_S."""
+        if self.control is None:
+            return False
+        try:
+            data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.control, 64), timeout_s)
+        except (TimeoutError, OSError):
+            return False
+        return data.startswith(b"STOPPING")
+
     async def exited(self) -> int:
         """Wait for the process to end; its exit status (negative: the signal that ended it)."""
         assert self.proc is not None

@@ -265,6 +265,22 @@ class QueueFigures:
     outbox: dict[str, int] = field(default_factory=dict)  # kind (mail, login, ops) -> rows not yet in the store
 
 
+def add_figures(shards: list[QueueFigures]) -> QueueFigures:
+    """The figures of several shards as one queue's."""
+    recipients: dict[str, int] = {}
+    outbox: dict[str, int] = {}
+    for f in shards:
+        for state, n in f.recipients.items():
+            recipients[state] = recipients.get(state, 0) + n
+        for kind, n in f.outbox.items():
+            outbox[kind] = outbox.get(kind, 0) + n
+    oldest = [f.oldest_received for f in shards if f.oldest_received is not None]
+    return QueueFigures(
+        recipients=recipients, oldest_received=min(oldest) if oldest else None,
+        spool_bytes=sum(f.spool_bytes for f in shards), outbox=outbox,
+    )  # fmt: skip
+
+
 def figures(conn: sqlite3.Connection, path: Path) -> QueueFigures:
     """The queue figures: the running counts by state, one index probe for the oldest message, two
     stat calls, the outbox counts."""

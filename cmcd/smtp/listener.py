@@ -74,6 +74,11 @@ class SmtpListeners:
                     name = sock.getsockname()
                     self.bound[kind].append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
 
+    def stop_accepting(self) -> None:
+        """No new connection from now on (the first step of a shutdown); sessions go on."""
+        for server in self.servers:
+            server.close()
+
     async def close(self, grace_s: float) -> None:
         """Stop accepting; let sessions inside DATA finish within GRACE_S; close the rest."""
         sessions = self.ctx.sessions

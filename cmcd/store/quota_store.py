@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import sqlite3
 
-from cmcd.db import transaction
+from cmcd.db import lock_wait, transaction
 
 #: reservation rows of a tenant's past days are dropped when its first reservation of a day is
 #: made, all but the last KEEP_DAYS days (a process still on yesterday just past midnight may
@@ -67,7 +67,9 @@ class QuotaStore:
         at the day's daily_counts row, so it is never under what was accepted and shipped. Returns
         (granted, the reserved total after it); (0, 0) for a tenant that is gone (purged)."""
         c = self.conn.execute
-        with transaction(self.conn):
+        # a client waits on this (a lease runs out at the end of data): a store another process
+        # holds is met with a 451 after db.CLIENT_WAIT_MS, not a wait as long as a client's timeout
+        with lock_wait(self.conn), transaction(self.conn):
             if c("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone() is None:
                 return 0, 0
             row = c("SELECT reserved FROM quota_reserved WHERE tenant_id = ? AND day = ?", (tenant_id, day)).fetchone()

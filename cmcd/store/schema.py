@@ -262,6 +262,19 @@ MIGRATIONS: list[str] = [
     CREATE INDEX idempotency_keys_created ON idempotency_keys(created);
     CREATE INDEX idempotency_keys_unanswered ON idempotency_keys(shard) WHERE response_enc IS NULL;
     """,
+    # 13: failed logins every worker process counts together (cmcd/store/throttle_store.py): one
+    # row per failure and per key it counts against (an address, a login from it, a user's bad
+    # one-time codes), the key an HMAC; dropped once past their window
+    """
+    CREATE TABLE login_failures (
+        id INTEGER PRIMARY KEY,
+        key_hmac BLOB NOT NULL,
+        ts REAL NOT NULL,
+        until REAL NOT NULL
+    );
+    CREATE INDEX login_failures_key ON login_failures(key_hmac, ts);
+    CREATE INDEX login_failures_until ON login_failures(until);
+    """,
 ]
 
 _SEAL_BATCH = 5000

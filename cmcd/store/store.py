@@ -7,9 +7,9 @@ them on the store's single thread. Addresses are stored encrypted with an HMAC i
 replies (mail_log.response_enc) and suppression reasons (suppressions.reason_enc) are encrypted
 too, as a reply echoes the address, and decrypted on read for cmcctl, the API and webhooks.
 Store is this module's rows plus its mixins, one per group of tables: API keys and sessions
-(api_store), Idempotency-Key claims (request_store), webhooks (webhook_store), daily counts
-(quota_store), domains and DKIM keys (domain_store), the logs (log_store), a tenant's purge and
-erasure (purge_store).
+(api_store), Idempotency-Key claims (request_store), failed-login counts (throttle_store),
+webhooks (webhook_store), daily counts (quota_store), domains and DKIM keys (domain_store), the
+logs (log_store), a tenant's purge and erasure (purge_store).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import sqlite_utils
 
 from cmcd import crypto
-from cmcd.db import transaction
+from cmcd.db import STORE_BUSY_MS, transaction
 from cmcd.errors import Conflict, KeyFileError, NotFound, StoreError, UntrustedFileError
 from cmcd.records import IpCredential, Tenant, User
 from cmcd.store.api_store import ApiStore
@@ -34,6 +34,7 @@ from cmcd.store.purge_store import PurgeStore
 from cmcd.store.quota_store import QuotaStore
 from cmcd.store.request_store import RequestStore
 from cmcd.store.schema import migrate, schema_version
+from cmcd.store.throttle_store import ThrottleStore
 from cmcd.store.webhook_store import WebhookStore
 
 # the records callers pass to Store methods, importable from here as from their own modules
@@ -74,11 +75,11 @@ def open_store(path: Path, key_file: Path, create_key: bool = True) -> Store:
         raise UntrustedFileError(f"{path}: cannot open the store ({exc}); {RESTORE_STORE}") from None
 
 
-class Store(ApiStore, RequestStore, WebhookStore, QuotaStore, DomainStore, LogStore, PurgeStore):
+class Store(ApiStore, RequestStore, ThrottleStore, WebhookStore, QuotaStore, DomainStore, LogStore, PurgeStore):
     def __init__(self, path: Path, keys: crypto.DataKeys):
         self.path = path
         self.keys = keys
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=STORE_BUSY_MS / 1000)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")

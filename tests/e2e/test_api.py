@@ -533,7 +533,9 @@ def test_a_valid_key_works_from_an_address_the_throttle_holds(world: Any) -> Non
 def test_bad_one_time_codes_pause_the_user_whatever_the_address(make_cmcd: Any) -> None:
     """The password is known to whoever reaches the second factor: ten bad codes within 15 minutes
     pause that user's logins, even with a good code, even when the address throttle is off. The
-    pause answers like any failed login (a different answer would tell a guessed password right)."""
+    pause answers like any failed login (a different answer would tell a guessed password right).
+    Each request is a connection of its own, which the kernel gives to any worker: the bad codes
+    are counted in the store, so the pause is the host's, not one worker's."""
     pyotp = pytest.importorskip("pyotp")
     d = make_cmcd({"api": {"listen": "127.0.0.1:0"}, "smtp": {"auth_fail_limit": 0}})
     d.admin("user.add", tenant="acme", login="boss", role="admin", password="boss secret pw")

@@ -3,9 +3,13 @@ on loopback: a slowloris from many source addresses against a daemon with few de
 large bodies at once against a small memory budget.
 
 What must hold: SMTP greets and the admin socket answers whatever the API is sent; every slow
-connection is closed within [api] header_timeout; the API serves normally afterwards; the daemon's
-RSS stays within smtp.max_data_in_flight plus a stated overhead; a huge declared Content-Length
-gets 413 before any body byte is sent.
+connection is closed within [api] header_timeout; the API serves normally afterwards; the RSS of
+the daemon's processes together stays within smtp.max_data_in_flight plus a stated overhead; a
+huge declared Content-Length gets 413 before any body byte is sent.
+
+With [server] workers > 1 the caps and the budget are the host's, each worker holding its share
+(cmcd/shares.py): the tests count what the host holds (every worker's descriptor caps added up,
+every process's RSS added up) and each process's descriptors against its own RLIMIT_NOFILE.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Cmcd, message
-from tests.e2e.test_metrics import scrape
+from tests.conftest import TEST_WORKERS, Cmcd, message
+from tests.e2e.test_metrics import scrape, scrape_until
 from tests.peers import free_port
 
 HEADER_TIMEOUT_S = 2.0
@@ -38,35 +42,58 @@ SOURCES = [f"127.0.0.{n}" for n in range(2, 51)]
 ATTACK_S = 3 * HEADER_TIMEOUT_S + 2
 TRICKLE_S = 0.4
 
-BUDGET = 16 * 1024**2
+#: the daemon's worker processes: cmcd's default (one per CPU) unless CMCD_TEST_WORKERS says otherwise
+WORKERS = int(TEST_WORKERS) if TEST_WORKERS else (os.cpu_count() or 1)
 REQUEST_LIMIT = 4 * 1024**2
+#: one worker's share of the data budget: one body of REQUEST_LIMIT (12 MiB as the budget weighs
+#: it, JSON_BODY_WEIGHT) fits, two do not
+BUDGET_SHARE = 16 * 1024**2
+#: smtp.max_data_in_flight, the host's: a share for each worker (a host budget smaller than that
+#: cannot be split: each share would be raised to what one such body needs, above the host's number)
+BUDGET = BUDGET_SHARE * WORKERS
 BODIES = 30
-#: RSS the daemon may grow by, beyond the budget, while serving those bodies (etc/cmcd.toml: about
-#: 1 MiB per open API connection, 16 MiB more here for the rest): the TLS buffers
-#: and aiohttp state of BODIES connections, the allocator's slack, and at most one body's
-#: working copies (raw, parsed JSON, message) beyond what the budget counts
-RSS_OVERHEAD = 48 * 1024**2
+#: RSS the daemon's processes together may grow by, beyond the budget, while serving those bodies
+#: (etc/cmcd.toml: about 1 MiB per open API connection, 18 MiB more here for the rest of each
+#: worker): the TLS buffers and aiohttp state of BODIES connections; in each worker, the
+#: allocator's slack and at most one body's working copies (raw, parsed JSON, message) beyond
+#: what the budget counts
+RSS_OVERHEAD = (BODIES + 18 * WORKERS) * 1024**2
 
 
 # -- what the daemon holds --------------------------------------------------------------------------
+
+
+def daemon_pids(d: Cmcd) -> list[int]:
+    """The daemon's processes: the supervisor and its workers (the one process when workers = 1)."""
+    status = d.admin("status")
+    pids = [int(status["pid"])] + [int(w["pid"]) for w in status.get("workers") or []]
+    assert len(pids) == (1 if WORKERS == 1 else 1 + WORKERS), status
+    return pids
 
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+def rss_bytes(pids: list[int]) -> int:
+    """The RSS of PIDS together."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+                break
+        else:
+            raise AssertionError(f"no VmRSS for {pid}")
+    return total
 
 
 class Sampler:
-    """Samples the daemon's descriptors and RSS every few milliseconds in a thread; keeps the maxima."""
+    """Samples the daemon's processes every few milliseconds in a thread; keeps the most
+    descriptors one process held (each has its own RLIMIT_NOFILE) and the most RSS they held together."""
 
-    def __init__(self, pid: int, every_s: float = 0.02):
-        self.pid, self.every_s = pid, every_s
+    def __init__(self, pids: list[int], every_s: float = 0.02):
+        self.pids, self.every_s = pids, every_s
         self.max_fds = self.max_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -74,8 +101,8 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.max_fds = max(self.max_fds, open_fds(self.pid))
-                self.max_rss = max(self.max_rss, rss_bytes(self.pid))
+                self.max_fds = max(self.max_fds, *(open_fds(pid) for pid in self.pids))
+                self.max_rss = max(self.max_rss, rss_bytes(self.pids))
             except (FileNotFoundError, ProcessLookupError):
                 return
             self._stop.wait(self.every_s)
@@ -206,20 +233,26 @@ def test_slowloris_leaves_smtp_and_admin_working(tmp_path: Path, ca: Any) -> Non
     try:
         assert d.proc is not None
         pid = d.proc.pid
-        caps = d.wait_log("event=descriptor_caps")
-        api_cap = int(re.search(r"api_max_connections=(\d+)", caps).group(1))  # type: ignore[union-attr]
-        assert api_cap < NOFILE // 4, caps
-        before = open_fds(pid)
+        pids = daemon_pids(d)
+        # each worker cuts its API cap to its own descriptors (the limit is per process); the host's
+        # cap is theirs added up
+        caps = [ln for ln in d.log if "event=descriptor_caps" in ln]
+        assert len(caps) == WORKERS, caps
+        worker_caps = [int(re.search(r"api_max_connections=(\d+)", ln).group(1)) for ln in caps]  # type: ignore[union-attr]
+        assert max(worker_caps) < NOFILE // 4, caps
+        api_cap = sum(worker_caps)
+        before = max(open_fds(p) for p in pids)
         greetings: list[float] = []
 
         def probe() -> None:
             greetings.append(smtp_greeting_s(d.smtp_port))
             assert d.admin("status")["pid"] == pid
 
-        with Sampler(pid) as sampled:
+        with Sampler(pids) as sampled:
             report = while_running(lambda: slowloris(d.api_port, d.client_context(), SLOW_CONNECTIONS, ATTACK_S), probe)
         print(
-            f"\nslowloris: descriptors before={before} max during={sampled.max_fds} (limit {NOFILE}, API cap {api_cap}); "
+            f"\nslowloris: descriptors of a process before={before} max during={sampled.max_fds} "
+            f"(limit {NOFILE}, API cap {api_cap} = {worker_caps}); "
             f"admitted={report.admitted} refused={report.refused} slowest close={max(report.closed_after_s):.2f}s; "
             f"SMTP greeting max={max(greetings):.3f}s over {len(greetings)} probes"
         )
@@ -324,22 +357,22 @@ def test_large_bodies_stay_within_the_memory_budget(tmp_path: Path, ca: Any) -> 
         },
     )
     try:
-        assert d.proc is not None
-        pid = d.proc.pid
+        pids = daemon_pids(d)
         token = str(d.admin("apikey.add", tenant="acme", login="alice")["token"])
         envelope = {"from": "alice@acme.test", "to": ["x@dst.test"], "subject": "big"}
         body = json.dumps(envelope | {"text": "a" * (REQUEST_LIMIT - 200)}).encode()
         assert len(body) <= REQUEST_LIMIT
         small = json.dumps(envelope | {"text": "a" * 1000}).encode()
-        assert _post(d.api_port, d.client_context(), token, small)[0] == 202  # warm: TLS, store, DKIM
-        baseline = rss_bytes(pid)
+        for _ in range(2 * WORKERS):  # warm the workers (the kernel picks one per connection): TLS, store, DKIM
+            assert _post(d.api_port, d.client_context(), token, small)[0] == 202
+        baseline = rss_bytes(pids)
 
         results: list[tuple[int, dict[str, str], bytes]] = []
 
         def one() -> None:
             results.append(_post(d.api_port, d.client_context(), token, body))
 
-        with Sampler(pid, every_s=0.005) as sampled:
+        with Sampler(pids, every_s=0.005) as sampled:
             threads = [threading.Thread(target=one) for _ in range(BODIES)]
             for t in threads:
                 t.start()
@@ -350,7 +383,8 @@ def test_large_bodies_stay_within_the_memory_budget(tmp_path: Path, ca: Any) -> 
         print(
             f"\n{BODIES} bodies of {len(body)} bytes at once: RSS baseline={baseline >> 20} MiB, "
             f"peak={sampled.max_rss >> 20} MiB (+{grown >> 20} MiB; budget {BUDGET >> 20} MiB + "
-            f"overhead {RSS_OVERHEAD >> 20} MiB); after={rss_bytes(pid) >> 20} MiB; statuses={statuses}"
+            f"overhead {RSS_OVERHEAD >> 20} MiB); after={rss_bytes(pids) >> 20} MiB; statuses={statuses}; "
+            f"{len(pids)} processes"
         )
         assert set(statuses) <= {422, 503} and 422 in statuses and 503 in statuses, statuses
         busy = next(r for r in results if r[0] == 503)
@@ -404,8 +438,7 @@ def test_expanding_json_is_counted_before_it_is_parsed(tmp_path: Path, ca: Any) 
         },
     )
     try:
-        assert d.proc is not None
-        pid = d.proc.pid
+        pids = daemon_pids(d)
         token = str(d.admin("apikey.add", tenant="acme", login="alice")["token"])
         head = b'{"from":"alice@acme.test","subject":"x","text":"y","to":['
 
@@ -413,21 +446,22 @@ def test_expanding_json_is_counted_before_it_is_parsed(tmp_path: Path, ca: Any) 
             return head + b",".join([item] * n) + b"]}"
 
         small = {"from": "alice@acme.test", "to": ["x@dst.test"], "subject": "w", "text": "w"}
-        assert d.http("POST", "/v1/emails", small, token=token)[0] == 202  # warm: TLS, store, DKIM
-        baseline = rss_bytes(pid)
+        for _ in range(2 * WORKERS):  # warm the workers (the kernel picks one per connection): TLS, store, DKIM
+            assert d.http("POST", "/v1/emails", small, token=token)[0] == 202
+        baseline = rss_bytes(pids)
         fill = REQUEST_LIMIT - len(head) - 2
         cases = [  # (what, body, status, problem type)
             ("empty objects", body(b"{}", fill // 3), 413, "too-many-values"),
             ("empty arrays", body(b"[]", fill // 3), 413, "too-many-values"),
             ("small numbers", body(b"0", fill // 2), 413, "too-many-values"),
             ("short strings", body(b'"ab"', fill // 5), 413, "too-many-values"),
-            # under the node cap (317,024), but 300,000 x 128 bytes parsed is more than the budget
+            # under the node cap (317,024), but 300,000 x 128 bytes parsed is more than a worker's budget
             ("under the cap, over the budget", body(b"0", 300_000), 503, "try-later"),
             # within both: parsed, then refused by the composer (recipients must be strings)
             ("within the budget", body(b"{}", 20_000), 422, "invalid"),
         ]
         for what, raw, want, kind in cases:
-            with Sampler(pid, every_s=0.005) as sampled:
+            with Sampler(pids, every_s=0.005) as sampled:
                 status, _, doc = d.http("POST", "/v1/emails", raw=raw, token=token)
             grown = sampled.max_rss - baseline
             print(f"\n{what}: {len(raw)} bytes -> {status}; RSS +{grown >> 20} MiB (budget {BUDGET >> 20} MiB + "
@@ -477,7 +511,7 @@ def trickle_bodies(
 
 
 def test_trickled_bodies_hold_no_budget_and_are_cut_off(tmp_path: Path, ca: Any) -> None:
-    """Ten bodies that each declare the request limit (3 x it is the whole budget) and then come a
+    """Ten bodies that each declare the request limit (3 x it is most of a worker's budget) and then come a
     byte at a time: SMTP DATA and the API are served meanwhile, and each is reset once it falls
     below api.min_body_rate after its grace, although each byte comes well within body_timeout."""
     grace_s = 2.0
@@ -555,11 +589,14 @@ def _get_openapi(d: Cmcd, source: str) -> bytes | None:
 def test_unauthenticated_slow_login_bodies_are_cut_off(tmp_path: Path, ca: Any) -> None:
     """POST /v1/sessions needs no account: four slow bodies fill the caps (max_connections 4,
     one per address) only until the login body's deadline (header_timeout here, 2 s), then a
-    normal client is served."""
+    normal client is served. (The caps holding for the host with workers: test_api_caps_hold_for_the_host.)"""
     d = front_door_daemon(
         tmp_path / "d",
         ca,
         {
+            # one process: the full caps are one Door's (with N workers the kernel spreads the slow
+            # bodies over N doors, and a cap of 1 per address cannot be split)
+            "server": {"workers": 1},
             "api": {
                 "listen": "127.0.0.1:0",
                 "max_connections": 4,
@@ -598,8 +635,60 @@ def test_unauthenticated_slow_login_bodies_are_cut_off(tmp_path: Path, ca: Any) 
         d.stop()
 
 
+async def _handshakes(port: int, ctx: ssl.SSLContext, sources: list[str]) -> int:
+    """One TLS connection from each of SOURCES at once, all held until every one is admitted or
+    refused: how many were admitted (their handshake done)."""
+
+    async def one(source: str) -> asyncio.StreamWriter | None:
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, ssl=ctx, local_addr=(source, 0)), 5
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            return None  # reset by cmcd: refused
+        return writer
+
+    writers = await asyncio.gather(*(one(s) for s in sources))
+    for w in writers:
+        if w is not None:
+            w.transport.abort()
+    return sum(w is not None for w in writers)
+
+
+def test_api_caps_hold_for_the_host(tmp_path: Path, ca: Any) -> None:
+    """api.max_connections and max_connections_per_ip are the host's, whatever the worker count:
+    many connections at once, and exactly the caps are admitted (each worker holds its share)."""
+    port = free_port()
+    d = front_door_daemon(
+        tmp_path / "d",
+        ca,
+        {
+            "api": {"listen": "127.0.0.1:0", "max_connections": 2 * WORKERS, "max_connections_per_ip": WORKERS},
+            "metrics": {"listen": f"127.0.0.1:{port}"},
+        },
+    )
+    try:
+        # one connection from each of 49 addresses at once: the whole cap (the kernel spreads them over
+        # the workers, so each is all but sure to be offered more than its share of 2)
+        assert asyncio.run(_handshakes(d.api_port, d.client_context(), SOURCES)) == 2 * WORKERS
+        gone = scrape_until(port, lambda s: s.value("cmcd_listener_connections", listener="api") == 0)
+        assert gone.value("cmcd_listener_connections", listener="api") == 0
+        # 49 from one address at once: its cap
+        assert asyncio.run(_handshakes(d.api_port, d.client_context(), [SOURCES[0]] * 49)) == WORKERS
+        got = scrape(port)
+        refused = {
+            reason: got.value("cmcd_listener_connections_refused_total", listener="api", reason=reason)
+            for reason in ("max_connections", "max_connections_per_ip")
+        }
+        assert refused == {"max_connections": 49 - 2 * WORKERS, "max_connections_per_ip": 49 - WORKERS}
+        assert got.value("cmcd_listener_max_connections", listener="api") == 2 * WORKERS
+    finally:
+        d.stop()
+
+
 def test_malformed_requests_log_one_line_not_tracebacks(tmp_path: Path, ca: Any) -> None:
-    """aiohttp's traceback per malformed request becomes one rate-limited event=api_bad_request."""
+    """aiohttp's traceback per malformed request becomes one rate-limited event=api_bad_request
+    (each worker limits its own lines: at most one a worker here)."""
     d = front_door_daemon(tmp_path / "d", ca, {"api": {"listen": "127.0.0.1:0", "handshake_timeout": "1s"}})
     try:
         probes = [
@@ -620,7 +709,7 @@ def test_malformed_requests_log_one_line_not_tracebacks(tmp_path: Path, ca: Any)
         with socket.create_connection(("127.0.0.1", d.api_port), timeout=10) as s:  # a line logged after theirs
             _closed_within(s, 1)
         d.wait_log("event=api_timeout phase=handshake")
-        assert sum("event=api_bad_request" in ln for ln in d.log) == 1
+        assert 1 <= sum("event=api_bad_request" in ln for ln in d.log) <= WORKERS
         assert not [ln for ln in d.log if "Traceback" in ln or "Error handling request" in ln]
     finally:
         d.stop()

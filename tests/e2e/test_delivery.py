@@ -54,12 +54,13 @@ def bounces(port: int) -> Iterator[Sink]:
         yield sink
 
 
-def start(make_cmcd: Any, dns: DnsServer, port: int, **delivery: Any) -> Cmcd:
+def start(make_cmcd: Any, dns: DnsServer, port: int, workers: int | None = None, **delivery: Any) -> Cmcd:
     return make_cmcd(
         {
             "dns": {"nameservers": [f"127.0.0.1:{dns.port}"], "timeout": "2s"},
             "delivery": FAST | {"port": port} | delivery,
         }
+        | ({"server": {"workers": workers}} if workers is not None else {})
     )
 
 
@@ -89,8 +90,8 @@ def spool_bytes(d: Cmcd) -> bytes:
 
 
 def outbox_events(d: Cmcd, qid: str) -> list[str]:
-    """The events of QID in the spool's outbox (committed, not yet shipped to the store), oldest first."""
-    conn = sqlite3.connect(f"file:{Path(d.config['spool']['dir']) / 'queue.db'}?mode=ro", uri=True)
+    """The events of QID in its shard's outbox (committed, not yet shipped to the store), oldest first."""
+    conn = sqlite3.connect(f"file:{d.shard_file(qid)}?mode=ro", uri=True)
     try:
         return [e for (e,) in conn.execute("SELECT event FROM events WHERE queue_id = ? ORDER BY id", (qid,))]
     finally:
@@ -98,14 +99,16 @@ def outbox_events(d: Cmcd, qid: str) -> list[str]:
 
 
 def queue_rows(d: Cmcd) -> tuple[int, int]:
-    conn = sqlite3.connect(f"file:{Path(d.config['spool']['dir']) / 'queue.db'}?mode=ro", uri=True)
-    try:
-        return (
-            conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0],
-            conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0],
-        )
-    finally:
-        conn.close()
+    """(messages, recipients) in every shard of the spool."""
+    messages = recipients = 0
+    for shard in d.shards():
+        conn = sqlite3.connect(f"file:{shard}?mode=ro", uri=True)
+        try:
+            messages += conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            recipients += conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0]
+        finally:
+            conn.close()
+    return messages, recipients
 
 
 # -- the basic path ------------------------------------------------------------------------
@@ -139,7 +142,7 @@ def test_mx_delivery_is_byte_exact_and_the_body_is_erased(make_cmcd: Any, dns: D
 
 
 def _ciphertext(d: Cmcd, qid: str) -> bytes:
-    conn = sqlite3.connect(f"file:{Path(d.config['spool']['dir']) / 'queue.db'}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{d.shard_file(qid)}?mode=ro", uri=True)
     try:
         row = conn.execute("SELECT body FROM messages WHERE queue_id = ?", (qid,)).fetchone()
     finally:
@@ -328,7 +331,8 @@ def test_expired_recipients_bounce_after_max_lifetime(make_cmcd: Any, dns: DnsSe
 def test_dead_site_defers_without_connecting(make_cmcd: Any, dns: DnsServer, port: int) -> None:
     dns.add("down.test", "MX", "10 mx.down.test.")
     dns.add("mx.down.test", "A", "127.0.0.7")  # nothing listens
-    d = start(make_cmcd, dns, port, initial_concurrency=1, dead_site_backoff="1h", retry_schedule=["1h"])
+    # one process: what a worker learned about a dead site is its own (each worker probes it once)
+    d = start(make_cmcd, dns, port, 1, initial_concurrency=1, dead_site_backoff="1h", retry_schedule=["1h"])
     first = submit(d, ["a@down.test"])
     d.wait_mail_log(lambda rows: any(r["event"] == "deferred" for r in rows), first)
     d.wait_log("event=site_dead")

@@ -135,44 +135,62 @@ def _restart(d: Cmcd) -> list[str]:
     return lines
 
 
-def _queue_db(d: Cmcd) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{Path(d.config['spool']['dir']) / 'queue.db'}?mode=ro", uri=True)
+def _shards(d: Cmcd) -> list[tuple[str, Path]]:
+    """(the store's meta key for its spool id, file) of every spool shard (one per worker)."""
+    out = []
+    for path in sorted(Path(d.config["spool"]["dir"]).glob("queue*.db")):
+        shard = path.stem.partition("-")[2]
+        out.append(("spool_id" if not shard else f"spool_id.{shard}", path))
+    return out
 
 
 def _check_tables(d: Cmcd) -> None:
-    conn = _queue_db(d)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        orphan_messages = conn.execute(
-            "SELECT queue_id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id)"
-        ).fetchall()
-        assert orphan_messages == [], "messages without recipients"
-        orphan_rcpts = conn.execute(
-            "SELECT id, queue_id FROM recipients r WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.queue_id = r.queue_id)"
-        ).fetchall()
-        assert orphan_rcpts == [], "recipients without a message"
-        # the body is stored encrypted: a 12-byte nonce and a 16-byte tag around the plaintext
-        assert conn.execute("SELECT COUNT(*) FROM messages WHERE size_bytes + 28 != length(body)").fetchone()[0] == 0
-        messages = conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
-        assert _counted(d, conn) == messages, "daily counts are committed in the same transaction as the messages"
-    finally:
-        conn.close()
+    messages = waiting = 0
+    for id_key, path in _shards(d):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            orphan_messages = conn.execute(
+                "SELECT queue_id FROM messages m WHERE NOT EXISTS (SELECT 1 FROM recipients r WHERE r.queue_id = m.queue_id)"
+            ).fetchall()
+            assert orphan_messages == [], "messages without recipients"
+            orphan_rcpts = conn.execute(
+                "SELECT id, queue_id FROM recipients r WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.queue_id = r.queue_id)"
+            ).fetchall()
+            assert orphan_rcpts == [], "recipients without a message"
+            # the body is stored encrypted: a 12-byte nonce and a 16-byte tag around the plaintext
+            assert (
+                conn.execute("SELECT COUNT(*) FROM messages WHERE size_bytes + 28 != length(body)").fetchone()[0] == 0
+            )
+            messages += conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            waiting += _waiting(d, conn, id_key)
+        finally:
+            conn.close()
+    assert _shipped(d) + waiting == messages, "daily counts are committed in the same transaction as the messages"
 
 
-def _counted(d: Cmcd, spool: sqlite3.Connection) -> int:
-    """Messages counted against the daily quota: what the store added from this spool, and what
-    waits in the spool's counts outbox past the last id the store has (read while the daemon is down)."""
+def _shipped(d: Cmcd) -> int:
+    """Messages the store has counted against the daily quota (shipped from every shard)."""
     store = sqlite3.connect(f"file:{d.root / 'cmcd.db'}?mode=ro", uri=True)
     try:
-        shipped = store.execute("SELECT COALESCE(SUM(messages), 0) FROM daily_counts").fetchone()[0]
+        return int(store.execute("SELECT COALESCE(SUM(messages), 0) FROM daily_counts").fetchone()[0])
+    finally:
+        store.close()
+
+
+def _waiting(d: Cmcd, spool: sqlite3.Connection, id_key: str) -> int:
+    """Messages in a shard's counts outbox past the last id the store has from it (read while the daemon is down)."""
+    store = sqlite3.connect(f"file:{d.root / 'cmcd.db'}?mode=ro", uri=True)
+    try:
         row = store.execute(
-            "SELECT up_to FROM daily_counts_shipped WHERE spool_id = (SELECT value FROM meta WHERE key = 'spool_id')"
+            "SELECT up_to FROM daily_counts_shipped WHERE spool_id = (SELECT value FROM meta WHERE key = ?)", (id_key,)
         ).fetchone()
     finally:
         store.close()
     up_to = 0 if row is None else row[0]
-    waiting = spool.execute("SELECT COALESCE(SUM(messages), 0) FROM counts_outbox WHERE id > ?", (up_to,)).fetchone()
-    return int(shipped) + int(waiting[0])
+    return int(
+        spool.execute("SELECT COALESCE(SUM(messages), 0) FROM counts_outbox WHERE id > ?", (up_to,)).fetchone()[0]
+    )
 
 
 def _check_spool(d: Cmcd, load: Load) -> dict[str, dict[str, Any]]:
@@ -254,5 +272,6 @@ def test_acknowledged_messages_survive_kill_9(make_cmcd) -> None:
     lines = _restart(d)
     assert any(re.search(r"event=spool_recovered inflight_requeued=0\b", line) for line in lines), lines
     starts = rounds + 2  # the first start, one restart a round, and this one
-    assert sum("event=spool_recovered" in line for line in d.log) == starts
+    # every worker recovers its own shard at every start
+    assert sum("event=spool_recovered" in line for line in d.log) == starts * len(_shards(d))
     assert set(d.spooled()) == set(spooled), "a clean restart changes nothing in the spool"

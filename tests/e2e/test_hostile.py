@@ -1,6 +1,10 @@
 """Hostile clients over real sockets: open-relay probes, credential attacks, greedy and oversized clients.
 
 Slow clients (a byte a second, idle sessions) are covered elsewhere; AUTH basics in test_submission.
+The daemon runs its default worker count (2 here): failed logins are counted in the store, so the
+AUTH limits are exact for the host whichever worker takes a connection (some tests choose the
+worker of every guess); the connection caps are split into per-worker shares, so their exact order
+of refusals is one process's (pinned to workers = 1) and the host-level caps are tested beside it.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import socket
 import sqlite3
 import statistics
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from tests.conftest import PASSWORD, Cmcd, message, queue_id
+from tests.e2e.test_metrics import scrape
+from tests.peers import free_port
 
 DOMAIN = "relay.test"  # stands in for nmap.scanme.org
 IP = "127.0.0.1"  # the server's own address literal
@@ -99,6 +107,33 @@ def _wait_rows(d: Cmcd, client_ip: str, n: int, timeout: float = 10) -> list[dic
         time.sleep(0.1)
         rows = _login_rows(d, client_ip)
     return rows
+
+
+def _live_sessions(d: Cmcd) -> list[int]:
+    """Each worker's open SMTP sessions (one number with workers = 1)."""
+    status = d.admin("status")
+    return [int(w["sessions"]) for w in status.get("workers") or [status]]
+
+
+def _sessions_on_each_worker(d: Cmcd, source: str, each: int) -> list[list[smtplib.SMTP]]:
+    """EACH open, STARTTLS'd sessions from SOURCE held by every worker, by worker: which worker took
+    a connection is the one whose open sessions rose (the kernel spreads them; spares are closed)."""
+    by_worker: list[list[smtplib.SMTP]] = [[] for _ in _live_sessions(d)]
+    spare: list[smtplib.SMTP] = []
+    try:
+        for _ in range(100 * len(by_worker) * each):
+            if all(len(held) >= each for held in by_worker):
+                break
+            before = _live_sessions(d)
+            c = _client(d, source)
+            rose = [i for i, (a, b) in enumerate(zip(before, _live_sessions(d), strict=True)) if b > a]
+            assert len(rose) == 1, (before, rose)
+            (by_worker[rose[0]] if len(by_worker[rose[0]]) < each else spare).append(c)
+        assert all(len(held) == each for held in by_worker), [len(held) for held in by_worker]
+    finally:
+        for c in spare:
+            c.close()
+    return by_worker
 
 
 # -- open relay ------------------------------------------------------------------------------
@@ -243,6 +278,54 @@ def test_one_logins_bad_client_does_not_lock_out_another_login_behind_the_same_a
     assert [r["result"] for r in rows if r["login"] == "alice"] == ["ok", "throttled"]
 
 
+def test_the_auth_limits_are_the_hosts_whichever_worker_takes_each_guess(make_cmcd) -> None:
+    """Guesses taken by each worker in turn: alice stops at the host's 4 failures and the address at
+    its 6, and a login or address held back is held back by every worker (failures are counted in
+    the store, not in a worker's memory)."""
+    d = make_cmcd({"smtp": {"auth_fail_limit": 4, "auth_fail_limit_per_address": 6}})
+    workers = _sessions_on_each_worker(d, "127.0.0.6", 2)
+    n = len(workers)
+    codes = [workers[i % n][0].docmd("AUTH", _plain("alice", f"guess{i}"))[0] for i in range(4)]
+    assert codes == [535] * 4
+    assert [held[0].docmd("AUTH", _plain("alice", PASSWORD))[0] for held in workers] == [421] * n
+    assert [workers[i % n][1].docmd("AUTH", _plain("bob", f"guess{i}"))[0] for i in range(2)] == [535] * 2
+    assert [held[1].docmd("AUTH", _plain("carol", "x"))[0] for held in workers] == [421] * n
+    for held in workers:
+        for c in held:
+            c.close()
+    rows = _wait_rows(d, "127.0.0.6", 6 + 2 * n)
+    assert [(r["login"], r["result"]) for r in rows] == (
+        [("alice", "fail")] * 4 + [("alice", "throttled")] * n + [("bob", "fail")] * 2 + [("carol", "throttled")] * n
+    )
+    assert {r["detail"] for r in rows if r["login"] == "alice" and r["result"] == "throttled"} == {
+        "address+login limit: 4 failures in 600 s"
+    }
+    assert {r["detail"] for r in rows if r["login"] == "carol"} == {"address limit: 6 failures in 600 s"}
+
+
+def test_guesses_at_the_same_moment_on_every_worker_get_no_more_checks_than_the_limit(make_cmcd) -> None:
+    """A burst: 6 sessions on each worker send a wrong password for alice at once. Each check claims
+    its failure in the store before its password is checked, so exactly auth_fail_limit guesses are
+    checked (535) and every other one is held back (421), however the workers race."""
+    d = make_cmcd({"smtp": {"auth_fail_limit": 5}})
+    sessions = [c for held in _sessions_on_each_worker(d, "127.0.0.7", 6) for c in held]
+    start = threading.Barrier(len(sessions))
+
+    def guess(i: int) -> int:
+        start.wait(timeout=30)
+        return int(sessions[i].docmd("AUTH", _plain("alice", f"burst{i}"))[0])
+
+    try:
+        with ThreadPoolExecutor(len(sessions)) as pool:
+            codes = sorted(pool.map(guess, range(len(sessions))))
+    finally:
+        for c in sessions:
+            c.close()
+    assert codes == [421] * (len(sessions) - 5) + [535] * 5
+    rows = _wait_rows(d, "127.0.0.7", len(sessions))
+    assert sorted(r["result"] for r in rows) == ["fail"] * 5 + ["throttled"] * (len(sessions) - 5)
+
+
 def test_login_of_one_user_with_password_of_another_fails(make_cmcd) -> None:
     d = make_cmcd()
     d.admin("user.passwd", tenant="beta", login="bob", password="bob's own secret")
@@ -297,38 +380,44 @@ def _open(port: int, source: str) -> tuple[socket.socket, bytes, float]:
         raise
 
 
-def test_a_thousand_idle_connections_hit_the_per_ip_and_global_limits(make_cmcd) -> None:
+#: a thousand idle connections from one address, then 100 and 50 from two others
+CROWD = (("127.0.0.1", 1000), ("127.0.0.2", 100), ("127.0.0.3", 50))
+CAPS = {"max_connections_per_ip": 100, "max_connections": 150}
+PER_IP_421 = b"421 4.7.0 Too many connections from your address; try again later\r\n"
+TOTAL_421 = b"421 4.7.0 Too many connections; try again later\r\n"
+
+
+def _crowd(make_cmcd: Any, overrides: dict[str, Any]) -> tuple[Cmcd, list[socket.socket], dict[str, list[bytes]]]:
+    """A daemon with CAPS (and OVERRIDES) and the CROWD's connections, held open: their first lines."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4096:  # raised before the daemon starts, so it inherits it too
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
-    d = make_cmcd({"smtp": {"max_connections_per_ip": 100, "max_connections": 150}})
+    d = make_cmcd({"smtp": CAPS} | overrides)
     socks: list[socket.socket] = []
-    replies: dict[str, list[bytes]] = {"127.0.0.1": [], "127.0.0.2": [], "127.0.0.3": []}
+    replies: dict[str, list[bytes]] = {source: [] for source, _ in CROWD}
     slowest_refusal = 0.0
     t0 = time.monotonic()
     try:
-        for source, n in (("127.0.0.1", 1000), ("127.0.0.2", 100), ("127.0.0.3", 50)):
+        for source, n in CROWD:
             for _ in range(n):
                 s, line, took = _open(d.smtp_port, source)
                 socks.append(s)
                 replies[source].append(line)
                 if line.startswith(b"421"):
                     slowest_refusal = max(slowest_refusal, took)
-        print(f"\n1150 connections in {time.monotonic() - t0:.2f} s; slowest 421: {slowest_refusal * 1000:.1f} ms")
-        per_ip = b"421 4.7.0 Too many connections from your address; try again later\r\n"
-        total = b"421 4.7.0 Too many connections; try again later\r\n"
-        one, two, three = replies["127.0.0.1"], replies["127.0.0.2"], replies["127.0.0.3"]
-        assert all(r.startswith(b"220 ") for r in one[:100])
-        assert one[100:] == [per_ip] * 900
-        assert all(r.startswith(b"220 ") for r in two[:50])
-        assert two[50:] == [total] * 50
-        assert three == [total] * 50
-        assert slowest_refusal < 2.0
-    finally:
+    except BaseException:
         for s in socks:
             s.close()
+        raise
+    print(f"\n1150 connections in {time.monotonic() - t0:.2f} s; slowest 421: {slowest_refusal * 1000:.1f} ms")
+    assert slowest_refusal < 2.0
+    return d, socks, replies
+
+
+def _freed(d: Cmcd) -> None:
+    """Once the crowd has gone, the daemon notices the closed connections and takes mail again."""
     deadline = time.monotonic() + 15
-    while True:  # the daemon notices the closed connections and frees their slots
+    while True:
         try:
             c = d.smtp()
             break
@@ -342,6 +431,50 @@ def test_a_thousand_idle_connections_hit_the_per_ip_and_global_limits(make_cmcd)
         assert c.data(message())[0] == 250
     assert any("reason=ip_limit" in line for line in d.log)
     assert any("reason=global_limit" in line for line in d.log)
+
+
+def test_a_thousand_idle_connections_hit_the_per_ip_and_global_limits(make_cmcd) -> None:
+    # workers = 1: the exact order of the refusals is one process's (with N, each worker holds its
+    # share of the caps and the kernel picks the worker); the host's caps are tested just below
+    d, socks, replies = _crowd(make_cmcd, {"server": {"workers": 1}})
+    try:
+        one, two, three = (replies[source] for source, _ in CROWD)
+        assert all(r.startswith(b"220 ") for r in one[:100])
+        assert one[100:] == [PER_IP_421] * 900
+        assert all(r.startswith(b"220 ") for r in two[:50])
+        assert two[50:] == [TOTAL_421] * 50
+        assert three == [TOTAL_421] * 50
+    finally:
+        for s in socks:
+            s.close()
+    _freed(d)
+
+
+def test_the_connection_caps_hold_for_the_host_whichever_worker_takes_a_connection(make_cmcd) -> None:
+    """The same crowd with the default worker count (2 here): every worker holds its share of
+    max_connections and max_connections_per_ip (cmcd/shares.py), so the host never holds more
+    than the caps; offered enough connections each (the kernel spreads a thousand), the workers
+    together take just as many as the caps allow, and every refusal is counted for the host."""
+    port = free_port()
+    d, socks, replies = _crowd(make_cmcd, {"metrics": {"listen": f"127.0.0.1:{port}"}})
+    try:
+        taken = {source: sum(r.startswith(b"220 ") for r in lines) for source, lines in replies.items()}
+        refused = {source: [r for r in lines if not r.startswith(b"220 ")] for source, lines in replies.items()}
+        assert all(r.startswith(b"220 ") or r in (PER_IP_421, TOTAL_421) for lines in replies.values() for r in lines)
+        assert taken == {"127.0.0.1": 100, "127.0.0.2": 50, "127.0.0.3": 0}, taken
+        assert refused["127.0.0.1"] == [PER_IP_421] * 900  # each worker's share of the global cap is not reached
+        assert refused["127.0.0.2"] == refused["127.0.0.3"] == [TOTAL_421] * 50
+        assert sum(_live_sessions(d)) == 150  # open at once: the host's max_connections, not more
+        got = scrape(port)
+        assert (
+            got.value("cmcd_listener_connections_refused_total", listener="smtp", reason="max_connections_per_ip")
+            == 900
+        )
+        assert got.value("cmcd_listener_connections_refused_total", listener="smtp", reason="max_connections") == 100
+    finally:
+        for s in socks:
+            s.close()
+    _freed(d)
 
 
 def _vm(pid: int, field: str) -> int:

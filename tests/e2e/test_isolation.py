@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,16 +154,19 @@ def b_data(w: World) -> dict[str, list[tuple[Any, ...]]]:
         )
     finally:
         conn.close()
-    spool = sqlite3.connect(f"file:{Path(w.d.config['spool']['dir']) / 'queue.db'}?mode=ro", uri=True)
-    try:
-        out["spool.messages"] = _rows(spool, "SELECT * FROM messages WHERE tenant_id = ? ORDER BY queue_id", b)
-        out["spool.recipients"] = _rows(
-            spool,
-            "SELECT * FROM recipients WHERE queue_id IN (SELECT queue_id FROM messages WHERE tenant_id = ?) ORDER BY id",
-            b,
-        )
-    finally:
-        spool.close()
+    out["spool.messages"], out["spool.recipients"] = [], []
+    for shard in w.d.shards():  # every worker's shard, in file order: row ids are per shard
+        spool = sqlite3.connect(f"file:{shard}?mode=ro", uri=True)
+        try:
+            out["spool.messages"] += _rows(spool, "SELECT * FROM messages WHERE tenant_id = ? ORDER BY queue_id", b)
+            out["spool.recipients"] += _rows(
+                spool,
+                "SELECT * FROM recipients WHERE queue_id IN "
+                "(SELECT queue_id FROM messages WHERE tenant_id = ?) ORDER BY id",
+                b,
+            )
+        finally:
+            spool.close()
     assert out["users"] and out["domains"] and out["dkim_keys"] and out["spool.messages"] and out["suppressions"]
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import smtplib
 import socket
@@ -101,11 +102,11 @@ def test_full_disk_refuses_then_recovers_when_space_returns(make_cmcd, tmp_path)
     try:
         d = make_cmcd({"spool": {"dir": str(spool), "min_free": "256KB"}})
         big = message(subject="big", body="z" * 2_500_000)
-        wal = spool / "queue.db-wal"
         with d.smtp() as c:
             c.mail("alice@acme.test")
             c.rcpt("rcpt@dst.test")
             first = queue_id(c.data(message(subject="first", body="small")))
+            wal = d.shard_file(first).with_suffix(".db-wal")  # of the shard of this session's worker
 
             filler = spool / "filler"
             with open(filler, "wb", buffering=0) as f:  # the disk fills up from elsewhere (unbuffered:
@@ -145,9 +146,12 @@ def test_full_disk_refuses_then_recovers_when_space_returns(make_cmcd, tmp_path)
         assert sorted(spooled) == sorted([first, second, third])
         assert spooled[third]["body"].partition(b"\r\n\r\n")[2] == big.partition(b"\r\n\r\n")[2]
         assert spooled[second]["body"].endswith(b"\r\n\r\nafter\r\n")
-        conn = sqlite3.connect(f"file:{spool / 'queue.db'}?mode=ro", uri=True)
-        assert conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0] == 3
-        conn.close()
+        counted = 0
+        for shard in d.shards():
+            conn = sqlite3.connect(f"file:{shard}?mode=ro", uri=True)
+            counted += conn.execute("SELECT COUNT(*) FROM recipients").fetchone()[0]
+            conn.close()
+        assert counted == 3
         d.stop()
     finally:
         subprocess.run(["umount", "-l", str(spool)], check=False)
@@ -160,23 +164,27 @@ def test_restart_returns_inflight_rows_to_queued(make_cmcd) -> None:  # type: ig
         c.rcpt("rcpt@dst.test")
         qid = queue_id(c.data(message()))
     d.stop()
-    conn = sqlite3.connect(str(d.root / "spool" / "queue.db"))
+    conn = sqlite3.connect(str(d.shard_file(qid)))
     with conn:
         conn.execute("UPDATE recipients SET state = 'inflight' WHERE queue_id = ?", (qid,))
     conn.close()
-    d.start()
-    assert "inflight_requeued=1" in d.wait_log("event=spool_recovered")
+    mark = len(d.log)
+    d.start()  # ready once every worker has recovered its shard: each logged how many rows it requeued
+    counts = re.findall(r"event=spool_recovered inflight_requeued=(\d+)", "\n".join(d.log[mark:]))
+    assert len(counts) == len(d.shards())
+    assert sorted(counts) == ["0"] * (len(counts) - 1) + ["1"]  # the row in its shard; none in another
     assert d.spooled()[qid]["recipients"] == [("rcpt@dst.test", "queued")]
 
 
 def test_accepted_event_survives_kill_right_after_250(make_cmcd) -> None:  # type: ignore[no-untyped-def]
     d = make_cmcd()
-    with d.smtp() as c:
-        c.mail("alice@acme.test")
-        c.rcpt("one@dst.test")
-        c.rcpt("two@dst.test")
-        qid = queue_id(c.data(message()))
-        d.kill9()  # before any background work could run
+    c = d.smtp()
+    c.mail("alice@acme.test")
+    c.rcpt("one@dst.test")
+    c.rcpt("two@dst.test")
+    qid = queue_id(c.data(message()))
+    d.kill9()  # before any background work could run
+    c.close()  # no QUIT: a worker may say 421 (it saw the supervisor go) before the kernel ends it too
     d.start()
     keys = d.keys()
 

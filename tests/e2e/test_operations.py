@@ -171,9 +171,10 @@ def test_tenant_purge_leaves_nothing_behind(make_cmcd: Any) -> None:
     blobs += [bytes(r[0]) for r in conn.execute("SELECT private_enc FROM dkim_keys WHERE domain_id = 2")]
     conn.close()
     spool = Path(d.config["spool"]["dir"])
-    sconn = sqlite3.connect(f"file:{spool / 'queue.db'}?mode=ro", uri=True)
-    blobs += [bytes(r[0]) for r in sconn.execute("SELECT body FROM messages WHERE tenant_id = 2")]
-    sconn.close()
+    for shard in d.shards():
+        sconn = sqlite3.connect(f"file:{shard}?mode=ro", uri=True)
+        blobs += [bytes(r[0]) for r in sconn.execute("SELECT body FROM messages WHERE tenant_id = 2")]
+        sconn.close()
     assert len(blobs) >= 4
 
     session = d.smtp(login="bob")  # an open session of the tenant is closed by the purge

@@ -161,7 +161,8 @@ def test_tenant_purge_under_intake_leaves_nothing_and_every_submission_refused_o
         assert MARKER.encode() not in m["raw"] and DOMAIN not in m["sender"], qid
 
     files = [p for p in d.root.rglob("*") if p.is_file()]
-    assert any(p.name == "queue.db" for p in files) and any(p.name == "cmcd.db" for p in files)
+    held = {d.shard_file(a.queue_id) for a in accepted}  # the shards that held the tenant's messages
+    assert held <= set(files) and any(p.name == "cmcd.db" for p in files)
     data = b"".join(p.read_bytes() for p in files)
     for needle in (TENANT, DOMAIN, LOGIN, MARKER):
         assert needle.encode() not in data, needle

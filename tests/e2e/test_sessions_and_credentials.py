@@ -350,5 +350,5 @@ def test_failed_key_logins_count_for_the_address_throttle(make_cmcd: Any) -> Non
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
     with d.smtp(login=None) as c:
         assert [auth_plain(c, "apikey", forged)[0] for _ in range(3)] == [535, 535, 535]
-    with d.smtp(login=None) as c:
+    with d.smtp(login=None) as c:  # whichever worker takes it: failures are counted in the store
         assert auth_plain(c, "apikey", key)[0] == 421  # the address is held back, good key or not

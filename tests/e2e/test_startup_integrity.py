@@ -1,10 +1,11 @@
 """Start-up refuses a store or spool it cannot trust, in one line naming the file and the way out.
 
 One daemon run makes a store, a data key and a spool holding three queued messages (four
-recipients; delivery is off). Each test copies those files into a directory of its own, damages
-one, and runs the real `cmcd serve`: exit status 1, one line on stderr that names the file, no
-traceback, nothing ready. For a bad spool, `cmcd serve --accept-loss` then starts: the bad file is
-kept aside as queue.db.lost-TIME, and `cmcctl log mail` shows each of the four recipients as lost.
+recipients, in the shard of the worker that took the one session; delivery is off). Each test copies
+those files (every shard) into a directory of its own, damages one, and runs the real `cmcd serve`:
+exit status 1, one line on stderr that names the file, no traceback, nothing ready. For a bad spool
+(the shard holding the messages), `cmcd serve --accept-loss` then starts: the bad file is kept aside
+as FILE.lost-TIME, and `cmcctl log mail` shows each of the four recipients as lost.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, ca) -> Pristine:  # type:
                 c.rcpt(r)
             queued[queue_id(c.data(message(subject=f"m{n}", body="x" * BODY_BYTES)))] = rcpts
     assert d.stop() == 0
-    # the store knows its spool, and the spool carries the same id
-    assert _meta(d.root / "cmcd.db", "spool_id") == _meta(d.root / "spool" / "queue.db", "spool_id") is not None
+    assert len({d.shard_file(q) for q in queued}) == 1  # one session: one worker's shard
+    # the store knows every shard of its spool, and each shard carries the same id
+    for path in d.shards():
+        shard = path.stem.partition("-")[2]
+        key = f"spool_id.{shard}" if shard else "spool_id"
+        assert _meta(d.root / "cmcd.db", key) == _meta(path, "spool_id") is not None, path
     return Pristine(d.root, queued)
 
 
@@ -69,8 +74,19 @@ def copy(pristine: Pristine, tmp_path: Path, ca) -> Cmcd:  # type: ignore[no-unt
     for name in ("cmcd.db", "data.key"):
         shutil.copy2(pristine.root / name, d.root / name)
     (d.root / "spool").mkdir()
-    shutil.copy2(pristine.root / "spool" / "queue.db", d.root / "spool" / "queue.db")
+    for shard in (pristine.root / "spool").glob("queue*.db"):  # every worker's shard
+        shutil.copy2(shard, d.root / "spool" / shard.name)
     return d
+
+
+def _held(d: Cmcd, pristine: Pristine) -> Path:
+    """The shard file of D that holds the pristine messages."""
+    return d.shard_file(next(iter(pristine.queued)))
+
+
+def _spool_bytes(d: Cmcd) -> dict[str, bytes]:
+    """File name -> content of every shard of D's spool."""
+    return {p.name: p.read_bytes() for p in d.shards()}
 
 
 def _serve(d: Cmcd, *args: str) -> subprocess.CompletedProcess[str]:
@@ -185,7 +201,7 @@ STORE_CASES: list[tuple[str, Callable[[Cmcd], Path], tuple[str, ...]]] = [
     ("store-page-corrupt", lambda d: _do(d.root / "cmcd.db", _corrupt_page), ("store fails SQLite's quick_check",)),
     (
         "key-without-store",
-        lambda d: _do(d.root / "cmcd.db", _unlink, also=[d.root / "spool" / "queue.db"]),
+        lambda d: _do(d.root / "cmcd.db", _unlink, also=d.shards()),
         ("store is missing", "data key", "remove the key file"),
     ),
 ]
@@ -202,17 +218,14 @@ def _do(path: Path, damage: Callable[[Path], None], also: list[Path] | None = No
 def test_a_store_it_cannot_trust_stops_start_up(copy: Cmcd, damage, words) -> None:  # type: ignore[no-untyped-def]
     file = damage(copy)
     before = file.read_bytes() if file.exists() else None
-    spool_before = (
-        (copy.root / "spool" / "queue.db").read_bytes() if (copy.root / "spool" / "queue.db").exists() else None
-    )
+    spool_before = _spool_bytes(copy)
     line = _assert_refused(_serve(copy), file, *words)
     assert "cmcd restore" in line
     # --accept-loss cannot stand in for a store: refused the same way
     _assert_refused(_serve(copy, "--accept-loss"), file, *words)
     # and nothing was changed or created
     assert (file.read_bytes() if file.exists() else None) == before
-    spool = copy.root / "spool" / "queue.db"
-    assert (spool.read_bytes() if spool.exists() else None) == spool_before
+    assert _spool_bytes(copy) == spool_before
     assert (copy.root / "data.key").exists()
 
 
@@ -230,7 +243,7 @@ SPOOL_CASES: list[tuple[str, Callable[[Path], None] | None, tuple[str, ...]]] = 
 def test_a_spool_it_cannot_trust_stops_start_up_until_the_loss_is_accepted(  # type: ignore[no-untyped-def]
     copy: Cmcd, pristine: Pristine, damage, words
 ) -> None:
-    spool = copy.root / "spool" / "queue.db"
+    spool = _held(copy, pristine)
     damage(spool)
     before = spool.read_bytes() if spool.exists() else None
     line = _assert_refused(_serve(copy), spool, *words)
@@ -239,7 +252,7 @@ def test_a_spool_it_cannot_trust_stops_start_up_until_the_loss_is_accepted(  # t
 
     _start(copy, "--accept-loss")
     try:
-        aside = sorted(spool.parent.glob("queue.db.lost-*"))
+        aside = sorted(spool.parent.glob(f"{spool.name}.lost-*"))
         if before is None:
             assert aside == []
         else:
@@ -270,7 +283,7 @@ def test_accept_loss_on_an_intact_spool_loses_nothing(copy: Cmcd, pristine: Pris
     try:
         assert json.loads(_cmcctl(copy, "log", "mail", "--status", "lost", "--format", "json")) == []
         assert copy.wait_log("event=accept_loss_unused")
-        assert not list((copy.root / "spool").glob("queue.db.lost-*"))
+        assert not list((copy.root / "spool").glob("queue*.db.lost-*"))
     finally:
         assert copy.stop() == 0
     assert set(copy.spooled()) == set(pristine.queued)

@@ -107,7 +107,7 @@ def test_envelope_addresses_and_failed_passwords_are_not_stored_in_clear(make_cm
         assert spooled[qid]["recipients"] == [(rcpt, "queued"), ("plain@dst.test", "queued")]
 
     files = {p.name for p in d.root.rglob("*") if p.is_file()}
-    assert {"cmcd.db", "queue.db"} <= files
+    assert {"cmcd.db", "queue.db", *(d.shard_file(q).name for q in qids)} <= files  # the shards that hold them
     # Positive control: the scan does see what is stored in clear by design (the login name).
     assert _files_containing(d.root, LOGIN_NEEDLE.encode()), "the login name should be found in the login log"
     # The body (with its To: and Subject:) is encrypted in the spool like the envelope.
@@ -222,6 +222,7 @@ def test_store_spool_and_key_files_are_private(make_cmcd) -> None:  # type: igno
         c.sendmail("alice@acme.test", ["private@dst.test"], b"From: alice@acme.test\r\n\r\nx\r\n")
     d.stop()
     spool_dir = Path(d.config["spool"]["dir"])
-    paths = [d.root / "cmcd.db", d.root / "data.key", spool_dir, spool_dir / "queue.db"]
+    assert spool_dir / "queue.db" in d.shards()
+    paths = [d.root / "cmcd.db", d.root / "data.key", spool_dir, *d.shards()]  # every worker's shard
     for p in paths:
         assert p.stat().st_mode & 0o077 == 0, f"{p} is {oct(p.stat().st_mode)}"

@@ -27,8 +27,6 @@ from cmcd.doors import JSON_BODY_WEIGHT
 SPLIT_COUNTS = (
     "smtp.max_connections",
     "smtp.max_connections_per_ip",
-    "smtp.auth_fail_limit",
-    "smtp.auth_fail_limit_per_address",
     "delivery.connection_limit",
     "delivery.initial_concurrency",
     "delivery.max_connections",
@@ -37,6 +35,8 @@ SPLIT_COUNTS = (
 )
 #: limits per connection, message, request or shard: every worker keeps the host's value
 KEPT = (
+    "smtp.auth_fail_limit",  # counted in the store by every worker together (cmcd/submit/auth.py)
+    "smtp.auth_fail_limit_per_address",
     "smtp.max_message_size",
     "smtp.max_recipients",
     "smtp.messages_per_day",
