@@ -323,15 +323,19 @@ def from_dict(data: dict[str, Any], base_dir: str = ".") -> Config:
     return dataclasses.replace(cfg, base_dir=base_dir)
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate PATH; relative paths inside resolve against the current directory."""
+def read_data(path: str | Path) -> dict[str, Any]:
+    """PATH's TOML as a dict, not yet checked (ConfigError when it cannot be read or parsed)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError([f"cannot read config file: {exc.strerror}"]) from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"]) from None
-    return from_dict(data, base_dir=".")
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate PATH; relative paths inside resolve against the current directory."""
+    return from_dict(read_data(path), base_dir=".")

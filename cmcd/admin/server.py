@@ -42,6 +42,8 @@ log = logging.getLogger("cmcd.admin")
 
 #: longest request line accepted; a longer one is discarded and answered with an error
 MAX_LINE_BYTES = 1024 * 1024
+#: how long a shutdown waits for a request in progress (a stream to a reader that stopped reading)
+CLOSE_WAIT_S = 10.0
 #: the admin socket's mode from its creation on: owner and group (the operators) may connect
 SOCKET_MODE = 0o660
 
@@ -124,7 +126,11 @@ class SocketServer:
             if not conn.busy and conn.task is not None:
                 conn.task.cancel()
         tasks = [c.task for c in self._conns if c.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # a request in progress may finish; one stuck on a reader that stopped reading may not
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._unlink()
 
     def _unlink(self) -> None:

@@ -4,7 +4,9 @@ the supervisor only), check-config, hash-password, restore. Wires nothing itself
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import socket
 import sqlite3
 import sys
@@ -21,7 +23,7 @@ from cmcd.daemon.logs import setup_logging
 from cmcd.daemon.process import Daemon, WorkerRole, worker_socket
 from cmcd.daemon.supervisor import Supervisor
 from cmcd.daemon.wire import WorkerPeers
-from cmcd.daemon.workers import CONTROL_ENV, PARENT_ENV
+from cmcd.daemon.workers import CONFIG_ENV, CONTROL_ENV, PARENT_ENV, die_with_parent
 from cmcd.errors import CmcdError, ConfigError
 from cmcd.listening import Inherited
 
@@ -103,11 +105,16 @@ def _run_or_explain(run: Callable[[], None]) -> None:
 @click.option("--accept-loss", is_flag=True)
 def worker_command(config_path: str, index: int, workers: int, accept_loss: bool) -> None:
     """Worker INDEX of WORKERS: started by `cmcd serve`, never by hand."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the daemon handles it: a reload mid-start is no death
+    die_with_parent()
     if os.environ.get(PARENT_ENV) != str(os.getppid()):  # the supervisor died before this process began
         click.echo("cmcd worker: started by `cmcd serve` only (its supervisor is gone)", err=True)
         sys.exit(2)
-    cfg = _load(config_path)
-    # the supervisor's count, whatever the file says now (a change of workers needs a restart)
+    try:  # the supervisor's configuration, whatever the file says now (what only a restart changes stays)
+        cfg = config_mod.from_dict(json.loads(os.environ[CONFIG_ENV]))
+    except (KeyError, ValueError, ConfigError) as exc:
+        click.echo(f"cmcd worker: no usable configuration from the supervisor ({exc})", err=True)
+        sys.exit(2)
     cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, workers=workers))
     os.umask(0o077)
     setup_logging()

@@ -94,25 +94,52 @@ def summary(answers: Sequence[dict[str, Any]], top: int = 50) -> dict[str, Any]:
 def metrics(texts: Iterable[str], own: Iterable[Metric] = ()) -> list[Metric]:
     """Metric families for the host from each worker's text exposition, with OWN (the supervisor's
     families) in place of the workers' samples of the same name and labels."""
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
-            kept = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+    return MetricsMerger().merge(dict(enumerate(texts)), own)
+
+
+_MONOTONIC = frozenset({"counter", "histogram", "summary"})
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class MetricsMerger:
+    """The host's metrics from every scrape of the workers: a worker that missed a scrape
+    (restarting, slow) counts with its last figures, and a counter of a worker that restarted (its
+    value fell) goes on from where it was, so a host total never goes down (Prometheus would read
+    that as a reset of the whole host's counter)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, str] = {}  # worker -> its last text
+        self._raw: dict[int, dict[_Key, float]] = {}  # worker -> counter samples as it last said them
+        self._offset: dict[int, dict[_Key, float]] = {}  # worker -> what its earlier processes counted
+
+    def merge(self, texts: dict[int, str], own: Iterable[Metric] = ()) -> list[Metric]:
+        self._last.update(texts)
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[_Key, float]] = {}
+        for worker, text in sorted(self._last.items()):
+            raw, offset = self._raw.setdefault(worker, {}), self._offset.setdefault(worker, {})
+            for family in text_string_to_metric_families(text):
+                families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                samples = values.setdefault(family.name, {})
+                largest = family.type == "gauge" and family.name in MAX_GAUGES
+                for s in family.samples:
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    value = s.value
+                    if family.type in _MONOTONIC and not s.name.endswith("_created"):
+                        before = raw.get(key)
+                        if before is not None and value < before:  # a new process counts from 0
+                            offset[key] = offset.get(key, 0.0) + before
+                        raw[key] = value
+                        value += offset.get(key, 0.0)
+                    if key in samples:
+                        samples[key] = max(samples[key], value) if largest else samples[key] + value
+                    else:
+                        samples[key] = value
+        for family in own:
+            families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
             samples = values.setdefault(family.name, {})
-            largest = family.type == "gauge" and family.name in MAX_GAUGES
             for s in family.samples:
-                key = (s.name, tuple(sorted(s.labels.items())))
-                if key in samples:
-                    samples[key] = max(samples[key], s.value) if largest else samples[key] + s.value
-                else:
-                    samples[key] = s.value
-            kept.samples = []
-    for family in own:
-        families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-        samples = values.setdefault(family.name, {})
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    for name, family in families.items():
-        family.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
-    return list(families.values())
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        for name, family in families.items():
+            family.samples = [Sample(n, dict(labels), v) for (n, labels), v in values[name].items()]
+        return list(families.values())

@@ -10,6 +10,7 @@ Start order: store -> queue (spool) -> submit -> scheduler and delivery -> smtp 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -81,6 +82,39 @@ RESTART_ONLY = (
     "metrics.tls_cert", "metrics.tls_key", "metrics.basic_auth_users",
     "api.max_connections", "api.max_connections_per_ip", "metrics.max_connections",  # sized with the descriptors at start
 )  # fmt: skip
+
+
+def setting(data: dict[str, Any], path: str) -> Any:
+    """The value of PATH ("section.key") in a configuration as read (None: not set)."""
+    section, key = path.split(".")
+    table = data.get(section)
+    return table.get(key) if isinstance(table, dict) else None
+
+
+def keep_restart_only(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """NEW (a configuration as read) with every RESTART_ONLY setting as in OLD: a running host
+    keeps those until it restarts, whatever the file says meanwhile."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in new.items()}
+    for path in RESTART_ONLY:
+        section, key = path.split(".")
+        table = out.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue
+        value = setting(old, path)
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+    return out
+
+
+def _keeping(old: Config, new: Config, paths: tuple[str, ...]) -> Config:
+    """NEW with the settings at PATHS as in OLD."""
+    for path in paths:
+        section, key = path.split(".")
+        kept = getattr(getattr(old, section), key)
+        new = dataclasses.replace(new, **{section: dataclasses.replace(getattr(new, section), **{key: kept})})
+    return new
 
 
 def _changed(old: Config, new: Config, paths: tuple[str, ...]) -> list[str]:
@@ -188,7 +222,7 @@ class Daemon:
             cfg, spool, Router(cfg), service.suppressions,
             release=scheduler.release, wake=scheduler.wake, dsn_off=lambda: service.dsn_off,
         )  # fmt: skip
-        engine.results.ids = QueueIdGenerator(self.shard)  # a DSN is queued in this shard too
+        engine.results.ids = service.ids  # a DSN is queued in this shard too, with ids of the same counter
         spool.on_commit = scheduler.wake
         if report.inflight_requeued:
             # in flight when the last process died: the remote may have said 250 before the outcome was
@@ -235,7 +269,7 @@ class Daemon:
         resolver = make_resolver(cfg)  # for webhook URLs: dns.nameservers, never another resolver
         if cfg.api.listen:
             self.api = ApiServer(cfg, service, astore, tenancy, resolver, max_connections=fds.api_max_connections)
-            await self.api.start(inherited.take("api", cfg.api.listen))
+            await self.api.start(next(iter(inherited.take("api", cfg.api.listen)), None))  # the API: one address
         webhooks = retention = None
         if host_jobs:
             self.webhooks = webhooks = WebhookDispatcher(cfg, astore, resolver, audit=audit)
@@ -360,6 +394,7 @@ class Daemon:
         stuck = _changed(self.host_config, new, RESTART_ONLY)
         if stuck:
             log.warning("event=reload_needs_restart keys=%s", ",".join(stuck))
+        new = _keeping(self.host_config, new, RESTART_ONLY)  # in force until a restart, as the log says
         self.host_config = new
         if self.role is not None:  # this worker's share of the host's limits, from the file as read
             new = worker_share(new, self.role.index, self.role.workers)

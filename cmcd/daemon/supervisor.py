@@ -38,14 +38,14 @@ from cmcd.admin.verbs import VERBS
 from cmcd.config import Config
 from cmcd.daemon import merge
 from cmcd.daemon.logs import sd_notify
-from cmcd.daemon.process import log_loss, worker_socket
+from cmcd.daemon.process import RESTART_ONLY, keep_restart_only, log_loss, setting, worker_socket
 from cmcd.daemon.wire import Refusal, WorkerUnavailable, ask, forward
 from cmcd.daemon.workers import WorkerProcess, worker_argv
 from cmcd.doors import Door
 from cmcd.errors import CmcdError, ConfigError, UntrustedFileError
 from cmcd.listening import bind_shared, bound_name, key
 from cmcd.queue.ids import shard_of
-from cmcd.queue.startup import open_checked, prepare_store, stranded_shards
+from cmcd.queue.startup import lock_host, open_checked, prepare_store, stranded_shards
 from cmcd.shares import raised_limits
 
 log = logging.getLogger("cmcd.supervisor")
@@ -54,6 +54,11 @@ SMTP_BACKLOG = 1024
 API_BACKLOG = 512
 STOP_MARGIN_S = 10.0  # past shutdown_grace, a worker still running is killed
 STOP_ACCEPT_WAIT_S = 5.0  # a worker's word that it takes no new connection, after SIGTERM
+HEALTH_EVERY_S = 10.0  # how often every ready worker is asked for its status
+HEALTH_TIMEOUT_S = 10.0
+HEALTH_MISSES = 3  # unanswered checks in a row before a worker is killed (and restarted)
+SCRAPE_TIMEOUT_S = 5.0
+OPERATOR_TIMEOUT_S = 1800.0  # an operator's verb in a worker (a purge or retry of a large shard)
 
 #: queue verbs that fan out when they name no queue id
 _FAN_OUT = frozenset({"queue.list", "queue.summary", "queue.retry", "queue.hold", "queue.release"})
@@ -65,6 +70,8 @@ class Supervisor:
     def __init__(self, config: Config, config_path: str, notify_socket: str | None = None, accept_loss: bool = False):
         self.config = config
         self.config_path = config_path
+        #: the configuration as read (JSON): what a worker starts with; a reload keeps what only a restart changes
+        self.config_data = json.dumps(config_mod.read_data(config_path))
         self.notify_socket = notify_socket
         self.accept_loss = accept_loss
         self.n = config.server.workers
@@ -74,8 +81,10 @@ class Supervisor:
         self.stop_event = asyncio.Event()
         self.stopping = False
         self.started = time.time()
+        self._host_lock: int | None = None
         #: the /metrics listener's connections: its refusals and timeouts are shown with the workers' figures
         self.metrics_door = Door("metrics", config.metrics.max_connections)
+        self.merger = merge.MetricsMerger()
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -91,26 +100,33 @@ class Supervisor:
         self._warn_raised()
         per_worker = self._bind()
         argv = worker_argv(self.config_path, self.n, self.accept_loss)
-        self.workers = [WorkerProcess(k, argv, per_worker[k]) for k in range(self.n)]
-        for w in self.workers:
-            w.spawn()
+        self.workers = [WorkerProcess(k, argv, per_worker[k], self.config_data) for k in range(self.n)]
+        tasks: list[asyncio.Task[None]] = []
+        admin: AdminProxy | None = None
+        metrics: MetricsServer | None = None
         try:
+            for w in self.workers:
+                w.spawn()
             await self._all_ready()
             admin = AdminProxy(self)
             await admin.start()
+            metrics = MetricsServer(cfg, registry=self._registry(), door=self.metrics_door, refresh=self._scrape)
+            await metrics.start()
         except BaseException:
+            if admin is not None:
+                await admin.close()
             await self._stop_workers()
             raise
-        metrics = MetricsServer(cfg, registry=self._registry(), door=self.metrics_door, refresh=self._scrape)
-        await metrics.start()
-        watch = [loop.create_task(self._watch(w)) for w in self.workers]
+        tasks = [loop.create_task(self._watch(w)) for w in self.workers]
+        tasks.append(loop.create_task(self._health()))
         log.info(
             "event=ready version=%s pid=%d smtp=%s smtps=%s admin=%s api=%s workers=%d",
             __version__, os.getpid(), ",".join(self.bound["smtp"]) or "-", ",".join(self.bound["smtps"]) or "-",
             cfg.path(cfg.admin.socket), ",".join(self.bound["api"]) or "-", self.n,
         )  # fmt: skip
         sd_notify(self.notify_socket, "READY=1")
-        watchdog = loop.create_task(self._watchdog()) if self.notify_socket else None
+        if self.notify_socket:
+            tasks.append(loop.create_task(self._watchdog()))
         await self.stop_event.wait()
         self.stopping = True
         for sock in self.sockets:  # its copies: a listener closes once every worker has closed its own too
@@ -121,14 +137,12 @@ class Supervisor:
         await asyncio.gather(*(w.stopped_accepting(STOP_ACCEPT_WAIT_S) for w in self.workers))
         log.info("event=stopping workers=%d grace_s=%g", self.n, cfg.server.shutdown_grace)
         sd_notify(self.notify_socket, "STOPPING=1")
-        if watchdog is not None:
-            watchdog.cancel()
         await metrics.close()
         await admin.close()
         await self._stop_workers()
-        for task in watch:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*watch, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         log.info("event=stopped")
 
     def _check_files(self) -> None:
@@ -137,6 +151,7 @@ class Supervisor:
         the workers open them again, already trusted."""
         cfg = self.config
         spool_dir = cfg.path(cfg.spool.dir)
+        self._host_lock = lock_host(spool_dir)  # before anything is bound or opened: one supervisor per spool.dir
         prepare_store(cfg.path(cfg.store.path), cfg.path(cfg.store.key_file), spool_dir)
         stranded = stranded_shards(spool_dir, self.n)
         if stranded:
@@ -155,25 +170,25 @@ class Supervisor:
         for raised in raised_limits(self.config, self.n):
             log.warning("event=limit_below_workers workers=%d limit=%r", self.n, str(raised))
 
-    def _bind(self) -> list[dict[str, socket.socket]]:
+    def _bind(self) -> list[dict[str, list[socket.socket]]]:
         """Every listening address bound once per worker; worker K's sockets by key."""
         cfg = self.config
-        per_worker: list[dict[str, socket.socket]] = [{} for _ in range(self.n)]
+        per_worker: list[dict[str, list[socket.socket]]] = [{} for _ in range(self.n)]
         plan: list[tuple[str, str, int]] = [("smtp", str(a), SMTP_BACKLOG) for a in cfg.smtp.listen]
         plan += [("smtps", str(a), SMTP_BACKLOG) for a in cfg.smtp.listen_tls]
         if cfg.api.listen:
             plan.append(("api", cfg.api.listen, API_BACKLOG))
         for kind, address, backlog in plan:
             try:
-                socks = bind_shared(address, self.n, backlog)
+                sets = bind_shared(address, self.n, backlog)
             except OSError as exc:
                 for s in self.sockets:
                     s.close()
                 raise CmcdError(f"cannot listen on {address} ({kind}): {exc.strerror or exc}") from None
-            self.sockets += socks
-            self.bound[kind].append(bound_name(socks[0]))
-            for k, sock in enumerate(socks):
-                per_worker[k][key(kind, address)] = sock
+            for k, socks in enumerate(sets):
+                self.sockets += socks
+                per_worker[k][key(kind, address)] = socks
+            self.bound[kind] += [bound_name(sock) for sock in sets[0]]
         return per_worker
 
     async def _all_ready(self) -> None:
@@ -181,47 +196,82 @@ class Supervisor:
         results = await asyncio.gather(*(w.ready() for w in self.workers))
         for w, ok in zip(self.workers, results, strict=True):
             if not ok:
-                code = w.proc.poll() if w.proc is not None else None
-                raise CmcdError(
-                    f"worker {w.index} did not start ({'exit status ' + str(code) if code is not None else 'no answer'}); "
-                    "its reason is in the log above"
-                )
+                w.signal(signal.SIGKILL)  # silent for READY_TIMEOUT_S: it is not coming
+                code = await w.exited()
+                raise CmcdError(f"worker {w.index} did not start (exit status {code}); its reason is in the log above")
 
     async def _watch(self, w: WorkerProcess) -> None:
-        """Restart worker W whenever it ends while the supervisor is not stopping."""
+        """Restart worker W whenever it ends while the supervisor is not stopping; a restart that
+        fails is tried again after the next backoff, for as long as the supervisor runs."""
+        while not self.stopping:
+            try:
+                code = await w.exited()
+                if self.stopping:
+                    return
+                w.restarts += 1
+                wait = w.next_backoff()
+                log.error(
+                    "event=worker_exited worker=%d status=%d restarts=%d restart_in_s=%g",
+                    w.index, code, w.restarts, wait,
+                )  # fmt: skip
+                await asyncio.sleep(wait)  # the restart backoff
+                if self.stopping:
+                    return
+                w.spawn()
+                if await w.ready():
+                    log.info("event=worker_restarted worker=%d pid=%d", w.index, w.pid)
+                else:
+                    log.error("event=worker_restart_failed worker=%d", w.index)
+                    w.signal(signal.SIGKILL)  # ended or silent: exited() reaps it, and the loop tries again
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # spawn failed (fork, descriptors): wait, then try again
+                log.exception("event=worker_restart_error worker=%d", w.index)
+                await asyncio.sleep(w.next_backoff())
+                if w.proc is None or w.proc.returncode is not None:
+                    try:
+                        w.spawn()
+                    except Exception:
+                        log.exception("event=worker_restart_error worker=%d", w.index)
+
+    async def _health(self) -> None:
+        """A worker whose event loop does not answer for HEALTH_MISSES checks in a row is killed
+        (and restarted by _watch): the systemd watchdog only sees the supervisor's own loop."""
+        misses = [0] * self.n
         while True:
-            code = await w.exited()
-            if self.stopping:
-                return
-            w.restarts += 1
-            wait = w.next_backoff()
-            log.error(
-                "event=worker_exited worker=%d status=%d restarts=%d restart_in_s=%g", w.index, code, w.restarts, wait
-            )
-            await asyncio.sleep(wait)  # the restart backoff
-            if self.stopping:
-                return
-            w.spawn()
-            if await w.ready():
-                log.info("event=worker_restarted worker=%d pid=%d", w.index, w.pid)
-            else:
-                log.error("event=worker_restart_failed worker=%d", w.index)
-                w.signal(signal.SIGKILL)
+            await asyncio.sleep(HEALTH_EVERY_S)  # the period of the check
+            for w in self.workers:
+                if not w.up:
+                    misses[w.index] = 0
+                    continue
+                try:
+                    await ask(self.socket_of(w.index), {"verb": "status", "log": False}, timeout_s=HEALTH_TIMEOUT_S)
+                    misses[w.index] = 0
+                except (Refusal, WorkerUnavailable) as exc:
+                    misses[w.index] += 1
+                    log.warning(
+                        "event=worker_unanswered worker=%d misses=%d error=%r", w.index, misses[w.index], str(exc)
+                    )
+                    if misses[w.index] >= HEALTH_MISSES:
+                        log.error("event=worker_unresponsive worker=%d pid=%d action=kill", w.index, w.pid)
+                        w.signal(signal.SIGKILL)
+                        misses[w.index] = 0
 
     async def _stop_workers(self) -> None:
+        """SIGTERM to every worker; one that has not ended by shutdown_grace + STOP_MARGIN_S is killed."""
         self.stopping = True
         for w in self.workers:
             w.signal(signal.SIGTERM)
-        deadline = self.config.server.shutdown_grace + STOP_MARGIN_S
+        deadline = time.monotonic() + self.config.server.shutdown_grace + STOP_MARGIN_S
         for w in self.workers:
-            if w.proc is None:
+            if w.proc is None or w.proc.returncode is not None:
                 continue
             try:
-                await asyncio.wait_for(asyncio.to_thread(w.proc.wait), max(0.1, deadline))
+                await asyncio.wait_for(w.exited(), max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 log.error("event=worker_killed worker=%d pid=%d reason=stop_timeout", w.index, w.pid)
                 w.signal(signal.SIGKILL)
-                await asyncio.to_thread(w.proc.wait)
+                await w.exited()
 
     async def _watchdog(self) -> None:
         """WATCHDOG=1 at half of systemd's WatchdogSec, from the event loop: a stuck loop misses it."""
@@ -233,18 +283,28 @@ class Supervisor:
             await asyncio.sleep(usec / 2e6)
 
     async def reload(self) -> None:
-        """SIGHUP: check the file, then pass the signal to every worker (each reloads its share)."""
+        """SIGHUP: check the file, keep what only a restart changes, then pass the signal to every
+        ready worker (each reloads its share; one starting later gets the same configuration)."""
         try:
-            new = await asyncio.to_thread(config_mod.load, self.config_path)
+            fresh = await asyncio.to_thread(config_mod.read_data, self.config_path)
+            config_mod.from_dict(fresh)  # the file as it is must be valid, even where a restart is needed
+            old = json.loads(self.config_data)
+            data = keep_restart_only(old, fresh)
+            new = config_mod.from_dict(data)
         except ConfigError as exc:
             log.error("event=reload_failed problems=%r", exc.problems)
             return
-        if new.server.workers != self.n:
-            log.warning("event=reload_needs_restart keys=server.workers")
+        stuck = [path for path in RESTART_ONLY if setting(old, path) != setting(fresh, path)]
+        if stuck:
+            log.warning("event=reload_needs_restart keys=%s", ",".join(stuck))
+        self.config_data = json.dumps(data)
+        for w in self.workers:
+            w.config_data = self.config_data
         self.config = dataclasses.replace(new, server=dataclasses.replace(new.server, workers=self.n))
         self._warn_raised()
         for w in self.workers:
-            w.signal(signal.SIGHUP)
+            if w.up:
+                w.signal(signal.SIGHUP)
         log.info("event=reloaded config=%s workers=%d", self.config_path, self.n)
 
     # -- talking to workers ----------------------------------------------------------------------
@@ -252,17 +312,15 @@ class Supervisor:
     def socket_of(self, index: int) -> Any:
         return worker_socket(self.config, index)
 
-    async def ask_all(self, request: dict[str, Any]) -> list[Any]:
-        """REQUEST's result from every worker; Refusal (the first worker's error) or WorkerUnavailable."""
-        results = await asyncio.gather(
-            *(ask(self.socket_of(k), request) for k in range(self.n)), return_exceptions=True
+    async def ask_each(self, request: dict[str, Any]) -> list[Any]:
+        """REQUEST's result from every worker, in worker order: a result, or the exception
+        (Refusal, WorkerUnavailable) of a worker that refused or did not answer."""
+        return list(
+            await asyncio.gather(
+                *(ask(self.socket_of(k), request, timeout_s=OPERATOR_TIMEOUT_S) for k in range(self.n)),
+                return_exceptions=True,
+            )
         )
-        for r in results:
-            if isinstance(r, Refusal | WorkerUnavailable):
-                raise r
-            if isinstance(r, BaseException):
-                raise r
-        return list(results)
 
     # -- metrics -----------------------------------------------------------------------------------
 
@@ -272,14 +330,20 @@ class Supervisor:
         return registry
 
     async def _scrape(self) -> None:
-        texts = []
-        for k in range(self.n):
-            try:
-                texts.append((await ask(self.socket_of(k), {"verb": "worker.metrics", "log": False}))["text"])
-            except (Refusal, WorkerUnavailable) as exc:  # a worker restarting: its part is missing this once
-                log.warning("event=metrics_worker_missing worker=%d error=%r", k, str(exc))
-        # the metrics listener is the supervisor's: its door's figures, not the workers' idle ones
-        self.merged = merge.metrics(texts, own=listener_families({"metrics": self.metrics_door}))
+        """Every worker's metrics at once, each within SCRAPE_TIMEOUT_S; a worker that misses a
+        scrape (restarting, stuck) keeps its last figures (merge.MetricsMerger)."""
+        replies = await asyncio.gather(
+            *(ask(self.socket_of(k), {"verb": "worker.metrics", "log": False}, timeout_s=SCRAPE_TIMEOUT_S)
+              for k in range(self.n)),
+            return_exceptions=True,
+        )  # fmt: skip
+        texts: dict[int, str] = {}
+        for k, r in enumerate(replies):
+            if isinstance(r, dict) and isinstance(r.get("text"), str):
+                texts[k] = r["text"]
+            else:
+                log.warning("event=metrics_worker_missing worker=%d error=%r", k, str(r))
+        self.merged = self.merger.merge(texts, own=listener_families({"metrics": self.metrics_door}))
 
     merged: list[Metric] = []
 
@@ -331,12 +395,17 @@ class AdminProxy(SocketServer):
         except ValueError:
             request = None
         if not isinstance(request, dict) or not isinstance(request.get("verb"), str):
-            return await self._forward(0, line, mutation=False)  # worker 0 explains what is wrong with it
+            try:
+                return await self._forward(0, line, mutation=False)  # worker 0 explains what is wrong with it
+            except WorkerUnavailable as exc:
+                return {"ok": False, "error": _unavailable(exc)}
         verb: str = request["verb"]
         if verb not in VERBS:  # a worker's private verbs are not the operators'
             return {"ok": False, "error": f"unknown verb {verb!r}; known verbs: {', '.join(VERBS)}"}
-        request["as"] = dataclasses.asdict(caller)
-        raw_args = request.get("args")
+        # a fresh request: the supervisor alone says who asks ("as") and which rows are written
+        # ("log", "record"); an operator's own keys of that name never reach a worker
+        request = {"verb": verb, "args": request.get("args"), "as": dataclasses.asdict(caller)}
+        raw_args = request["args"]
         args: dict[str, Any] = raw_args if isinstance(raw_args, dict) else {}
         try:
             if verb == "status":
@@ -345,12 +414,17 @@ class AdminProxy(SocketServer):
             if verb in _BY_ID and queue_id is not None:
                 shard = shard_of(queue_id)
                 index = shard if shard is not None and shard < self.sup.n else 0
-                return await self._forward(index, json.dumps(request).encode(), mutation=False)
+                try:
+                    return await self._forward(index, json.dumps(request).encode(), mutation=False)
+                except WorkerUnavailable as exc:  # its worker is down: the refusal is still on record
+                    if VERBS[verb].mutation:
+                        await self._record(request, _unavailable(exc))
+                    return {"ok": False, "error": _unavailable(exc)}
             if verb in _FAN_OUT:
                 return await self._fan_out(verb, request, args)
-        except (Refusal, WorkerUnavailable) as exc:
-            return {"ok": False, "error": str(exc)}
-        return await self._forward(0, json.dumps(request).encode(), mutation=VERBS[verb].mutation)
+            return await self._forward(0, json.dumps(request).encode(), mutation=VERBS[verb].mutation)
+        except WorkerUnavailable as exc:
+            return {"ok": False, "error": _unavailable(exc)}
 
     async def _status(self) -> dict[str, Any]:
         """Every worker's status added up; a worker that is down (restarting) is listed with up: false."""
@@ -373,14 +447,18 @@ class AdminProxy(SocketServer):
         return out
 
     async def _fan_out(self, verb: str, request: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-        quiet = request | {"log": False}
         mutation = VERBS[verb].mutation
-        try:
-            answers = await self.sup.ask_all(quiet)
-        except (Refusal, WorkerUnavailable) as exc:
+        replies = await self.sup.ask_each(request | {"log": False})
+        failed = [(k, r) for k, r in enumerate(replies) if isinstance(r, BaseException)]
+        if failed:
+            done = [k for k, r in enumerate(replies) if not isinstance(r, BaseException)]
+            error = "; ".join(f"worker {k}: {r}" for k, r in failed)
+            if mutation and done:  # a change made in some shards only: say where
+                error += f" (done in worker{'s' if len(done) > 1 else ''} {', '.join(map(str, done))}; run it again)"
             if mutation or args:  # as the admin server does: a refused read that named something is on record
-                await self._record(request, str(exc))
-            raise
+                await self._record(request, error)
+            return {"ok": False, "error": error if len(failed) < len(replies) else str(failed[0][1])}
+        answers = list(replies)
         if verb == "queue.list":
             limit = args.get("limit")
             result: Any = merge.list_page(answers, limit if isinstance(limit, int) else 100)
@@ -400,10 +478,8 @@ class AdminProxy(SocketServer):
             log.exception("event=ops_log_write_failed verb=%s", request.get("verb"))
 
     async def _forward(self, index: int, line: bytes, *, mutation: bool) -> dict[str, Any]:
-        try:
-            answer = await forward(self.sup.socket_of(index), line)
-        except WorkerUnavailable as exc:
-            return {"ok": False, "error": f"{exc}; the worker may be restarting, try again"}
+        # an operator's verb may run long (a purge, a backup): a generous timer, but a timer
+        answer = await forward(self.sup.socket_of(index), line, timeout_s=OPERATOR_TIMEOUT_S)
         if answer.stream:
             return {"ok": True, "result": Stream(_relay(answer.rows()))}
         if mutation and answer.first.get("ok"):
@@ -429,6 +505,10 @@ async def _relay(rows: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str,
             yield row
     except Refusal as exc:
         raise BadRequest(str(exc)) from None
+
+
+def _unavailable(exc: WorkerUnavailable) -> str:
+    return f"{exc}; the worker may be restarting, try again"
 
 
 def _ok(result: Any) -> dict[str, Any]:

@@ -12,7 +12,9 @@ from typing import Any
 from cmcd.errors import CmcdError
 
 MAX_LINE_BYTES = 64 * 1024 * 1024  # a worker's metrics or a 10,000-row queue page fit in one line
-TIMEOUT_S = 60.0  # one request's answer (a purge of a large shard is the longest)
+TIMEOUT_S = 60.0  # one request's answer
+CONNECT_TIMEOUT_S = 10.0
+PEER_TIMEOUT_S = 1800.0  # a peer's part of a purge: erasing a large shard takes a while
 
 
 class WorkerUnavailable(CmcdError):
@@ -25,7 +27,9 @@ class Refusal(CmcdError):
 
 async def _open(path: Path, timeout_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
-        return await asyncio.wait_for(asyncio.open_unix_connection(str(path), limit=MAX_LINE_BYTES), timeout_s)
+        return await asyncio.wait_for(
+            asyncio.open_unix_connection(str(path), limit=MAX_LINE_BYTES), min(timeout_s, CONNECT_TIMEOUT_S)
+        )
     except (OSError, TimeoutError) as exc:
         raise WorkerUnavailable(f"worker socket {path.name} does not answer ({exc or 'timed out'})") from None
 
@@ -108,7 +112,9 @@ class WorkerPeers:
 
     async def each(self, verb: str, **args: Any) -> list[Any]:
         request = {"verb": verb, "args": args, "log": False}
-        results = await asyncio.gather(*(ask(p, request) for p in self.paths), return_exceptions=True)
+        results = await asyncio.gather(
+            *(ask(p, request, timeout_s=PEER_TIMEOUT_S) for p in self.paths), return_exceptions=True
+        )
         for path, r in zip(self.paths, results, strict=True):
             if isinstance(r, BaseException):
                 raise CmcdError(f"{verb}: worker {path.name} failed ({r}); run the command again") from None

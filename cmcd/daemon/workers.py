@@ -32,18 +32,21 @@ BACKOFF_MAX_S = 30.0
 STABLE_S = 60.0  # a worker that served this long starts the backoff over when it dies
 _PR_SET_PDEATHSIG = 1
 
-_libc = ctypes.CDLL(None, use_errno=True)  # looked up before any fork: the child only calls it
+CONFIG_ENV = "CMCD_CONFIG_DATA"  # the configuration the supervisor runs with, as JSON
 
 
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def die_with_parent() -> None:
+    """In a worker, first thing: the kernel kills this process when its supervisor ends (the
+    caller then checks the supervisor was still there when this took effect)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class WorkerProcess:
     """Worker INDEX: its process, its readiness, its restarts."""
 
-    def __init__(self, index: int, argv: list[str], sockets: dict[str, socket.socket]):
+    def __init__(self, index: int, argv: list[str], sockets: dict[str, list[socket.socket]], config_data: str):
         self.index = index
+        self.config_data = config_data  # JSON of the configuration every worker starts with
         self.argv = argv
         self.sockets = sockets
         self.proc: subprocess.Popen[bytes] | None = None
@@ -52,6 +55,7 @@ class WorkerProcess:
         self.started_at = 0.0
         self.ready_at = 0.0
         self.backoff_s = BACKOFF_FIRST_S
+        self.served_s = 0.0  # how long the last process served before it ended
 
     @property
     def pid(self) -> int:
@@ -59,7 +63,8 @@ class WorkerProcess:
 
     @property
     def up(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and self.ready_at > 0
+        """Ready and not known to have ended (only exited() reaps the process)."""
+        return self.proc is not None and self.proc.returncode is None and self.ready_at > 0
 
     def spawn(self) -> None:
         """Start the process (from the event loop thread: PR_SET_PDEATHSIG follows the thread that forks)."""
@@ -68,13 +73,16 @@ class WorkerProcess:
         env[LISTEN_ENV] = environment(self.sockets)
         env[CONTROL_ENV] = str(theirs.fileno())
         env[PARENT_ENV] = str(os.getpid())
+        env[CONFIG_ENV] = self.config_data
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cmcd.daemon", "worker", *self.argv, "--index", str(self.index)],
                 env=env, stdin=subprocess.DEVNULL,
-                pass_fds=[theirs.fileno(), *(s.fileno() for s in self.sockets.values())],
-                preexec_fn=_die_with_parent,
+                pass_fds=[theirs.fileno(), *(s.fileno() for socks in self.sockets.values() for s in socks)],
             )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.control = ours
@@ -112,7 +120,12 @@ class WorkerProcess:
         assert self.proc is not None
         proc = self.proc
         loop = asyncio.get_running_loop()
-        fd = os.pidfd_open(proc.pid)
+        if proc.returncode is not None:
+            return self._ended(proc.returncode)
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except ProcessLookupError:  # already gone and reaped
+            return self._ended(await asyncio.to_thread(proc.wait))
         done: asyncio.Future[None] = loop.create_future()
 
         def ended() -> None:
@@ -126,23 +139,28 @@ class WorkerProcess:
         finally:
             loop.remove_reader(fd)
             os.close(fd)
-        code = proc.wait()
+        return self._ended(proc.wait())
+
+    def _ended(self, code: int) -> int:
         if self.control is not None:
             self.control.close()
             self.control = None
+        self.served_s = time.monotonic() - self.ready_at if self.ready_at else 0.0
+        self.ready_at = 0.0
         return code
 
     def signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """Send SIG unless the process is known to be reaped (never poll(): exited() reaps)."""
+        if self.proc is not None and self.proc.returncode is None:
             try:
-                self.proc.send_signal(sig)
+                os.kill(self.proc.pid, sig)
             except ProcessLookupError:
                 pass
 
     def next_backoff(self) -> float:
         """The wait before the next start: doubling from BACKOFF_FIRST_S up to BACKOFF_MAX_S, back to
         the first after a run of STABLE_S."""
-        if self.ready_at and time.monotonic() - self.ready_at >= STABLE_S:
+        if self.served_s >= STABLE_S:
             self.backoff_s = BACKOFF_FIRST_S
         wait = self.backoff_s
         self.backoff_s = min(BACKOFF_MAX_S, self.backoff_s * 2)

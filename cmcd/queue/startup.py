@@ -83,6 +83,21 @@ def stranded_shards(spool_dir: Path, workers: int) -> list[str]:
     return out
 
 
+def lock_host(spool_dir: Path) -> int:
+    """Hold SPOOL_DIR for this supervisor (an exclusive flock on spool.dir/supervisor.lock, released
+    when it ends): a second `cmcd serve` on the same spool stops before it binds or opens anything."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(spool_dir / "supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UntrustedFileError(
+            f"{spool_dir / 'supervisor.lock'}: another cmcd is running on this spool.dir (is cmcd already running?)"
+        ) from None
+    return fd
+
+
 def lock_shard(spool_dir: Path, shard: int, wait_s: float = LOCK_WAIT_S) -> int:
     """Hold spool shard SHARD for this process (an exclusive flock on its .lock file, released when
     the process ends, kill -9 too); wait up to WAIT_S for another process to let go, then raise

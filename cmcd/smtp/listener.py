@@ -61,18 +61,23 @@ class SmtpListeners:
                 tls = ctx.tls_context if implicit else None
                 handshake = HANDSHAKE_TIMEOUT_S if implicit else None
                 factory = functools.partial(SubmissionSMTP, ctx, implicit_tls=implicit)
-                sock = self.inherited.take(kind, hp)  # a worker's: the supervisor bound it
-                if sock is not None:
-                    server = await loop.create_server(factory, sock=sock, ssl=tls, ssl_handshake_timeout=handshake)
-                else:
+                servers = [
+                    await loop.create_server(factory, sock=sock, ssl=tls, ssl_handshake_timeout=handshake)
+                    for sock in self.inherited.take(kind, hp)  # a worker's: the supervisor bound them
+                ]
+                if not servers:
                     host, port = split_hostport(hp)
-                    server = await loop.create_server(
-                        factory, host, port, ssl=tls, ssl_handshake_timeout=handshake, backlog=1024, reuse_address=True
+                    servers.append(
+                        await loop.create_server(
+                            factory, host, port, ssl=tls, ssl_handshake_timeout=handshake, backlog=1024,
+                            reuse_address=True,
+                        )  # fmt: skip
                     )
-                self.servers.append(server)
-                for sock in server.sockets:
-                    name = sock.getsockname()
-                    self.bound[kind].append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+                for server in servers:
+                    self.servers.append(server)
+                    for sock in server.sockets:
+                        name = sock.getsockname()
+                        self.bound[kind].append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
 
     def stop_accepting(self) -> None:
         """No new connection from now on (the first step of a shutdown); sessions go on."""

@@ -56,6 +56,10 @@ def block_size(quota: int, workers: int) -> int:
     return max(1, min(MAX_BLOCK, quota // (4 * max(1, workers))))
 
 
+#: store round trips one take() makes before it gives up (a grant of nothing that is no refusal)
+MAX_ASKS = 3
+
+
 class LeaseUnavailable(Exception):
     """The lease was short and the store could not be asked for more (it is logged)."""
 
@@ -106,6 +110,7 @@ class Leases:
         Raises LeaseUnavailable when the store had to be asked and could not be."""
         key = (tenant_id, day)
         lease = self._lease(key)
+        asked = 0
         while True:
             lowered = quota < lease.quota and lease.left > 0  # since the store last answered: ask it first
             if not lowered and lease.left >= n:
@@ -118,7 +123,10 @@ class Leases:
                 await self._ask(key, lease, 0, quota, now)
             elif lease.quota == quota and self._believed(lease, now) and self._known_room(lease, quota) < n:
                 return False
+            elif asked >= MAX_ASKS:  # the store grants nothing and refuses nothing: a tenant purged meanwhile
+                return False
             else:
+                asked += 1
                 await self._ask(key, lease, max(self.block(quota), n) - lease.left, quota, now)
             if self._leases.get(key) is not lease:  # forgotten meanwhile (a purge, a new day): start again
                 lease = self._lease(key)

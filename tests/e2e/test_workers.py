@@ -290,22 +290,36 @@ def test_fewer_workers_than_shards_holding_mail_is_refused_by_name(make_cmcd: An
 # -- the sockets a supervisor binds for its workers (cmcd/listening.py) --------------------------------
 
 
-def test_one_port_for_every_copy_and_a_worker_finds_its_socket() -> None:
-    socks = bind_shared("127.0.0.1:0", 3, 16)
+def test_one_port_for_every_copy_and_a_worker_finds_its_sockets() -> None:
+    sets = bind_shared("127.0.0.1:0", 3, 16)
+    socks = [s for one in sets for s in one]
     try:
+        assert [len(one) for one in sets] == [1, 1, 1]
         ports = {s.getsockname()[1] for s in socks}
         assert len(ports) == 1 and all(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in socks)
         address = bound_name(socks[0])
         with socket.create_connection(("127.0.0.1", ports.pop()), timeout=5):
             pass  # the kernel put it in one of the copies' queues
-        inherited = Inherited(environment({key("smtp", "127.0.0.1:0"): socks[1]}))
-        assert inherited.take("smtps", "127.0.0.1:0") is None
-        taken = inherited.take("smtp", "127.0.0.1:0")
-        assert taken is not None and bound_name(taken) == address
-        taken.detach()  # the same descriptor as socks[1]: closed once, below
+        inherited = Inherited(environment({key("smtp", "127.0.0.1:0"): sets[1]}))
+        assert inherited.take("smtps", "127.0.0.1:0") == []
+        (taken,) = inherited.take("smtp", "127.0.0.1:0")
+        assert bound_name(taken) == address
+        taken.detach()  # the same descriptor as sets[1][0]: closed once, below
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_host_name_binds_every_address_it_resolves_to() -> None:
+    want = {info[4][0] for info in socket.getaddrinfo("localhost", 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)}
+    sets = bind_shared("localhost:0", 2, 16)
+    try:
+        assert [{s.getsockname()[0] for s in one} for one in sets] == [want, want]
+        assert len({s.getsockname()[1] for one in sets for s in one}) == 1
+    finally:
+        for one in sets:
+            for s in one:
+                s.close()
 
 
 def test_an_address_in_use_by_another_listener_is_refused() -> None:

@@ -110,3 +110,33 @@ def test_queue_figures_of_shards_add_up_with_the_oldest_message_of_all() -> None
     got = add_figures([one, two, none])
     assert got == QueueFigures({"queued": 3, "held": 3}, 100.0, 15, {"mail": 1})
     assert add_figures([none]).oldest_received is None
+
+
+def test_a_restarted_workers_counters_go_on_from_where_they_were() -> None:
+    merger = merge.MetricsMerger()
+
+    def accepted(texts: dict[int, str]) -> float:
+        families = merger.merge(texts)
+        return next(s.value for f in families for s in f.samples if s.name == "cmcd_messages_accepted_total")
+
+    def count(n: float) -> str:
+        return _text(("cmcd_messages_accepted", "counter", {}, n))
+
+    assert accepted({0: count(10), 1: count(5)}) == 15
+    assert accepted({0: count(12)}) == 17  # worker 1 missed the scrape: its last figure stands
+    assert accepted({0: count(13), 1: count(2)}) == 13 + 5 + 2  # worker 1 restarted: it counts from 0 again
+    assert accepted({0: count(14), 1: count(3)}) == 14 + 5 + 3
+
+
+def test_a_reload_keeps_what_only_a_restart_changes() -> None:
+    from cmcd.daemon.process import RESTART_ONLY, keep_restart_only, setting
+
+    old = {"server": {"workers": 2, "hostname": "a.test"}, "admin": {"socket": "/run/a.sock"}}
+    new = {"server": {"workers": 4, "hostname": "b.test"}, "admin": {}, "spool": {"dir": "/other"}}
+    kept = keep_restart_only(old, new)
+    assert kept["server"] == {"workers": 2, "hostname": "b.test"}
+    assert kept["admin"] == {"socket": "/run/a.sock"}
+    assert "dir" not in kept["spool"]  # not set at start: the default stays
+    assert {"server.workers", "admin.socket", "spool.dir"} <= set(RESTART_ONLY)
+    assert setting(kept, "server.hostname") == "b.test" and setting(kept, "nosuch.key") is None
+    assert new["server"]["workers"] == 4, "the file as read is not changed"
