@@ -69,7 +69,12 @@ class SmtpListeners:
                     host, port = split_hostport(hp)
                     servers.append(
                         await loop.create_server(
-                            factory, host, port, ssl=tls, ssl_handshake_timeout=handshake, backlog=1024,
+                            factory,
+                            host,
+                            port,
+                            ssl=tls,
+                            ssl_handshake_timeout=handshake,
+                            backlog=1024,
                             reuse_address=True,
                         )  # fmt: skip
                     )
