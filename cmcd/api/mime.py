@@ -79,6 +79,51 @@ class Mailbox:
     def header(self) -> Address:
         return Address(display_name=self.name, username=self.local, domain=self.domain)
 
+    @property
+    def needs_encoding(self) -> bool:
+        return bool(self.name) and (not self.name.isascii() or "=?" in self.name)
+
+
+def _encoded_words(text: str, max_bytes: int = 45) -> list[str]:
+    """TEXT as RFC 2047 "B" encoded words of at most MAX_BYTES UTF-8 bytes each (72 characters),
+    split between characters only: every character, spaces included, is inside a word, so a
+    decoder (which drops the white space between encoded words) gives TEXT back exactly."""
+    words, chunk = [], b""
+    for ch in text:
+        b = ch.encode("utf-8")
+        if chunk and len(chunk) + len(b) > max_bytes:
+            words.append(chunk)
+            chunk = b""
+        chunk += b
+    if chunk:
+        words.append(chunk)
+    return ["=?utf-8?b?" + binascii.b2a_base64(w, newline=False).decode("ascii") + "?=" for w in words]
+
+
+def _encoded_mailboxes(name: str, boxes: Sequence[Mailbox]) -> bytes:
+    """An address header whose display names need encoding, folded by hand: the email package
+    folds such a name between encoded words and loses the space there ("A : B" becomes "A: B")."""
+    lines = [f"{name}:"]
+    for i, box in enumerate(boxes):
+        parts = (_encoded_words(box.name) if box.name else []) + [f"<{box.addr}>" if box.name else box.addr]
+        if i < len(boxes) - 1:
+            parts[-1] += ","
+        for part in parts:
+            if len(lines[-1]) + 1 + len(part) <= 78 or lines[-1] == f"{name}:":
+                lines[-1] += " " + part
+            else:
+                lines.append(" " + part)
+    return "\r\n".join(lines).encode("ascii") + _CRLF
+
+
+def _set_mailboxes(msg: EmailMessage, name: str, boxes: Sequence[Mailbox]) -> None:
+    if any(b.needs_encoding for b in boxes):  # as written here, never refolded (ASCII, lines within 78)
+        msg.set_raw(name, _encoded_mailboxes(name, boxes).decode("ascii")[len(name) + 2 : -2])
+    elif len(boxes) == 1:
+        msg[name] = boxes[0].header()
+    else:
+        msg[name] = [b.header() for b in boxes]
+
 
 def attachment_part(data: bytes, maintype: str, subtype: str, filename: str) -> MIMEPart:
     """An attachment as a MIME part, encoded once (every message of a mail merge shares it)."""
@@ -109,12 +154,12 @@ def render(
 ) -> bytes:
     """The message's CRLF bytes, written by the email package (the caller checks line lengths and size)."""
     msg = EmailMessage(policy=_BUILD_POLICY)
-    msg["From"] = sender.header()
-    msg["To"] = [m.header() for m in to]
+    _set_mailboxes(msg, "From", [sender])
+    _set_mailboxes(msg, "To", to)
     if cc:
-        msg["Cc"] = [m.header() for m in cc]
+        _set_mailboxes(msg, "Cc", cc)
     if reply_to is not None:
-        msg["Reply-To"] = reply_to.header()
+        _set_mailboxes(msg, "Reply-To", [reply_to])
     msg["Subject"] = subject
     msg["Date"] = format_datetime(now)
     msg["Message-ID"] = make_msgid(domain=sender.domain.lower())
@@ -157,6 +202,8 @@ def _mailbox_header(name: str, box: Mailbox) -> bytes:
         line = f"{name}: {phrase} <{box.addr}>"
     if line and len(line) <= 78:
         return line.encode("ascii") + _CRLF
+    if box.needs_encoding:
+        return _encoded_mailboxes(name, [box])
     return _fold_with_email(name, box.header())
 
 

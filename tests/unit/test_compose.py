@@ -378,6 +378,22 @@ def test_any_subject_and_name_round_trip_in_both_paths(subject: str, name: str) 
         assert msg["To"].addresses[0].addr_spec == "bob@example.test"
 
 
+@pytest.mark.parametrize(
+    "name", ["000" + "\u0800" * 14 + " : \u00a1", "Zoë  two  spaces", "=?not?encoded?=", ("日本語 " * 12).strip()]
+)
+def test_a_display_name_split_over_encoded_words_keeps_every_space(name: str) -> None:
+    # found by the property above: the email package folded such a name between two encoded words
+    # at a space, and a decoder drops white space there ("A : B" came back as "A: B")
+    to = {"email": "bob@example.test", "name": name}
+    c = compose_one(req(to=[to], cc=[to]), max_size=MAX)
+    [b] = compose_bulk(
+        {"from": "news@acme.test", "subject": "s", "text": "t", "recipients": [{"to": to}]}, max_size=MAX
+    )
+    for body in (c.body, b.body):
+        assert_wire_clean(body)
+        assert display_name(body, "To") == name
+
+
 # --- mail merge --------------------------------------------------------------------------------------------------
 
 
