@@ -528,11 +528,13 @@ def daemon_toml(
     nameserver: str = "127.0.0.1:9",
     comment: str = "every domain is routed",
     workers: int | None = None,
+    metrics_listen: str = "",
 ) -> str:
     """A benchmark daemon's configuration, everything under TMP and on loopback: limits off,
-    metrics off, DNS at NAMESERVER (where nothing answers), DELIVERY ("key = value" lines) and
-    ROUTES (domain -> "host:port") for [delivery]; [server] workers = WORKERS when given (else
-    the key is left out and cmcd's default applies). Shared by relay.py, api.py and soak.py."""
+    metrics off unless METRICS_LISTEN ("host:port"), DNS at NAMESERVER (where nothing answers),
+    DELIVERY ("key = value" lines) and ROUTES (domain -> "host:port") for [delivery]; [server]
+    workers = WORKERS when given (else the key is left out and cmcd's default applies). Shared by
+    relay.py, api.py, soak.py and store_contention.py."""
     q = toml_str
     workers_line = f"workers = {workers}\n" if workers else ""
     route_lines = "".join(f"{q(d)} = {q(t)}\n" for d, t in routes.items())
@@ -560,7 +562,7 @@ path = {q(str(tmp / "cmcd.db"))}
 key_file = {q(str(tmp / "data.key"))}
 
 [metrics]
-listen = ""
+listen = {q(metrics_listen)}
 
 [admin]
 socket = {q(str(tmp / "admin.sock"))}
