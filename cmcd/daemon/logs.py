@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import socket
 import time
 
@@ -49,3 +51,13 @@ def sd_notify(notify_socket: str | None, message: str) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.connect(addr)
         s.sendall(message.encode())
+
+
+async def watchdog(notify_socket: str | None) -> None:
+    """WATCHDOG=1 at half of systemd's WatchdogSec, from the event loop: a stuck loop misses it."""
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if usec <= 0 or not notify_socket:
+        return
+    while True:
+        sd_notify(notify_socket, "WATCHDOG=1")
+        await asyncio.sleep(usec / 2e6)

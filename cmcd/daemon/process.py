@@ -35,7 +35,7 @@ from cmcd.admin.worker_verbs import WORKER_VERBS
 from cmcd.api.server import ApiServer
 from cmcd.api.webhooks import WebhookDispatcher
 from cmcd.config import Config
-from cmcd.daemon.logs import sd_notify
+from cmcd.daemon.logs import sd_notify, watchdog
 from cmcd.deliver.engine import DeliveryEngine
 from cmcd.deliver.routing import Router, make_resolver
 from cmcd.errors import ConfigError, StoreError, UntrustedFileError
@@ -335,10 +335,10 @@ class Daemon:
             f"{cfg.api.listen.rpartition(':')[0]}:{self.api.port}" if self.api is not None else "-",
         )
         sd_notify(self.notify_socket, "READY=1")
-        watchdog = asyncio.get_running_loop().create_task(self._watchdog()) if self.notify_socket else None
+        pinger = asyncio.get_running_loop().create_task(watchdog(self.notify_socket)) if self.notify_socket else None
         await self.stop_event.wait()
-        if watchdog is not None:
-            watchdog.cancel()
+        if pinger is not None:
+            pinger.cancel()
 
     async def _serve_as_worker(self, role: WorkerRole, smtp: SmtpListeners) -> None:
         """Tell the supervisor this worker serves; stop when told to, or when the supervisor is gone."""
@@ -369,15 +369,6 @@ class Daemon:
             self.stop_event.set()
         await self.stop_event.wait()
         loop.remove_reader(role.control.fileno())
-
-    async def _watchdog(self) -> None:
-        """WATCHDOG=1 at half of systemd's WatchdogSec, from the event loop: a stuck loop misses it."""
-        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        if usec <= 0:
-            return
-        while True:
-            sd_notify(self.notify_socket, "WATCHDOG=1")
-            await asyncio.sleep(usec / 2e6)
 
     async def reload(self) -> None:
         """SIGHUP: read the configuration again and apply what can change while running: limits,

@@ -37,7 +37,7 @@ from cmcd.admin.verb import BadRequest, Caller, Stream
 from cmcd.admin.verbs import VERBS
 from cmcd.config import Config
 from cmcd.daemon import merge
-from cmcd.daemon.logs import sd_notify
+from cmcd.daemon.logs import sd_notify, watchdog
 from cmcd.daemon.process import RESTART_ONLY, keep_restart_only, log_loss, setting, worker_socket
 from cmcd.daemon.wire import Refusal, WorkerUnavailable, ask, forward
 from cmcd.daemon.workers import WorkerProcess, worker_argv
@@ -126,7 +126,7 @@ class Supervisor:
         )  # fmt: skip
         sd_notify(self.notify_socket, "READY=1")
         if self.notify_socket:
-            tasks.append(loop.create_task(self._watchdog()))
+            tasks.append(loop.create_task(watchdog(self.notify_socket)))
         await self.stop_event.wait()
         self.stopping = True
         for sock in self.sockets:  # its copies: a listener closes once every worker has closed its own too
@@ -272,15 +272,6 @@ class Supervisor:
                 log.error("event=worker_killed worker=%d pid=%d reason=stop_timeout", w.index, w.pid)
                 w.signal(signal.SIGKILL)
                 await w.exited()
-
-    async def _watchdog(self) -> None:
-        """WATCHDOG=1 at half of systemd's WatchdogSec, from the event loop: a stuck loop misses it."""
-        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        if usec <= 0:
-            return
-        while True:
-            sd_notify(self.notify_socket, "WATCHDOG=1")
-            await asyncio.sleep(usec / 2e6)
 
     async def reload(self) -> None:
         """SIGHUP: check the file, keep what only a restart changes, then pass the signal to every

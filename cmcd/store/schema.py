@@ -264,13 +264,15 @@ MIGRATIONS: list[str] = [
     """,
     # 13: failed logins every worker process counts together (cmcd/store/throttle_store.py): one
     # row per failure and per key it counts against (an address, a login from it, a user's bad
-    # one-time codes), the key an HMAC; dropped once past their window
+    # one-time codes), the key an HMAC; dropped once past their window; pending: a check under way
+    # (a password being checked), a failure only once confirmed
     """
     CREATE TABLE login_failures (
         id INTEGER PRIMARY KEY,
         key_hmac BLOB NOT NULL,
         ts REAL NOT NULL,
-        until REAL NOT NULL
+        until REAL NOT NULL,
+        pending INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX login_failures_key ON login_failures(key_hmac, ts);
     CREATE INDEX login_failures_until ON login_failures(until);

@@ -36,6 +36,9 @@ class FailureClaim:
     held: int | None
     rows: tuple[int, ...]
     counts: tuple[int, ...]
+    #: with pending claims: nothing added because checks under way would reach the limit of
+    #: this key if they failed (the index); ask again once they are settled
+    busy: int | None = None
 
 
 class ThrottleStore:
@@ -49,11 +52,13 @@ class ThrottleStore:
             :16
         ]
 
-    def _failure_counts(self, digests: Sequence[bytes], since: float) -> tuple[int, ...]:
+    def _failure_counts(self, digests: Sequence[bytes], since: float, *, pending: bool = False) -> tuple[int, ...]:
+        """Each key's failures since SINCE; PENDING: its checks under way instead."""
         return tuple(
             int(
                 self.conn.execute(
-                    "SELECT COUNT(*) FROM login_failures WHERE key_hmac = ? AND ts > ?", (digest, since)
+                    "SELECT COUNT(*) FROM login_failures WHERE key_hmac = ? AND ts > ? AND pending = ?",
+                    (digest, since, int(pending)),
                 ).fetchone()[0]
             )
             for digest in digests
@@ -64,23 +69,52 @@ class ThrottleStore:
         return self._failure_counts([self._failure_key(k) for k in keys], now - window_s)
 
     def failure_claim(
-        self, limits: Sequence[tuple[str, int]], window_s: float, now: float, *, instead: str | None = None
+        self,
+        limits: Sequence[tuple[str, int]],
+        window_s: float,
+        now: float,
+        *,
+        instead: str | None = None,
+        pending: bool = False,
     ) -> FailureClaim:
         """In one write transaction: unless a key of LIMITS ((key, limit); a limit of 0 or less is
         none) already has its limit of failures within WINDOW_S, add one failure at NOW to every
         key. A reached limit adds nothing, or, with INSTEAD, one row under that key (counted for no
-        one), so the transaction writes the same whether a limit held or not."""
+        one), so the transaction writes the same whether a limit held or not.
+
+        PENDING: the rows are checks under way (a password being checked), failures only once
+        failure_confirm() says so, and nothing is added while the checks already under way would
+        reach a limit if they all failed (busy: ask again when they are settled). So logins that
+        run at once are never refused for each other's claims, and guesses that run at once on
+        every worker still get no more checks than the limit."""
         digests = [self._failure_key(k) for k, _ in limits]
         with lock_wait(self.conn), transaction(self.conn):
             self.conn.execute("DELETE FROM login_failures WHERE until < ?", (now,))
             counts = self._failure_counts(digests, now - window_s)
+            under_way = self._failure_counts(digests, now - window_s, pending=True)
+            if not pending:  # a claim that is its failure at once: what is under way counts too
+                counts = tuple(a + b for a, b in zip(counts, under_way, strict=True))
             held = next((i for i, (n, (_, limit)) in enumerate(zip(counts, limits)) if 0 < limit <= n), None)
             if held is not None:
                 if instead is not None:
                     self._add_failures([self._failure_key(instead)], window_s, now)
                 return FailureClaim(held, (), counts)
-            rows = self._add_failures(digests, window_s, now)
-        return FailureClaim(None, rows, tuple(n + 1 for n in counts))
+            if pending:
+                busy = next(
+                    (i for i, (n, w, (_, limit)) in enumerate(zip(counts, under_way, limits)) if 0 < limit <= n + w),
+                    None,
+                )
+                if busy is not None:
+                    return FailureClaim(None, (), counts, busy=busy)
+            rows = self._add_failures(digests, window_s, now, pending=pending)
+        return FailureClaim(None, rows, tuple(n + w + 1 for n, w in zip(counts, under_way, strict=True)))
+
+    def failure_confirm(self, rows: Sequence[int]) -> None:
+        """Checks claimed pending (ROWS) failed: they count as failures now."""
+        if not rows:
+            return
+        with lock_wait(self.conn), transaction(self.conn):
+            self.conn.executemany("UPDATE login_failures SET pending = 0 WHERE id = ?", [(r,) for r in rows])
 
     def failure_add(self, keys: Sequence[str], window_s: float, now: float) -> tuple[int, ...]:
         """One failure at NOW for each of KEYS, whatever the counts: a failure found after the fact.
@@ -98,11 +132,14 @@ class ThrottleStore:
         with lock_wait(self.conn), transaction(self.conn):
             self.conn.executemany("DELETE FROM login_failures WHERE id = ?", [(r,) for r in rows])
 
-    def _add_failures(self, digests: Sequence[bytes], window_s: float, now: float) -> tuple[int, ...]:
+    def _add_failures(
+        self, digests: Sequence[bytes], window_s: float, now: float, *, pending: bool = False
+    ) -> tuple[int, ...]:
         rows = []
         for digest in digests:
             cur = self.conn.execute(
-                "INSERT INTO login_failures(key_hmac, ts, until) VALUES (?,?,?)", (digest, now, now + window_s)
+                "INSERT INTO login_failures(key_hmac, ts, until, pending) VALUES (?,?,?,?)",
+                (digest, now, now + window_s, int(pending)),
             )
             assert cur.lastrowid is not None
             rows.append(cur.lastrowid)

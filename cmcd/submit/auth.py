@@ -51,6 +51,10 @@ PURGED_LOGIN = "(login of a purged tenant)"
 
 #: what the index of a limit of Authenticator._limits names, in the login log and the warning
 _LIMIT_NAMES = ("address", "login")
+#: a login whose check could make the limit with the checks already under way waits for them
+#: (each a scrypt, milliseconds) at most this long, asking the store every CLAIM_POLL_S
+CLAIM_WAIT_S = 5.0
+CLAIM_POLL_S = 0.02
 
 
 def throttle_key(client_ip: str) -> str:
@@ -114,6 +118,7 @@ class Authenticator:
         #: process's own count, added to the store's (empty while the store can be written)
         self._local_failures = policy.SlidingWindow(config().smtp.auth_fail_window)
         self._local_pending: dict[str, int] = {}
+        self._confirming: set[asyncio.Task[None]] = set()  # failures being written to the store
         self._store_failing = False  # the last write of a failure failed (logged once, until one works)
         self._pending_logins: list[LoginRecord] = []
         self._flush_task: asyncio.Task[None] | None = None
@@ -392,7 +397,15 @@ class Authenticator:
         window = self.config.smtp.auth_fail_window
         left = [(k, limit - n if limit > 0 else limit) for (k, limit), n in zip(limits, local, strict=True)]
         try:
-            got = await self.astore.call(self.astore.store.failure_claim, left, window, now)
+            waited = 0.0
+            while True:  # checks under way that could reach a limit: wait for them to settle
+                got = await self.astore.call(self.astore.store.failure_claim, left, window, now, pending=True)
+                if got.busy is None:
+                    break
+                if waited >= CLAIM_WAIT_S:  # they did not settle in time: held as if they had failed
+                    return _LIMIT_NAMES[got.busy]
+                await asyncio.sleep(CLAIM_POLL_S)  # polling the store: the other checks are in other processes
+                waited += CLAIM_POLL_S
         except (sqlite3.Error, StoreError) as exc:
             self._store_failed(exc)
             shares = self._shares(limits)
@@ -419,6 +432,16 @@ class Authenticator:
             for k in claim.keys:
                 self._unpend(k)
                 self._local_failures.add(k, now)
+        elif claim.rows:  # the claim was a check under way: it is a failure now
+            task = asyncio.get_running_loop().create_task(self._confirm(claim.rows))
+            self._confirming.add(task)
+            task.add_done_callback(self._confirming.discard)
+
+    async def _confirm(self, rows: tuple[int, ...]) -> None:
+        try:
+            await self.astore.call(self.astore.store.failure_confirm, rows)
+        except (sqlite3.Error, StoreError) as exc:  # pending rows still hold back checks until they age out
+            log.warning("event=auth_throttle_confirm_failed error=%r", str(exc))
 
     async def release(self, claim: Claim) -> None:
         """The check CLAIM was made for succeeded: its failure is given back."""

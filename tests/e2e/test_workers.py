@@ -266,6 +266,27 @@ def test_the_daily_quota_holds_across_workers_and_a_restart(make_cmcd: Any) -> N
     assert len(d.spooled()) == 10
 
 
+def test_many_right_logins_at_once_from_one_address_are_not_throttled(make_cmcd: Any) -> None:
+    # a check under way is claimed in the store before scrypt (so guesses at once on every worker
+    # get no more checks than the limit); logins at once wait for each other's checks, none is refused
+    d = make_cmcd(WORKERS | {"smtp": {"auth_fail_limit": 3, "auth_fail_limit_per_address": 5, "auth_cache_ttl": 0}})
+    results: list[object] = []
+
+    def login() -> None:
+        try:
+            d.smtp().quit()
+            results.append("ok")
+        except (smtplib.SMTPException, OSError) as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=login) for _ in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == ["ok"] * 30
+
+
 def test_fewer_workers_than_shards_holding_mail_is_refused_by_name(make_cmcd: Any) -> None:
     d = make_cmcd(WORKERS)
     for c in one_per_worker(d).values():
