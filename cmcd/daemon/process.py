@@ -62,6 +62,9 @@ def worker_socket(config: Config, index: int) -> Path:
     return path.with_name(f"{path.name}.w{index}")
 
 
+EXIT_SUPERVISOR_GONE = 70
+
+
 @dataclass
 class WorkerRole:
     """What makes a process worker INDEX of WORKERS under a supervisor."""
@@ -357,10 +360,11 @@ class Daemon:
                 return
             except OSError:
                 data = b""
-            if not data:  # the supervisor is gone (kill -9 too): no worker outlives it
-                loop.remove_reader(role.control.fileno())
-                log.warning("event=supervisor_gone worker=%d", role.index)
-                self.stop_event.set()
+            if not data:  # the supervisor is gone (kill -9: the kernel's SIGKILL follows a moment later)
+                # end now, as that SIGKILL would: no graceful stop (no 421 to clients) in the moment
+                # between; the spool is durable and the next worker requeues what was in flight
+                log.warning("event=supervisor_gone worker=%d action=exit", role.index)
+                os._exit(EXIT_SUPERVISOR_GONE)
 
         loop.add_reader(role.control.fileno(), readable)
         try:
