@@ -85,6 +85,7 @@ class Supervisor:
         #: the /metrics listener's connections: its refusals and timeouts are shown with the workers' figures
         self.metrics_door = Door("metrics", config.metrics.max_connections)
         self.merger = merge.MetricsMerger()
+        self.merged: list[Metric] = []  # the host's families as last scraped
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -335,8 +336,6 @@ class Supervisor:
             else:
                 log.warning("event=metrics_worker_missing worker=%d error=%r", k, str(r))
         self.merged = self.merger.merge(texts, own=listener_families({"metrics": self.metrics_door}))
-
-    merged: list[Metric] = []
 
 
 class _HostCollector(Collector):

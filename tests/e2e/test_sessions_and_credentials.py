@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AdminError, Cmcd, message, queue_id
+from tests.conftest import AdminError, Cmcd, message, queue_id, wait_until
 
 pyotp = pytest.importorskip("pyotp")
 
@@ -87,14 +87,7 @@ def auth_plain(c: smtplib.SMTP, user: str, password: str) -> tuple[int, str]:
 
 
 def wait_for(what: str, done: Any, timeout: float = 10) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = done()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    return wait_until(done, what, timeout)
 
 
 @pytest.fixture(scope="module")
