@@ -86,6 +86,8 @@ def split_hostport(value: str) -> tuple[str, int]:
 class ServerConfig:
     hostname: str = "localhost"
     timezone: str = "UTC"
+    #: where the console's "contact the operator" form is mailed ("" keeps inquiries in the operation log only)
+    operator_address: str = ""
     #: seconds SIGTERM waits for open transactions before exiting
     shutdown_grace: Duration = Duration(30)
     #: worker processes, each with its own spool shard (1: a single process, no supervisor)
@@ -269,6 +271,11 @@ class ApiConfig:
     listen: str = ""
     #: lifetime of a session token from a tenant admin's password + TOTP login
     session_ttl: Duration = Duration(3600)
+    #: a console sign-in lasts at most this, and ends after console_idle_timeout without a request
+    console_session_ttl: Duration = Duration(8 * 3600)
+    console_idle_timeout: Duration = Duration(1800)
+    #: tenant admins may add and remove their users' IP credentials in the console (else: view only)
+    console_ip_credentials: bool = False
     #: how long an Idempotency-Key and its response are kept
     idempotency_ttl: Duration = Duration(86400)
     #: largest request body; a bigger one gets 413. 0: follow smtp.max_message_size (x 4/3 for

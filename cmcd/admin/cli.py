@@ -326,10 +326,26 @@ def ipcred_list(c: Client, tenant_name: str) -> None:
     default=None,
     help="a suppressed recipient: accept it and log it as suppressed, or refuse it at RCPT (550)",
 )
+@click.option(
+    "--console-otp",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="every console user signs in with a one-time password (enrolling at the next sign-in)",
+)
+@click.option("--timezone", default=None, help="the time zone of the tenant's console pages (IANA name; '' = server's)")
 @pass_client
-def tenant_set(c: Client, name: str, dsn: str | None, suppressed: str | None) -> None:
-    """Change a tenant's delivery settings."""
-    result = c.call("tenant.set", name=name, dsn=None if dsn is None else dsn == "on", suppressed_rcpt=suppressed)
+def tenant_set(
+    c: Client, name: str, dsn: str | None, suppressed: str | None, console_otp: str | None, timezone: str | None
+) -> None:
+    """Change a tenant's delivery and console settings."""
+    result = c.call(
+        "tenant.set",
+        name=name,
+        dsn=None if dsn is None else dsn == "on",
+        suppressed_rcpt=suppressed,
+        console_otp=None if console_otp is None else console_otp == "on",
+        timezone=timezone,
+    )
     c.show(result, fields)
 
 

@@ -38,8 +38,16 @@ async def _tenant_set(ctx: Context, a: Args) -> Any:
     dsn = a.raw.get("dsn")
     if dsn is not None and not isinstance(dsn, bool):
         raise BadRequest("tenant.set: dsn must be true or false")
+    console_otp = a.raw.get("console_otp")
+    if console_otp is not None and not isinstance(console_otp, bool):
+        raise BadRequest("tenant.set: console_otp must be true or false")
     return await ctx.tenancy.accounts.tenant_set(
-        a.op, a.text("name"), dsn=dsn, suppressed_rcpt=a.optional_text("suppressed_rcpt")
+        a.op,
+        a.text("name"),
+        dsn=dsn,
+        suppressed_rcpt=a.optional_text("suppressed_rcpt"),
+        console_otp=console_otp,
+        timezone=a.optional_text("timezone"),
     )
 
 
@@ -129,7 +137,9 @@ TENANT_VERBS: dict[str, Verb] = {
     "tenant.add": command(_tenant_add, ("name",), "{name}", tenant_arg="name"),
     "tenant.list": read(_tenant_list),
     "tenant.show": read(_tenant_show, "name"),
-    "tenant.set": command(_tenant_set, ("name", "dsn", "suppressed_rcpt"), "{name}", tenant_arg="name"),
+    "tenant.set": command(
+        _tenant_set, ("name", "dsn", "suppressed_rcpt", "console_otp", "timezone"), "{name}", tenant_arg="name"
+    ),
     "user.add": command(_user_add, ("tenant", "login", "role", "password"), "{tenant}/{login}"),
     "user.list": read(_user_list, "tenant"),
     "user.passwd": command(_user_passwd, ("tenant", "login", "password"), "{tenant}/{login}"),

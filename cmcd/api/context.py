@@ -45,6 +45,12 @@ class ApiContext(Protocol):
         """The request's JSON body, read under the API's limits; else a Problem."""
         ...
 
+    async def read_body(
+        self, request: web.Request, limit: int | None = None, within_s: float | None = None
+    ) -> bytearray:
+        """The request's body, read under the API's limits; else a Problem."""
+        ...
+
     async def log_op(self, caller: ApiCaller, action: str, target: str, error: str | None, detail: str = "") -> None:
         """An operation-log row for what CALLER did that is no tenancy command (ok, or refused: ERROR)."""
         ...

@@ -32,6 +32,7 @@ from aiohttp import web, web_response
 
 from cmcd import crypto, policy, writeguard
 from cmcd.api import blocks, hooks, records, users
+from cmcd.api.console import Console
 from cmcd.api.context import api_actor, client_ip
 from cmcd.api.fields import MAX_MERGE_KEYS
 from cmcd.api.frontdoor import Connection, FrontDoor
@@ -128,6 +129,7 @@ class ApiServer:
         r.add_get("/v1/webhooks", functools.partial(hooks.list_hooks, self))
         r.add_post("/v1/webhooks", functools.partial(hooks.add_hook, self))
         r.add_delete("/v1/webhooks/{webhook_id}", functools.partial(hooks.delete_hook, self))
+        Console(self).add_routes(r)  # the tenant console's pages, at / (cmcd/api/console/)
         return app
 
     async def start(self, sock: socket.socket | None = None) -> None:

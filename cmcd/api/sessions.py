@@ -49,6 +49,21 @@ def _otp_key(user_id: int) -> str:
     return f"otp {user_id}"
 
 
+async def claim_second_factor(api: ApiContext, user_id: int, now: float) -> tuple[tuple[int, ...], str]:
+    """Count a bad one-time code of USER_ID ahead of checking it (0: the login gets no second
+    factor; counted for no one), unless the user has had OTP_FAIL_LIMIT within OTP_FAIL_WINDOW_S,
+    from any address and any worker. One store transaction and one row whatever the outcome,
+    so its cost tells nothing. The rows claimed (give them back with failure_release when the
+    code was right), and why the user is paused ("" when not). The console's sign-in uses it too."""
+    limits = [(_otp_key(user_id), OTP_FAIL_LIMIT if user_id else 0)]
+    try:
+        got = await api.astore.call(api.store.failure_claim, limits, OTP_FAIL_WINDOW_S, now, instead=_otp_key(0))
+    except (sqlite3.Error, StoreError) as exc:  # cannot count: no code is checked
+        log.warning("event=otp_count_failed user_id=%d error=%r", user_id, str(exc))
+        return (), "paused: bad one-time codes cannot be counted (the store cannot be written)"
+    return got.rows, "" if got.held is None else "paused: too many bad one-time codes"
+
+
 class Sessions:
     """The two session endpoints of one server."""
 
@@ -121,7 +136,7 @@ class Sessions:
         recovery_digest = totp.hash_recovery(recovery) if recovery is not None else ""
         recovery_ok = sum(hmac.compare_digest(h, recovery_digest) for h in recovery_digests) > 0
         second = user is not None and password_ok and user.enabled and user.role == "admin" and enrolled
-        otp_claim, paused = await self._claim_second_factor(user.id if user is not None and second else 0, now)
+        otp_claim, paused = await claim_second_factor(api, user.id if user is not None and second else 0, now)
         if user is None or not password_ok:
             detail = "unknown login" if user is None else "bad password"
         elif not user.enabled:
@@ -154,20 +169,6 @@ class Sessions:
         await api.astore.call(api.store.session_add, token, user.id, user.tenant_id, expires)
         auth.log_login(LoginRecord(api.clock(), login, ip, "API-SESSION", "ok", user.tenant_id, detail))
         return web.json_response({"token": token, "expires": iso(expires)}, status=201)
-
-    async def _claim_second_factor(self, user_id: int, now: float) -> tuple[tuple[int, ...], str]:
-        """Count a bad one-time code of USER_ID ahead of checking it (0: the login gets no second
-        factor; counted for no one), unless the user has had OTP_FAIL_LIMIT within OTP_FAIL_WINDOW_S,
-        from any address and any worker. One store transaction and one row whatever the outcome,
-        so its cost tells nothing. The rows claimed, and why the user is paused ("" when not)."""
-        api = self.api
-        limits = [(_otp_key(user_id), OTP_FAIL_LIMIT if user_id else 0)]
-        try:
-            got = await api.astore.call(api.store.failure_claim, limits, OTP_FAIL_WINDOW_S, now, instead=_otp_key(0))
-        except (sqlite3.Error, StoreError) as exc:  # cannot count: no code is checked
-            log.warning("event=otp_count_failed user_id=%d error=%r", user_id, str(exc))
-            return (), "paused: bad one-time codes cannot be counted (the store cannot be written)"
-        return got.rows, "" if got.held is None else "paused: too many bad one-time codes"
 
     async def logout(self, request: web.Request) -> web.Response:
         """Sign-out: the session token presented ends now (the console's sign-out)."""

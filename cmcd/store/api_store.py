@@ -152,8 +152,8 @@ class ApiStore:
     def otp_enroll(self, tenant: str, login: str, secret: bytes) -> User:
         """Start (or restart) enrolment; refused once a confirmed enrolment exists (otp_disable first)."""
         u = self.user(tenant, login)
-        if u.role != "admin":
-            raise StoreError(f"user {login!r} has role {u.role!r}; only tenant admins log in with TOTP")
+        if u.role == "sender":
+            raise StoreError(f"user {login!r} has role 'sender'; only admins and viewers sign in with TOTP")
         row = self.conn.execute("SELECT confirmed FROM otp WHERE user_id = ?", (u.id,)).fetchone()
         if row is not None and row[0]:
             raise Conflict(f"user {login!r} is already enrolled; `user otp-disable` first to enrol again")
@@ -251,7 +251,8 @@ class ApiStore:
         token_hash = digest(token)
         row = self.conn.execute(
             "SELECT s.expires, u.id, u.tenant_id, t.name, u.login, u.role, u.enabled, s.last_used FROM api_sessions s "
-            "JOIN users u ON u.id = s.user_id JOIN tenants t ON t.id = u.tenant_id WHERE s.token_hash = ?",
+            "JOIN users u ON u.id = s.user_id JOIN tenants t ON t.id = u.tenant_id WHERE s.token_hash = ? "
+            "AND s.kind = 'api'",  # a console cookie is no Bearer token (cmcd/store/console_store.py)
             (token_hash,),
         ).fetchone()
         if row is None or row[0] < now or not row[6]:

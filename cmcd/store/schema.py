@@ -277,6 +277,17 @@ MIGRATIONS: list[str] = [
     CREATE INDEX login_failures_key ON login_failures(key_hmac, ts);
     CREATE INDEX login_failures_until ON login_failures(until);
     """,
+    # 14: the tenant console (cmcd/api/console/): a session is an API session token or a console
+    # cookie, and a console sign-in that still needs its one-time code or its TOTP enrolment is a
+    # session at that stage; tenant settings for it (one-time passwords required for every
+    # console user, the time zone its pages show), and one-time passwords required of one user
+    """
+    ALTER TABLE api_sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'api';
+    ALTER TABLE api_sessions ADD COLUMN stage TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tenants ADD COLUMN console_otp INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tenants ADD COLUMN timezone TEXT NOT NULL DEFAULT '';
+    ALTER TABLE users ADD COLUMN otp_required INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _SEAL_BATCH = 5000

@@ -27,6 +27,7 @@ from cmcd.db import STORE_BUSY_MS, transaction
 from cmcd.errors import Conflict, KeyFileError, NotFound, StoreError, UntrustedFileError
 from cmcd.records import IpCredential, Tenant, User
 from cmcd.store.api_store import ApiStore
+from cmcd.store.console_store import ConsoleStore
 from cmcd.store.domain_store import DomainStore
 from cmcd.store.integrity import RESTORE_STORE, check_database
 from cmcd.store.log_store import LogStore
@@ -75,7 +76,9 @@ def open_store(path: Path, key_file: Path, create_key: bool = True) -> Store:
         raise UntrustedFileError(f"{path}: cannot open the store ({exc}); {RESTORE_STORE}") from None
 
 
-class Store(ApiStore, RequestStore, ThrottleStore, WebhookStore, QuotaStore, DomainStore, LogStore, PurgeStore):
+class Store(
+    ApiStore, ConsoleStore, RequestStore, ThrottleStore, WebhookStore, QuotaStore, DomainStore, LogStore, PurgeStore
+):
     def __init__(self, path: Path, keys: crypto.DataKeys):
         self.path = path
         self.keys = keys
@@ -195,6 +198,8 @@ class Store(ApiStore, RequestStore, ThrottleStore, WebhookStore, QuotaStore, Dom
             "dsn": bool(count("SELECT dsn FROM tenants WHERE id = ?", (t.id,)).fetchone()[0]),
             "suppressed_rcpt": count("SELECT suppressed_rcpt FROM tenants WHERE id = ?", (t.id,)).fetchone()[0],
             "suppressions": count("SELECT COUNT(*) FROM suppressions WHERE tenant_id = ?", (t.id,)).fetchone()[0],
+            "console_otp": bool(count("SELECT console_otp FROM tenants WHERE id = ?", (t.id,)).fetchone()[0]),
+            "timezone": count("SELECT timezone FROM tenants WHERE id = ?", (t.id,)).fetchone()[0],
         }
 
     # -- users -----------------------------------------------------------------------------
@@ -369,9 +374,21 @@ class Store(ApiStore, RequestStore, ThrottleStore, WebhookStore, QuotaStore, Dom
         """tenant id -> (send bounces, what RCPT does with a suppressed address: accept or refuse)."""
         return {r[0]: (bool(r[1]), r[2]) for r in self.conn.execute("SELECT id, dsn, suppressed_rcpt FROM tenants")}
 
-    def tenant_set(self, name: str, *, dsn: bool | None = None, suppressed_rcpt: str | None = None) -> None:
+    def tenant_set(
+        self,
+        name: str,
+        *,
+        dsn: bool | None = None,
+        suppressed_rcpt: str | None = None,
+        console_otp: bool | None = None,
+        timezone: str | None = None,
+    ) -> None:
         t = self.tenant(name)
         with transaction(self.conn):
+            if console_otp is not None:
+                self.conn.execute("UPDATE tenants SET console_otp = ? WHERE id = ?", (int(console_otp), t.id))
+            if timezone is not None:
+                self.conn.execute("UPDATE tenants SET timezone = ? WHERE id = ?", (timezone, t.id))
             if dsn is not None:
                 self.conn.execute("UPDATE tenants SET dsn = ? WHERE id = ?", (int(dsn), t.id))
             if suppressed_rcpt is not None:

@@ -30,21 +30,34 @@ class Accounts:
         await self.core.checked(op, None, lambda: rules.check_tenant_name(name))
         return await self.core.change(op, name, lambda s: s.tenant_add(name))
 
-    async def tenant_set(self, op: Op, name: str, *, dsn: bool | None, suppressed_rcpt: str | None) -> dict[str, Any]:
-        """Whether the tenant's senders get bounces, and what RCPT does with a suppressed address."""
+    async def tenant_set(
+        self,
+        op: Op,
+        name: str,
+        *,
+        dsn: bool | None = None,
+        suppressed_rcpt: str | None = None,
+        console_otp: bool | None = None,
+        timezone: str | None = None,
+    ) -> dict[str, Any]:
+        """Whether the tenant's senders get bounces, what RCPT does with a suppressed address,
+        whether every console user must sign in with a one-time password, and the time zone of
+        the tenant's console pages ("": the server's)."""
 
         def check() -> None:
-            if dsn is None and suppressed_rcpt is None:
-                raise invalid("tenant.set: nothing to change (dsn, suppressed_rcpt)")
+            if dsn is None and suppressed_rcpt is None and console_otp is None and timezone is None:
+                raise invalid("tenant.set: nothing to change (dsn, suppressed_rcpt, console_otp, timezone)")
             if suppressed_rcpt is not None and suppressed_rcpt not in SUPPRESSED_RCPT_MODES:
                 raise invalid(
                     f"suppressed_rcpt must be 'accept' or 'refuse', not {suppressed_rcpt!r}", "suppressed_rcpt"
                 )
+            if timezone:
+                rules.check_timezone(timezone)
 
         await self.core.checked(op, name, check)
 
         def change(s: Store) -> dict[str, Any]:
-            s.tenant_set(name, dsn=dsn, suppressed_rcpt=suppressed_rcpt)
+            s.tenant_set(name, dsn=dsn, suppressed_rcpt=suppressed_rcpt, console_otp=console_otp, timezone=timezone)
             return s.tenant_summary(name)
 
         return await self.core.change(op, name, change)
@@ -88,6 +101,11 @@ class Accounts:
         """A new role; like a password change or disable, it ends the user's API sessions."""
         await self.core.checked(op, tenant, lambda: rules.check_role(role))
         return await self.core.change(op, tenant, lambda s: s.user_update(tenant, login, role=role))
+
+    async def user_require_otp(self, op: Op, tenant: str, login: str, required: bool) -> User:
+        """Whether LOGIN must sign in to the console with a one-time password (enrolling at its
+        next sign-in when it has none); removing the requirement keeps an enrolment it has."""
+        return await self.core.change(op, tenant, lambda s: s.user_set_otp_required(tenant, login, required))
 
     async def user_delete(self, op: Op, tenant: str, login: str) -> None:
         await self.core.change(op, tenant, lambda s: s.user_delete(tenant, login))

@@ -1,9 +1,10 @@
 """The one rule for each name a tenant gives cmcd: addresses, logins, tenant names, domains,
-roles, passwords. Every door checks with these and nothing else; pure, no I/O."""
+roles, passwords, time zones. Every door checks with these and nothing else; pure, no I/O."""
 
 from __future__ import annotations
 
 import re
+import zoneinfo
 
 from cmcd.tenancy.refusals import Reason, Refusal, Refused, invalid
 
@@ -83,3 +84,14 @@ def sender_domain(name: str) -> str:
     if not SENDER_DOMAIN.fullmatch(domain):
         raise invalid(f"{name!r} is not a domain name (like example.com)", "domain")
     return domain
+
+
+def check_timezone(name: str) -> str:
+    """An IANA time zone name this machine knows ("Asia/Tokyo", "UTC")."""
+    try:
+        if len(name) > 64 or name != name.strip():
+            raise ValueError(name)
+        zoneinfo.ZoneInfo(name)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        raise invalid(f"timezone: {name[:64]!r} is no IANA time zone name (e.g. Asia/Tokyo, UTC)", "timezone") from None
+    return name

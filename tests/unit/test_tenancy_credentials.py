@@ -117,7 +117,7 @@ async def test_enrolment_refusals(world: World) -> None:
     w = world
     c = w.tenancy.credentials
     await refused(
-        w, Reason.INVALID, "only tenant admins log in with TOTP",
+        w, Reason.INVALID, "only admins and viewers sign in with TOTP",
         c.otp_enroll(op("user.otp-enroll", "acme/app"), "acme", "app", ISSUER),
     )  # fmt: skip
     await refused(
