@@ -6,10 +6,22 @@ go to i18n when it is imported.
 
 from __future__ import annotations
 
-from cmcd.api.console import dashboard, signin
+from cmcd.api.console import (
+    account,
+    blocks,
+    contact,
+    dashboard,
+    domains,
+    keys,
+    logs,
+    maillog,
+    signin,
+    users,
+    webhooks,
+)
 from cmcd.api.console.web import Console
 
-PAGES = (signin, dashboard)
+PAGES = (signin, dashboard, maillog, users, account, keys, domains, blocks, webhooks, logs, contact)
 
 
 def register(console: Console) -> None:
