@@ -189,6 +189,8 @@ class Console:
         self.templates.globals["nav"] = NAV
         self._static = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in STATIC_TYPES}
         self.router: web.UrlDispatcher | None = None
+        #: every view's (method, path, the role it needs): what the authorisation tests walk
+        self.routes: list[tuple[str, str, str | None]] = []
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         from cmcd.api.console import pages  # the views register themselves on this console
@@ -201,10 +203,12 @@ class Console:
     def get(self, path: str, view: View, need: str | None = "read") -> None:
         assert self.router is not None
         self.router.add_get(path, self._handler(view, need, post=False), allow_head=False)
+        self.routes.append(("GET", path, need))
 
     def post(self, path: str, view: View, need: str | None = "manage") -> None:
         assert self.router is not None
         self.router.add_post(path, self._handler(view, need, post=True))
+        self.routes.append(("POST", path, need))
 
     # -- one request ---------------------------------------------------------------------------
 
