@@ -100,17 +100,19 @@ class ApiStore:
         return {"key_id": key_id, "login": login, "role": role, "created": now, "revoked": None}, token
 
     def apikeys(self, tenant: str, login: str | None = None) -> list[dict[str, Any]]:
+        """TENANT's keys (of LOGIN), oldest first: id, login, role, created, revoked and last_used
+        (written at most once every KEY_TOUCH_S, so it is as of that); never the tokens."""
         t = self.tenant(tenant)
         sql = (
-            "SELECT k.key_id, u.login, k.role, k.created, k.revoked FROM api_keys k JOIN users u ON u.id = k.user_id "
-            "WHERE k.tenant_id = ?"
+            "SELECT k.key_id, u.login, k.role, k.created, k.revoked, k.last_used FROM api_keys k "
+            "JOIN users u ON u.id = k.user_id WHERE k.tenant_id = ?"
         )
         args: list[Any] = [t.id]
         if login is not None:
             self.user(tenant, login)
             sql += " AND u.login = ?"
             args.append(login)
-        keys = ("key_id", "login", "role", "created", "revoked")
+        keys = ("key_id", "login", "role", "created", "revoked", "last_used")
         return [dict(zip(keys, r)) for r in self.conn.execute(sql + " ORDER BY k.id", args)]
 
     def apikey_revoke(self, tenant: str, key_id: str) -> None:

@@ -255,6 +255,35 @@ class LogStore:
             out.append(row)
         return out
 
+    def ops_page_by_action(
+        self,
+        action_prefix: str,
+        *,
+        tenant_id: int,
+        since: float | None = None,
+        until: float | None = None,
+        status: str | None = None,
+        after: int = 0,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """log_page("ops", ...) of TENANT_ID's rows whose action starts with ACTION_PREFIX
+        ("console.", "api.users"): the same rows and keys, in id order after id AFTER."""
+        _, select, keys = self._LOG_QUERIES["ops"]
+        if since is not None and after == 0:  # start at the first row of the window (ts index)
+            first = self.conn.execute("SELECT MIN(id) FROM ops_log WHERE ts >= ?", (since,)).fetchone()[0]
+            if first is None:
+                return []
+            after = first - 1
+        where = ["x.id > ?", "x.tenant_id = ?", "x.action LIKE ? ESCAPE '\\'"]
+        escaped = action_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        args: list[Any] = [after, tenant_id, escaped + "%"]
+        for clause, value in (("x.ts >= ?", since), ("x.ts < ?", until), ("x.result = ?", status)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = f"{select} WHERE {' AND '.join(where)} ORDER BY x.id LIMIT ?"
+        return [dict(zip(keys, r)) for r in self.conn.execute(sql, (*args, limit))]
+
     def ops_log(self, limit: int = 100) -> Iterator[dict[str, Any]]:
         cur = self.conn.execute(
             "SELECT o.ts, o.actor_uid, o.actor, t.name, o.action, o.target, o.result, o.detail FROM ops_log o "

@@ -1,9 +1,312 @@
-"""Console page module domains: not written yet (registers no route)."""
+"""The console's Domains pages: the tenant's sending domains, the DNS records each needs (DKIM
+keys, SPF and DMARC suggestions) with what the last DNS check found, a check run on request, and
+the DKIM keys' rotation state.
+
+Reads and the check are tenancy's (cmcd.tenancy.domains): the records and their rules are worked
+out there, the check's result is recorded there, key by key. The check's DNS lookup goes through
+the daemon's resolver (dns.nameservers, `api.resolver`). Adding a domain and rotating its keys
+stay with the operator (cmcctl); no page here makes, imports or retires a key. Another tenant's
+domain is "not found", like one that does not exist.
+"""
 
 from __future__ import annotations
 
-from cmcd.api.console.web import Console
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+from aiohttp import web
+
+from cmcd.api.console import i18n
+from cmcd.api.console.web import Console, ConsoleError, Page
+from cmcd.tenancy.domains import Record, domain_name, zone_lines
+from cmcd.tenancy.refusals import Reason, Refused
+from cmcd.textout import escape_controls
 
 
 def register(c: Console) -> None:
-    pass
+    c.get("/domains", domain_list)
+    c.get("/domains/{name}", domain_page)
+    c.post("/domains/{name}/check", domain_check)
+
+
+# -- the list ---------------------------------------------------------------------------------
+
+
+async def domain_list(page: Page) -> web.StreamResponse:
+    api = page.api
+    tenant = page.caller.tenant
+    domains = await api.astore.call(api.store.domains, tenant)
+    rows = []
+    for d in domains:
+        keys = await api.tenancy.domains.keys(tenant, d.name)
+        signing = [k for k in keys if k["state"] == "active"]
+        rows.append(
+            {
+                "name": d.name,
+                "signing": ", ".join(f"{k['selector']} ({k['algorithm']})" for k in signing),
+                "unpublished": sum(1 for k in keys if k["state"] != "retired" and k["dns_state"] != "published"),
+            }
+        )
+    return page.render("domains.html", domains=rows)
+
+
+# -- one domain -------------------------------------------------------------------------------
+
+
+async def domain_page(page: Page) -> web.StreamResponse:
+    return await _show(page, page.request.match_info["name"])
+
+
+async def domain_check(page: Page) -> web.StreamResponse:
+    """Look the domain's records up now; the page shows what was found, record by record (each
+    DKIM key's finding is also kept: a key known to be missing from DNS does not sign)."""
+    api = page.api
+    name = page.request.match_info["name"]
+    caller = page.caller
+
+    async def lookup(recs: list[Record]) -> list[Record]:
+        return await _dns_check(api.resolver, recs)
+
+    try:
+        results = await api.tenancy.domains.check(
+            page.op("console.domains.check", domain_name(name)), caller.tenant, name, api.config.server.hostname, lookup
+        )
+    except Refused as exc:
+        if exc.refusal.reason is Reason.NOT_FOUND:
+            raise ConsoleError(404, page.t("error.not_found")) from None
+        raise ConsoleError(400, exc.refusal.text) from None
+    return await _show(page, name, results)
+
+
+async def _show(page: Page, name: str, results: list[Record] | None = None) -> web.StreamResponse:
+    api = page.api
+    tenant = page.caller.tenant
+    try:
+        keys = await api.tenancy.domains.keys(tenant, name)
+        recs = await api.tenancy.domains.records(tenant, name, api.config.server.hostname)
+    except Refused as exc:
+        if exc.refusal.reason is Reason.NOT_FOUND:
+            raise ConsoleError(404, page.t("error.not_found")) from None
+        raise
+    domain = domain_name(name)
+    by_selector = {k["selector"]: k for k in keys}
+    found = {(r["name"], r["expected"]): r for r in results or []}
+    rows = []
+    for r in recs:
+        key = by_selector.get(r.get("selector", ""))
+        kind = "dkim" if key is not None else "spf" if r["value"].startswith("v=spf1") else "dmarc"
+        result = found.get((r["name"], r["value"]))
+        rows.append(
+            {
+                "kind": kind,
+                "purpose": page.t(f"domains.purpose.{kind}", **_key_words(page, key)),
+                "type": r["type"],
+                "name": r["name"],
+                "value": r["value"],
+                "last": _state_word(page, key["dns_state"]) if key is not None else page.t("domains.not_kept"),
+                "now": _result(page, result) if result is not None else None,
+            }
+        )
+    key_rows = [
+        _key_words(page, k)
+        | {"dns": _state_word(page, k["dns_state"]), "created": page.when(k["created"]), "changed": page.when(k["changed"])}
+        for k in keys
+    ]
+    return page.render(
+        "domains_show.html",
+        domain=domain,
+        records=rows,
+        zone="\n".join(zone_lines(recs)),
+        keys=key_rows,
+        checked=results is not None,
+    )
+
+
+def _key_words(page: Page, key: dict[str, Any] | None) -> dict[str, str]:
+    if key is None:
+        return {}
+    return {"selector": key["selector"], "algorithm": key["algorithm"], "state": page.t(f"domains.key.{key['state']}")}
+
+
+def _state_word(page: Page, state: str) -> str:
+    return page.t(f"domains.dns.{state}") if i18n.has(f"domains.dns.{state}") else state
+
+
+def _result(page: Page, result: Record) -> dict[str, str]:
+    """What this check found for one record: its status word, why, and what DNS holds (outsiders'
+    text: control characters made visible)."""
+    status = str(result["status"])
+    return {
+        "status": status,
+        "word": _state_word(page, status),
+        "detail": str(result.get("detail") or ""),
+        "found": escape_controls(" | ".join(str(f) for f in result.get("found") or [])),
+    }
+
+
+# -- the DNS lookup ---------------------------------------------------------------------------
+# The same lookup as cmcctl's `domain check` (cmcd/admin/dns_check.py). The console cannot import
+# cmcd.admin (it is a higher layer): once that module moves below both doors (cmcd/dns_check.py),
+# this section is `from cmcd.dns_check import check as _dns_check`.
+
+
+def _tags(value: str) -> dict[str, str]:
+    tags = {}
+    for part in value.split(";"):
+        tag, eq, v = part.strip().partition("=")
+        if eq:
+            tags[tag.strip().lower()] = "".join(v.split())
+    return tags
+
+
+async def _txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[str] | str:
+    try:
+        answer = await resolver.resolve(name, "TXT", raise_on_no_answer=False)
+    except dns.resolver.NXDOMAIN:
+        return "no such name"
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        return f"lookup failed ({type(exc).__name__})"
+    if answer.rrset is None:
+        return "no TXT record"
+    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset]
+
+
+async def _dns_check(resolver: dns.asyncresolver.Resolver, recs: list[Record]) -> list[Record]:
+    out = []
+    for r in recs:
+        found = await _txt(resolver, r["name"])
+        result = {"name": r["name"], "purpose": r["purpose"], "expected": r["value"]}
+        if isinstance(found, str):
+            out.append(result | {"status": "missing", "found": [], "detail": found})
+            continue
+        if "selector" in r:
+            want = _tags(r["value"])
+            same = [f for f in found if _tags(f).get("p") == want["p"] and _tags(f).get("k", "rsa") == want["k"]]
+            status = "published" if same else ("mismatch" if found else "missing")
+            detail = "" if same else "the published key is not this key" if found else "no TXT record"
+        elif r["purpose"].startswith("SPF"):
+            spf = [f for f in found if f.lower().startswith("v=spf1")]
+            status = "published" if r["value"] in spf else ("differs" if spf else "missing")
+            detail = "" if status == "published" else "an SPF record exists but differs" if spf else "no SPF record"
+        else:
+            dm = [f for f in found if f.lower().startswith("v=dmarc1")]
+            status = "published" if dm else "missing"
+            detail = "" if dm else "no DMARC record"
+        out.append(result | {"status": status, "found": found, "detail": detail})
+    return out
+
+
+i18n.add(
+    {
+        "en": {
+            "domains.title": "Domains",
+            "domains.intro": "The domains your tenant sends as, and the DNS records each one needs.",
+            "domains.operator": (
+                "Adding a domain and rotating its DKIM keys are done by your operator (cmcctl domain add, "
+                "cmcctl domain dkim-rotate): ask them through Contact the operator."
+            ),
+            "domains.name": "Domain",
+            "domains.signing": "Signing keys",
+            "domains.unpublished": "Keys not seen in DNS",
+            "domains.none": "Your tenant has no domains yet: ask your operator to add one.",
+            "domains.records": "DNS records to publish",
+            "domains.records_hint": (
+                "Publish each value as a TXT record at its name. SPF and DMARC are suggestions: merge them "
+                "with records you already have."
+            ),
+            "domains.purpose": "Purpose",
+            "domains.type": "Type",
+            "domains.record_name": "Name",
+            "domains.value": "Value",
+            "domains.last": "Last check",
+            "domains.now": "This check",
+            "domains.found": "found",
+            "domains.not_kept": "not kept: run a check",
+            "domains.purpose.dkim": "DKIM key {selector} ({algorithm}, {state})",
+            "domains.purpose.spf": "SPF (suggested)",
+            "domains.purpose.dmarc": "DMARC (suggested)",
+            "domains.check": "Run a check now",
+            "domains.check_hint": "Looks each record up in DNS through this server's resolver.",
+            "domains.check_admin": "An admin of your tenant can run a DNS check.",
+            "domains.checked": "DNS check done: see the column “This check”.",
+            "domains.zone": "The same records in zone-file syntax",
+            "domains.zone_hint": "Long values are split into strings of 255 characters, as DNS needs.",
+            "domains.keys": "DKIM keys",
+            "domains.keys_hint": (
+                "A new key is pending until DNS shows it, then active (it signs); the key it replaces stays "
+                "published on standby for a while, then is retired."
+            ),
+            "domains.selector": "Selector",
+            "domains.algorithm": "Algorithm",
+            "domains.state": "State",
+            "domains.dns_state": "In DNS",
+            "domains.created": "Created",
+            "domains.changed": "Changed",
+            "domains.key.pending": "pending",
+            "domains.key.active": "active",
+            "domains.key.standby": "standby",
+            "domains.key.retired": "retired",
+            "domains.dns.unchecked": "not checked yet",
+            "domains.dns.published": "published",
+            "domains.dns.missing": "missing",
+            "domains.dns.mismatch": "mismatch",
+            "domains.dns.differs": "differs",
+        },
+        "ja": {
+            "domains.title": "ドメイン",
+            "domains.intro": "このテナントが送信に使うドメインと、それぞれに必要な DNS レコードです。",
+            "domains.operator": (
+                "ドメインの追加と DKIM 鍵のローテーションは運用者が行います（cmcctl domain add、"
+                "cmcctl domain dkim-rotate）。「運用者へのお問い合わせ」から依頼してください。"
+            ),
+            "domains.name": "ドメイン",
+            "domains.signing": "署名中の鍵",
+            "domains.unpublished": "DNS で未確認の鍵",
+            "domains.none": "ドメインはまだありません。運用者に追加を依頼してください。",
+            "domains.records": "公開する DNS レコード",
+            "domains.records_hint": (
+                "各値を、その名前の TXT レコードとして公開してください。SPF と DMARC は推奨値です。"
+                "既存のレコードがあれば統合してください。"
+            ),
+            "domains.purpose": "用途",
+            "domains.type": "種類",
+            "domains.record_name": "名前",
+            "domains.value": "値",
+            "domains.last": "前回の確認",
+            "domains.now": "今回の確認",
+            "domains.found": "検出",
+            "domains.not_kept": "記録なし（確認を実行してください）",
+            "domains.purpose.dkim": "DKIM 鍵 {selector}（{algorithm}、{state}）",
+            "domains.purpose.spf": "SPF（推奨値）",
+            "domains.purpose.dmarc": "DMARC（推奨値）",
+            "domains.check": "今すぐ確認",
+            "domains.check_hint": "このサーバーのリゾルバーで各レコードを DNS から引きます。",
+            "domains.check_admin": "DNS の確認はテナントの管理者が実行できます。",
+            "domains.checked": "DNS を確認しました。「今回の確認」の列をご覧ください。",
+            "domains.zone": "ゾーンファイル形式のレコード",
+            "domains.zone_hint": "長い値は DNS の仕様どおり 255 文字ずつの文字列に分けてあります。",
+            "domains.keys": "DKIM 鍵",
+            "domains.keys_hint": (
+                "新しい鍵は DNS で確認されるまで保留、その後有効（署名に使用）になります。置き換えられた鍵は"
+                "しばらく待機として公開されたのち、廃止されます。"
+            ),
+            "domains.selector": "セレクター",
+            "domains.algorithm": "アルゴリズム",
+            "domains.state": "状態",
+            "domains.dns_state": "DNS",
+            "domains.created": "作成",
+            "domains.changed": "変更",
+            "domains.key.pending": "保留",
+            "domains.key.active": "有効",
+            "domains.key.standby": "待機",
+            "domains.key.retired": "廃止",
+            "domains.dns.unchecked": "未確認",
+            "domains.dns.published": "公開済み",
+            "domains.dns.missing": "見つからない",
+            "domains.dns.mismatch": "不一致",
+            "domains.dns.differs": "相違あり",
+        },
+    }
+)

@@ -55,7 +55,7 @@ SECURITY_HEADERS = {
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make browsers send "Origin: null" on our own forms
     "Strict-Transport-Security": "max-age=31536000",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
@@ -273,9 +273,8 @@ class Console:
         request = page.request
         origin = request.headers.get("Origin")
         if origin is not None and origin != f"https://{request.host}":
-            log.warning(
-                "event=console_csrf_refused reason=origin client_ip=%s path=%s", client_ip(request), request.path
-            )
+            log.warning("event=console_csrf_refused reason=origin client_ip=%s path=%s origin=%r host=%r",
+                        client_ip(request), request.path, origin[:200], request.host[:200])  # fmt: skip
             raise ConsoleError(403, page.t("error.csrf"))
         if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
             raise ConsoleError(415, page.t("error.form_type"))
