@@ -264,6 +264,9 @@ def _check_ranges(cfg: Config, errors: list[str]) -> None:
             )
     if not _HOSTNAME_RE.match(cfg.server.hostname):
         errors.append(f'server.hostname: expected a host name like "mail.example.com", got {cfg.server.hostname!r}')
+    operator = cfg.server.operator_address
+    if operator and not re.fullmatch(r"[^@\s<>\x00-\x1f\x7f]{1,64}@[A-Za-z0-9.-]{1,253}", operator):
+        errors.append(f'server.operator_address: expected an address like "ops@example.com", got {operator!r}')
 
 
 def _check_tls(cfg: Config, errors: list[str]) -> None:

@@ -219,6 +219,10 @@ def test_defaults_and_converted_types() -> None:
             {"dns": {"nameservers": ["ns.test:53"]}},
             ["dns.nameservers[0]: expected an IP address with port, got 'ns.test:53'"],
         ),
+        (
+            {"server": {"operator_address": "ops at example"}},
+            ["server.operator_address: expected an address like \"ops@example.com\", got 'ops at example'"],
+        ),
     ],
     ids=[
         "size-word",
@@ -233,6 +237,7 @@ def test_defaults_and_converted_types() -> None:
         "routes-value",
         "timezone",
         "nameserver-not-ip",
+        "operator-address",
     ],
 )
 def test_bad_values_name_the_dotted_path_and_what_was_expected(data: dict[str, Any], expected: list[str]) -> None:
