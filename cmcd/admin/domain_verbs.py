@@ -1,5 +1,5 @@
 """Admin verbs for a tenant's sending domains and their DKIM keys: each change is one tenancy
-command (cmcd.tenancy.domains); the DNS lookup of `domain check` is made here (cmcd/admin/dns_check.py)
+command (cmcd.tenancy.domains); the DNS lookup of `domain check` is made here (cmcd/dns_check.py)
 and handed to the command. Never makes a key or reads a private key.
 """
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cmcd.admin import dns_check
+from cmcd import dns_check
 from cmcd.admin.verb import Args, Context, Verb, command, read
 from cmcd.deliver.routing import make_resolver
 from cmcd.tenancy.domains import Record, domain_name, zone_lines

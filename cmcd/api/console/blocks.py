@@ -113,9 +113,7 @@ async def block_csv(page: Page) -> web.StreamResponse:
     out.writerow(["address", "domain", "reason", "created"])
     after = 0
     while True:
-        rows: list[dict[str, Any]] = await api.astore.call(
-            api.store.suppression_page, tenant_id, after, CSV_ROWS, None
-        )
+        rows: list[dict[str, Any]] = await api.astore.call(api.store.suppression_page, tenant_id, after, CSV_ROWS, None)
         for r in rows:
             out.writerow([r["address"], r["domain"], r["reason"], iso(r["created"])])
         await response.write(buf.getvalue().encode())

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import dns.asyncresolver
-import dns.exception
-import dns.resolver
 from aiohttp import web
 
 from cmcd.api.console import i18n
 from cmcd.api.console.web import Console, ConsoleError, Page
+from cmcd.dns_check import check as dns_check
 from cmcd.tenancy.domains import Record, domain_name, zone_lines
 from cmcd.tenancy.refusals import Reason, Refused
 from cmcd.textout import escape_controls
@@ -67,7 +65,7 @@ async def domain_check(page: Page) -> web.StreamResponse:
     caller = page.caller
 
     async def lookup(recs: list[Record]) -> list[Record]:
-        return await _dns_check(api.resolver, recs)
+        return await dns_check(api.resolver, recs)
 
     try:
         results = await api.tenancy.domains.check(
@@ -89,7 +87,7 @@ async def _show(page: Page, name: str, results: list[Record] | None = None) -> w
     except Refused as exc:
         if exc.refusal.reason is Reason.NOT_FOUND:
             raise ConsoleError(404, page.t("error.not_found")) from None
-        raise
+        raise ConsoleError(400, exc.refusal.text) from None
     domain = domain_name(name)
     by_selector = {k["selector"]: k for k in keys}
     found = {(r["name"], r["expected"]): r for r in results or []}
@@ -111,7 +109,11 @@ async def _show(page: Page, name: str, results: list[Record] | None = None) -> w
         )
     key_rows = [
         _key_words(page, k)
-        | {"dns": _state_word(page, k["dns_state"]), "created": page.when(k["created"]), "changed": page.when(k["changed"])}
+        | {
+            "dns": _state_word(page, k["dns_state"]),
+            "created": page.when(k["created"]),
+            "changed": page.when(k["changed"]),
+        }
         for k in keys
     ]
     return page.render(
@@ -146,58 +148,6 @@ def _result(page: Page, result: Record) -> dict[str, str]:
     }
 
 
-# -- the DNS lookup ---------------------------------------------------------------------------
-# The same lookup as cmcctl's `domain check` (cmcd/admin/dns_check.py). The console cannot import
-# cmcd.admin (it is a higher layer): once that module moves below both doors (cmcd/dns_check.py),
-# this section is `from cmcd.dns_check import check as _dns_check`.
-
-
-def _tags(value: str) -> dict[str, str]:
-    tags = {}
-    for part in value.split(";"):
-        tag, eq, v = part.strip().partition("=")
-        if eq:
-            tags[tag.strip().lower()] = "".join(v.split())
-    return tags
-
-
-async def _txt(resolver: dns.asyncresolver.Resolver, name: str) -> list[str] | str:
-    try:
-        answer = await resolver.resolve(name, "TXT", raise_on_no_answer=False)
-    except dns.resolver.NXDOMAIN:
-        return "no such name"
-    except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
-        return f"lookup failed ({type(exc).__name__})"
-    if answer.rrset is None:
-        return "no TXT record"
-    return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset]
-
-
-async def _dns_check(resolver: dns.asyncresolver.Resolver, recs: list[Record]) -> list[Record]:
-    out = []
-    for r in recs:
-        found = await _txt(resolver, r["name"])
-        result = {"name": r["name"], "purpose": r["purpose"], "expected": r["value"]}
-        if isinstance(found, str):
-            out.append(result | {"status": "missing", "found": [], "detail": found})
-            continue
-        if "selector" in r:
-            want = _tags(r["value"])
-            same = [f for f in found if _tags(f).get("p") == want["p"] and _tags(f).get("k", "rsa") == want["k"]]
-            status = "published" if same else ("mismatch" if found else "missing")
-            detail = "" if same else "the published key is not this key" if found else "no TXT record"
-        elif r["purpose"].startswith("SPF"):
-            spf = [f for f in found if f.lower().startswith("v=spf1")]
-            status = "published" if r["value"] in spf else ("differs" if spf else "missing")
-            detail = "" if status == "published" else "an SPF record exists but differs" if spf else "no SPF record"
-        else:
-            dm = [f for f in found if f.lower().startswith("v=dmarc1")]
-            status = "published" if dm else "missing"
-            detail = "" if dm else "no DMARC record"
-        out.append(result | {"status": status, "found": found, "detail": detail})
-    return out
-
-
 i18n.add(
     {
         "en": {
@@ -228,7 +178,10 @@ i18n.add(
             "domains.purpose.spf": "SPF (suggested)",
             "domains.purpose.dmarc": "DMARC (suggested)",
             "domains.check": "Run a check now",
-            "domains.check_hint": "Looks each record up in DNS through this server's resolver.",
+            "domains.check_hint": (
+                "Looks each record up in DNS through this server's resolver. A DKIM key the check finds missing "
+                "or different stops signing until a later check finds it published."
+            ),
             "domains.check_admin": "An admin of your tenant can run a DNS check.",
             "domains.checked": "DNS check done: see the column “This check”.",
             "domains.zone": "The same records in zone-file syntax",
@@ -282,7 +235,10 @@ i18n.add(
             "domains.purpose.spf": "SPF（推奨値）",
             "domains.purpose.dmarc": "DMARC（推奨値）",
             "domains.check": "今すぐ確認",
-            "domains.check_hint": "このサーバーのリゾルバーで各レコードを DNS から引きます。",
+            "domains.check_hint": (
+                "このサーバーのリゾルバーで各レコードを DNS から引きます。見つからない、または内容が異なる DKIM 鍵は、"
+                "後の確認で公開済みと分かるまで署名に使われません。"
+            ),
             "domains.check_admin": "DNS の確認はテナントの管理者が実行できます。",
             "domains.checked": "DNS を確認しました。「今回の確認」の列をご覧ください。",
             "domains.zone": "ゾーンファイル形式のレコード",

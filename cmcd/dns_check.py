@@ -1,6 +1,7 @@
 """Looks a domain's records up in DNS, through the daemon's resolver (dns.nameservers), and says
 record by record what is published, missing or different; never changes a key (the tenancy
-command `Domains.check` records what this found).
+command `Domains.check` records what this found). Used by both doors that run a check: cmcctl's
+`domain check` (cmcd/admin/domain_verbs.py) and the console's Domains page.
 """
 
 from __future__ import annotations
