@@ -54,8 +54,10 @@ async def _render(
         "webhooks.html",
         status=status,
         hooks=rows,
-        events=[{"name": e, "field": EVENT_FIELD + e, "label": page.t(f"webhooks.event_{e}"), "on": e in events}
-                for e in WEBHOOK_EVENTS],  # fmt: skip
+        events=[
+            {"name": e, "field": EVENT_FIELD + e, "label": page.t(f"webhooks.event_{e}"), "on": e in events}
+            for e in WEBHOOK_EVENTS
+        ],
         error=error,
         url=url,
     )
@@ -111,6 +113,7 @@ i18n.add(
             "webhooks.last_success": "Last success",
             "webhooks.never": "never",
             "webhooks.ok": "working",
+            "webhooks.waiting": "nothing posted yet",
             "webhooks.failing": "failing since {since} ({attempts} attempts)",
             "webhooks.next_attempt": "next attempt {when}",
             "webhooks.last_error": "last error: {error}",
@@ -141,6 +144,7 @@ i18n.add(
             "webhooks.last_success": "最終成功",
             "webhooks.never": "なし",
             "webhooks.ok": "正常",
+            "webhooks.waiting": "まだ送信していません",
             "webhooks.failing": "{since} から失敗中（{attempts} 回試行）",
             "webhooks.next_attempt": "次回の試行 {when}",
             "webhooks.last_error": "最後のエラー: {error}",
