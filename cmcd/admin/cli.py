@@ -200,6 +200,22 @@ def user_otp_confirm(c: Client, tenant_name: str, login: str, code: str) -> None
 _user_change("otp-disable", "removed the TOTP enrolment of", "Remove LOGIN's TOTP enrolment (and its sessions).")
 
 
+@user.command("otp-require")
+@tenant_arg
+@click.argument("login")
+@click.option(
+    "--on/--off", "required", required=True, help="require one-time passwords of LOGIN, or stop requiring them"
+)
+@pass_client
+def user_otp_require(c: Client, tenant_name: str, login: str, required: bool) -> None:
+    """Require (--on) or stop requiring (--off) that LOGIN signs in to the console with a one-time
+    password: without an enrolment, the user sets one up at the next sign-in. --off keeps an
+    enrolment the user has (`user otp-disable` removes it)."""
+    r = c.call("user.otp-require", tenant=tenant_name, login=login, required=required)
+    state = "now required" if required else "no longer required"
+    c.show(r, said(f"one-time passwords are {state} of {login} in tenant {tenant_name}"))
+
+
 @user.command("set-role")
 @tenant_arg
 @click.argument("login")

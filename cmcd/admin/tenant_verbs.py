@@ -34,6 +34,14 @@ async def _tenant_show(ctx: Context, a: Args) -> Any:
     return await ctx.astore.call(ctx.store.tenant_summary, a.text("name"))
 
 
+def _timezone(a: Args) -> str | None:
+    """tenant.set's time zone: a name, "" (back to server.timezone) or None (unchanged)."""
+    value = a.raw.get("timezone")
+    if value is None or value == "":
+        return value
+    return a.text("timezone")
+
+
 async def _tenant_set(ctx: Context, a: Args) -> Any:
     dsn = a.raw.get("dsn")
     if dsn is not None and not isinstance(dsn, bool):
@@ -47,7 +55,7 @@ async def _tenant_set(ctx: Context, a: Args) -> Any:
         dsn=dsn,
         suppressed_rcpt=a.optional_text("suppressed_rcpt"),
         console_otp=console_otp,
-        timezone=a.optional_text("timezone"),
+        timezone=_timezone(a),
     )
 
 
@@ -86,6 +94,16 @@ async def _user_set_role(ctx: Context, a: Args) -> Any:
     """A new role for LOGIN; like a password change or disable, it ends the user's API sessions."""
     tenant, login, role = a.text("tenant"), a.text("login"), a.text("role")
     return _user(await ctx.tenancy.accounts.user_set_role(a.op, tenant, login, role))
+
+
+async def _user_otp_require(ctx: Context, a: Args) -> Any:
+    """Whether LOGIN must sign in to the console with a one-time password (enrolling at its next
+    sign-in when it has none); lifting it keeps an enrolment the user has."""
+    required = a.raw.get("required")
+    if not isinstance(required, bool):
+        raise BadRequest("user.otp-require: required must be true or false")
+    u = await ctx.tenancy.accounts.user_require_otp(a.op, a.text("tenant"), a.text("login"), required)
+    return _user(u) | {"otp_required": required}
 
 
 async def _user_delete(ctx: Context, a: Args) -> Any:
@@ -147,6 +165,7 @@ TENANT_VERBS: dict[str, Verb] = {
     "user.enable": command(_user_enable, ("tenant", "login"), "{tenant}/{login}"),
     "user.delete": command(_user_delete, ("tenant", "login"), "{tenant}/{login}"),
     "user.set-role": command(_user_set_role, ("tenant", "login", "role"), "{tenant}/{login} role={role}"),
+    "user.otp-require": command(_user_otp_require, ("tenant", "login", "required"), "{tenant}/{login}"),
     "ipcred.add": command(_ipcred_add, ("tenant", "login", "cidr"), "{tenant}/{login} {cidr}"),
     "ipcred.list": read(_ipcred_list, "tenant"),
     "ipcred.delete": command(_ipcred_delete, ("tenant", "login", "cidr"), "{tenant}/{login} {cidr}"),

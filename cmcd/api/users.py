@@ -49,7 +49,7 @@ async def add_user(api: ApiContext, request: web.Request) -> web.Response:
     if password is not None and not isinstance(password, str):
         raise Problem(422, "invalid", "password: at least 12 characters (or leave it out to have one generated)",
                       extra={"field": "password"})  # fmt: skip
-    op = dataclasses.replace(api_op(caller, "api.users.add", login, f"role={role}"), refused_text=_said_to_tenant)
+    op = dataclasses.replace(api_op(caller, "api.users.add", login, f"role={role}"), refused_text=said_to_tenant)
     try:
         u, generated = await api.tenancy.accounts.user_add(op, caller.tenant, login, role, password)
     except Refused as exc:
@@ -63,7 +63,7 @@ async def add_user(api: ApiContext, request: web.Request) -> web.Response:
                              status=201)  # fmt: skip
 
 
-def _said_to_tenant(refused: Refused) -> str:
+def said_to_tenant(refused: Refused) -> str:
     """A refused row's detail, which the tenant reads through /v1/audit: a taken login is "not
     available", never whose it is (logins are unique across tenants)."""
     if refused.refusal.reason is Reason.CONFLICT:

@@ -81,6 +81,7 @@ COVERAGE: dict[str, str] = {
     "user.otp-confirm": "matrix (refused: B's admin under A)",
     "user.otp-disable": "matrix (refused: B's admin under A)",
     "user.set-role": "matrix (refused: B's login under A)",
+    "user.otp-require": "matrix (refused: B's login under A)",
     "session.list": "matrix (refused: B's login under A)",
     "session.revoke": "matrix (refused: B's login under A, one id and --all)",
     "webhook.add": "matrix (refused: a URL that is not http(s) under A's name; the refusal is logged)",
@@ -336,6 +337,7 @@ REFUSED = [
     Refused("user.otp-confirm", "user otp-confirm acme beta-admin 123456", NO_B_ADMIN, "acme/beta-admin"),
     Refused("user.otp-disable", "user otp-disable acme beta-admin", NO_B_ADMIN, "acme/beta-admin"),
     Refused("user.set-role", "user set-role acme bob admin", NO_BOB, "acme/bob role=admin"),
+    Refused("user.otp-require", "user otp-require acme bob --on", NO_BOB, "acme/bob"),
     Refused("session.list", "session list acme beta-admin", NO_B_ADMIN, "acme"),
     Refused("session.revoke", "session revoke acme beta-admin --all", NO_B_ADMIN, "acme/beta-admin"),
     Refused(
