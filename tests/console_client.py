@@ -51,6 +51,7 @@ class _Forms(html.parser.HTMLParser):
         super().__init__()
         self.forms: list[Form] = []
         self._select: str | None = None
+        self._chosen: set[str] = set()  # selects whose value is set (by "selected", else by the first option)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
@@ -64,9 +65,11 @@ class _Forms(html.parser.HTMLParser):
             self.forms[-1].fields[a["name"]] = a.get("value", "on" if a.get("type") == "checkbox" else "")
         elif tag == "select" and a.get("name"):
             self._select = a["name"]
+            self._chosen.discard(a["name"])
             self.forms[-1].fields.setdefault(a["name"], "")
         elif tag == "option" and self._select is not None:
-            if "selected" in a or not self.forms[-1].fields[self._select]:
+            if "selected" in a or self._select not in self._chosen:
+                self._chosen.add(self._select)
                 self.forms[-1].fields[self._select] = a.get("value", "")
         elif tag == "textarea" and a.get("name"):
             self.forms[-1].fields[a["name"]] = ""

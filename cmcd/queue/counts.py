@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from cmcd.db import transaction
@@ -259,3 +261,25 @@ def _chunks(items: list[str], n: int = 400) -> Iterator[list[str]]:
 def by_state(conn: sqlite3.Connection) -> dict[str, int]:
     """Recipients by state, every state present (the /metrics gauge)."""
     return {state: n for state, n in conn.execute("SELECT state, SUM(n) FROM queue_counts GROUP BY state")}
+
+
+def tenant_pending(shards: Iterable[Path], tenant_id: int) -> dict[str, int]:
+    """TENANT_ID's recipients not yet final by state (every state of PENDING_STATES, 0 when none),
+    summed over the spool shard files SHARDS (every worker's), each opened read-only for this one
+    read: WAL lets it run beside the worker that writes the shard, and the running counts make it a
+    read of a few rows, not of the recipients. A file that is not there (a worker not started yet)
+    counts nothing; one that cannot be read raises sqlite3.Error. Blocking: call it off the event loop."""
+    out = {str(state): 0 for state in PENDING_STATES}
+    for path in shards:
+        if not path.exists():
+            continue
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=5.0)
+        try:
+            for state, n in conn.execute(
+                f"SELECT state, SUM(n) FROM queue_counts WHERE tenant_id = ? AND state IN {_PENDING} GROUP BY state",
+                (tenant_id,),
+            ):
+                out[state] += int(n)
+        finally:
+            conn.close()
+    return out

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cmcd.crypto import DataKeys
+from cmcd.db import transaction
 from cmcd.errors import SpoolError
 from cmcd.queue import manage, outbox, requests, tables, work
 from cmcd.queue.ids import QueueIdGenerator
@@ -203,6 +204,23 @@ class Spool:
                 raise error
 
         await self._call(run)
+        if self.on_commit is not None:
+            self.on_commit()
+
+    async def commit_notice(self, msg: SpoolMessage) -> None:
+        """Commit MSG, a message cmcd writes itself (the console's inquiry to the operator), as a DSN
+        is queued: with its "accepted" events, counted against no daily quota. It is on stable
+        storage when this returns; else SpoolError, and nothing of it was written."""
+
+        def run(conn: Conn) -> None:
+            with transaction(conn):
+                tables.insert_messages(conn, self.keys, [msg])
+
+        try:
+            await self._call(run)
+        except sqlite3.Error as exc:
+            log.error("event=spool_commit_failed messages=1 queue_id=%s error=%r", msg.queue_id, str(exc))
+            raise SpoolError(f"spool commit failed: {exc}") from exc
         if self.on_commit is not None:
             self.on_commit()
 

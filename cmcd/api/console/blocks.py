@@ -11,22 +11,22 @@ characters made visible, and goes to CSV through cmcd.textout.CsvWriter only.
 
 from __future__ import annotations
 
-import io
 import urllib.parse
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from cmcd.api import paging
 from cmcd.api.console import i18n
-from cmcd.api.console.web import Console, Page, secure_headers
+from cmcd.api.console.logs import CsvDownload, Rows, steps
+from cmcd.api.console.web import Console, Page
 from cmcd.api.problems import iso
 from cmcd.tenancy.refusals import Reason, Refused
-from cmcd.textout import CsvWriter, escape_controls
+from cmcd.textout import escape_controls
 
-#: rows on one page of the list, and rows read from the store per piece of the CSV download
+#: rows on one page of the list
 PAGE_ROWS = 50
-CSV_ROWS = 1000
 REASON_MAX_CHARS = 200
 
 
@@ -98,32 +98,18 @@ async def block_delete(page: Page) -> web.StreamResponse:
 
 async def block_csv(page: Page) -> web.StreamResponse:
     """Every blocked address as CSV, read and sent a piece at a time (a long list is never held
-    whole in memory)."""
+    whole in memory), under api.write_timeout (logs.CsvDownload)."""
     api = page.api
     tenant_id = page.caller.tenant_id
-    response = web.StreamResponse(
-        headers={"Content-Disposition": 'attachment; filename="blocks.csv"', "Cache-Control": "no-store"}
-    )
-    response.content_type = "text/csv"
-    response.charset = "utf-8"
-    secure_headers(response)  # before the headers go out: the console adds them only after the view
-    await response.prepare(page.request)
-    buf = io.StringIO()
-    out = CsvWriter(buf)
-    out.writerow(["address", "domain", "reason", "created"])
-    after = 0
-    while True:
-        rows: list[dict[str, Any]] = await api.astore.call(api.store.suppression_page, tenant_id, after, CSV_ROWS, None)
-        for r in rows:
-            out.writerow([r["address"], r["domain"], r["reason"], iso(r["created"])])
-        await response.write(buf.getvalue().encode())
-        buf.seek(0)
-        buf.truncate()
-        if len(rows) < CSV_ROWS:
-            break
-        after = rows[-1]["id"]
-    await response.write_eof()
-    return response
+
+    async def read(after: int, limit: int) -> list[dict[str, Any]]:
+        return await api.astore.call(api.store.suppression_page, tenant_id, after, limit, None)
+
+    async def pages() -> AsyncIterator[Rows]:
+        async for rows in steps(read):
+            yield [[r["address"], r["domain"], r["reason"], iso(r["created"])] for r in rows]
+
+    return CsvDownload("blocks.csv", ["address", "domain", "reason", "created"], pages)
 
 
 i18n.add(
