@@ -190,3 +190,12 @@ def test_language_follows_the_browser_and_the_switch(world: World) -> None:
     assert switched.status == 303 and switched.location == "/login"
     assert 'lang="en"' in ja.get("/login").text
     assert world.browser().get("/lang?to=en&next=//evil.example/").location == "/"
+
+
+def test_a_page_the_console_does_not_have_is_its_404_and_the_api_keeps_its_own(world: World) -> None:
+    b = world.browser()
+    page = b.get("/no-such-page")
+    assert page.status == 404 and "text/html" in page.headers["Content-Type"] and "no such page" in page.text
+    assert page.headers["X-Frame-Options"] == "DENY"
+    status, headers, body = world.d.http("GET", "/v1/no-such-endpoint")
+    assert status == 404 and headers["Content-Type"].startswith("application/problem+json"), body

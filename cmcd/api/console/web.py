@@ -187,7 +187,12 @@ class Console:
             lstrip_blocks=True,
         )
         self.templates.globals["nav"] = NAV
-        self._static = {p.name: p for p in (HERE / "static").iterdir() if p.suffix in STATIC_TYPES}
+        #: the static files, read once (a few KiB): name -> (bytes, content type)
+        self._static = {
+            p.name: (p.read_bytes(), STATIC_TYPES[p.suffix])
+            for p in (HERE / "static").iterdir()
+            if p.suffix in STATIC_TYPES
+        }
         self.router: web.UrlDispatcher | None = None
         #: every view's (method, path, the role it needs): what the authorisation tests walk
         self.routes: list[tuple[str, str, str | None]] = []
@@ -199,6 +204,7 @@ class Console:
         router.add_get("/static/{name}", self._get_static)
         router.add_get("/lang", self._set_lang)
         pages.register(self)
+        self.get("/{tail:.*}", self._not_found, need=None)  # last: what no route above matched
 
     def get(self, path: str, view: View, need: str | None = "read") -> None:
         assert self.router is not None
@@ -296,16 +302,22 @@ class Console:
             raise ConsoleError(403, page.t("error.csrf"))
         page.form = MultiDictProxy(form)
 
+    async def _not_found(self, page: Page) -> web.StreamResponse:
+        """A page the console does not have: the console's 404 page (under /v1/, the API's problem)."""
+        if page.request.path.startswith("/v1/"):
+            raise web.HTTPNotFound()
+        raise ConsoleError(404, page.t("error.not_found"))
+
     def error_page(self, page: Page, status: int, text: str) -> web.Response:
         return page.render("error.html", status=status, message=text)
 
     # -- documents -----------------------------------------------------------------------------
 
     async def _get_static(self, request: web.Request) -> web.Response:
-        path = self._static.get(request.match_info["name"])
-        if path is None:
+        found = self._static.get(request.match_info["name"])
+        if found is None:
             raise web.HTTPNotFound()
-        response = web.Response(body=path.read_bytes(), content_type=STATIC_TYPES[path.suffix])
+        response = web.Response(body=found[0], content_type=found[1])
         response.headers["Cache-Control"] = "public, max-age=3600"
         secure_headers(response)
         return response
