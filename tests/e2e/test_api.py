@@ -365,7 +365,7 @@ def test_otp_enroll_prints_a_qr_code(world: Any) -> None:
     assert any(line.startswith("provisioning URI: otpauth://totp/") for line in lines)
     qr = [line for line in lines if "█" in line or "▀" in line or "▄" in line]
     assert len(qr) >= 10 and len({len(line) for line in qr}) == 1  # a square block of the same width
-    with pytest.raises(Exception, match="only tenant admins"):
+    with pytest.raises(Exception, match="only admins and viewers"):
         d.admin("user.otp-enroll", tenant="acme", login="alice")
 
 
