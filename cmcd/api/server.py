@@ -33,6 +33,7 @@ from aiohttp import web, web_response
 from cmcd import crypto, policy, writeguard
 from cmcd.api import blocks, hooks, records, users
 from cmcd.api.console import Console
+from cmcd.api.console.web import CATCH_ALL_CANONICAL
 from cmcd.api.context import api_actor, client_ip
 from cmcd.api.fields import MAX_MERGE_KEYS
 from cmcd.api.frontdoor import Connection, FrontDoor
@@ -178,7 +179,8 @@ class ApiServer:
             if request.get(_CLOSE):
                 response.force_close()
             resource = request.match_info.route.resource
-            self.service.stats.api_request(resource.canonical if resource is not None else "unmatched", response.status)
+            route = resource.canonical if resource is not None else CATCH_ALL_CANONICAL
+            self.service.stats.api_request("unmatched" if route == CATCH_ALL_CANONICAL else route, response.status)
             await self._write_response(request, response)
         finally:
             held = request.get(_HELD_BYTES, 0)

@@ -60,6 +60,9 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
 }
+#: the last route: every GET no other route matched (metrics count it as "unmatched")
+CATCH_ALL = "/{tail:.*}"
+CATCH_ALL_CANONICAL = "/{tail}"  # how aiohttp names it (resource.canonical)
 STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml", ".ico": "image/x-icon"}
 
 View = Callable[["Page"], Awaitable[web.StreamResponse]]
@@ -204,7 +207,7 @@ class Console:
         router.add_get("/static/{name}", self._get_static)
         router.add_get("/lang", self._set_lang)
         pages.register(self)
-        self.get("/{tail:.*}", self._not_found, need=None)  # last: what no route above matched
+        self.get(CATCH_ALL, self._not_found, need=None)  # last: what no route above matched
 
     def get(self, path: str, view: View, need: str | None = "read") -> None:
         assert self.router is not None
