@@ -121,12 +121,14 @@ class ConsoleClient:
         form = page.form(action)
         return self.post(action, form.fields | values)
 
-    def sign_in(self, login: str, password: str, totp_secret: str | None = None) -> Reply:
-        """Password, then the current code when TOTP_SECRET is given; the reply that ends it."""
+    def sign_in(self, login: str, password: str, totp_secret: str | None = None, code: str | None = None) -> Reply:
+        """Password, then CODE (else the current code of TOTP_SECRET) when the console asks for
+        one; the reply that ends it."""
         got = self.submit(self.get("/login"), "/login", login=login, password=password)
         if got.status == 303 and got.location.startswith("/login/code"):
-            assert totp_secret is not None, "the console asks for a one-time code"
-            got = self.submit(self.get(got.location), "/login/code", code=pyotp.TOTP(totp_secret).now())
+            assert totp_secret is not None or code is not None, "the console asks for a one-time code"
+            code = code if code is not None else pyotp.TOTP(totp_secret or "").now()
+            got = self.submit(self.get(got.location), "/login/code", code=code)
         return got
 
     def cookie(self, name: str) -> http.cookiejar.Cookie | None:

@@ -279,11 +279,13 @@ MIGRATIONS: list[str] = [
     """,
     # 14: the tenant console (cmcd/api/console/): a session is an API session token or a console
     # cookie, and a console sign-in that still needs its one-time code or its TOTP enrolment is a
-    # session at that stage; tenant settings for it (one-time passwords required for every
+    # session at that stage (signed_in: when its password was checked, which bounds every session
+    # the sign-in goes on in); tenant settings for it (one-time passwords required for every
     # console user, the time zone its pages show), and one-time passwords required of one user
     """
     ALTER TABLE api_sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'api';
     ALTER TABLE api_sessions ADD COLUMN stage TEXT NOT NULL DEFAULT '';
+    ALTER TABLE api_sessions ADD COLUMN signed_in REAL;
     ALTER TABLE tenants ADD COLUMN console_otp INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tenants ADD COLUMN timezone TEXT NOT NULL DEFAULT '';
     ALTER TABLE users ADD COLUMN otp_required INTEGER NOT NULL DEFAULT 0;

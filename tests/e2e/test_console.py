@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import itertools
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyotp
@@ -26,6 +27,8 @@ class Person:
     login: str
     password: str
     totp: str | None = None  # base32 secret
+    recovery: list[str] = field(default_factory=list)  # recovery codes not used yet
+    last_step: int = 0  # the TOTP step of the last code used to sign in (a code works once)
 
 
 @dataclass
@@ -37,21 +40,32 @@ class World:
     def browser(self, lang: str = "en") -> ConsoleClient:
         return ConsoleClient(self.d.api_port, self.d.client_context(), lang)
 
-    def person(self, tenant: str, role: str, *, totp: bool = False) -> Person:
+    def person(self, tenant: str, role: str, *, totp: bool | None = None) -> Person:
+        """A new user of TENANT with ROLE, with TOTP set up when TOTP says so (default: an admin's,
+        who signs in to the console only with it)."""
         login = f"{tenant}-{role}{next(_names)}"
         password = f"{login} long secret"
         self.d.admin("user.add", tenant=tenant, login=login, role=role, password=password)
         secret = None
-        if totp:
+        if totp or (totp is None and role == "admin"):
             secret = self.d.admin("user.otp-enroll", tenant=tenant, login=login)["secret"]
             code = pyotp.TOTP(secret).at(time.time() - 30)
-            self.d.admin("user.otp-confirm", tenant=tenant, login=login, code=code)
+            recovery = self.d.admin("user.otp-confirm", tenant=tenant, login=login, code=code)["recovery_codes"]
+            return Person(tenant, login, password, secret, list(recovery))
         return Person(tenant, login, password, secret)
 
     def signed_in(self, who: Person, lang: str = "en") -> ConsoleClient:
-        """A browser signed in as WHO (a code works once: sign a person with TOTP in once per 30 s)."""
+        """A browser signed in as WHO: with the current one-time code, or, when it was used
+        already (a code works once), with one of WHO's recovery codes."""
         b = self.browser(lang)
-        got = b.sign_in(who.login, who.password, who.totp)
+        code = None
+        if who.totp is not None:
+            step = int(time.time() // 30)
+            if step <= who.last_step:
+                code = who.recovery.pop()
+            else:
+                who.last_step, code = step, pyotp.TOTP(who.totp).at(step * 30)
+        got = b.sign_in(who.login, who.password, who.totp, code)
         assert got.status == 303 and got.location == "/", (got.status, got.text[:500])
         return b
 
@@ -133,7 +147,7 @@ def test_a_viewer_without_totp_signs_in_and_reads_only(world: World) -> None:
 
 
 def test_required_otp_takes_the_user_to_enrolment_first(world: World) -> None:
-    admin = world.person("acme", "admin")
+    admin = world.person("acme", "viewer")
     world.d.admin("tenant.set", name="acme", console_otp=True)
     try:
         b = world.browser()
@@ -199,3 +213,51 @@ def test_a_page_the_console_does_not_have_is_its_404_and_the_api_keeps_its_own(w
     assert page.headers["X-Frame-Options"] == "DENY"
     status, headers, body = world.d.http("GET", "/v1/no-such-endpoint")
     assert status == 404 and headers["Content-Type"].startswith("application/problem+json"), body
+
+
+def test_an_admin_without_totp_enrols_before_anything_else(world: World) -> None:
+    """As the API's session login: an admin's password alone manages nothing."""
+    admin = world.person("acme", "admin", totp=False)
+    b = world.browser()
+    got = b.submit(b.get("/login"), "/login", login=admin.login, password=admin.password)
+    assert got.status == 303 and got.location == "/enrol"
+    for path in ("/", "/keys", "/users", "/account"):
+        assert b.get(path).location == "/enrol", path
+    home = b.get("/enrol")
+    assert b.post("/keys", {"csrf": home.form("/enrol").fields["csrf"], "login": "alice"}).location == "/enrol"
+    assert not [k for k in world.d.admin("apikey.list", tenant="acme") if k["login"] == "alice" and not k["revoked"]]
+
+
+def test_a_requirement_set_while_signed_in_holds_from_the_next_request(world: World) -> None:
+    viewer = world.person("acme", "viewer")
+    b = world.signed_in(viewer)
+    assert b.get("/").status == 200
+    world.d.admin("user.otp-require", tenant="acme", login=viewer.login, required=True)
+    assert b.get("/").location == "/enrol"
+    world.d.admin("user.otp-require", tenant="acme", login=viewer.login, required=False)
+    assert b.get("/").status == 200
+
+
+def _console_sessions(world: World, login: str) -> list[tuple[float, float, str]]:
+    con = sqlite3.connect(world.d.root / "cmcd.db")
+    try:
+        return con.execute(
+            "SELECT s.signed_in, s.expires, s.stage FROM api_sessions s JOIN users u ON u.id = s.user_id "
+            "WHERE u.login = ? AND s.kind = 'console'",
+            (login,),
+        ).fetchall()
+    finally:
+        con.close()
+
+
+def test_each_step_of_a_sign_in_keeps_its_time_limit(world: World) -> None:
+    """A new session id at each step, but never a new lease of life: an enrolment restarted
+    late does not start the console's session lifetime again."""
+    admin = world.person("acme", "admin", totp=False)
+    b = world.browser()
+    b.submit(b.get("/login"), "/login", login=admin.login, password=admin.password)
+    ((signed_in, expires, stage),) = _console_sessions(world, admin.login)
+    assert stage == "enrol" and expires - signed_in <= 900 + 1
+    assert b.submit(b.get("/enrol"), "/enrol").status == 303
+    ((again, expires_again, stage_again),) = _console_sessions(world, admin.login)
+    assert again == signed_in and stage_again == "enrol" and expires_again <= signed_in + 8 * 3600

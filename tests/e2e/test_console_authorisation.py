@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyotp
 import pytest
 from aiohttp import web
 
@@ -55,7 +57,7 @@ class World:
 
     def signed_in(self, who: Person) -> ConsoleClient:
         b = self.browser()
-        got = b.sign_in(who.login, who.password)
+        got = b.sign_in(who.login, who.password, who.totp)
         assert got.status == 303 and got.location == "/", got.text[:300]
         return b
 
@@ -93,8 +95,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Iterator[World]:
         {"api": {"listen": "127.0.0.1:0", "webhook_allow_private": True, "console_ip_credentials": True}},
     )
     d.start().provision()
+    totp: dict[str, str] = {}
     for tenant, role in (("acme", "admin"), ("acme", "viewer"), ("beta", "admin")):
-        d.admin("user.add", tenant=tenant, login=f"{tenant}-{role}", role=role, password=f"{tenant}-{role} secret pw")
+        login = f"{tenant}-{role}"
+        d.admin("user.add", tenant=tenant, login=login, role=role, password=f"{login} secret pw")
+        if role == "admin":  # an admin signs in to the console with TOTP only
+            totp[login] = d.admin("user.otp-enroll", tenant=tenant, login=login)["secret"]
+            d.admin("user.otp-confirm", tenant=tenant, login=login, code=pyotp.TOTP(totp[login]).at(time.time() - 30))
     d.admin("suppression.add", tenant="beta", address=B_BLOCKED)
     d.admin("ipcred.add", tenant="beta", login="bob", cidr="192.0.2.0/24")
     hook = d.admin("webhook.add", tenant="beta", url="http://127.0.0.1:9/beta")["id"]
@@ -106,8 +113,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: Any) -> Iterator[World]:
     qid = wait_until(
         lambda: next((r["queue_id"] for r in d.mail_log() if r["event"] == "accepted"), None), "beta's message"
     )
-    w = World(d, Person("acme", "acme-admin", "acme-admin secret pw"), Person("acme", "acme-viewer", "acme-viewer secret pw"), {})  # fmt: skip
-    beta_browser = w.signed_in(Person("beta", "beta-admin", "beta-admin secret pw"))
+    w = World(d, Person("acme", "acme-admin", "acme-admin secret pw", totp["acme-admin"]),
+              Person("acme", "acme-viewer", "acme-viewer secret pw"), {})  # fmt: skip
+    beta_browser = w.signed_in(Person("beta", "beta-admin", "beta-admin secret pw", totp["beta-admin"]))
     sid = re.search(r"/account/sessions/([0-9a-f]+)/end", beta_browser.get("/account").text)
     sessions = d.admin("session.list", tenant="beta", login="beta-admin")
     w.beta = {

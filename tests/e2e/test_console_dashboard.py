@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from cmcd.api.console.contact import USER_LIMIT
 from tests.conftest import Cmcd, wait_until
 from tests.console_client import ConsoleClient, Reply
 from tests.e2e.test_console import Person, World
@@ -306,3 +307,15 @@ def test_without_an_operator_address_inquiries_are_recorded_only(
         assert d.spooled() == {}  # nothing queued (delivery is off: it would still be there)
     finally:
         d.stop()
+
+
+def test_inquiries_are_limited_per_user(dash: Dash) -> None:
+    b = dash.w.signed_in(dash.w.person("acme", "viewer"))
+    form = b.get("/contact")
+    for n in range(USER_LIMIT):
+        assert b.submit(form, "/contact", subject=f"Limited {n}", message="one of a few").status == 303
+    over = b.submit(form, "/contact", subject="Limited over", message="one too many")
+    assert over.status == 429 and "within the hour" in _text(over)
+    wait_until(lambda: _from_operator_mail(dash.sink, f"Limited {USER_LIMIT - 1}"), "the last allowed inquiry", 30)
+    assert not _from_operator_mail(dash.sink, "Limited over")
+    assert not [r for r in dash.w.d.ops_log() if r["action"] == "console.contact" and r["detail"] == "Limited over"]

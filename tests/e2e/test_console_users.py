@@ -89,22 +89,23 @@ def test_an_admin_takes_a_user_through_its_life(world: World) -> None:
     path = f"/users/{login}"
 
     # added with a generated password, shown once; it signs the new user in
-    added = b.submit(listing, "/users", login=login, role="viewer", password="")
+    added = b.submit(listing, "/users", login=login, role="admin", password="")
     assert added.status == 200 and "Shown only now" in _text(added)
     password = _secret(added)
-    assert _users(world)[login]["role"] == "viewer"
-    assert _sign_in(world, login, password).location == "/"
+    assert _users(world)[login]["role"] == "admin"
+    assert _sign_in(world, login, password).location == "/enrol"  # an admin signs in with TOTP only
     assert login in _text(b.get("/users")) and password not in b.get("/users").text
     _wait_op(world, "console.users.add", f"acme/{login}")
 
     # a new role
     page = b.get(path)
-    assert page.status == 200 and "viewer" in _text(page)
-    got = b.submit(page, f"{path}/role", role="admin")
+    assert page.status == 200 and "admin" in _text(page)
+    got = b.submit(page, f"{path}/role", role="viewer")
     assert got.status == 303 and got.location == f"{path}?done=users_role_changed"
     assert "The role was changed." in _text(b.get(got.location))
-    assert _users(world)[login]["role"] == "admin"
-    assert _wait_op(world, "console.users.role", f"acme/{login}")["detail"] == "role=admin"
+    assert _users(world)[login]["role"] == "viewer"
+    assert _sign_in(world, login, password).location == "/"  # a viewer needs no TOTP unless required
+    assert _wait_op(world, "console.users.role", f"acme/{login}")["detail"] == "role=viewer"
 
     # disabled: it cannot sign in; enabled again: it can
     got = b.submit(b.get(path), f"{path}/disable")
@@ -318,7 +319,7 @@ def test_cmcctl_requires_one_time_passwords_of_a_user(world: World) -> None:
 
 
 def test_account_lists_sessions_and_ends_another(world: World) -> None:
-    admin = world.person("acme", "admin")
+    admin = world.person("acme", "viewer")
     here, there = world.signed_in(admin), world.signed_in(admin)
     page = here.get("/account")
     assert page.status == 200
@@ -372,7 +373,7 @@ def test_a_viewer_changes_their_own_password_with_the_current_one(world: World) 
 
 def test_own_one_time_passwords_go_off_only_when_nobody_requires_them(world: World) -> None:
     admin = world.signed_in(world.person("acme", "admin"))
-    user = world.person("acme", "admin", totp=True)
+    user = world.person("acme", "viewer", totp=True)
     b = world.signed_in(user)
     page = b.get("/account")
     assert "set up" in _text(page) and page.form("/account/otp/disable")
@@ -399,7 +400,7 @@ def test_own_one_time_passwords_go_off_only_when_nobody_requires_them(world: Wor
     _wait_op(world, "console.account.otp_disable", f"acme/{user.login}")
 
 
-def test_an_admin_removing_their_own_one_time_passwords_signs_in_again(world: World) -> None:
+def test_an_admin_removing_their_own_one_time_passwords_enrols_again(world: World) -> None:
     admin = world.person("acme", "admin", totp=True)
     b = world.signed_in(admin)
     path = f"/users/{admin.login}"
@@ -407,5 +408,5 @@ def test_an_admin_removing_their_own_one_time_passwords_signs_in_again(world: Wo
     assert got.status == 303 and got.location == "/login?done=users_own_otp_removed"
     assert "sign in again" in _text(b.get(got.location))
     assert b.get("/").status == 303  # the enrolment's end ended this session
-    assert _sign_in(world, admin.login, admin.password).location == "/"
+    assert _sign_in(world, admin.login, admin.password).location == "/enrol"  # an admin has TOTP, always
     _wait_op(world, "console.users.otp_remove", f"acme/{admin.login}")

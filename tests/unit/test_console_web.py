@@ -60,8 +60,11 @@ def test_language(explicit: str, header: str, want: str) -> None:
         ("https://evil.example/", "/"),
         ("/\\evil.example", "/"),
         ("mail", "/"),
+        ("/\r\nX-Evil: 1", "/"),
+        ("/\t/evil.example", "/"),
+        ("/mail?a b", "/"),
     ],
-    ids=["local", "empty", "none", "scheme-relative", "absolute", "backslash", "relative"],
+    ids=["local", "empty", "none", "scheme-relative", "absolute", "backslash", "relative", "crlf", "tab", "space"],
 )
 def test_redirects_stay_on_the_site(target: str | None, want: str) -> None:
     assert safe_next(target) == want

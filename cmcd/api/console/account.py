@@ -36,11 +36,11 @@ def register(c: Console) -> None:
 
 
 async def _otp(page: Page) -> tuple[bool, bool, bool]:
-    """(the user's TOTP enrolment is confirmed, their admin requires it, the tenant requires it)."""
+    """(the user's TOTP enrolment is confirmed, it is required of them (an admin always), the tenant requires it)."""
     api = page.api
     caller = page.caller
     enrolled = await api.astore.call(api.store.otp_enrolled, caller.user_id)
-    required = await api.astore.call(api.store.user_otp_required, caller.user_id)
+    required = await api.astore.call(api.store.console_otp_needed, caller.user_id)
     tenant_requires, _ = await api.astore.call(api.store.console_settings, caller.tenant_id)
     return enrolled, required, tenant_requires
 

@@ -15,6 +15,7 @@ import datetime
 import email.parser
 import logging
 import re
+import sqlite3
 
 from aiohttp import web
 
@@ -22,12 +23,14 @@ from cmcd.api.compose import ComposeError, compose_one
 from cmcd.api.console import i18n
 from cmcd.api.console.web import Console, Page, console_actor
 from cmcd.api.context import client_ip
-from cmcd.errors import SpoolError
+from cmcd.errors import SpoolError, StoreError
 from cmcd.records import Recipient, SpoolMessage
 
 log = logging.getLogger("cmcd.api.console")
 
 MAX_SUBJECT = 200
+#: inquiries a user, and a whole tenant, may send within LIMIT_WINDOW_S
+USER_LIMIT, TENANT_LIMIT, LIMIT_WINDOW_S = 5, 20, 3600.0
 MAX_MESSAGE = 5000
 #: what a one-line subject may not hold: line breaks and other control characters (TAB is fine)
 _NOT_ONE_LINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
@@ -76,6 +79,8 @@ async def contact_send(page: Page) -> web.StreamResponse:
     api = page.api
     caller = page.caller
     now = api.clock()
+    if await _too_many(page, now):
+        return await contact_form(page, 429, page.t("contact.too_many", n=USER_LIMIT), subject, message)
     operator = api.config.server.operator_address.strip()
     target = "operator"
     if operator:
@@ -90,6 +95,23 @@ async def contact_send(page: Page) -> web.StreamResponse:
     log.info("event=console_contact tenant=%s login=%s queue_id=%s", caller.tenant, caller.login,
              target if operator else "-")  # fmt: skip
     return page.redirect("/contact", done="contact_sent")
+
+
+async def _too_many(page: Page, now: float) -> bool:
+    """Whether this inquiry is one too many (USER_LIMIT a user, TENANT_LIMIT a tenant, in LIMIT_WINDOW_S,
+    counted in the store for every worker); one that is not is counted now."""
+    api = page.api
+    caller = page.caller
+    limits = [(f"contact user {caller.user_id}", USER_LIMIT), (f"contact tenant {caller.tenant_id}", TENANT_LIMIT)]
+    try:
+        got = await api.astore.call(api.store.failure_claim, limits, LIMIT_WINDOW_S, now)
+    except (sqlite3.Error, StoreError) as exc:  # cannot count: nothing is sent uncounted
+        log.warning("event=console_contact_not_counted tenant=%s error=%r", caller.tenant, str(exc))
+        return True
+    if got.held is not None:
+        log.warning("event=console_contact_limited tenant=%s login=%s limit=%s", caller.tenant, caller.login, got.held)
+        return True
+    return False
 
 
 def inquiry_text(*, tenant: str, login: str, role: str, when: str, client: str, subject: str, message: str) -> str:
@@ -163,6 +185,7 @@ i18n.add(
             "contact.intro_recorded": "Inquiries are recorded for the operator only: no mail address is set up for "
             "them, so the subject goes into the operation log, where the operator reads it, and the message is not kept.",
             "contact.subject": "Subject",
+            "contact.too_many": "You have sent {n} inquiries within the hour; please wait before sending another.",
             "contact.message": "Message",
             "contact.message_hint": "At most {max} characters.",
             "contact.send": "Send",
@@ -178,6 +201,7 @@ i18n.add(
             "contact.intro_mailed": "メッセージはこのサービスの運用者にメールで届き、テナントの操作ログに（件名のみ）記録されます。",
             "contact.intro_recorded": "お問い合わせは運用者向けに記録されるだけです。送信先のメールアドレスが設定されていないため、件名が操作ログに記録され（運用者が確認します）、本文は保存されません。",
             "contact.subject": "件名",
+            "contact.too_many": "1 時間以内に {n} 件のお問い合わせを送信済みです。しばらくしてから送信してください。",
             "contact.message": "本文",
             "contact.message_hint": "{max} 文字まで。",
             "contact.send": "送信",

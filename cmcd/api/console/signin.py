@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import logging
 import sqlite3
-import time
 import urllib.parse
 
 import qrcode
@@ -24,7 +23,16 @@ from aiohttp import web
 
 from cmcd import totp
 from cmcd.api.console import i18n
-from cmcd.api.console.web import PRE_COOKIE, SESSION_COOKIE, Console, ConsoleError, Page, new_token, safe_next
+from cmcd.api.console.web import (
+    PRE_COOKIE,
+    SESSION_COOKIE,
+    Console,
+    ConsoleError,
+    Page,
+    console_actor,
+    new_token,
+    safe_next,
+)
 from cmcd.api.context import client_ip
 from cmcd.api.sessions import claim_second_factor
 from cmcd.errors import StoreError
@@ -99,9 +107,8 @@ async def login(page: Page) -> web.StreamResponse:
     finally:
         auth.fail(claim)  # unless released: a sign-in cut short counts as a failure
     enrolled = await api.astore.call(api.store.otp_enrolled, user.id)
-    tenant_requires, _ = await api.astore.call(api.store.console_settings, user.tenant_id)
-    user_requires = await api.astore.call(api.store.user_otp_required, user.id)
-    stage = STAGE_CODE if enrolled else STAGE_ENROL if tenant_requires or user_requires else ""
+    needed = await api.astore.call(api.store.console_otp_needed, user.id)  # an admin's always, as the API's
+    stage = STAGE_CODE if enrolled else STAGE_ENROL if needed else ""
     if stage == "":
         auth.log_login(LoginRecord(now, login_name, ip, MECHANISM, "ok", user.tenant_id, "password"))
         api.service.stats.authenticated(True, throttled=False)
@@ -115,11 +122,16 @@ async def login(page: Page) -> web.StreamResponse:
 
 
 async def _new_session(page: Page, user_id: int, tenant_id: int, stage: str) -> None:
-    """A new session for USER_ID at STAGE (a new random id), in place of the one PAGE had."""
+    """A new session for USER_ID at STAGE (a new random id), in place of the one PAGE had. It ends
+    by the sign-in's own limit: console_session_ttl from the password check, however many steps
+    (a restarted enrolment) it goes through."""
     api = page.api
+    now = api.clock()
+    signed_in = page.session.signed_in if page.session is not None and page.session.signed_in else now
     lifetime = {STAGE_CODE: CODE_STAGE_S, STAGE_ENROL: ENROL_STAGE_S}.get(stage, api.config.api.console_session_ttl)
+    expires = min(now + lifetime, signed_in + api.config.api.console_session_ttl)
     token = new_token()
-    await api.astore.call(api.store.console_session_add, token, user_id, tenant_id, api.clock() + lifetime, stage)
+    await api.astore.call(api.store.console_session_add, token, user_id, tenant_id, expires, stage, signed_in)
     if page.token:
         await api.astore.call(api.store.console_session_end, page.token)
     page.cookies[SESSION_COOKIE] = token
@@ -198,6 +210,10 @@ async def _enrol_page(page: Page, status: int = 200, error: str = "") -> web.Str
     api = page.api
     state = await api.astore.call(api.store.otp_state, session.caller.user_id)
     if state is not None and state[1]:
+        if session.stage == STAGE_ENROL:  # another browser of this user confirmed meanwhile: sign in with it
+            await api.astore.call(api.store.console_session_end, page.token)
+            page.cookies[SESSION_COOKIE] = ""
+            return page.redirect("/login")
         return page.redirect("/account")  # enrolled already
     values: dict[str, object] = {"started": state is not None, "qr": "", "secret": "", "uri": ""}
     if state is not None:
@@ -268,7 +284,7 @@ async def logout(page: Page) -> web.StreamResponse:
     if page.session is not None:
         await api.astore.call(api.store.console_session_end, page.token)
         caller = page.session.caller
-        await api.service.audit.op(ts=time.time(), actor_uid=None, actor=f"console:{caller.login}",
+        await api.service.audit.op(ts=api.clock(), actor_uid=None, actor=console_actor(caller),
                                    action="console.signout", target=page.session.sid, result="ok",
                                    tenant_id=caller.tenant_id)  # fmt: skip
     page.cookies[SESSION_COOKIE] = ""

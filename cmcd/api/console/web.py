@@ -87,6 +87,8 @@ def safe_next(target: str | None, default: str = "/") -> str:
     """TARGET if it is a path on this site (a redirect never leaves it), else DEFAULT."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return default
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in target):  # urlsplit drops CR/LF/TAB: refuse them here
+        return default
     parts = urllib.parse.urlsplit(target)
     if parts.scheme or parts.netloc:
         return default
