@@ -277,6 +277,8 @@ async def test_tenant_add_list_show(daemon: Daemon) -> None:
         "dsn": True,
         "suppressed_rcpt": "accept",
         "suppressions": 0,
+        "console_otp": False,
+        "timezone": "",
     }
 
 
