@@ -7,6 +7,7 @@ data key (AAD "dkim:<domain>:<selector>") and leaves the store only decrypted fo
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -132,6 +133,20 @@ class DomainStore:
                 "UPDATE dkim_keys SET dns_state = ? WHERE domain_id = ? AND selector = ?",
                 [(state, d.id, selector) for selector, state in results.items()],
             )
+
+    def domain_set_check(self, tenant: str, domain: str, results: list[dict[str, str]], now: float) -> None:
+        """Keep what a DNS check found per record: name, expected value, status."""
+        d = self.domain(tenant, domain)
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE domains SET checked = ?, check_results = ? WHERE id = ?", (now, json.dumps(results), d.id)
+            )
+
+    def domain_last_check(self, tenant: str, domain: str) -> tuple[float | None, list[dict[str, str]]]:
+        """When DOMAIN was last checked (None: never) and what each record's lookup found then."""
+        d = self.domain(tenant, domain)
+        row = self.conn.execute("SELECT checked, check_results FROM domains WHERE id = ?", (d.id,)).fetchone()
+        return row[0], json.loads(row[1] or "[]")
 
     def dkim_signing_keys(self) -> list[tuple[str, str, str, bytes]]:
         """(domain, selector, algorithm, private PEM) of every key that signs: active, and not known

@@ -281,7 +281,8 @@ MIGRATIONS: list[str] = [
     # cookie, and a console sign-in that still needs its one-time code or its TOTP enrolment is a
     # session at that stage (signed_in: when its password was checked, which bounds every session
     # the sign-in goes on in); tenant settings for it (one-time passwords required for every
-    # console user, the time zone its pages show), and one-time passwords required of one user
+    # console user, the time zone its pages show), one-time passwords required of one user, and
+    # what the last DNS check of a domain found for each record (public records: not encrypted)
     """
     ALTER TABLE api_sessions ADD COLUMN kind TEXT NOT NULL DEFAULT 'api';
     ALTER TABLE api_sessions ADD COLUMN stage TEXT NOT NULL DEFAULT '';
@@ -289,6 +290,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE tenants ADD COLUMN console_otp INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tenants ADD COLUMN timezone TEXT NOT NULL DEFAULT '';
     ALTER TABLE users ADD COLUMN otp_required INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE domains ADD COLUMN checked REAL;
+    ALTER TABLE domains ADD COLUMN check_results TEXT NOT NULL DEFAULT '[]';
     """,
 ]
 

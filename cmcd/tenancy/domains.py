@@ -238,5 +238,12 @@ class Domains:
         recs = records(name, await self.core.need(op, tenant, self.core.store.dkim_keys, tenant, name), hostname)
         results = await lookup(recs)
         states = dns_states(recs, results)
-        await self.core.change(op, tenant, lambda s: s.dkim_set_dns(tenant, name, states))
+        now = time.time()
+        kept = [{"name": r["name"], "expected": r["value"], "status": res["status"]} for r, res in zip(recs, results)]
+
+        def change(s: Store) -> None:
+            s.dkim_set_dns(tenant, name, states)
+            s.domain_set_check(tenant, name, kept, now)
+
+        await self.core.change(op, tenant, change)
         return results

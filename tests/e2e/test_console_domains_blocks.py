@@ -112,8 +112,11 @@ def test_a_check_shows_what_dns_holds_record_by_record(world: World, dns_server:
     assert all(word == status for _, status, word in kinds)  # in English the word is the status
     keys = world.d.admin("domain.keys", tenant="acme", domain="acme.test")
     assert {k["dns_state"] for k in keys} == {"published"}  # the check is recorded, key by key
-    again = _text(b.get("/domains/acme.test"))
-    assert "not checked yet" not in again and "published" in again
+    again = b.get("/domains/acme.test").text
+    assert "not checked yet" not in _text(b.get("/domains/acme.test")) and "published" in again
+    # the last check is kept for every record, SPF and DMARC too, with its time
+    last = dict(re.findall(r'<tr class="record-(spf|dmarc)">.*?</td>\s*<td>([^<]*)</td>\s*</tr>', again, re.S))
+    assert last["spf"].startswith("published (") and last["dmarc"].startswith("missing ("), last
     rows = wait_until(lambda: _ops(world, "console.domains.check", admin.login), "the check in the operation log")
     assert rows[-1]["target"] == "acme.test" and rows[-1]["result"] == "ok"
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from cmcd.api.console import i18n
 from cmcd.api.console.web import Console, ConsoleError, Page
 from cmcd.dns_check import check as dns_check
+from cmcd.errors import NotFound
 from cmcd.tenancy.domains import Record, domain_name, zone_lines
 from cmcd.tenancy.refusals import Reason, Refused
 from cmcd.textout import escape_controls
@@ -84,6 +85,9 @@ async def _show(page: Page, name: str, results: list[Record] | None = None) -> w
     try:
         keys = await api.tenancy.domains.keys(tenant, name)
         recs = await api.tenancy.domains.records(tenant, name, api.config.server.hostname)
+        checked, kept = await api.astore.call(api.store.domain_last_check, tenant, domain_name(name))
+    except NotFound:  # deleted between the two reads
+        raise ConsoleError(404, page.t("error.not_found")) from None
     except Refused as exc:
         if exc.refusal.reason is Reason.NOT_FOUND:
             raise ConsoleError(404, page.t("error.not_found")) from None
@@ -91,6 +95,7 @@ async def _show(page: Page, name: str, results: list[Record] | None = None) -> w
     domain = domain_name(name)
     by_selector = {k["selector"]: k for k in keys}
     found = {(r["name"], r["expected"]): r for r in results or []}
+    last = {(r["name"], r["expected"]): r["status"] for r in kept}
     rows = []
     for r in recs:
         key = by_selector.get(r.get("selector", ""))
@@ -103,7 +108,7 @@ async def _show(page: Page, name: str, results: list[Record] | None = None) -> w
                 "type": r["type"],
                 "name": r["name"],
                 "value": r["value"],
-                "last": _state_word(page, key["dns_state"]) if key is not None else page.t("domains.not_kept"),
+                "last": _last_word(page, key, last.get((r["name"], r["value"])), checked),
                 "now": _result(page, result) if result is not None else None,
             }
         )
@@ -130,6 +135,16 @@ def _key_words(page: Page, key: dict[str, Any] | None) -> dict[str, str]:
     if key is None:
         return {}
     return {"selector": key["selector"], "algorithm": key["algorithm"], "state": page.t(f"domains.key.{key['state']}")}
+
+
+def _last_word(page: Page, key: dict[str, Any] | None, status: str | None, checked: float | None) -> str:
+    """What the last check found for a record: a DKIM key's kept state, else the kept result of
+    the domain's last check (with its time), else that it was not checked since it was published."""
+    if key is not None:
+        return _state_word(page, key["dns_state"])
+    if status is None or checked is None:
+        return page.t("domains.not_kept")
+    return page.t("domains.last_at", state=_state_word(page, status), when=page.when(checked, seconds=False))
 
 
 def _state_word(page: Page, state: str) -> str:
@@ -173,7 +188,8 @@ i18n.add(
             "domains.last": "Last check",
             "domains.now": "This check",
             "domains.found": "found",
-            "domains.not_kept": "not kept: run a check",
+            "domains.not_kept": "not checked yet: run a check",
+            "domains.last_at": "{state} ({when})",
             "domains.purpose.dkim": "DKIM key {selector} ({algorithm}, {state})",
             "domains.purpose.spf": "SPF (suggested)",
             "domains.purpose.dmarc": "DMARC (suggested)",
@@ -230,7 +246,8 @@ i18n.add(
             "domains.last": "前回の確認",
             "domains.now": "今回の確認",
             "domains.found": "検出",
-            "domains.not_kept": "記録なし（確認を実行してください）",
+            "domains.not_kept": "未確認（確認を実行してください）",
+            "domains.last_at": "{state}（{when}）",
             "domains.purpose.dkim": "DKIM 鍵 {selector}（{algorithm}、{state}）",
             "domains.purpose.spf": "SPF（推奨値）",
             "domains.purpose.dmarc": "DMARC（推奨値）",
