@@ -181,9 +181,14 @@ class Cmcd:
             raise
 
     def kill9(self) -> None:
+        """SIGKILL the daemon (the supervisor, with workers); returns once its workers are gone too
+        (the kernel kills them when their parent dies, a moment later: until then one may still
+        commit a transaction the test would not expect after the kill)."""
         assert self.proc is not None
+        children = _children(self.proc.pid)
         self.proc.kill()
         self.proc.wait()
+        wait_until(lambda: not any(_running(pid) for pid in children), "the workers gone after the kill -9", 10)
 
     # -- administration --------------------------------------------------------------------
 
@@ -364,6 +369,23 @@ def strip_signatures(raw: bytes) -> bytes:
         if m is None:
             return raw
         raw = raw[m.end() :]
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of PID (Linux /proc)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    """Whether PID is a live process (a zombie is dead: it runs nothing and commits nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def wait_until(done: Callable[[], Any], what: str, timeout: float = 10) -> Any:
