@@ -52,12 +52,13 @@ CLIENT_WAIT_MS = 500
 
 
 @contextlib.contextmanager
-def lock_wait(conn: sqlite3.Connection, ms: int = CLIENT_WAIT_MS, restore_ms: int = STORE_BUSY_MS) -> Iterator[None]:
+def lock_wait(conn: sqlite3.Connection, ms: int = CLIENT_WAIT_MS) -> Iterator[None]:
     """Inside: a write that finds the file locked by another process waits at most MS (then
-    "database is locked"), not the connection's usual RESTORE_MS: for writes a waiting client
-    must not wait for."""
+    "database is locked"), not the connection's usual wait (STORE_BUSY_MS, or whatever it was
+    set to, which it gets back after): for writes a waiting client must not wait for."""
+    usual = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
     conn.execute(f"PRAGMA busy_timeout = {int(ms)}")
     try:
         yield
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(restore_ms)}")
+        conn.execute(f"PRAGMA busy_timeout = {usual}")
