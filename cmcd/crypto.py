@@ -25,6 +25,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from cmcd import intl
 from cmcd.errors import KeyFileError
 
 _KEY_HEADER = "cmcd-data-key-v1"
@@ -74,8 +75,9 @@ class DataKeys:
         return self.decrypt(bytes(blob)) if blob else ""
 
     def index(self, address: str) -> bytes:
-        """Keyed lookup index of an address; case-insensitive on the whole address."""
-        return hmac.digest(self.index_key, address.strip().lower().encode("utf-8"), "sha256")[:16]
+        """Keyed lookup index of an address; case-insensitive on the whole address, Unicode NFC and
+        the domain as A-labels (cmcd.intl.index_form: an ASCII address hashes as it always has)."""
+        return hmac.digest(self.index_key, intl.index_form(address).encode("utf-8"), "sha256")[:16]
 
 
 #: anything that looks like an address: a quoted local part, or the whole run of characters before

@@ -4,7 +4,8 @@ An asyncio.Protocol rather than streams: each reply is one future, each timeout 
 handle, and MAIL, every RCPT and DATA go out in one write when the server offers PIPELINING
 (RFC 2920). STARTTLS refuses to go on when anything follows the server's 220 in the same
 read, so a server cannot inject replies that the client would read as coming over TLS
-(the client-side form of CVE-2011-0411).
+(the client-side form of CVE-2011-0411). Internationalised mail (RFC 6531) goes with the SMTPUTF8
+parameter where the server offers it; elsewhere addresses go with their domains as A-labels.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
+
+from cmcd import intl
 
 MAX_REPLY_LINES = 100
 MAX_LINE = 4096
@@ -395,8 +398,12 @@ class SmtpClient:
             params += f" SIZE={len(body)}"
         if "8BITMIME" in self.extensions and not body.isascii():
             params += " BODY=8BITMIME"
-        if "SMTPUTF8" in self.extensions and not (sender.isascii() and all(r.isascii() for r in recipients)):
-            params += " SMTPUTF8"
+        if "SMTPUTF8" in self.extensions:
+            if intl.needs_smtputf8(sender, recipients, body):  # RFC 6531 §3.4
+                params += " SMTPUTF8"
+        else:  # an A-label domain is not internationalised (RFC 6531 §3.2); the engine bounced the rest
+            sender = intl.ascii_form(sender) or sender
+            recipients = [intl.ascii_form(r) or r for r in recipients]
         commands = [f"MAIL FROM:<{sender}>{params}"] + [f"RCPT TO:<{r}>" for r in recipients]
         if pipelining:
             # RFC 2920: RSET, MAIL, every RCPT and DATA in one write, the replies read in order

@@ -28,6 +28,7 @@ import dns.rdatatype
 import dns.resolver
 
 from cmcd.config import Config, split_hostport
+from cmcd.intl import to_alabel
 from cmcd.policy import Outcome, network_fault, permanent_failure
 
 log = logging.getLogger("cmcd.routing")
@@ -213,6 +214,10 @@ class Router:
             self._cache.pop(domain, None)
 
     async def _lookup(self, domain: str) -> tuple[Route | Outcome, float]:
+        try:  # DNS and the routes table know a domain by its A-labels (RFC 5890); intake keys recipients so
+            domain = to_alabel(domain)
+        except ValueError as exc:
+            return permanent_failure("5.1.2", str(exc)), NEGATIVE_TTL
         static = self.routes.get(domain) or self.routes.get("*")
         if static is not None:
             host, port = split_hostport(static)

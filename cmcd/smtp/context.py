@@ -24,7 +24,11 @@ class SubmissionHandler:
 
     async def handle_DATA_BYTES(self, server: Any, session: Any, envelope: Any, body: bytes) -> str:
         result = await self.service.finish(
-            session.sender, envelope.mail_from, list(envelope.rcpt_tos), body, server.session_info()
+            session.sender,
+            envelope.mail_from,
+            list(envelope.rcpt_tos),
+            body,
+            server.session_info(smtputf8="SMTPUTF8" in envelope.mail_options),
         )
         return result.reply
 

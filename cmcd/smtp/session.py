@@ -129,7 +129,8 @@ class SubmissionSMTP(SMTP):
         self._smtp_methods = _COMMANDS  # shared and read-only: functions, bound when called
         self._enforce_call_limit = False  # our _handle_client applies _CALL_LIMITS
         # aiosmtpd keeps these limits in a class-wide dict that grows on every EHLO; ours are per session.
-        self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26, "RCPT": 512})
+        # MAIL: SIZE= and BODY=8BITMIME (RFC 1870, 6152), and 10 more for " SMTPUTF8" (RFC 6531 §3.1 item 5)
+        self.command_size_limits = collections.defaultdict(lambda: 512, {"MAIL": 512 + 26 + 10, "RCPT": 512})
         self.ctx = ctx
         self.implicit_tls = implicit_tls
         self.busy = False  # True from DATA until its reply is sent (shutdown waits for these)
@@ -204,12 +205,13 @@ class SubmissionSMTP(SMTP):
     def is_tls(self) -> bool:
         return self._tls_protocol is not None
 
-    def session_info(self) -> SessionInfo:
+    def session_info(self, *, smtputf8: bool = False) -> SessionInfo:
+        """What the Received: field says of this session; SMTPUTF8: the transaction asked for it."""
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
         version = ssl_object.version() if ssl_object is not None else None
         cipher = ssl_object.cipher()[0] if ssl_object is not None else None
         helo = self.session.host_name if self.session is not None else ""
-        return SessionInfo(self.client_ip, str(helo or ""), version, cipher)
+        return SessionInfo(self.client_ip, str(helo or ""), version, cipher, smtputf8=smtputf8)
 
     # -- replies ---------------------------------------------------------------------------
 
@@ -300,10 +302,15 @@ class SubmissionSMTP(SMTP):
                     continue
                 arg: str | None = None
                 if arg_bytes:
+                    # UTF-8 only in MAIL and RCPT (RFC 6531 §3.3); whether the transaction asked for
+                    # SMTPUTF8 is for submit/ to judge (550/553 5.6.7)
                     try:
-                        arg = arg_bytes.strip().decode("ascii")
+                        arg = arg_bytes.strip().decode("utf-8")
                     except UnicodeDecodeError:
-                        await self.push("501 5.1.3 Non-ASCII characters require SMTPUTF8")
+                        await self.push("500 5.5.2 Error: the command is not valid UTF-8")
+                        continue
+                    if command not in ("MAIL", "RCPT") and not arg.isascii():
+                        await self.push("501 5.5.4 Non-ASCII characters are allowed only in MAIL and RCPT addresses")
                         continue
                 limit = self.command_size_limits[command] if self.session.extended_smtp else 512
                 if len(line) > limit:
@@ -340,7 +347,14 @@ class SubmissionSMTP(SMTP):
         assert self.session is not None
         self.session.extended_smtp = True
         self.session.host_name = hostname
-        lines = [self.hostname, f"SIZE {self.data_size_limit}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        lines = [
+            self.hostname,
+            f"SIZE {self.data_size_limit}",
+            "8BITMIME",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",  # RFC 6531: UTF-8 addresses and headers (submit/ and deliver/ carry them on)
+        ]
         if self.ctx.tls_context is not None and not self.is_tls:
             lines.append("STARTTLS")
         if self.is_tls:
@@ -528,8 +542,9 @@ class SubmissionSMTP(SMTP):
         if parsed.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
             await self.push("501 5.5.4 BODY can only be 7BIT or 8BITMIME")
             return
-        if parsed.pop("SMTPUTF8", False):
-            await self.push("555 5.5.4 SMTPUTF8 is not supported")
+        utf8 = parsed.pop("SMTPUTF8", False)
+        if utf8 not in (True, False):  # RFC 6531 §3.4: the parameter has no value
+            await self.push("501 5.5.4 Syntax: SMTPUTF8 takes no value")
             return
         size = parsed.pop("SIZE", None)
         if size is not None:
@@ -546,11 +561,12 @@ class SubmissionSMTP(SMTP):
         if service.reloading:
             await service.current()
         session: Any = self.session
-        refusal = service.check_mail(session.sender, address, False, int(size) if size else 0)
+        refusal = service.check_mail(session.sender, address, utf8, int(size) if size else 0)
         if refusal is not None:
             await self.push(refusal.reply)
             return
         envelope: Any = self.envelope
+        envelope.smtp_utf8 = utf8
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         await self.push("250 2.1.0 Sender OK")
@@ -566,7 +582,7 @@ class SubmissionSMTP(SMTP):
             return
         session: Any = self.session
         envelope: Any = self.envelope
-        refusal = self.ctx.service.check_rcpt(session.sender, address, len(envelope.rcpt_tos), False)
+        refusal = self.ctx.service.check_rcpt(session.sender, address, len(envelope.rcpt_tos), envelope.smtp_utf8)
         if refusal is not None:
             await self.push(refusal.reply)
             return

@@ -83,6 +83,16 @@ def too_many_recipients(max_recipients: int) -> Refusal:
     )
 
 
+#: RFC 6531 §3.5: a non-ASCII address in MAIL (550) or RCPT (553) of a transaction that did not ask
+#: for SMTPUTF8 ("Non-ASCII addresses not permitted for that sender/recipient")
+NEEDS_SMTPUTF8_MAIL = Refusal(
+    Reason.BAD_ADDRESS, 550, "5.6.7", "Non-ASCII sender address requires the SMTPUTF8 parameter on MAIL"
+)
+NEEDS_SMTPUTF8_RCPT = Refusal(
+    Reason.BAD_ADDRESS, 553, "5.6.7", "Non-ASCII recipient address requires the SMTPUTF8 parameter on MAIL"
+)
+
+
 # -- the message -------------------------------------------------------------------------------
 
 NO_FROM = Refusal(Reason.NO_FROM, 550, "5.7.1", "Message has no From: header; it must name one of your domains")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from email.utils import format_datetime
 from zoneinfo import ZoneInfo
 
-from cmcd import policy
+from cmcd import intl, policy
 from cmcd.config import Config, SendingLimits
 from cmcd.doors import DataBudget
 from cmcd.errors import SpoolError
@@ -62,6 +62,15 @@ class SessionInfo:
     tls_version: str | None
     tls_cipher: str | None
     protocol: str = ""  # set by ways in other than SMTP ("HTTPS")
+    smtputf8: bool = False  # the transaction's MAIL asked for SMTPUTF8 (RFC 6531): Received: says UTF8SMTP...
+
+
+def _alabel_or_empty(domain: str) -> str:
+    """A From: domain as A-labels; "" (refused as not the tenant's) when it has no A-label form."""
+    try:
+        return intl.to_alabel(domain)
+    except ValueError:
+        return ""
 
 
 class SubmitService:
@@ -192,6 +201,12 @@ class SubmitService:
     # -- envelope --------------------------------------------------------------------------
 
     def owns_domain(self, sender: Sender, domain: str) -> bool:
+        """DOMAIN (a U-label name compares as its A-labels) is one of the sender's tenant's domains."""
+        if not domain.isascii():
+            try:
+                domain = intl.to_alabel(domain)
+            except ValueError:
+                return False
         return domain.lower().rstrip(".") in self.directory.snapshot.tenant_domains.get(sender.tenant_id, frozenset())
 
     @counted
@@ -217,7 +232,9 @@ class SubmitService:
         min_free = self.config.spool.min_free
         if min_free and self.spool.free_bytes() < min_free + size:
             return refuse.SPOOL_LOW
-        refusal = address_refusal(address, smtputf8=smtputf8)
+        if not smtputf8 and not address.isascii():
+            return refuse.NEEDS_SMTPUTF8_MAIL
+        refusal = address_refusal(address)
         if refusal is not None:
             return refusal
         if not self.owns_domain(sender, address.rpartition("@")[2]):
@@ -230,7 +247,9 @@ class SubmitService:
             return refuse.TENANT_CLOSING
         if accepted_so_far >= self.config.smtp.max_recipients:
             return refuse.too_many_recipients(self.config.smtp.max_recipients)
-        refusal = address_refusal(address, smtputf8=smtputf8)
+        if not smtputf8 and not address.isascii():
+            return refuse.NEEDS_SMTPUTF8_RCPT
+        refusal = address_refusal(address)
         if refusal is None and address.endswith("]"):
             # an address literal names a host, not a mail domain: no transactional mail needs one,
             # and delivering to whatever IP a tenant writes would let it aim cmcd at any host
@@ -286,6 +305,7 @@ class SubmitService:
         domains = headers.from_domains(hdr)
         if not domains:
             return refuse.NO_FROM
+        domains = [_alabel_or_empty(d) for d in domains]  # DKIM d= and the tenant's domains are A-labels
         for d in domains:
             if not d or not self.owns_domain(sender, d):
                 return refuse.FROM_DOMAIN
@@ -300,7 +320,7 @@ class SubmitService:
             tenant_id=sender.tenant_id,
             user_id=sender.user_id,
             sender=mail_from,
-            recipients=tuple(Recipient(r, r.rpartition("@")[2].lower()) for r in rcpts),
+            recipients=tuple(Recipient(r, intl.domain_key(r)) for r in rcpts),
             body=body,
             received_ts=now,
             message_id=hdr.message_id or f"<{qid}@{self.config.server.hostname}>",
@@ -374,11 +394,15 @@ class SubmitService:
         return None
 
     def _received(self, qid: str, sender: Sender, info: SessionInfo, now: float) -> bytes:
+        """Our Received: field; its WITH says how the message came in (RFC 3848), UTF8SMTP... when the
+        transaction asked for SMTPUTF8 (RFC 6531 §4.3; delivery reads it: cmcd.intl.utf8_header)."""
         protocol = "ESMTPSA" if info.tls_version else "ESMTPA"
         if info.protocol:
             protocol = info.protocol
         elif sender.mechanism == "IP":
             protocol = "ESMTPS" if info.tls_version else "ESMTP"
+        if info.smtputf8 and protocol.startswith("ESMTP"):
+            protocol = "UTF8SMTP" + protocol[5:]
         tls = f"\r\n\t(using {info.tls_version} with cipher {info.tls_cipher})" if info.tls_version else ""
         helo = _HELO_BAD_CHARS.sub("", info.helo)[:255] or "unknown"
         stamp = self._date(now)

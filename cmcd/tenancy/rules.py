@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 import zoneinfo
 
+from cmcd import intl
 from cmcd.tenancy.refusals import Reason, Refusal, Refused, invalid
 
-_BAD_ADDRESS_CHARS = re.compile(r"[\x00-\x20\x7f]")
+#: C0 and C1 controls, DEL, spaces and the Unicode line separators (a UTF-8 local part may hold any other)
+_BAD_ADDRESS_CHARS = re.compile("[\x00-\x20\x7f-\x9f\u2028\u2029]")
 _MAIL_DOMAIN = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{2,63}$|^\[[0-9A-Fa-f:.]+\]$"
 )
@@ -26,7 +28,8 @@ MAX_ADDRESS_CHARS = 254  # RFC 5321's path limit, less the angle brackets
 
 def address_refusal(address: str, *, smtputf8: bool = True) -> Refusal | None:
     """Why ADDRESS cannot be taken (501 5.1.3), or None. SMTPUTF8 says whether a non-ASCII
-    address may be used (an SMTP client must ask for it; the API and the admin socket may)."""
+    address may be used (an SMTP client must ask for it; the API and the admin socket may). A
+    UTF-8 local part is taken as it is; a U-label domain must have an A-label form (RFC 6531 §3.3)."""
     if _BAD_ADDRESS_CHARS.search(address):
         return Refusal(
             Reason.BAD_ADDRESS, 501, "5.1.3", "Bad address syntax: control characters or spaces are not allowed"
@@ -36,9 +39,20 @@ def address_refusal(address: str, *, smtputf8: bool = True) -> Refusal | None:
     if len(address) > MAX_ADDRESS_CHARS:
         return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", f"Address too long (at most {MAX_ADDRESS_CHARS} characters)")
     local, at, domain = address.rpartition("@")
-    if not at or not local or not _MAIL_DOMAIN.match(domain):
+    if not at or not local or not _mail_domain(domain):
         return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", "Bad address syntax: expected local-part@domain")
     return None
+
+
+def _mail_domain(domain: str) -> bool:
+    """DOMAIN is a mail domain: ASCII as _MAIL_DOMAIN has it, or an internationalised name whose
+    A-label form (UTS #46, cmcd.intl.to_alabel) is one."""
+    if domain.isascii():
+        return _MAIL_DOMAIN.match(domain) is not None
+    try:
+        return _MAIL_DOMAIN.match(intl.to_alabel(domain)) is not None
+    except ValueError:
+        return False
 
 
 def check_address(address: str, field: str = "address") -> str:

@@ -88,8 +88,22 @@ def test_wrong_key_raises_key_file_error(keys: crypto.DataKeys) -> None:
         (" rcpt@dst.test\t", "rcpt@dst.test", True),
         ("rcpt@dst.test", "rcpt2@dst.test", False),
         ("rcpt@dst.test", "rcpt@dst.tes", False),
+        ("J\u00f6ran@B\u00fccher.Example", "jo\u0308ran@bu\u0308cher.example", True),
+        ("user@b\u00fccher.example", "user@xn--bcher-kva.example", True),
+        ("\u30e6\u30fc\u30b6\u30fc@\u4f8b\u3048.jp", "\u30e6\u30fc\u30b6\u30fc@xn--r8jz45g.jp", True),
+        ("j\u00f6ran@example.com", "joran@example.com", False),
     ],
-    ids=["mixed-case", "upper-case", "surrounding-space", "other-local-part", "other-domain"],
+    ids=[
+        "mixed-case",
+        "upper-case",
+        "surrounding-space",
+        "other-local-part",
+        "other-domain",
+        "nfc-and-nfd-and-case",
+        "u-label-and-a-label",
+        "utf8-local-part-a-label",
+        "accent-matters",
+    ],
 )
 def test_index_is_case_insensitive(keys: crypto.DataKeys, a: str, b: str, same: bool) -> None:
     assert (keys.index(a) == keys.index(b)) is same

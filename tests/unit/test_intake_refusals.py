@@ -105,6 +105,10 @@ RENDERED: list[tuple[str, Refusal, Rendered]] = [
      Rendered("501 5.1.3 Bad address syntax: control characters or spaces are not allowed", 422, "bad-address")),
     ("address-non-ascii", _rule("j\u00f6rg@acme.test"),
      Rendered("501 5.1.3 Non-ASCII address requires SMTPUTF8", 422, "bad-address")),
+    ("needs-smtputf8-mail", refusals.NEEDS_SMTPUTF8_MAIL,
+     Rendered("550 5.6.7 Non-ASCII sender address requires the SMTPUTF8 parameter on MAIL", 422, "bad-address")),
+    ("needs-smtputf8-rcpt", refusals.NEEDS_SMTPUTF8_RCPT,
+     Rendered("553 5.6.7 Non-ASCII recipient address requires the SMTPUTF8 parameter on MAIL", 422, "bad-address")),
     ("address-syntax", _rule("no-at-sign"),
      Rendered("501 5.1.3 Bad address syntax: expected local-part@domain", 422, "bad-address")),
 ]  # fmt: skip
@@ -250,9 +254,10 @@ async def test_mail_from(intake: Intake) -> None:
     assert service.check_mail(sender, "", False) is refusals.NULL_SENDER
     assert service.check_mail(sender, "alice@other.test", False) is refusals.SENDER_DOMAIN
     assert service.check_mail(sender, "alice@[192.0.2.1]", False) is refusals.SENDER_DOMAIN
-    assert service.check_mail(sender, "j\u00f6rg@acme.test", False) == _rule("j\u00f6rg@acme.test")
+    assert service.check_mail(sender, "j\u00f6rg@acme.test", False) is refusals.NEEDS_SMTPUTF8_MAIL
     assert service.check_mail(sender, "al ice@acme.test", False) == _rule("al ice@acme.test")
     assert service.check_mail(sender, "alice@ACME.test", False) is None
+    assert service.check_mail(sender, "j\u00f6rg@acme.test", True) is None  # RFC 6531: MAIL ... SMTPUTF8
     counted = {k: v for k, v in service.stats.rejected.items() if v}
     assert counted == {"null_sender": 1, "sender_domain": 2, "bad_address": 2}
 
@@ -263,6 +268,9 @@ async def test_rcpt_to(intake: Intake) -> None:
     assert service.check_rcpt(sender, "bob@example.net", 3, False) == refusals.too_many_recipients(3)
     assert service.check_rcpt(sender, "bob@[192.0.2.1]", 0, False) is refusals.ADDRESS_LITERAL
     assert service.check_rcpt(sender, "bob", 0, False) == _rule("bob")
+    assert service.check_rcpt(sender, "b\u00f6b@example.net", 0, False) is refusals.NEEDS_SMTPUTF8_RCPT
+    assert service.check_rcpt(sender, "b\u00f6b@b\u00fccher.example", 0, True) is None
+    assert service.check_rcpt(sender, "bob@b\u00fc-.example", 0, True) == _rule("bob@b\u00fc-.example", True)
     store = service.astore.store
     store.suppression_add("acme", "gone@example.net", "550 5.1.1 no such user")
     await service.directory.refresh(force=True)
@@ -271,7 +279,7 @@ async def test_rcpt_to(intake: Intake) -> None:
     await service.directory.refresh(force=True)
     assert service.check_rcpt(sender, "gone@example.net", 0, False) is refusals.SUPPRESSED
     counted = {k: v for k, v in service.stats.rejected.items() if v}
-    assert counted == {"too_many_recipients": 1, "bad_address": 2, "suppressed": 1}
+    assert counted == {"too_many_recipients": 1, "bad_address": 4, "suppressed": 1}
 
 
 async def test_rate_and_daily_quota(intake: Intake) -> None:
