@@ -19,11 +19,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from cmcd import bounces
 from cmcd.config_sections import (
     REQUEST_MARGIN,
     AdminConfig,
     ApiConfig,
     BackupConfig,
+    BouncesConfig,
     Config,
     DeliveryConfig,
     DkimConfig,
@@ -53,6 +55,7 @@ __all__ = [
     "AdminConfig",
     "ApiConfig",
     "BackupConfig",
+    "BouncesConfig",
     "Config",
     "DeliveryConfig",
     "DkimConfig",
@@ -315,10 +318,23 @@ def _check_metrics_access(cfg: Config, errors: list[str]) -> None:
             )
 
 
+def _check_bounces(cfg: Config, errors: list[str]) -> None:
+    """bounces.actions names known classes and actions; count_threshold is at least 1."""
+    b = cfg.bounces
+    for cls, action in b.actions.items():
+        if cls not in bounces.CLASSES:
+            errors.append(f'bounces.actions."{cls}": unknown bounce class (known: {", ".join(bounces.CLASSES)})')
+        elif action is not None and action not in bounces.ACTIONS:
+            errors.append(f'bounces.actions."{cls}": expected one of {", ".join(bounces.ACTIONS)}, got {action!r}')
+    if not 1 <= b.count_threshold <= 1000:
+        errors.append(f"bounces.count_threshold: expected a value from 1 to 1000, got {b.count_threshold!r}")
+
+
 def from_dict(data: dict[str, Any], base_dir: str = ".") -> Config:
     errors: list[str] = []
     cfg = _build(Config, data, "", errors)
     _check_timezone(cfg, errors)
+    _check_bounces(cfg, errors)
     _check_tls(cfg, errors)
     _check_ranges(cfg, errors)
     if errors:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmcd.bounces import BlockPolicy, block_policy
+
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 1024, "K": 1024, "MB": 1024**2, "M": 1024**2, "GB": 1024**3, "G": 1024**3}
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
@@ -317,6 +319,25 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class BouncesConfig:
+    """Bounce classes and the blocks they make (cmcd/bounces.py)."""
+
+    #: rules read before the shipped cmcd/bounce_rules.toml, again on SIGHUP ("" none)
+    override_file: str = ""
+    #: a class whose action is count suppresses its recipient at this many bounces ...
+    count_threshold: int = 3
+    #: ... of different messages within this long
+    count_window: Duration = Duration(7 * 86400)
+    #: a block a bounce made expires this long after its last bounce (0: never)
+    watch_period: Duration = Duration(30 * 86400)
+    #: class -> suppress, count, alert or none; a class not named keeps its default
+    actions: dict[str, str] = field(default_factory=dict)
+
+    def policy(self) -> BlockPolicy:
+        return block_policy(self.actions, self.count_threshold, self.count_window, self.watch_period)
+
+
+@dataclass(frozen=True)
 class BackupConfig:
     dir: str = "/var/backups/cmcd"
     key_file: str = "/var/lib/cmcd/backup.key"
@@ -338,6 +359,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
     #: directory relative paths are resolved against (the config file's project root)
     base_dir: str = "."
 

@@ -247,6 +247,16 @@ class DaemonCollector(Collector):
         loops.add_metric(["hops_delivery"], self.engine.loops["hops"])
         loops.add_metric(["own_address"], self.engine.loops["own_address"])
         yield loops
+        alerts = CounterMetricFamily(
+            "cmcd_tenant_bounce_alerts",
+            "Bounces of a class whose block action is alert (authentication, spam_block by default): "
+            "never suppressed, a sign the tenant's mail itself is refused ([bounces] actions).",
+            labels=["tenant", "class"],
+        )
+        names = self.service.directory.snapshot.tenant_names
+        for (tenant_id, cls), n in sorted(self.engine.bounce_alerts.items()):
+            alerts.add_metric([names.get(tenant_id, str(tenant_id)), cls], n)
+        yield alerts
         yield CounterMetricFamily(
             "cmcd_delivery_possible_duplicates",
             "Recipients that may have been delivered twice: a failure after the whole message was sent, "

@@ -53,6 +53,8 @@ async def run_retention(
             if n < BATCH:
                 break
         removed[table] = total
+    # blocks whose watch period is over: the address may be tried again (cmcd/bounces.py)
+    removed["blocks"] = await astore.call(store.expire_blocks, now)
     await astore.call(store.checkpoint)
     detail = " ".join(f"{t}={n}" for t, n in removed.items())
     if audit is not None:

@@ -51,7 +51,7 @@ async def _mail_records(api: ApiContext, request: web.Request, events: tuple[str
         {
             "time": iso(r["ts"]), "queue_id": r["queue_id"], "event": r["event"], "status": r["status"],
             "sender": r["sender"], "recipient": r["rcpt"], "domain": r["rcpt_domain"], "response": r["response"] or "",
-            "attempt": r["attempt"], "mx": r["mx"], "ip": r["ip"], "tls": r["tls"], "delay": round(r["delay"], 3),
+            "bounce_class": r.get("bounce_class") or "", "attempt": r["attempt"], "mx": r["mx"], "ip": r["ip"], "tls": r["tls"], "delay": round(r["delay"], 3),
             "size": r["size"], "message_id": r["message_id"], "tags": tags.get(r["queue_id"], []),
         }
         for r in rows

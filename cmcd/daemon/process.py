@@ -23,7 +23,7 @@ from typing import Any
 
 from prometheus_client.exposition import generate_latest
 
-from cmcd import __version__, doors
+from cmcd import __version__, bounces, doors
 from cmcd import config as config_mod
 from cmcd.admin.backup_verbs import BackupScheduler
 from cmcd.admin.metrics import MetricsServer, QueueFiguresCache, daemon_registry
@@ -208,7 +208,8 @@ class Daemon:
         await _reconcile_requests(spool, astore, self.shard, cfg.api.idempotency_ttl)
         spool.start()
         audit = AuditLog(spool, astore)  # login and operation rows: the store, else the spool's outbox
-        events = EventShipper(spool, astore, audit)
+        # the block policy of the configuration in force: a reload changes it for the next rows shipped
+        events = EventShipper(spool, astore, audit, blocks=lambda: self.config.bounces.policy())
         events.start()
         self.directory = directory = Directory(astore)
         await directory.start()
@@ -221,9 +222,11 @@ class Daemon:
         self.scheduler = scheduler = Scheduler(
             spool, lambda jobs: engine.submit(jobs), max_inflight=cfg.delivery.max_inflight
         )
+        rules = await asyncio.to_thread(bounces.load_rules, bounce_override(cfg))  # a bad file stops start-up
+        log.info("event=bounce_rules_loaded rules=%d files=%s", len(rules), ",".join(rules.files))
         self.engine = engine = DeliveryEngine(
             cfg, spool, Router(cfg), service.suppressions,
-            release=scheduler.release, wake=scheduler.wake, dsn_off=lambda: service.dsn_off,
+            release=scheduler.release, wake=scheduler.wake, dsn_off=lambda: service.dsn_off, rules=rules,
         )  # fmt: skip
         engine.results.ids = service.ids  # a DSN is queued in this shard too, with ids of the same counter
         spool.on_commit = scheduler.wake
@@ -414,6 +417,7 @@ class Daemon:
             self.webhooks.config = new
         if self.engine is not None:
             self.engine.reconfigure(new)
+            await self._reload_bounce_rules(new)
         if self.scheduler is not None:
             self.scheduler.max_inflight = new.delivery.max_inflight
             self.scheduler.wake()
@@ -422,6 +426,23 @@ class Daemon:
         if self.backups is not None:
             self.backups.config = new
         log.info("event=reloaded config=%s", self.config_path)
+
+    async def _reload_bounce_rules(self, cfg: Config) -> None:
+        """The bounce rules read again (off the event loop); a file that cannot be used keeps the rules in force."""
+        assert self.engine is not None
+        override = bounce_override(cfg)
+        try:
+            rules = await asyncio.to_thread(bounces.load_rules, override)
+        except bounces.BounceRulesError as exc:
+            log.error("event=bounce_rules_reload_failed file=%s error=%r", override or bounces.SHIPPED_RULES, str(exc))
+            return
+        self.engine.set_rules(rules)
+        log.info("event=bounce_rules_loaded rules=%d files=%s", len(rules), ",".join(rules.files))
+
+
+def bounce_override(cfg: Config) -> Path | None:
+    """The operator's bounce rules file ([bounces] override_file), or None."""
+    return cfg.path(cfg.bounces.override_file) if cfg.bounces.override_file else None
 
 
 def _plan_descriptors(cfg: Config) -> doors.DescriptorPlan:

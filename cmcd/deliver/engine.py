@@ -33,13 +33,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cmcd import policy
+from cmcd import bounces, policy
 from cmcd.config import Config, parse_rate
 from cmcd.deliver.client import SmtpClient, SmtpError, client_tls_context
 from cmcd.deliver.ready import ReadyQueue
 from cmcd.deliver.results import ResultsWriter
 from cmcd.deliver.routing import Route, Router
 from cmcd.deliver.session import failure_outcome, open_session
+from cmcd.intl import refused_without_smtputf8
 from cmcd.policy import Outcome
 from cmcd.queue.spool import Spool
 from cmcd.queue.work import Due, Job, Result
@@ -74,9 +75,15 @@ class DeliveryEngine:
         dsn_off: Callable[[], frozenset[int]] = frozenset,
         clock: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        rules: bounces.Rules | None = None,
     ):
         self.config = config
         self.d = config.delivery
+        #: how replies are classed (cmcd/bounces.py; the shipped rules unless given), and what each class does
+        self.rules = rules if rules is not None else bounces.load_rules()
+        self.blocks = config.bounces.policy()
+        #: bounces of a class whose action is alert, by (tenant id, class): never suppressed, counted
+        self.bounce_alerts: dict[tuple[int, str], int] = {}
         self.spool = spool
         self.router = router
         self.suppressions = suppressions
@@ -136,12 +143,17 @@ class DeliveryEngine:
         Idle sites are forgotten (re-made with the new limits); busy ones get the new default limit."""
         self.config = config
         self.d = config.delivery
+        self.blocks = config.bounces.policy()
         self.router.reconfigure(config)
         for key, site in list(self.sites.items()):
             if site.active or site.queue:
                 site.limit = self.d.connection_limit
             else:
                 del self.sites[key]
+
+    def set_rules(self, rules: bounces.Rules) -> None:
+        """Reloaded bounce rules (read off the event loop): they class every reply from now on."""
+        self.rules = rules
 
     def revive(self, domain: str) -> None:
         """An operator's retry: the domain's site (if known and dead) may connect again at once."""
@@ -378,6 +390,21 @@ class DeliveryEngine:
                 log.warning("event=mail_loop check=hops queue_id=%s hops=%d", job.queue_id, hops)
                 self._finish(job, policy.permanent_failure("5.4.6", f"too many hops ({hops} Received: fields)"), None)
                 return
+            if "SMTPUTF8" not in client.extensions:  # RFC 6531 §3.2: bounced with 5.6.7 (cmcd/intl.py says why)
+                refused = refused_without_smtputf8(job.sender, [d.address for d in job.recipients], body)
+                if refused is None or refused:
+                    why = policy.permanent_failure(
+                        "5.6.7", f"SMTPUTF8 is required, but host {client.host} does not offer it"
+                    )
+                    keep = []
+                    for i, d in enumerate(job.recipients):
+                        if refused is None or i in refused:
+                            self._result_for(job, d, why, where)
+                        else:
+                            keep.append(d)
+                    job.recipients = keep
+                    if not keep:
+                        return
             mail, rcpt_replies, data = await client.transaction(job.sender, [d.address for d in job.recipients], body)
         except SmtpError as exc:
             client.abort()
@@ -430,20 +457,30 @@ class DeliveryEngine:
         mx, ip, tls = where or ("", "", "")
         if outcome.verdict == policy.DELIVERED:
             self.results.add(Result(job, due, RecipientState.DELIVERED, outcome.text, mx=mx, ip=ip, tls=tls))
-        elif outcome.verdict == policy.BOUNCED:
-            suppress = outcome.hard and bool(job.sender)
+            return
+        cls = bounces.classify(self.rules, outcome.code, outcome.enhanced, outcome.text)
+        if outcome.verdict == policy.BOUNCED:
+            action = self.blocks.action(cls)
+            suppress = action == "suppress" and bool(job.sender)  # a bounce of a bounce suppresses nothing
             if suppress:
                 self.suppressions.add(job.tenant_id, due.address)
+            elif action == "alert" and job.sender:
+                key = (job.tenant_id, cls)
+                self.bounce_alerts[key] = self.bounce_alerts.get(key, 0) + 1
             self.results.add(
-                Result(job, due, RecipientState.BOUNCED, outcome.text, mx=mx, ip=ip, tls=tls, suppress=suppress)
-            )
+                Result(job, due, RecipientState.BOUNCED, outcome.text, mx=mx, ip=ip, tls=tls, suppress=suppress,
+                       bounce_class=cls)
+            )  # fmt: skip
         elif policy.expired(job.received, now, self.d.max_lifetime):
-            self.results.add(Result(job, due, RecipientState.EXPIRED, outcome.text, mx=mx, ip=ip, tls=tls))
+            self.results.add(
+                Result(job, due, RecipientState.EXPIRED, outcome.text, mx=mx, ip=ip, tls=tls, bounce_class=cls)
+            )
         else:
             delay = policy.retry_delay(due.attempts + 1, self.d.retry_schedule, self.d.retry_jitter, random.random())
             self.results.add(
-                Result(job, due, RecipientState.DEFERRED, outcome.text, now + delay, mx=mx, ip=ip, tls=tls)
-            )
+                Result(job, due, RecipientState.DEFERRED, outcome.text, now + delay, mx=mx, ip=ip, tls=tls,
+                       bounce_class=cls)
+            )  # fmt: skip
 
 
 def _wake(waiter: asyncio.Future[bool], value: bool) -> None:

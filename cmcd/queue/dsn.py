@@ -23,9 +23,10 @@ class FailedRecipient:
     diagnostic: str  # "smtp; 550 5.1.1 ..." for a remote reply, "x-cmcd; ..." for cmcd's own reason
     remote_mta: str  # the host that answered, "" when none did
     expired: bool
+    bounce_class: str = ""  # what kind of failure (cmcd/bounces.py), "" when not classed
 
 
-def failed(address: str, reply: str, remote_mta: str, expired: bool) -> FailedRecipient:
+def failed(address: str, reply: str, remote_mta: str, expired: bool, bounce_class: str = "") -> FailedRecipient:
     """A recipient's DSN entry from its last reply (RFC 3463 code kept when the reply has one)."""
     status = "4.4.7" if expired else "5.0.0"
     for word in reply.split()[:2]:
@@ -34,7 +35,7 @@ def failed(address: str, reply: str, remote_mta: str, expired: bool) -> FailedRe
             status = word
             break
     diagnostic = f"smtp; {reply}" if reply[:3].isdigit() else f"x-cmcd; {reply or 'delivery failed'}"
-    return FailedRecipient(address, status, diagnostic, remote_mta, expired)
+    return FailedRecipient(address, status, diagnostic, remote_mta, expired, bounce_class)
 
 
 def _clean(text: str) -> str:
@@ -87,7 +88,8 @@ def build(
         "",
     ]
     for r in recipients:
-        lines.append(f"<{_clean(r.address)}>: {_clean(r.diagnostic.split(';', 1)[-1])}")
+        kind = f" (class: {_clean(r.bounce_class)})" if r.bounce_class else ""
+        lines.append(f"<{_clean(r.address)}>: {_clean(r.diagnostic.split(';', 1)[-1])}{kind}")
     lines += [
         "",
         f"--{boundary}",
@@ -107,6 +109,8 @@ def build(
         if r.remote_mta:
             lines.append(f"Remote-MTA: dns; {_clean(r.remote_mta)}")
         lines.append(f"Diagnostic-Code: {_clean(r.diagnostic)}")
+        if r.bounce_class:  # an extension field (RFC 3464 section 2.4)
+            lines.append(f"X-Cmcd-Bounce-Class: {_clean(r.bounce_class)}")
         lines.append("")
     lines += [f"--{boundary}", "Content-Type: text/rfc822-headers", ""]
     head = "\r\n".join(lines).encode("ascii") + b"\r\n"

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
+from cmcd.bounces import BlockPolicy
 from cmcd.queue import quota
 from cmcd.queue.audit import AuditLog, group_by_kind
 from cmcd.queue.spool import Spool
@@ -28,10 +30,18 @@ FAILURE_LOG_S = 60.0  # while shipping keeps failing, one log line a minute
 
 
 class EventShipper:
-    def __init__(self, spool: Spool, astore: AsyncStore, audit: AuditLog | None = None):
+    def __init__(
+        self,
+        spool: Spool,
+        astore: AsyncStore,
+        audit: AuditLog | None = None,
+        *,
+        blocks: Callable[[], BlockPolicy | None] = lambda: None,
+    ):
         self.spool = spool
         self.astore = astore
         self.audit = audit
+        self.blocks = blocks  # the bounce block policy now (a reload may change it); None: flags only
         if audit is not None:
             audit.on_outbox = self.wake
         self._task: asyncio.Task[None] | None = None
@@ -65,7 +75,7 @@ class EventShipper:
             await quota.ship(self.spool, self.astore)
             if not rows:
                 return total
-            await self.astore.call(self.astore.store.insert_mail_events, [r[:-1] for r in rows])
+            await self.astore.call(self.astore.store.insert_mail_events, [r[:-1] for r in rows], self.blocks())
             await self.spool.drop_events(rows[-1][-1])
             total += len(rows)
             self.shipped += len(rows)

@@ -108,12 +108,15 @@ CREATE TABLE IF NOT EXISTS meta (
 #: columns added after the first release, for a spool written by an older cmcd
 _ADDED_COLUMNS = {
     "messages": ("message_id TEXT NOT NULL DEFAULT ''", "held INTEGER NOT NULL DEFAULT 0"),
-    "recipients": ("last_mx TEXT NOT NULL DEFAULT ''", "notify INTEGER NOT NULL DEFAULT 0", "last_response_enc BLOB"),
+    "recipients": (
+        "last_mx TEXT NOT NULL DEFAULT ''", "notify INTEGER NOT NULL DEFAULT 0", "last_response_enc BLOB",
+        "last_class TEXT NOT NULL DEFAULT ''",
+    ),
     "events": (
         "attempt INTEGER NOT NULL DEFAULT 0", "mx TEXT NOT NULL DEFAULT ''", "ip TEXT NOT NULL DEFAULT ''",
         "tls TEXT NOT NULL DEFAULT ''", "delay REAL NOT NULL DEFAULT 0", "size INTEGER NOT NULL DEFAULT 0",
         "message_id TEXT NOT NULL DEFAULT ''", "suppress INTEGER NOT NULL DEFAULT 0", "tags TEXT NOT NULL DEFAULT ''",
-        "response_enc BLOB",
+        "response_enc BLOB", "bounce_class TEXT NOT NULL DEFAULT ''",
     ),
 }  # fmt: skip
 
@@ -125,6 +128,8 @@ EVENT_LIST = ", ".join(EVENT_COLUMNS)
 _EVENT_MARKS = ", ".join("?" * len(EVENT_COLUMNS))
 # the plaintext response column of older spools has no default: it is written empty
 INSERT_EVENT = f"INSERT INTO events({EVENT_LIST}, response) VALUES ({_EVENT_MARKS}, '')"
+#: a delivery attempt's event: the columns, then the reply's bounce class (cmcd/bounces.py)
+INSERT_RESULT_EVENT = f"INSERT INTO events({EVENT_LIST}, bounce_class, response) VALUES ({_EVENT_MARKS}, ?, '')"
 
 
 def create(conn: sqlite3.Connection, keys: DataKeys) -> None:

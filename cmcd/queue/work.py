@@ -18,7 +18,7 @@ from cmcd.crypto import DataKeys
 from cmcd.db import transaction
 from cmcd.queue import dsn
 from cmcd.queue.ids import QueueIdGenerator
-from cmcd.queue.tables import INSERT_EVENT, insert_messages
+from cmcd.queue.tables import INSERT_RESULT_EVENT, insert_messages
 from cmcd.records import Recipient, RecipientState, SpoolMessage
 
 log = logging.getLogger("cmcd.queue")
@@ -81,6 +81,7 @@ class Result:
     ip: str = ""
     tls: str = ""
     suppress: bool = False  # a hard bounce: add to the tenant's suppression list
+    bounce_class: str = ""  # what kind of failure the reply reports (cmcd/bounces.py); "" for a delivery
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,8 @@ def apply_results(
                 cur = conn.execute(
                     "UPDATE recipients SET state = CASE WHEN (SELECT held FROM messages WHERE queue_id = ?) "
                     "THEN 'held' ELSE 'deferred' END, attempts = ?, next_attempt = ?, last_response_enc = ?, "
-                    "last_mx = ? WHERE id = ? AND state = 'inflight'",
-                    (job.queue_id, attempt, r.next_attempt, reply, r.mx, due.rid),
+                    "last_mx = ?, last_class = ? WHERE id = ? AND state = 'inflight'",
+                    (job.queue_id, attempt, r.next_attempt, reply, r.mx, r.bounce_class, due.rid),
                 )
             else:
                 # a bounce is reported to a real sender (not for a bounce itself: those are dropped and logged)
@@ -188,9 +189,9 @@ def apply_results(
                 if r.state in _REPORTED and not job.sender:
                     log.warning("event=bounce_dropped queue_id=%s response=%r", job.queue_id, r.response)
                 cur = conn.execute(
-                    "UPDATE recipients SET state = ?, attempts = ?, last_response_enc = ?, last_mx = ?, notify = ? "
-                    "WHERE id = ? AND state = 'inflight'",
-                    (r.state, attempt, reply, r.mx, notify, due.rid),
+                    "UPDATE recipients SET state = ?, attempts = ?, last_response_enc = ?, last_mx = ?, notify = ?, "
+                    "last_class = ? WHERE id = ? AND state = 'inflight'",
+                    (r.state, attempt, reply, r.mx, notify, r.bounce_class, due.rid),
                 )
             if cur.rowcount != 1:
                 log.warning("event=result_dropped queue_id=%s state=%s reason=not_inflight", job.queue_id, r.state)
@@ -202,9 +203,9 @@ def apply_results(
                  job.sender_enc or keys.encrypt(job.sender), job.sender_hmac or keys.index(job.sender),
                  due.enc or keys.encrypt(due.address), due.hmac or keys.index(due.address),
                  due.domain or job.domain, r.state, reply, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
-                 job.message_id, 1 if r.suppress else 0)
+                 job.message_id, 1 if r.suppress else 0, r.bounce_class)
             )  # fmt: skip
-        conn.executemany(INSERT_EVENT, events)
+        conn.executemany(INSERT_RESULT_EVENT, events)
         qids = sorted(touched)
         bounces = _queue_bounces(conn, keys, qids, now, hostname, ids)
         finished = _erase_finished(conn, qids)
@@ -224,7 +225,7 @@ def _queue_bounces(
     waiting: dict[str, list[Any]] = {}
     for chunk in _chunks(qids):
         for r in conn.execute(
-            "SELECT queue_id, id, rcpt_enc, state, last_response_enc, last_mx FROM recipients "
+            "SELECT queue_id, id, rcpt_enc, state, last_response_enc, last_mx, last_class FROM recipients "
             f"WHERE queue_id IN ({_marks(len(chunk))}) AND (notify = 1 OR state = 'inflight') ORDER BY id",
             chunk,
         ):
@@ -245,7 +246,7 @@ def _queue_bounces(
             arrival=m[3],
             now=now,
             recipients=[
-                dsn.failed(keys.decrypt(bytes(r[1])), keys.open_text(r[3]), r[4], r[2] == RecipientState.EXPIRED)
+                dsn.failed(keys.decrypt(bytes(r[1])), keys.open_text(r[3]), r[4], r[2] == RecipientState.EXPIRED, r[5])
                 for r in rows
             ],
             headers=dsn.original_headers(keys.decrypt_bytes(bytes(m[4]), qid.encode())),

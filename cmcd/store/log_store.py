@@ -6,7 +6,8 @@ outbox, cmcd/queue/events.py and audit.py), so each carries an event key and a r
 present is skipped; a row of a tenant purged meanwhile is dropped. Addresses are stored encrypted
 with an HMAC index, and remote replies encrypted too (a reply echoes the address); queries find
 rows through the index and return them decrypted. A mail-log row of a hard bounce also puts its
-recipient on the suppression list, and an accepted message's tags are kept, in the same transaction.
+recipient on the suppression list (a block, with its bounce class and its expiry: cmcd/bounces.py), and
+an accepted message's tags are kept, in the same transaction.
 """
 
 from __future__ import annotations
@@ -19,8 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cmcd import crypto
+from cmcd.bounces import BlockPolicy
 from cmcd.db import transaction
 from cmcd.errors import StoreError
+
+
+def _class_of(row: tuple[Any, ...], n: int) -> str:
+    """A mail-log row's bounce class: after its N columns, the suppress flag and the tags."""
+    return str(row[n + 2] or "") if len(row) > n + 2 else ""
 
 
 def new_event_key() -> str:
@@ -122,13 +129,15 @@ class LogStore:
         "rcpt_domain", "status", "response_enc", "attempt", "mx", "ip", "tls", "delay", "size", "message_id",
     )  # fmt: skip
 
-    def insert_mail_events(self, rows: list[tuple[Any, ...]]) -> int:
+    def insert_mail_events(self, rows: list[tuple[Any, ...]], blocks: BlockPolicy | None = None) -> int:
         """Add mail-log rows (addresses already encrypted, in MAIL_EVENT_COLUMNS order, then a
-        suppress flag and the message's tags); a row whose event_key is already present is skipped.
-        The reply comes encrypted (bytes or None, from the spool's outbox) or as text, encrypted here.
-        A row flagged suppress puts its recipient on the tenant's suppression list, and the tags of
-        an accepted message are kept for filtering, in the same transaction. Returns how many rows
-        were new."""
+        suppress flag, the message's tags and the reply's bounce class); a row whose event_key is
+        already present is skipped. The reply comes encrypted (bytes or None, from the spool's outbox)
+        or as text, encrypted here. A row flagged suppress puts its recipient on the tenant's
+        suppression list, and so does the BLOCKS policy's count_threshold-th bounce of a class whose
+        action is count within count_window; such a block expires watch_s after it was made, or last
+        renewed by another bounce (the tags of an accepted message are kept for filtering too), all in
+        the same transaction. Returns how many rows were new."""
         n = len(self.MAIL_EVENT_COLUMNS)
         cols = ", ".join(self.MAIL_EVENT_COLUMNS)
         marks = ", ".join("?" for _ in self.MAIL_EVENT_COLUMNS)
@@ -143,16 +152,20 @@ class LogStore:
             tenants = {r[0] for r in self.conn.execute("SELECT id FROM tenants")}
             rows = [r for r in rows if r[i["tenant_id"]] in tenants]
             before = self.conn.total_changes
-            self.conn.executemany(f"INSERT OR IGNORE INTO mail_log({cols}) VALUES ({marks})", [r[:n] for r in rows])
-            added = self.conn.total_changes - before
             self.conn.executemany(
-                "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, reason_enc, "
-                "created) VALUES (?,?,?,?,'',?,?)",
+                f"INSERT OR IGNORE INTO mail_log({cols}, bounce_class) VALUES ({marks}, ?)",
+                [(*r[:n], _class_of(r, n)) for r in rows],
+            )
+            added = self.conn.total_changes - before
+            blocked = [r for r in rows if len(r) > n and r[n]] + self._counted_out(rows, n, i, blocks)
+            self.conn.executemany(
+                "INSERT INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, reason_enc, created, "
+                "bounce_class, expires) VALUES (?,?,?,?,'',?,?,?,?) ON CONFLICT(tenant_id, address_hmac) DO UPDATE "
+                "SET expires = MAX(suppressions.expires, excluded.expires) WHERE suppressions.expires IS NOT NULL",
                 [
                     (r[i["tenant_id"]], r[i["rcpt_enc"]], r[i["rcpt_hmac"]], r[i["rcpt_domain"]], r[reply],
-                     r[i["ts"]])
-                    for r in rows
-                    if len(r) > n and r[n]
+                     r[i["ts"]], _class_of(r, n), blocks.expires(r[i["ts"]]) if blocks is not None else None)
+                    for r in blocked
                 ],
             )  # fmt: skip
             self.conn.executemany(
@@ -165,16 +178,46 @@ class LogStore:
             )
             return added
 
+    def _counted_out(
+        self, rows: list[tuple[Any, ...]], n: int, i: dict[str, int], blocks: BlockPolicy | None
+    ) -> list[tuple[Any, ...]]:
+        """Those of ROWS (already in mail_log) whose bounce is the count_threshold-th (or later) of its
+        class for its recipient within count_window: one COUNT over the recipient's rows (mail_log_rcpt
+        index) per such bounce. A bounce of a bounce (the null sender) never counts."""
+        if blocks is None:
+            return []
+        null_sender = self.keys.index("")
+        out = []
+        for r in rows:
+            cls = _class_of(r, n)
+            if (
+                not cls
+                or (len(r) > n and r[n])
+                or r[i["status"]] not in ("bounced", "expired")
+                or blocks.action(cls) != "count"
+                or bytes(r[i["sender_hmac"]] or b"") == null_sender
+            ):
+                continue
+            ts = r[i["ts"]]
+            seen = self.conn.execute(
+                "SELECT COUNT(DISTINCT queue_id) FROM mail_log WHERE rcpt_hmac = ? AND tenant_id = ? "
+                "AND bounce_class = ? AND status IN ('bounced', 'expired') AND ts > ? AND ts <= ? AND sender_hmac != ?",
+                (r[i["rcpt_hmac"]], r[i["tenant_id"]], cls, ts - blocks.count_window_s, ts, null_sender),
+            ).fetchone()[0]
+            if seen >= blocks.count_threshold:
+                out.append(r)
+        return out
+
     # -- log queries (paged by id, so an export of any size never sits in memory) ---------------
 
     _LOG_QUERIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "mail": (
             "mail_log",
             "SELECT x.id, x.ts, t.name, x.queue_id, x.event, x.sender_enc, x.rcpt_enc, x.rcpt_domain, x.status, "
-            "x.response_enc, x.attempt, x.mx, x.ip, x.tls, x.delay, x.size, x.message_id FROM mail_log x "
+            "x.response_enc, x.attempt, x.mx, x.ip, x.tls, x.delay, x.size, x.message_id, x.bounce_class FROM mail_log x "
             "LEFT JOIN tenants t ON t.id = x.tenant_id",
             ("id", "ts", "tenant", "queue_id", "event", "sender", "rcpt", "rcpt_domain", "status", "response",
-             "attempt", "mx", "ip", "tls", "delay", "size", "message_id"),
+             "attempt", "mx", "ip", "tls", "delay", "size", "message_id", "bounce_class"),
         ),
         "login": (
             "login_log",

@@ -293,6 +293,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE domains ADD COLUMN checked REAL;
     ALTER TABLE domains ADD COLUMN check_results TEXT NOT NULL DEFAULT '[]';
     """,
+    # 15: bounce classes and blocks (cmcd/bounces.py): the class of each mail-log row, and of the
+    # bounce that put an address on the suppression list, and when such a block expires (NULL:
+    # never, as for every suppression an operator or a tenant added)
+    """
+    ALTER TABLE mail_log ADD COLUMN bounce_class TEXT NOT NULL DEFAULT '';
+    ALTER TABLE suppressions ADD COLUMN bounce_class TEXT NOT NULL DEFAULT '';
+    ALTER TABLE suppressions ADD COLUMN expires REAL;
+    CREATE INDEX suppressions_expires ON suppressions(expires) WHERE expires IS NOT NULL;
+    """,
 ]
 
 _SEAL_BATCH = 5000

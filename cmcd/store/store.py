@@ -370,6 +370,15 @@ class Store(
             # the address is not repeated: this text goes to the operation log, kept for years
             raise NotFound(f"that address is not on tenant {tenant!r}'s suppression list")
 
+    def expire_blocks(self, now: float) -> int:
+        """Remove the blocks (suppressions a bounce made, cmcd/bounces.py) whose watch period ended
+        by NOW; the caches learn of it from the directory's removals count. Returns how many went."""
+        with transaction(self.conn):
+            cur = self.conn.execute("DELETE FROM suppressions WHERE expires IS NOT NULL AND expires <= ?", (now,))
+            if cur.rowcount:
+                self.bump_directory(accounts=False, removals=True)
+        return cur.rowcount
+
     def tenant_settings(self) -> dict[int, tuple[bool, str]]:
         """tenant id -> (send bounces, what RCPT does with a suppressed address: accept or refuse)."""
         return {r[0]: (bool(r[1]), r[2]) for r in self.conn.execute("SELECT id, dsn, suppressed_rcpt FROM tenants")}

@@ -181,7 +181,8 @@ class WebhookStore:
         marks = ",".join("?" * len(events))
         # NOT INDEXED: walk the rowid range, never the (tenant, ts) index over the tenant's history
         rows = self.conn.execute(
-            "SELECT id, ts, queue_id, event, sender_enc, rcpt_enc, status, response_enc, attempt, mx, message_id "
+            "SELECT id, ts, queue_id, event, sender_enc, rcpt_enc, status, response_enc, attempt, mx, message_id, "
+            "bounce_class "
             f"FROM mail_log NOT INDEXED WHERE id > ? AND id <= ? AND tenant_id = ? AND event IN ({marks}) "
             "ORDER BY id LIMIT ?",
             (cursor, high, tenant_id, *events, limit),
@@ -194,7 +195,8 @@ class WebhookStore:
                 "id": r[0], "time": iso(r[1]), "queue_id": r[2], "event": r[3],
                 "sender": self.keys.decrypt(bytes(r[4])) if r[4] is not None else "",
                 "recipient": self.keys.decrypt(bytes(r[5])) if r[5] is not None else "",
-                "status": r[6], "response": self.keys.open_text(r[7]), "attempt": r[8], "mx": r[9], "message_id": r[10],
+                "status": r[6], "response": self.keys.open_text(r[7]), "bounce_class": r[11], "attempt": r[8], "mx": r[9],
+                "message_id": r[10],
                 "tags": tags.get(r[2], []),
             }
             for r in rows

@@ -147,11 +147,14 @@ def test_retention_at_the_boundary(tmp_path: Path) -> None:
             "INSERT INTO ops_log(ts, actor, action, target, result) VALUES (?,'root','x',?,'ok')", (now - age, label)
         )
     removed = asyncio.run(run_retention(config, astore, now))
-    assert removed == {"mail_log": 1, "message_tags": 0, "login_log": 1, "ops_log": 1}
+    assert removed == {"mail_log": 1, "message_tags": 0, "login_log": 1, "ops_log": 1, "blocks": 0}
     assert [r[0] for r in store.conn.execute("SELECT queue_id FROM mail_log")] == ["keep"]
     assert [r[0] for r in store.conn.execute("SELECT login FROM login_log")] == ["keep"]
     ops = store.conn.execute("SELECT target, action, detail FROM ops_log ORDER BY id").fetchall()
-    assert ops == [("keep", "x", ""), ("logs", "retention.run", "mail_log=1 message_tags=0 login_log=1 ops_log=1")]
+    assert ops == [
+        ("keep", "x", ""),
+        ("logs", "retention.run", "mail_log=1 message_tags=0 login_log=1 ops_log=1 blocks=0"),
+    ]
     astore.close()
 
 
