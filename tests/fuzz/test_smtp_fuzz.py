@@ -383,11 +383,11 @@ class SmtpFuzz(RuleBasedStateMachine):
             return
         assert reply[0] == 220, reply
         self.conn.starttls(self.d.client_context())
-        tls_calls = self.calls.get("STARTTLS", 0)
+        calls = self.calls  # the per-command budgets are the connection's: TLS does not renew them
         self._reset_session()
         self.tls = True
         self.stats["tls"] += 1
-        self.calls["STARTTLS"] = tls_calls
+        self.calls = calls
         if inject:  # the next reply must be to EHLO, not to the injected NOOP
             self.ehlo_cmd("after-tls.test")
 
