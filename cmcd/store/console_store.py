@@ -40,6 +40,8 @@ class ConsoleSession:
     #: console's session lifetime), and when this one ends
     signed_in: float = 0.0
     expires: float = 0.0
+    #: the tenant's time zone for its pages ("": the server's)
+    timezone: str = ""
 
 
 class ConsoleStore:
@@ -85,7 +87,8 @@ class ConsoleStore:
         token_hash = digest(token)
         row = self.conn.execute(
             "SELECT s.expires, u.id, u.tenant_id, t.name, u.login, u.role, u.enabled, s.last_used, s.stage, "
-            "s.signed_in, (u.role = 'admin' OR u.otp_required OR t.console_otp) AND COALESCE(o.confirmed, 0) = 0 "
+            "s.signed_in, (u.role = 'admin' OR u.otp_required OR t.console_otp) AND COALESCE(o.confirmed, 0) = 0, "
+            "t.timezone "
             "FROM api_sessions s JOIN users u ON u.id = s.user_id JOIN tenants t ON t.id = u.tenant_id "
             "LEFT JOIN otp o ON o.user_id = u.id WHERE s.token_hash = ? AND s.kind = 'console'",
             (token_hash,),
@@ -101,7 +104,7 @@ class ConsoleStore:
         sid = session_id(token_hash)
         caller = ApiCaller(row[1], row[2], row[3], row[4], row[5], f"console:{sid}")
         stage = STAGE_ENROL if row[8] == "" and row[10] else row[8]
-        return ConsoleSession(caller, stage, sid, row[9] or 0.0, row[0])
+        return ConsoleSession(caller, stage, sid, row[9] or 0.0, row[0], row[11])
 
     def console_session_end(self, token: str) -> bool:
         """Sign-out: end the console session TOKEN names; False if it was not there."""

@@ -115,7 +115,7 @@ async def login(page: Page) -> web.StreamResponse:
     await _new_session(page, user.id, user.tenant_id, stage)
     page.cookies[PRE_COOKIE] = ""
     if stage == STAGE_CODE:
-        return page.redirect("/login/code?" + _next_query(back))
+        return page.redirect("/login/code?" + urllib.parse.urlencode({"next": back}))
     if stage == STAGE_ENROL:
         return page.redirect("/enrol")
     return page.redirect(back)
@@ -136,10 +136,6 @@ async def _new_session(page: Page, user_id: int, tenant_id: int, stage: str) -> 
         await api.astore.call(api.store.console_session_end, page.token)
     page.cookies[SESSION_COOKIE] = token
     page.token = token
-
-
-def _next_query(back: str) -> str:
-    return urllib.parse.urlencode({"next": back})
 
 
 # -- the one-time code ----------------------------------------------------------------------------

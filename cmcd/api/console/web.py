@@ -265,10 +265,7 @@ class Console:
             )
         lang = i18n.choose(request.query.get("lang") or request.cookies.get(LANG_COOKIE, ""),
                            request.headers.get("Accept-Language", ""))  # fmt: skip
-        tz_name = api.config.server.timezone
-        if session is not None:
-            _, tenant_tz = await api.astore.call(api.store.console_settings, session.caller.tenant_id)
-            tz_name = tenant_tz or tz_name
+        tz_name = (session.timezone if session is not None else "") or api.config.server.timezone
         try:
             tz = zoneinfo.ZoneInfo(tz_name)
         except (ValueError, zoneinfo.ZoneInfoNotFoundError):
