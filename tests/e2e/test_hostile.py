@@ -91,10 +91,12 @@ def _plain(login: str, password: str) -> str:
 
 
 def _login_rows(d: Cmcd, client_ip: str) -> list[dict[str, Any]]:
+    """CLIENT_IP's login-log rows in the order of the events: each worker ships its rows in its own
+    batches, so the row ids of two workers' rows need not follow the events."""
     conn = sqlite3.connect(f"file:{d.root / 'cmcd.db'}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM login_log WHERE client_ip = ? ORDER BY id", (client_ip,))]
+        return [dict(r) for r in conn.execute("SELECT * FROM login_log WHERE client_ip = ? ORDER BY ts, id", (client_ip,))]
     finally:
         conn.close()
 
