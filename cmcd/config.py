@@ -289,6 +289,11 @@ def _check_tls(cfg: Config, errors: list[str]) -> None:
             split_hostport(cfg.api.listen)
         except ValueError:
             errors.append(f'api.listen: expected "host:port", got {cfg.api.listen!r}')
+    public = cfg.api.public_url
+    if public and not re.fullmatch(r"https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?", public):
+        errors.append(f'api.public_url: expected an https URL like "https://mail.example.com", got {public!r}')
+    elif public and not cfg.api.listen:
+        errors.append("api.public_url: one-click unsubscribe needs the API listener; set api.listen too")
     for i, hp in enumerate(cfg.dns.nameservers):
         if hp is None:
             continue  # already reported

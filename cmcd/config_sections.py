@@ -278,6 +278,9 @@ class ApiConfig:
     console_idle_timeout: Duration = Duration(1800)
     #: tenant admins may add and remove their users' IP credentials in the console (else: view only)
     console_ip_credentials: bool = False
+    #: the base of the one-click unsubscribe URL in broadcast mail ("https://mail.example.com"): the
+    #: address the Internet reaches this listener at; "" takes https://server.hostname with the port of api.listen
+    public_url: str = ""
     #: how long an Idempotency-Key and its response are kept
     idempotency_ttl: Duration = Duration(86400)
     #: largest request body; a bigger one gets 413. 0: follow smtp.max_message_size (x 4/3 for
@@ -375,6 +378,17 @@ class Config:
         if self.api.max_request_size:
             return int(self.api.max_request_size)
         return -(-self.smtp.max_message_size * 4 // 3) + REQUEST_MARGIN
+
+    def unsubscribe_base(self) -> str:
+        """The base of the one-click unsubscribe URL (cmcd/unsubscribe.py): api.public_url, or
+        https://server.hostname with api.listen's port (none for 443); "" when there is no API
+        listener to take the POST, and broadcast mail then goes without one-click unsubscribe."""
+        if self.api.public_url:
+            return self.api.public_url.rstrip("/")
+        if not self.api.listen:
+            return ""
+        port = self.api.listen.rpartition(":")[2]
+        return f"https://{self.server.hostname}" + ("" if port == "443" else f":{port}")
 
     def tenant_limits(self, tenant: str) -> SendingLimits:
         """TENANT's limits: its [smtp.tenant_limits.TENANT] values, the [smtp] ones for what it leaves unset."""

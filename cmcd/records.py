@@ -30,6 +30,17 @@ RESULT_STATES = (RecipientState.DELIVERED, RecipientState.DEFERRED, RecipientSta
                  RecipientState.SUPPRESSED)  # fmt: skip
 
 
+class Stream(StrEnum):
+    """What kind of mail a message is (cmcd/unsubscribe.py): a broadcast carries one-click
+    unsubscribe and is held back from an address that unsubscribed; transactional mail is not."""
+
+    TRANSACTIONAL = "transactional"  # an answer to something the recipient did (a receipt, a reset)
+    BROADCAST = "broadcast"  # sent to many at the sender's initiative (a newsletter, a notice)
+
+
+STREAMS = tuple(s.value for s in Stream)
+
+
 @dataclass(frozen=True)
 class Tenant:
     id: int
@@ -94,3 +105,4 @@ class SpoolMessage:
     received_ts: float
     message_id: str = ""
     tags: tuple[str, ...] = ()  # chosen by the tenant through the API, kept in the mail log's tag index
+    stream: str = Stream.TRANSACTIONAL

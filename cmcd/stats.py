@@ -45,6 +45,7 @@ REJECT_REASONS = (
     "bad_content",
     "spool_low",
     "mail_loop",
+    "bad_stream",
     "tenant_deleted",
     "busy",
     "other",

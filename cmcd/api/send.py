@@ -27,7 +27,7 @@ from cmcd.queue.requests import Action, ApiRequest, Idempotency
 from cmcd.records import Sender, SpoolMessage
 from cmcd.store.api_store import ApiCaller
 from cmcd.submit.service import SessionInfo
-from cmcd.tenancy.refusals import Refusal
+from cmcd.tenancy.refusals import Reason, Refusal
 
 PREPARE_CONCURRENCY = 32
 #: recipient entries of one bulk request (compose_bulk's max_recipients; sizes json_node_cap)
@@ -151,14 +151,14 @@ class Sending:
         a bounded number at once; the first refusal refuses the whole request."""
         slots = asyncio.Semaphore(PREPARE_CONCURRENCY)
 
-        async def one(c: Composed) -> SpoolMessage:
+        async def one(c: Composed) -> list[SpoolMessage]:
             async with slots:
                 result = await self.api.service.prepare(sender, c.mail_from, c.rcpts, c.body, info, c.tags)
             if isinstance(result, Refusal):
-                raise problem(result, "from")
+                raise problem(result, "headers" if result.reason is Reason.BAD_STREAM else "from")
             return result
 
-        return list(await asyncio.gather(*(one(c) for c in composed)))
+        return [m for ms in await asyncio.gather(*(one(c) for c in composed)) for m in ms]
 
 
 #: Retry-After, seconds, when the request with the key is running (here or in another worker)

@@ -185,7 +185,7 @@ class DeliveryEngine:
         if self._closing:
             return
         if job.sender:  # a bounce goes to the tenant's own sender address, never suppressed
-            suppressed = [d for d in job.recipients if self.suppressions.contains(job.tenant_id, d.address)]
+            suppressed = [d for d in job.recipients if self.suppressions.contains(job.tenant_id, d.address, job.stream)]
             if suppressed:
                 for due in suppressed:
                     self.results.add(

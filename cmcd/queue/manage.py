@@ -205,7 +205,8 @@ def delete(conn: sqlite3.Connection, keys: DataKeys, now: float, queue_id: str, 
     try:
         qids = _message_ids(conn, queue_id, tenant_id)
         m = conn.execute(
-            "SELECT tenant_id, sender_enc, sender_hmac, size_bytes, received, message_id FROM messages WHERE queue_id = ?",
+            "SELECT tenant_id, sender_enc, sender_hmac, size_bytes, received, message_id, stream FROM messages "
+            "WHERE queue_id = ?",
             (qids[0],),
         ).fetchone()
         reply = keys.seal_text("deleted by operator")
@@ -218,7 +219,7 @@ def delete(conn: sqlite3.Connection, keys: DataKeys, now: float, queue_id: str, 
             INSERT_EVENT,
             [
                 (f"{queue_id}:{r[0]}:{r[4]}:deleted", now, m[0], queue_id, "deleted-by-operator", m[1], m[2], r[1],
-                 r[2], r[3], RecipientState.DELETED, reply, r[4], "", "", "", max(0.0, now - m[4]), m[3], m[5], 0)
+                 r[2], r[3], RecipientState.DELETED, reply, r[4], "", "", "", max(0.0, now - m[4]), m[3], m[5], 0, m[6])
                 for r in rcpts
             ],
         )  # fmt: skip

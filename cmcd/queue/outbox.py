@@ -24,10 +24,10 @@ _TYPES: dict[str, type[LoginRecord] | type[OpRecord]] = {"login": LoginRecord, "
 
 
 def take_events(conn: sqlite3.Connection, limit: int) -> list[tuple[Any, ...]]:
-    """The oldest mail-log events, in the store's column order with the tags and the bounce class, and
-    the outbox id last."""
+    """The oldest mail-log events, in the store's column order with the tags, the bounce class and the
+    stream, and the outbox id last."""
     return conn.execute(
-        f"SELECT {EVENT_LIST}, tags, bounce_class, id FROM events ORDER BY id LIMIT ?", (limit,)
+        f"SELECT {EVENT_LIST}, tags, bounce_class, stream, id FROM events ORDER BY id LIMIT ?", (limit,)
     ).fetchall()
 
 

@@ -107,7 +107,10 @@ CREATE TABLE IF NOT EXISTS meta (
 
 #: columns added after the first release, for a spool written by an older cmcd
 _ADDED_COLUMNS = {
-    "messages": ("message_id TEXT NOT NULL DEFAULT ''", "held INTEGER NOT NULL DEFAULT 0"),
+    "messages": (
+        "message_id TEXT NOT NULL DEFAULT ''", "held INTEGER NOT NULL DEFAULT 0",
+        "stream TEXT NOT NULL DEFAULT 'transactional'",
+    ),
     "recipients": (
         "last_mx TEXT NOT NULL DEFAULT ''", "notify INTEGER NOT NULL DEFAULT 0", "last_response_enc BLOB",
         "last_class TEXT NOT NULL DEFAULT ''",
@@ -116,7 +119,7 @@ _ADDED_COLUMNS = {
         "attempt INTEGER NOT NULL DEFAULT 0", "mx TEXT NOT NULL DEFAULT ''", "ip TEXT NOT NULL DEFAULT ''",
         "tls TEXT NOT NULL DEFAULT ''", "delay REAL NOT NULL DEFAULT 0", "size INTEGER NOT NULL DEFAULT 0",
         "message_id TEXT NOT NULL DEFAULT ''", "suppress INTEGER NOT NULL DEFAULT 0", "tags TEXT NOT NULL DEFAULT ''",
-        "response_enc BLOB", "bounce_class TEXT NOT NULL DEFAULT ''",
+        "response_enc BLOB", "bounce_class TEXT NOT NULL DEFAULT ''", "stream TEXT NOT NULL DEFAULT 'transactional'",
     ),
 }  # fmt: skip
 
@@ -127,9 +130,12 @@ EVENT_COLUMNS = (
 EVENT_LIST = ", ".join(EVENT_COLUMNS)
 _EVENT_MARKS = ", ".join("?" * len(EVENT_COLUMNS))
 # the plaintext response column of older spools has no default: it is written empty
-INSERT_EVENT = f"INSERT INTO events({EVENT_LIST}, response) VALUES ({_EVENT_MARKS}, '')"
-#: a delivery attempt's event: the columns, then the reply's bounce class (cmcd/bounces.py)
-INSERT_RESULT_EVENT = f"INSERT INTO events({EVENT_LIST}, bounce_class, response) VALUES ({_EVENT_MARKS}, ?, '')"
+#: an event: the columns, then the message's stream
+INSERT_EVENT = f"INSERT INTO events({EVENT_LIST}, stream, response) VALUES ({_EVENT_MARKS}, ?, '')"
+#: a delivery attempt's event: the columns, then the reply's bounce class (cmcd/bounces.py) and the message's stream
+INSERT_RESULT_EVENT = (
+    f"INSERT INTO events({EVENT_LIST}, bounce_class, stream, response) VALUES ({_EVENT_MARKS}, ?, ?, '')"
+)
 
 
 def create(conn: sqlite3.Connection, keys: DataKeys) -> None:
@@ -192,7 +198,7 @@ def insert_messages(conn: sqlite3.Connection, k: DataKeys, messages: list[SpoolM
         sender_enc, sender_hmac = k.encrypt(m.sender), k.index(m.sender)
         msgs.append(
             (m.queue_id, m.tenant_id, m.user_id, sender_enc, sender_hmac, len(m.body), m.received_ts,
-             k.encrypt_bytes(m.body, m.queue_id.encode()), m.message_id)
+             k.encrypt_bytes(m.body, m.queue_id.encode()), m.message_id, m.stream)
         )  # fmt: skip
         for n, r in enumerate(m.recipients):
             rcpt_enc, rcpt_hmac = k.encrypt(r.address), k.index(r.address)
@@ -200,17 +206,19 @@ def insert_messages(conn: sqlite3.Connection, k: DataKeys, messages: list[SpoolM
             events.append(
                 (f"{m.queue_id}:{n}:accepted", m.received_ts, m.tenant_id, m.queue_id, "accepted", sender_enc,
                  sender_hmac, rcpt_enc, rcpt_hmac, r.domain, RecipientState.QUEUED, None, 0, "", "", "", 0.0,
-                 len(m.body), m.message_id, 0, ",".join(m.tags))
+                 len(m.body), m.message_id, 0, ",".join(m.tags), m.stream)
             )  # fmt: skip
     conn.executemany(
         "INSERT INTO messages(queue_id, tenant_id, user_id, sender_enc, sender_hmac, size_bytes, received, body, "
-        "message_id) VALUES (?,?,?,?,?,?,?,?,?)",
+        "message_id, stream) VALUES (?,?,?,?,?,?,?,?,?,?)",
         msgs,
     )
     conn.executemany(
         "INSERT INTO recipients(queue_id, rcpt_enc, rcpt_hmac, domain, next_attempt) VALUES (?,?,?,?,?)", rcpts
     )
-    conn.executemany(f"INSERT INTO events({EVENT_LIST}, tags, response) VALUES ({_EVENT_MARKS}, ?, '')", events)
+    conn.executemany(
+        f"INSERT INTO events({EVENT_LIST}, tags, stream, response) VALUES ({_EVENT_MARKS}, ?, ?, '')", events
+    )
 
 
 def count_messages(conn: sqlite3.Connection, messages: list[SpoolMessage], days: list[str]) -> None:

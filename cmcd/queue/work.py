@@ -19,7 +19,7 @@ from cmcd.db import transaction
 from cmcd.queue import dsn
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.tables import INSERT_RESULT_EVENT, insert_messages
-from cmcd.records import Recipient, RecipientState, SpoolMessage
+from cmcd.records import Recipient, RecipientState, SpoolMessage, Stream
 
 log = logging.getLogger("cmcd.queue")
 
@@ -66,6 +66,7 @@ class Job:
     sender_enc: bytes = b""
     sender_hmac: bytes = b""
     moved: int = 0  # times it was put back for another connection (a stale one failed before sending)
+    stream: str = Stream.TRANSACTIONAL  # a broadcast is held back from an address that unsubscribed
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def claim_due(conn: sqlite3.Connection, keys: DataKeys, now: float, limit: int) 
     for chunk in _chunks(qids):
         for m in conn.execute(
             "SELECT queue_id, tenant_id, sender_enc, size_bytes, received, message_id, "
-            f"CASE WHEN size_bytes <= {INLINE_BODY} THEN body END, sender_hmac "
+            f"CASE WHEN size_bytes <= {INLINE_BODY} THEN body END, sender_hmac, stream "
             f"FROM messages WHERE queue_id IN ({_marks(len(chunk))})",
             chunk,
         ):
@@ -139,7 +140,18 @@ def claim_due(conn: sqlite3.Connection, keys: DataKeys, now: float, limit: int) 
         if job is None:
             body = keys.decrypt_bytes(bytes(m[6]), qid.encode()) if m[6] is not None else None
             job = jobs[(qid, domain)] = Job(
-                qid, m[1], keys.decrypt(m[2]), domain, m[4], m[3], m[5], [], body, bytes(m[2]), bytes(m[7])
+                qid,
+                m[1],
+                keys.decrypt(m[2]),
+                domain,
+                m[4],
+                m[3],
+                m[5],
+                [],
+                body,
+                bytes(m[2]),
+                bytes(m[7]),
+                stream=m[8],
             )
         job.recipients.append(Due(rid, keys.decrypt(rcpt_enc), attempts, bytes(rcpt_enc), bytes(rcpt_hmac), domain))
     return list(jobs.values())
@@ -203,7 +215,7 @@ def apply_results(
                  job.sender_enc or keys.encrypt(job.sender), job.sender_hmac or keys.index(job.sender),
                  due.enc or keys.encrypt(due.address), due.hmac or keys.index(due.address),
                  due.domain or job.domain, r.state, reply, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
-                 job.message_id, 1 if r.suppress else 0, r.bounce_class)
+                 job.message_id, 1 if r.suppress else 0, r.bounce_class, job.stream)
             )  # fmt: skip
         conn.executemany(INSERT_RESULT_EVENT, events)
         qids = sorted(touched)

@@ -30,6 +30,11 @@ def _class_of(row: tuple[Any, ...], n: int) -> str:
     return str(row[n + 2] or "") if len(row) > n + 2 else ""
 
 
+def _stream_of(row: tuple[Any, ...], n: int) -> str:
+    """A mail-log row's stream: after its N columns, the suppress flag, the tags and the bounce class."""
+    return str(row[n + 3] or "transactional") if len(row) > n + 3 else "transactional"
+
+
 def new_event_key() -> str:
     """A unique key for a log row, so a row shipped twice (at-least-once) is stored once."""
     return secrets.token_hex(12)
@@ -131,7 +136,7 @@ class LogStore:
 
     def insert_mail_events(self, rows: list[tuple[Any, ...]], blocks: BlockPolicy | None = None) -> int:
         """Add mail-log rows (addresses already encrypted, in MAIL_EVENT_COLUMNS order, then a
-        suppress flag, the message's tags and the reply's bounce class); a row whose event_key is
+        suppress flag, the message's tags, the reply's bounce class and the message's stream); a row whose event_key is
         already present is skipped. The reply comes encrypted (bytes or None, from the spool's outbox)
         or as text, encrypted here. A row flagged suppress puts its recipient on the tenant's
         suppression list, and so does the BLOCKS policy's count_threshold-th bounce of a class whose
@@ -153,14 +158,14 @@ class LogStore:
             rows = [r for r in rows if r[i["tenant_id"]] in tenants]
             before = self.conn.total_changes
             self.conn.executemany(
-                f"INSERT OR IGNORE INTO mail_log({cols}, bounce_class) VALUES ({marks}, ?)",
-                [(*r[:n], _class_of(r, n)) for r in rows],
+                f"INSERT OR IGNORE INTO mail_log({cols}, bounce_class, stream) VALUES ({marks}, ?, ?)",
+                [(*r[:n], _class_of(r, n), _stream_of(r, n)) for r in rows],
             )
             added = self.conn.total_changes - before
             blocked = [r for r in rows if len(r) > n and r[n]] + self._counted_out(rows, n, i, blocks)
             self.conn.executemany(
                 "INSERT INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, reason_enc, created, "
-                "bounce_class, expires) VALUES (?,?,?,?,'',?,?,?,?) ON CONFLICT(tenant_id, address_hmac) DO UPDATE "
+                "bounce_class, expires) VALUES (?,?,?,?,'',?,?,?,?) ON CONFLICT(tenant_id, address_hmac, stream) DO UPDATE "
                 "SET expires = MAX(suppressions.expires, excluded.expires) WHERE suppressions.expires IS NOT NULL",
                 [
                     (r[i["tenant_id"]], r[i["rcpt_enc"]], r[i["rcpt_hmac"]], r[i["rcpt_domain"]], r[reply],

@@ -49,6 +49,7 @@ class Unfinished:
     rcpt_domain: str
     size_bytes: int
     message_id: str
+    stream: str = "transactional"
 
 
 def unfinished(store: Store) -> list[Unfinished]:
@@ -58,7 +59,7 @@ def unfinished(store: Store) -> list[Unfinished]:
     finals = ",".join("?" * len(FINAL_STATES))
     rows = store.conn.execute(
         "SELECT a.tenant_id, COALESCE(t.name, ''), a.queue_id, a.ts, a.sender_enc, a.sender_hmac, a.rcpt_enc, "
-        "a.rcpt_hmac, a.rcpt_domain, a.size, a.message_id FROM mail_log a LEFT JOIN tenants t ON t.id = a.tenant_id "
+        "a.rcpt_hmac, a.rcpt_domain, a.size, a.message_id, a.stream FROM mail_log a LEFT JOIN tenants t ON t.id = a.tenant_id "
         "WHERE a.event = 'accepted' AND NOT EXISTS (SELECT 1 FROM mail_log f WHERE f.queue_id = a.queue_id "
         f"AND f.rcpt_hmac = a.rcpt_hmac AND f.status IN ({finals})) ORDER BY a.id",
         FINAL_STATES,
@@ -67,7 +68,7 @@ def unfinished(store: Store) -> list[Unfinished]:
     for r in rows:
         sender_enc, sender_hmac, rcpt_enc, rcpt_hmac = (bytes(b or b"") for b in r[4:8])
         u = Unfinished(
-            r[0], r[1], r[2], r[3], sender_enc, sender_hmac, rcpt_enc, rcpt_hmac, r[8] or "", r[9], r[10] or ""
+            r[0], r[1], r[2], r[3], sender_enc, sender_hmac, rcpt_enc, rcpt_hmac, r[8] or "", r[9], r[10] or "", r[11]
         )
         out.setdefault((u.queue_id, u.rcpt_hmac), u)
     return list(out.values())
@@ -79,7 +80,7 @@ def record_lost(store: Store, recipients: list[Unfinished], now: float, response
     rows = [
         (f"{u.queue_id}:{u.rcpt_hmac.hex()}:lost", now, u.tenant_id, u.queue_id, "lost", u.sender_enc, u.sender_hmac,
          u.rcpt_enc, u.rcpt_hmac, u.rcpt_domain, "lost", response, 0, "", "", "", max(0.0, now - u.accepted_ts),
-         u.size_bytes, u.message_id)
+         u.size_bytes, u.message_id, 0, "", "", u.stream)
         for u in recipients
     ]  # fmt: skip
     return store.insert_mail_events(rows)

@@ -302,6 +302,37 @@ MIGRATIONS: list[str] = [
     ALTER TABLE suppressions ADD COLUMN expires REAL;
     CREATE INDEX suppressions_expires ON suppressions(expires) WHERE expires IS NOT NULL;
     """,
+    # 16: message streams and one-click unsubscribe (cmcd/unsubscribe.py): the stream of each
+    # mail-log row, a user's default stream, and a suppression's scope ('': every stream, as every
+    # suppression until now; 'broadcast': a recipient's unsubscribe, kept beside any bounce block
+    # of the same address, so one expiring never lifts the other: the table is rebuilt for the
+    # unique key (tenant, address, scope); secure_delete zeroes the old table's pages)
+    """
+    ALTER TABLE mail_log ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
+    ALTER TABLE users ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
+    CREATE TABLE suppressions_scoped (
+        id INTEGER PRIMARY KEY,
+        tenant_id INTEGER NOT NULL REFERENCES tenants(id),
+        address_enc BLOB NOT NULL,
+        address_hmac BLOB NOT NULL,
+        domain TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        created REAL NOT NULL,
+        reason_enc BLOB,
+        bounce_class TEXT NOT NULL DEFAULT '',
+        expires REAL,
+        stream TEXT NOT NULL DEFAULT '',
+        UNIQUE (tenant_id, address_hmac, stream)
+    );
+    INSERT INTO suppressions_scoped(id, tenant_id, address_enc, address_hmac, domain, reason, created, reason_enc,
+                                    bounce_class, expires)
+        SELECT id, tenant_id, address_enc, address_hmac, domain, reason, created, reason_enc, bounce_class, expires
+        FROM suppressions;
+    DROP TABLE suppressions;
+    ALTER TABLE suppressions_scoped RENAME TO suppressions;
+    CREATE INDEX suppressions_tenant ON suppressions(tenant_id);
+    CREATE INDEX suppressions_expires ON suppressions(expires) WHERE expires IS NOT NULL;
+    """,
 ]
 
 _SEAL_BATCH = 5000

@@ -146,12 +146,13 @@ class Store(
                 "enabled": {r[0] for r in self.conn.execute("SELECT id FROM users WHERE enabled = 1")},
                 "dkim": self.dkim_signing_keys(),
                 "settings": self.tenant_settings(),
+                "broadcast_users": {r[0] for r in self.conn.execute("SELECT id FROM users WHERE stream = 'broadcast'")},
             }
         finally:
             self.conn.execute("COMMIT")
 
-    def suppression_set(self) -> tuple[int, int, set[tuple[int, bytes]]]:
-        """(removals, top row id, every (tenant id, address HMAC)): the whole suppression index,
+    def suppression_set(self) -> tuple[int, int, set[tuple[int, bytes, str]]]:
+        """(removals, top row id, every (tenant id, address HMAC, stream scope)): the whole suppression index,
         built here on the store's thread, never on the event loop."""
         self.conn.execute("BEGIN")
         try:
@@ -160,12 +161,13 @@ class Store(
         finally:
             self.conn.execute("COMMIT")
 
-    def suppressions_after(self, after_id: int) -> tuple[int, list[tuple[int, bytes]]]:
-        """Suppression rows added since row AFTER_ID (hard bounces): (new top id, (tenant, HMAC) pairs)."""
+    def suppressions_after(self, after_id: int) -> tuple[int, list[tuple[int, bytes, str]]]:
+        """Suppression rows added since row AFTER_ID (hard bounces, unsubscribes): (new top id,
+        (tenant, HMAC, stream scope) entries)."""
         rows = self.conn.execute(
-            "SELECT id, tenant_id, address_hmac FROM suppressions WHERE id > ? ORDER BY id", (after_id,)
+            "SELECT id, tenant_id, address_hmac, stream FROM suppressions WHERE id > ? ORDER BY id", (after_id,)
         ).fetchall()
-        return (rows[-1][0] if rows else after_id), [(r[1], bytes(r[2])) for r in rows]
+        return (rows[-1][0] if rows else after_id), [(r[1], bytes(r[2]), r[3]) for r in rows]
 
     # -- tenants ---------------------------------------------------------------------------
 
@@ -326,38 +328,46 @@ class Store(
 
     # -- suppression and tenant settings ------------------------------------------------------
 
-    def suppression_index(self) -> list[tuple[int, bytes]]:
-        """(tenant id, address HMAC) of every suppressed address, for the in-memory set."""
-        return [(r[0], bytes(r[1])) for r in self.conn.execute("SELECT tenant_id, address_hmac FROM suppressions")]
+    def suppression_index(self) -> list[tuple[int, bytes, str]]:
+        """(tenant id, address HMAC, stream scope: '' for every stream) of every suppression, for the in-memory set."""
+        rows = self.conn.execute("SELECT tenant_id, address_hmac, stream FROM suppressions")
+        return [(r[0], bytes(r[1]), r[2]) for r in rows]
 
     def suppressions(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
         t = self.tenant(tenant)
         rows = self.conn.execute(
-            "SELECT address_enc, domain, reason_enc, created FROM suppressions WHERE tenant_id = ? ORDER BY id LIMIT ?",
+            "SELECT address_enc, domain, reason_enc, created, stream FROM suppressions WHERE tenant_id = ? "
+            "ORDER BY id LIMIT ?",
             (t.id, limit),
         )
         return [
             {"address": self.keys.decrypt(bytes(r[0])), "domain": r[1], "reason": self.keys.open_text(r[2]),
-             "created": r[3]}
+             "created": r[3], "stream": r[4] or "all"}
             for r in rows
         ]  # fmt: skip
 
-    def suppression_add(self, tenant: str, address: str, reason: str) -> bool:
+    def suppression_add(self, tenant: str, address: str, reason: str, stream: str = "") -> bool:
+        """ADDRESS on TENANT's list for every stream (STREAM ''), or for one (a recipient's
+        unsubscribe: 'broadcast'); False when it already was (with that scope, or for every stream)."""
         t = self.tenant(tenant)
         domain = address.rpartition("@")[2].lower()
+        address_hmac = self.keys.index(address)
         with transaction(self.conn):
+            if (
+                stream
+                and self.conn.execute(
+                    "SELECT 1 FROM suppressions WHERE tenant_id = ? AND address_hmac = ? AND stream = '' "
+                    "AND expires IS NULL",
+                    (t.id, address_hmac),
+                ).fetchone()
+            ):
+                return False  # held back from every stream for good already
             cur = self.conn.execute(
                 "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, reason_enc, "
-                "created) VALUES (?,?,?,?,'',?,?)",
-                (
-                    t.id,
-                    self.keys.encrypt(address),
-                    self.keys.index(address),
-                    domain,
-                    self.keys.seal_text(reason),
-                    time.time(),
-                ),
-            )
+                "created, stream) VALUES (?,?,?,?,'',?,?,?)",
+                (t.id, self.keys.encrypt(address), address_hmac, domain, self.keys.seal_text(reason), time.time(),
+                 stream),
+            )  # fmt: skip
         return cur.rowcount == 1
 
     def suppression_delete(self, tenant: str, address: str) -> None:

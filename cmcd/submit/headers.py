@@ -1,7 +1,8 @@
 """Reads and fixes a message's header block in bytes; never re-encodes the body.
 
-Only what intake needs: the From: domain(s), whether Message-ID: and Date: exist, and
-adding Received:/Message-ID:/Date: without touching any other byte.
+Only what intake needs: the From: domain(s), whether Message-ID: and Date: exist, the stream the
+tenant asked for (X-Cmcd-Stream:) and its own List-Unsubscribe:, adding Received:/Message-ID:/Date:
+(and a broadcast's List-Unsubscribe fields) and taking fields out without touching any other byte.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ class HeaderInfo:
     has_date: bool
     header_end: int  # offset of the blank line's CRLF that ends the header block (or len(body))
     received: int = 0  # Received: fields: the hops the message has taken (the loop check counts them)
+    stream: str | None = None  # the first X-Cmcd-Stream: value, stripped and lower-cased (None: no such field)
+    list_unsubscribe: str = ""  # the tenant's own List-Unsubscribe: value, unfolded
+    unsubscribe_fields: bool = False  # it has a List-Unsubscribe: or List-Unsubscribe-Post: field
 
     @property
     def has_message_id(self) -> bool:
@@ -33,11 +37,14 @@ def parse(body: bytes) -> HeaderInfo:
     message_id = ""
     has_date = False
     received = 0
+    stream: str | None = None
+    list_unsubscribe = ""
+    unsubscribe_fields = False
     name = ""
     value_parts: list[bytes] = []
 
     def flush() -> None:
-        nonlocal message_id, has_date, received
+        nonlocal message_id, has_date, received, stream, list_unsubscribe, unsubscribe_fields
         if name == "received":
             received += 1
         elif name == "from":
@@ -46,6 +53,12 @@ def parse(body: bytes) -> HeaderInfo:
             message_id = " ".join(b"".join(value_parts).decode("utf-8", "replace").split())[:998] or "<>"
         elif name == "date":
             has_date = True
+        elif name == "x-cmcd-stream" and stream is None:
+            stream = b"".join(value_parts).decode("utf-8", "replace").strip().lower()
+        elif name.startswith("list-unsubscribe"):
+            unsubscribe_fields = True
+            if name == "list-unsubscribe" and not list_unsubscribe:
+                list_unsubscribe = " ".join(b"".join(value_parts).decode("utf-8", "replace").split())
 
     for line in block.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and name:
@@ -60,7 +73,27 @@ def parse(body: bytes) -> HeaderInfo:
             name = ""
     flush()
     header_end = end + 2 if end >= 0 else (len(body) if end == -1 else 0)
-    return HeaderInfo(tuple(from_values), message_id, has_date, header_end, received)
+    return HeaderInfo(
+        tuple(from_values), message_id, has_date, header_end, received, stream, list_unsubscribe, unsubscribe_fields
+    )
+
+
+def remove(body: bytes, info: HeaderInfo, names: frozenset[str]) -> bytes:
+    """BODY without the header fields named in NAMES (lower-case), folded lines and all; every
+    other byte as it was."""
+    block, rest = body[: info.header_end], body[info.header_end :]
+    kept: list[bytes] = []
+    dropping = False
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        head, colon, _ = line.partition(b":")
+        dropping = bool(colon) and head.strip().lower().decode("ascii", "replace") in names
+        if not dropping:
+            kept.append(line)
+    return b"\r\n".join(kept) + rest
 
 
 # Matched in the lowercased block with a newline put in front: a literal prefix lets `re` skip

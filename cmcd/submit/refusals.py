@@ -22,10 +22,12 @@ class Accepted:
     """The end of data went well: the message is on stable storage under QUEUE_ID."""
 
     queue_id: str
+    copies: int = 1  # a broadcast to N recipients is N messages, each with its recipient's unsubscribe link
 
     @property
     def reply(self) -> str:
-        return f"250 2.0.0 Ok: queued as {self.queue_id}"
+        more = f" and {self.copies - 1} more, one message per recipient" if self.copies > 1 else ""
+        return f"250 2.0.0 Ok: queued as {self.queue_id}{more}"
 
 
 # -- AUTH (counted in cmcd_smtp_auth_total, not as rejected messages) --------------------------
@@ -106,6 +108,13 @@ QUOTA_UNCHECKED = Refusal(Reason.BUSY, 451, "4.3.0", "Could not check the daily 
 TOO_BIG = Refusal(Reason.TOO_BIG, 552, "5.3.4", "Message size exceeds fixed maximum message size")
 #: smtp.max_data_in_flight: message bytes in memory from every session (the SMTP session, in DATA)
 DATA_BUSY = Refusal(Reason.BUSY, 452, "4.3.1", "Insufficient system storage; try again later")
+
+
+def bad_stream(value: str) -> Refusal:
+    shown = value if value.isprintable() and len(value) <= 40 else value[:40].encode("unicode_escape").decode()
+    return Refusal(
+        Reason.BAD_STREAM, 550, "5.6.0", f"X-Cmcd-Stream: must be transactional or broadcast, not '{shown}'"
+    )
 
 
 def mail_loop(received_fields: int) -> Refusal:

@@ -13,6 +13,7 @@ takes the message from the tenant's lease, reserving the next block from the sto
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import re
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from email.utils import format_datetime
 from zoneinfo import ZoneInfo
 
-from cmcd import intl, policy
+from cmcd import intl, policy, unsubscribe
 from cmcd.config import Config, SendingLimits
 from cmcd.doors import DataBudget
 from cmcd.errors import SpoolError
@@ -31,7 +32,7 @@ from cmcd.queue.audit import AuditLog
 from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.requests import ApiRequest
 from cmcd.queue.spool import DayClock, Spool
-from cmcd.records import Recipient, Sender, SpoolMessage
+from cmcd.records import STREAMS, Recipient, Sender, SpoolMessage, Stream
 from cmcd.stats import IntakeStats
 from cmcd.store import AsyncStore
 from cmcd.submit import headers
@@ -46,6 +47,9 @@ from cmcd.tenancy.rules import address_refusal
 from cmcd.tenancy.suppressions import Suppressions
 
 log = logging.getLogger("cmcd.submit")
+
+_STREAM_FIELD = frozenset({"x-cmcd-stream"})
+_UNSUBSCRIBE_FIELDS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
 
 _HELO_BAD_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
@@ -102,6 +106,7 @@ class SubmitService:
         self._stamp = ""
         self.dkim = DkimSigner(config.dkim, clock)
         self.signer: Signer | None = self.dkim
+        self._tokens = unsubscribe.Tokens(astore.store.keys)
         #: tenants, domains, IP credentials, keys, settings, suppressions: kept current by tenancy
         self._own_directory = directory is None
         self.directory = directory if directory is not None else Directory(astore, poll_s=0)
@@ -269,20 +274,24 @@ class SubmitService:
         prepared = await self.prepare(sender, mail_from, rcpts, body, info)
         if isinstance(prepared, Refusal):
             return prepared
-        now = prepared.received_ts
+        if len(prepared) > 1:  # a broadcast, one message per recipient: one transaction for them all
+            refusal = await self.commit_all(sender, prepared, None)
+            return refusal if refusal is not None else Accepted(prepared[0].queue_id, len(prepared))
+        message = prepared[0]
+        now = message.received_ts
         day = self._days.day(now)
         quota = self._limits(sender.tenant).messages_per_day
         refusal = await self._take_quota(sender, day, quota, 1, now)  # given back if not committed
         if refusal is not None:
             return refusal
         try:  # no await from _take_quota's check of close_tenant to the spool's queue
-            await self.spool.commit(prepared, day)
+            await self.spool.commit(message, day)
         except SpoolError:
             self._give_back(sender, day, quota, 1)
             return refuse.SPOOL_FAILED
         self.accepted += 1
         self.stats.accept(sender.tenant)
-        return Accepted(prepared.queue_id)
+        return Accepted(message.queue_id)
 
     async def prepare(
         self,
@@ -292,9 +301,13 @@ class SubmitService:
         body: bytes,
         info: SessionInfo,
         tags: tuple[str, ...] = (),
-    ) -> SpoolMessage | Refusal:
+        stream: str | None = None,
+    ) -> list[SpoolMessage] | Refusal:
         """The message as it will be spooled (sender domain and From: checked, Received:,
-        Message-ID and Date added, DKIM-signed off the loop), or the refusal."""
+        Message-ID and Date added, DKIM-signed off the loop), or the refusal. Its stream is what
+        its X-Cmcd-Stream: field says (the field is taken out), else STREAM (the API's field), else
+        the user's default. A broadcast gets one-click unsubscribe fields before it is signed, and
+        they name one recipient: a broadcast to N recipients is N messages, one each."""
         if mail_from and not self.owns_domain(sender, mail_from.rpartition("@")[2]):
             return refuse.SENDER_DOMAIN
         hdr = headers.parse(body)
@@ -309,12 +322,54 @@ class SubmitService:
         for d in domains:
             if not d or not self.owns_domain(sender, d):
                 return refuse.FROM_DOMAIN
+        if hdr.stream is not None:
+            if hdr.stream not in STREAMS:
+                return refuse.bad_stream(hdr.stream)
+            stream = hdr.stream
+        elif stream is None:
+            broadcast = sender.user_id in self.directory.snapshot.broadcast_users
+            stream = Stream.BROADCAST if broadcast else Stream.TRANSACTIONAL
+        base = self.config.unsubscribe_base() if stream == Stream.BROADCAST else ""
+        drop = (_STREAM_FIELD if hdr.stream is not None else frozenset()) | (
+            _UNSUBSCRIBE_FIELDS if base and hdr.unsubscribe_fields else frozenset()
+        )
+        if drop:  # ours replace the tenant's (its mailto: is kept in ours); the stream field never leaves
+            body = headers.remove(body, hdr, drop)
+            hdr = dataclasses.replace(headers.parse(body), list_unsubscribe=hdr.list_unsubscribe)
+        copies = [(list(rcpts), b"")]
+        if base:
+            mailtos = unsubscribe.mailto_uris(hdr.list_unsubscribe)
+            copies = [([r], self._unsubscribe_fields(base, sender.tenant_id, r, mailtos)) for r in rcpts]
+        return [
+            await self._prepared(sender, mail_from, rcpts_, body, hdr, domains[0], info, tags, stream, fields)
+            for rcpts_, fields in copies
+        ]
+
+    def _unsubscribe_fields(self, base: str, tenant_id: int, rcpt: str, mailtos: list[str]) -> bytes:
+        token = self._tokens.make(unsubscribe.Subscription(tenant_id, Stream.BROADCAST, rcpt))
+        return unsubscribe.header_fields(unsubscribe.url(base, token), mailtos)
+
+    async def _prepared(
+        self,
+        sender: Sender,
+        mail_from: str,
+        rcpts: list[str],
+        body: bytes,
+        hdr: headers.HeaderInfo,
+        domain: str,
+        info: SessionInfo,
+        tags: tuple[str, ...],
+        stream: str,
+        fields: bytes,
+    ) -> SpoolMessage:
+        """One message as spooled: our fields added to BODY (Received: first; FIELDS after the
+        tenant's), then signed for DOMAIN off the loop."""
         now = self.clock()
         qid = self.ids.next(now)
-        body = headers.insert(body, hdr, self._received(qid, sender, info, now), self._missing(hdr, qid, now))
-        if self.signer is not None and (self.signer is not self.dkim or self.dkim.keys_for(domains[0])):
+        body = headers.insert(body, hdr, self._received(qid, sender, info, now), self._missing(hdr, qid, now) + fields)
+        if self.signer is not None and (self.signer is not self.dkim or self.dkim.keys_for(domain)):
             loop = asyncio.get_running_loop()  # RSA is ~1 ms of CPU: never on the event loop
-            body = await loop.run_in_executor(None, self.signer, body, domains[0])
+            body = await loop.run_in_executor(None, self.signer, body, domain)
         return SpoolMessage(
             queue_id=qid,
             tenant_id=sender.tenant_id,
@@ -325,6 +380,7 @@ class SubmitService:
             received_ts=now,
             message_id=hdr.message_id or f"<{qid}@{self.config.server.hostname}>",
             tags=tags,
+            stream=stream,
         )
 
     def _gone(self, sender: Sender) -> bool:

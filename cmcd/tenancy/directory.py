@@ -40,6 +40,7 @@ class Snapshot:
     dkim_keys: tuple[tuple[str, str, str, bytes], ...] = ()
     dsn_off: frozenset[int] = frozenset()  # tenants that asked for no bounces
     refuse_suppressed: frozenset[int] = frozenset()  # tenants whose suppressed recipients get 550 at RCPT
+    broadcast_users: frozenset[int] = frozenset()  # users whose mail is broadcast unless it says otherwise
 
     @classmethod
     def from_rows(cls, rows: dict[str, Any]) -> Snapshot:
@@ -60,6 +61,7 @@ class Snapshot:
             dkim_keys=tuple(rows["dkim"]),
             dsn_off=frozenset(t for t, (dsn, _) in settings.items() if not dsn),
             refuse_suppressed=frozenset(t for t, (_, mode) in settings.items() if mode == "refuse"),
+            broadcast_users=frozenset(rows.get("broadcast_users", ())),
         )
 
 

@@ -39,6 +39,7 @@ class Reason(enum.Enum):
     BAD_CONTENT = "bad_content"
     SPOOL_LOW = "spool_low"
     MAIL_LOOP = "mail_loop"
+    BAD_STREAM = "bad_stream"
     TENANT_DELETED = "tenant_deleted"
     BUSY = "busy"
     OTHER = "other"

@@ -98,6 +98,8 @@ RENDERED: list[tuple[str, Refusal, Rendered]] = [
      Rendered("452 4.3.1 Insufficient system storage; try again later", 503, "try-later", "1")),
     ("mail-loop", refusals.mail_loop(50),
      Rendered("554 5.4.6 Too many hops: the message already has 50 Received: fields (mail loop?)", 422, "refused")),
+    ("bad-stream", refusals.bad_stream("bulk\x00"),
+     Rendered("550 5.6.0 X-Cmcd-Stream: must be transactional or broadcast, not 'bulk\\x00'", 422, "refused")),
     ("nul-byte", _nul(), Rendered("550 5.6.0 Message contains a NUL character", 422, "refused")),
     ("bare-lf", _bare_lf(),
      Rendered("550 5.6.0 Message contains a bare CR or LF; lines must end with CRLF", 422, "refused")),
@@ -139,7 +141,7 @@ def test_the_table_holds_every_refusal_submit_makes() -> None:
     }
     tabled = {r[1] for r in RENDERED}
     assert {name for name in constants if getattr(refusals, name) not in tabled} == set()
-    made_by = {"daily_quota", "rate_limit", "too_many_recipients", "mail_loop", "bad_content"}
+    made_by = {"daily_quota", "rate_limit", "too_many_recipients", "mail_loop", "bad_content", "bad_stream"}
     assert functions == made_by  # a new one: give it rows above
 
 
@@ -165,6 +167,7 @@ BY_REASON = {
     Reason.BAD_CONTENT: (422, "refused"),
     Reason.SPOOL_LOW: (422, "refused"),
     Reason.MAIL_LOOP: (422, "refused"),
+    Reason.BAD_STREAM: (422, "refused"),
     Reason.TENANT_DELETED: (403, "tenant-deleted"),
     Reason.BUSY: (422, "refused"),
     Reason.OTHER: (422, "refused"),
