@@ -56,6 +56,7 @@ class User:
     role: str
     enabled: bool
     created: float = 0.0
+    stream: str = Stream.TRANSACTIONAL  # what the user's mail is unless a message or request says otherwise
 
 
 @dataclass(frozen=True)

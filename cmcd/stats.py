@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
 from cmcd.doors import LISTENERS, Door
+from cmcd.records import STREAMS
 
 T = TypeVar("T")
 
@@ -26,6 +27,9 @@ DELIVERY_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 
 STORE_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 AUTH_RESULTS = ("ok", "failed", "throttled")
+#: one-click unsubscribe POSTs (cmcd/api/unsubscribe.py): a new one, a repeat, a token that does not
+#: open (or whose tenant is gone), a body or media type RFC 8058 does not send, the store unable to take it
+UNSUBSCRIBE_RESULTS = ("done", "repeated", "not_found", "bad_request", "failed")
 
 #: every reason a message is refused for, in the order the metric has always listed them: the
 #: values of cmcd.tenancy.refusals.Reason from NULL_SENDER to OTHER (a unit test holds them equal;
@@ -50,6 +54,24 @@ REJECT_REASONS = (
     "busy",
     "other",
 )
+
+
+#: the mail-log events cmcd_stream_events counts per stream: acceptance (one a recipient) and each
+#: delivery outcome
+STREAM_EVENTS = ("accepted", "delivered", "deferred", "bounced", "expired", "suppressed")
+
+
+class StreamStats:
+    """Mail-log events by (stream, event), counted as the event shipper hands them to the store
+    (so the figures are the mail log's). Written on the event loop thread only."""
+
+    def __init__(self) -> None:
+        self.events = {(stream, event): 0 for stream in STREAMS for event in STREAM_EVENTS}
+
+    def count(self, stream: str, event: str) -> None:
+        key = (stream, event)
+        if key in self.events:  # an event of no message (deleted, lost) is not a stream's figure
+            self.events[key] += 1
 
 
 class Reasoned(Protocol):
@@ -107,6 +129,7 @@ class IntakeStats:
         self.api_requests: dict[tuple[str, str], int] = {}  # (route, status code) -> requests
         self.smtp_write_timeouts = 0  # sessions reset because the client stopped reading replies
         self.api_write_timeouts = 0  # API connections reset because the client stopped reading
+        self.unsubscribes = dict.fromkeys(UNSUBSCRIBE_RESULTS, 0)  # one-click POSTs by result
         #: per listener: its connection caps, and connections refused and timed out (cmcd/doors.py)
         self.doors = {name: Door(name, 0) for name in LISTENERS}
 

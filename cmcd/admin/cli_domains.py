@@ -124,7 +124,7 @@ def webhook() -> None:
     """Webhook endpoints of a tenant: mail events posted as signed JSON (add, list, delete, status)."""
 
 
-WEBHOOK_EVENTS = "delivered,deferred,bounced,expired,suppressed"
+WEBHOOK_EVENTS = "delivered,deferred,bounced,expired,suppressed,unsubscribed"
 
 
 def _webhook_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

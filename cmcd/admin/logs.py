@@ -17,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from cmcd.admin.verb import Args, BadRequest, Context, Stream, Verb, read
+from cmcd.records import STREAMS
 from cmcd.store import AsyncStore
 
 PAGE = 1000
@@ -80,7 +81,9 @@ async def _log(ctx: Context, a: Args, kind: str) -> Stream:
     filters["tenant_id"] = await ctx.tenant_id(a.optional_text("tenant"))
     filters["status"] = a.optional_text("status")
     if kind == "mail":
-        filters |= {k: a.optional_text(k) for k in ("rcpt", "sender", "queue_id")}
+        filters |= {k: a.optional_text(k) for k in ("rcpt", "sender", "queue_id", "stream")}
+        if filters["stream"] is not None and filters["stream"] not in STREAMS:
+            raise BadRequest(f"{a.verb}: stream {filters['stream']!r}: expected one of {', '.join(STREAMS)}")
     limit = a.integer("limit", 0, 0, 100_000_000) or None
     return Stream(rows(ctx.astore, kind, tz, limit, **filters))
 
@@ -98,7 +101,7 @@ async def _log_ops(ctx: Context, a: Args) -> Any:
 
 
 LOG_VERBS: dict[str, Verb] = {
-    "log.mail": read(_log_mail, "tenant", "since", "until", "rcpt", "sender", "queue_id", "status", "limit"),
+    "log.mail": read(_log_mail, "tenant", "since", "until", "rcpt", "sender", "queue_id", "status", "stream", "limit"),
     "log.login": read(_log_login, "tenant", "since", "until", "status", "limit"),
     "log.ops": read(_log_ops, "tenant", "since", "until", "status", "limit"),
 }

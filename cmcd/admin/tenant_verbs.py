@@ -16,7 +16,8 @@ SUPPRESSION_LIST_MAX = 10_000
 
 
 def _user(u: User) -> dict[str, Any]:
-    return {"tenant": u.tenant, "login": u.login, "role": u.role, "enabled": u.enabled, "created": u.created}
+    return {"tenant": u.tenant, "login": u.login, "role": u.role, "enabled": u.enabled, "created": u.created,
+            "stream": u.stream}  # fmt: skip
 
 
 # -- tenants ---------------------------------------------------------------------------------------
@@ -96,6 +97,12 @@ async def _user_set_role(ctx: Context, a: Args) -> Any:
     return _user(await ctx.tenancy.accounts.user_set_role(a.op, tenant, login, role))
 
 
+async def _user_set_stream(ctx: Context, a: Args) -> Any:
+    """The stream of LOGIN's mail when neither the message nor the API request names one."""
+    tenant, login, stream = a.text("tenant"), a.text("login"), a.text("stream")
+    return _user(await ctx.tenancy.accounts.user_set_stream(a.op, tenant, login, stream))
+
+
 async def _user_otp_require(ctx: Context, a: Args) -> Any:
     """Whether LOGIN must sign in to the console with a one-time password (enrolling at its next
     sign-in when it has none); lifting it keeps an enrolment the user has."""
@@ -166,6 +173,7 @@ TENANT_VERBS: dict[str, Verb] = {
     "user.delete": command(_user_delete, ("tenant", "login"), "{tenant}/{login}"),
     "user.set-role": command(_user_set_role, ("tenant", "login", "role"), "{tenant}/{login} role={role}"),
     "user.otp-require": command(_user_otp_require, ("tenant", "login", "required"), "{tenant}/{login}"),
+    "user.set-stream": command(_user_set_stream, ("tenant", "login", "stream"), "{tenant}/{login} stream={stream}"),
     "ipcred.add": command(_ipcred_add, ("tenant", "login", "cidr"), "{tenant}/{login} {cidr}"),
     "ipcred.list": read(_ipcred_list, "tenant"),
     "ipcred.delete": command(_ipcred_delete, ("tenant", "login", "cidr"), "{tenant}/{login} {cidr}"),

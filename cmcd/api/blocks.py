@@ -28,8 +28,8 @@ async def list_blocks(api: ApiContext, request: web.Request) -> web.StreamRespon
         limit,
         q.get("recipient") or None,
     )
-    out = [{"address": r["address"], "domain": r["domain"], "reason": r["reason"], "created": iso(r["created"])}
-           for r in rows]  # fmt: skip
+    out = [{"address": r["address"], "domain": r["domain"], "reason": r["reason"], "created": iso(r["created"]),
+            "stream": r["stream"]} for r in rows]  # fmt: skip
     return paging.page(request, out, rows[-1]["id"] if len(rows) == limit else None)
 
 

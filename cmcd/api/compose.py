@@ -22,6 +22,7 @@ from cmcd.api.fields import (
     bodies,
     check_header_value,
     check_keys,
+    check_stream,
     check_subject,
     common_parts,
     custom_headers,
@@ -30,13 +31,16 @@ from cmcd.api.fields import (
     merge_values,
 )
 from cmcd.api.mime import MAX_LINE_OCTETS, Static, render
+from cmcd.records import Stream
 
 __all__ = ["BULK_KEYS", "ONE_KEYS", "ComposeError", "Composed", "compose_bulk", "compose_one"]
 
 ONE_KEYS = frozenset(
-    {"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "attachments", "headers", "tags"}
+    {"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "attachments", "headers", "tags", "stream"}
 )
-BULK_KEYS = frozenset({"from", "reply_to", "subject", "text", "html", "attachments", "headers", "tags", "recipients"})
+BULK_KEYS = frozenset(
+    {"from", "reply_to", "subject", "text", "html", "attachments", "headers", "tags", "recipients", "stream"}
+)
 # What a merge value loses in a header context: every line break str.splitlines() knows.
 _LINE_BREAKS = re.compile(r"[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _PLACEHOLDER = re.compile(r"\{\{[ \t]*([A-Za-z0-9_]{1,64})[ \t]*\}\}")
@@ -44,12 +48,13 @@ _PLACEHOLDER = re.compile(r"\{\{[ \t]*([A-Za-z0-9_]{1,64})[ \t]*\}\}")
 
 @dataclass(frozen=True)
 class Composed:
-    """One message for the intake path: envelope and CRLF bytes."""
+    """One message for the intake path: envelope, CRLF bytes and the stream the request chose."""
 
     mail_from: str
     rcpts: list[str]  # to+cc+bcc, deduplicated case-insensitively, order kept
     body: bytes  # CRLF line endings, ready for SMTP
     tags: tuple[str, ...]
+    stream: str = Stream.TRANSACTIONAL
 
 
 def _checked(body: bytes, max_size: int) -> bytes:
@@ -77,12 +82,21 @@ def _now(now: datetime | None) -> datetime:
 def compose_one(
     req: dict[str, Any], *, max_rcpts_per_field: int = 10, max_size: int, now: datetime | None = None
 ) -> Composed:
-    """Build the message of `POST /v1/emails`; `now` (aware, default the clock) dates it."""
+    """Build the message of `POST /v1/emails`; `now` (aware, default the clock) dates it. Its stream is
+    transactional unless the request says broadcast, and a broadcast has one recipient: its
+    unsubscribe link is that recipient's (a list goes through compose_bulk)."""
     req_map = check_keys(req, ONE_KEYS, "")
+    stream = check_stream(req_map.get("stream"), Stream.TRANSACTIONAL)
     common = common_parts(req_map, max_size)
     to = mailboxes(req_map, "to", required=True, limit=max_rcpts_per_field)
     cc = mailboxes(req_map, "cc", required=False, limit=max_rcpts_per_field)
     bcc = mailboxes(req_map, "bcc", required=False, limit=max_rcpts_per_field)
+    if stream == Stream.BROADCAST and len(_dedup([m.addr for m in (*to, *cc, *bcc)])) > 1:
+        raise ComposeError(
+            "to",
+            "a broadcast goes to one recipient (to, cc and bcc together), whose unsubscribe link it carries; "
+            "send it to many with POST /v1/emails/bulk",
+        )
     subject = check_subject(req_map.get("subject"), "subject")
     text, html_body = bodies(req_map, max_size)
     headers = custom_headers(req_map.get("headers"))
@@ -100,7 +114,7 @@ def compose_one(
     )
     body = _checked(body, max_size)
     rcpts = _dedup([m.addr for m in (*to, *cc, *bcc)])
-    return Composed(mail_from=common.sender.addr, rcpts=rcpts, body=body, tags=common.tags)
+    return Composed(mail_from=common.sender.addr, rcpts=rcpts, body=body, tags=common.tags, stream=stream)
 
 
 @dataclass(frozen=True)
@@ -153,8 +167,10 @@ def compose_bulk(
 ) -> list[Composed]:
     """Build the messages of `POST /v1/emails/bulk`: one per recipient, each with exactly one To, the
     templates filled from that recipient's `merge` values (HTML-escaped in html, line breaks dropped in
-    subject and headers). The first bad recipient fails the whole request, naming `recipients[i]`."""
+    subject and headers), broadcast unless the request says transactional. The first bad recipient fails
+    the whole request, naming `recipients[i]`."""
     req_map = check_keys(req, BULK_KEYS, "")
+    stream = check_stream(req_map.get("stream"), Stream.BROADCAST)
     common = common_parts(req_map, max_size)
     subject = _Template.parse(check_subject(req_map.get("subject"), "subject"))
     text, html_body = bodies(req_map, max_size)
@@ -201,5 +217,5 @@ def compose_bulk(
                 f"the messages of this request take over {max_total} bytes together (at recipient {i}); "
                 "send fewer recipients per request, or a link instead of a large attachment",
             )
-        out.append(Composed(mail_from=common.sender.addr, rcpts=[to.addr], body=body, tags=common.tags))
+        out.append(Composed(mail_from=common.sender.addr, rcpts=[to.addr], body=body, tags=common.tags, stream=stream))
     return out

@@ -4,9 +4,9 @@ display names, subject, custom headers, tags, text and html, attachments, mail-m
 Each check returns the checked value or raises ComposeError naming the field JSON-pointer-ish
 (``to[3]``, ``headers.X-Foo``, ``attachments[0].content``, ``recipients[7].merge.first_name``,
 ``size``). So no request can inject a header or override From/To/DKIM-Signature/Received:
-custom headers are limited to X-* (except cmcd's own X-Cmcd-*) and a few List-*/threading
-headers, and no value may hold a line break. Never writes a message (mime.py does) and applies no
-sending policy (submit/ does).
+custom headers are limited to X-* (except cmcd's own X-Cmcd-*: the stream is the request's
+`stream` field) and a few List-*/threading headers, and no value may hold a line break. Never
+writes a message (mime.py does) and applies no sending policy (submit/ does).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from email.message import MIMEPart
 from typing import Any
 
 from cmcd.api.mime import ATEXT, MAX_LINE_OCTETS, Mailbox, attachment_part, fold_words
+from cmcd.records import STREAMS
 from cmcd.tenancy.rules import address_refusal
 
 MAX_SUBJECT_CHARS = 998
@@ -225,6 +226,8 @@ def _header_name(name: object) -> str:
             f"header {_show(name)} may not be set; allowed are X-* names (letters, digits, '-', at most 72 "
             f"characters) and {', '.join(LIST_HEADERS)}",
         )
+    if name.lower() == "x-cmcd-stream":
+        raise ComposeError(field, "the stream is chosen with the request's 'stream' field, not a header")
     if name.lower().startswith("x-cmcd-"):
         raise ComposeError(field, f"header {_show(name)} is reserved for cmcd")
     return name
@@ -261,6 +264,15 @@ def custom_headers(value: object) -> list[tuple[str, str]]:
         seen.add(name.lower())
         out.append((name, check_header_value(name, raw_value, f"headers.{name}")))
     return out
+
+
+def check_stream(value: object, default: str) -> str:
+    """The request's `stream`: transactional or broadcast (DEFAULT when left out)."""
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in STREAMS:
+        raise ComposeError("stream", f"{_show(value)} is not a stream; expected one of {', '.join(STREAMS)}")
+    return value
 
 
 def _tags(value: object) -> tuple[str, ...]:

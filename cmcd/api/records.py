@@ -12,9 +12,12 @@ from aiohttp import web
 from cmcd.api import paging
 from cmcd.api.context import ApiContext
 from cmcd.api.problems import Problem, iso
+from cmcd.records import STREAMS
 
-#: mail-log events each record endpoint lists
-DELIVERY_EVENTS = ("accepted", "deferred", "delivered", "bounced", "expired", "suppressed", "deleted", "lost")
+#: mail-log events each record endpoint lists (a recipient's one-click unsubscribe is a mail-log event with no queue id)
+DELIVERY_EVENTS = (
+    "accepted", "deferred", "delivered", "bounced", "expired", "suppressed", "deleted", "lost", "unsubscribed",
+)  # fmt: skip
 BOUNCE_EVENTS = ("bounced", "expired")
 
 
@@ -29,10 +32,13 @@ async def bounces(api: ApiContext, request: web.Request) -> web.StreamResponse:
 async def _mail_records(api: ApiContext, request: web.Request, events: tuple[str, ...]) -> web.StreamResponse:
     caller = await api.caller(request, "read")
     q = request.query
-    paging.known(q, {"since", "until", "recipient", "status", "tag", "queue_id", "cursor", "limit", "format"})
+    paging.known(q, {"since", "until", "recipient", "status", "tag", "queue_id", "stream", "cursor", "limit", "format"})
     status = q.get("status")
     if status is not None and status not in events:
         raise Problem(400, "bad-parameter", f"status: expected one of {', '.join(events)}", extra={"field": "status"})
+    stream = q.get("stream")
+    if stream is not None and stream not in STREAMS:
+        raise Problem(400, "bad-parameter", f"stream: expected one of {', '.join(STREAMS)}", extra={"field": "stream"})
     rows = await api.astore.call(
         api.store.log_page,
         "mail",
@@ -43,6 +49,7 @@ async def _mail_records(api: ApiContext, request: web.Request, events: tuple[str
         queue_id=q.get("queue_id") or None,
         events=(status,) if status else events,
         tag=q.get("tag") or None,
+        stream=stream,
         after=paging.cursor_in(q.get("cursor")),
         limit=paging.limit(q.get("limit")),
     )
@@ -53,6 +60,7 @@ async def _mail_records(api: ApiContext, request: web.Request, events: tuple[str
             "sender": r["sender"], "recipient": r["rcpt"], "domain": r["rcpt_domain"], "response": r["response"] or "",
             "bounce_class": r.get("bounce_class") or "", "attempt": r["attempt"], "mx": r["mx"], "ip": r["ip"], "tls": r["tls"], "delay": round(r["delay"], 3),
             "size": r["size"], "message_id": r["message_id"], "tags": tags.get(r["queue_id"], []),
+            "stream": r["stream"],
         }
         for r in rows
     ]  # fmt: skip

@@ -136,10 +136,10 @@ class Sending:
         prepared = await self._prepare_all(sender, composed, info)
         queued = [{"index": n, "id": m.queue_id, "message_id": m.message_id} for n, m in enumerate(prepared)]
         if bulk:
-            response = json.dumps({"count": len(prepared), "messages": queued})
+            response = json.dumps({"count": len(prepared), "stream": prepared[0].stream, "messages": queued})
         else:
             response = json.dumps({"id": queued[0]["id"], "message_id": queued[0]["message_id"],
-                                   "recipients": len(first.rcpts)})  # fmt: skip
+                                   "recipients": len(first.rcpts), "stream": prepared[0].stream})  # fmt: skip
         record = ApiRequest(caller.tenant_id, key, request_hash, 202, response) if key is not None else None
         refusal = await service.commit_all(sender, prepared, record)
         if refusal is not None:
@@ -153,7 +153,7 @@ class Sending:
 
         async def one(c: Composed) -> list[SpoolMessage]:
             async with slots:
-                result = await self.api.service.prepare(sender, c.mail_from, c.rcpts, c.body, info, c.tags)
+                result = await self.api.service.prepare(sender, c.mail_from, c.rcpts, c.body, info, c.tags, c.stream)
             if isinstance(result, Refusal):
                 raise problem(result, "headers" if result.reason is Reason.BAD_STREAM else "from")
             return result

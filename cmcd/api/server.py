@@ -8,7 +8,8 @@ endpoints live beside it and take the server as an ApiContext (cmcd/api/context.
 importing it: send.py (through SubmitService exactly like SMTP; a 202 only once the spool
 committed the request with its Idempotency-Key), sessions.py, records.py and blocks.py (always
 the caller's tenant), users.py and hooks.py (each change one tenancy command, which writes its
-operation-log row). Decides no rule about a message or a tenant itself.
+operation-log row), and unsubscribe.py (/u/{token}: one-click unsubscribe, no sign-in). Decides no
+rule about a message or a tenant itself.
 
 aiohttp's low-level web.Application is used with an explicit route table and one middleware for
 errors; authentication is a plain function each handler calls, so the whole path is visible here.
@@ -40,6 +41,7 @@ from cmcd.api.frontdoor import Connection, FrontDoor
 from cmcd.api.problems import Problem
 from cmcd.api.send import BULK_MAX_RECIPIENTS, Sending
 from cmcd.api.sessions import Sessions
+from cmcd.api.unsubscribe import Unsubscribe
 from cmcd.config import Config, split_hostport
 from cmcd.doors import JSON_BODY_WEIGHT, JSON_NODE_BYTES, json_node_cap, json_nodes
 from cmcd.store import AsyncStore, LoginRecord
@@ -130,6 +132,7 @@ class ApiServer:
         r.add_get("/v1/webhooks", functools.partial(hooks.list_hooks, self))
         r.add_post("/v1/webhooks", functools.partial(hooks.add_hook, self))
         r.add_delete("/v1/webhooks/{webhook_id}", functools.partial(hooks.delete_hook, self))
+        Unsubscribe(self).add_routes(r)  # /u/{token}, one-click unsubscribe: before the console's catch-all
         Console(self).add_routes(r)  # the tenant console's pages, at / (cmcd/api/console/)
         return app
 

@@ -23,7 +23,8 @@ _ROLE_PROBLEM = "role: expected sender, viewer or admin"
 
 
 def _user_row(u: Any, enrolled: bool) -> dict[str, Any]:
-    return {"login": u.login, "role": u.role, "enabled": u.enabled, "created": iso(u.created), "totp": enrolled}
+    return {"login": u.login, "role": u.role, "enabled": u.enabled, "created": iso(u.created), "totp": enrolled,
+            "stream": u.stream}  # fmt: skip
 
 
 async def list_users(api: ApiContext, request: web.Request) -> web.Response:

@@ -1,5 +1,5 @@
-"""Posts tenants' mail events (delivered, deferred, bounced, expired, suppressed) to their webhook
-endpoints, signed; never blocks delivery, never writes the mail log, never follows a redirect.
+"""Posts tenants' mail events (delivered, deferred, bounced, expired, suppressed, unsubscribed) to
+their webhook endpoints, signed; never blocks delivery, never writes the mail log, never follows a redirect.
 
 The dispatcher runs on the daemon's event loop. Every second (at once after a full batch) each
 endpoint that is due gets up to BATCH_SIZE mail-log rows of its tenant after its cursor, posted as

@@ -20,11 +20,14 @@ from cmcd.bounces import BlockPolicy
 from cmcd.queue import quota
 from cmcd.queue.audit import AuditLog, group_by_kind
 from cmcd.queue.spool import Spool
+from cmcd.queue.tables import EVENT_COLUMNS
+from cmcd.stats import StreamStats
 from cmcd.store import AsyncStore
 
 log = logging.getLogger("cmcd.events")
 
 BATCH = 2000
+_EVENT = EVENT_COLUMNS.index("event")  # a shipped row: the event columns, tags, bounce class, stream, outbox id
 INTERVAL_S = 0.5
 FAILURE_LOG_S = 60.0  # while shipping keeps failing, one log line a minute
 
@@ -49,6 +52,7 @@ class EventShipper:
         self._wake = asyncio.Event()
         self.shipped = 0
         self.audit_shipped = 0
+        self.streams = StreamStats()  # the shipped events by stream, for /metrics
         self._failing_since: float | None = None
         self._failure_logged = 0.0
 
@@ -79,6 +83,8 @@ class EventShipper:
             await self.spool.drop_events(rows[-1][-1])
             total += len(rows)
             self.shipped += len(rows)
+            for r in rows:
+                self.streams.count(r[-2], r[_EVENT])
 
     async def _ship_audit(self) -> int:
         """Ship the outbox's login and operation rows (and first any the AuditLog holds in memory)."""

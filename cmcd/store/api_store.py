@@ -306,7 +306,12 @@ class ApiStore:
     # -- block list (suppressions) through the API -------------------------------------------
 
     def suppression_page(self, tenant_id: int, after: int, limit: int, address: str | None) -> list[dict[str, Any]]:
-        sql = "SELECT id, address_enc, domain, reason_enc, created FROM suppressions WHERE tenant_id = ? AND id > ?"
+        """A page of TENANT_ID's suppressions after row AFTER; each one's stream scope is "all" (every
+        stream: a bounce, an operator's or the tenant's block) or "broadcast" (the recipient unsubscribed)."""
+        sql = (
+            "SELECT id, address_enc, domain, reason_enc, created, stream FROM suppressions "
+            "WHERE tenant_id = ? AND id > ?"
+        )
         args: list[Any] = [tenant_id, after]
         if address is not None:
             sql += " AND address_hmac = ?"
@@ -314,7 +319,7 @@ class ApiStore:
         rows = self.conn.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [
             {"id": r[0], "address": self.keys.decrypt(bytes(r[1])), "domain": r[2], "reason": self.keys.open_text(r[3]),
-             "created": r[4]}
+             "created": r[4], "stream": r[5] or "all"}
             for r in rows
         ]  # fmt: skip
 

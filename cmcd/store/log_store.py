@@ -219,10 +219,10 @@ class LogStore:
         "mail": (
             "mail_log",
             "SELECT x.id, x.ts, t.name, x.queue_id, x.event, x.sender_enc, x.rcpt_enc, x.rcpt_domain, x.status, "
-            "x.response_enc, x.attempt, x.mx, x.ip, x.tls, x.delay, x.size, x.message_id, x.bounce_class FROM mail_log x "
-            "LEFT JOIN tenants t ON t.id = x.tenant_id",
+            "x.response_enc, x.attempt, x.mx, x.ip, x.tls, x.delay, x.size, x.message_id, x.bounce_class, x.stream "
+            "FROM mail_log x LEFT JOIN tenants t ON t.id = x.tenant_id",
             ("id", "ts", "tenant", "queue_id", "event", "sender", "rcpt", "rcpt_domain", "status", "response",
-             "attempt", "mx", "ip", "tls", "delay", "size", "message_id", "bounce_class"),
+             "attempt", "mx", "ip", "tls", "delay", "size", "message_id", "bounce_class", "stream"),
         ),
         "login": (
             "login_log",
@@ -251,11 +251,12 @@ class LogStore:
         status: str | None = None,
         events: tuple[str, ...] | None = None,
         tag: str | None = None,
+        stream: str | None = None,
         after: int = 0,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
         """One page of log rows in id (time) order after id AFTER; addresses found through their
-        HMAC index and returned decrypted."""
+        HMAC index and returned decrypted. TAG and STREAM filter mail-log rows only."""
         table, select, keys = self._LOG_QUERIES[kind]
         if since is not None and after == 0:  # start at the first row of the window (ts index), not at row 1
             first = self.conn.execute(f"SELECT MIN(id) FROM {table} WHERE ts >= ?", (since,)).fetchone()[0]
@@ -286,6 +287,9 @@ class LogStore:
         if events is not None and kind == "mail":
             where.append(f"x.event IN ({','.join('?' * len(events))})")
             args += events
+        if stream is not None and kind == "mail":
+            where.append("x.stream = ?")
+            args.append(stream)
         if tag is not None and kind == "mail":
             where.append(
                 "x.queue_id IN (SELECT queue_id FROM message_tags WHERE tenant_id = x.tenant_id "

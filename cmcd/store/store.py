@@ -30,7 +30,7 @@ from cmcd.store.api_store import ApiStore
 from cmcd.store.console_store import ConsoleStore
 from cmcd.store.domain_store import DomainStore
 from cmcd.store.integrity import RESTORE_STORE, check_database
-from cmcd.store.log_store import LogStore
+from cmcd.store.log_store import LogStore, new_event_key
 from cmcd.store.purge_store import PurgeStore
 from cmcd.store.quota_store import QuotaStore
 from cmcd.store.request_store import RequestStore
@@ -172,12 +172,27 @@ class Store(
     # -- tenants ---------------------------------------------------------------------------
 
     def tenant_add(self, name: str) -> Tenant:
+        """A new tenant, with an id no tenant ever had: a purged tenant's id is never given again
+        (meta tenant_id_high), so nothing that names it by id (an unsubscribe link in a message
+        already sent, an event still in a spool's outbox) can ever reach another tenant."""
         try:
             with transaction(self.conn):
-                cur = self.conn.execute("INSERT INTO tenants(name, created) VALUES (?, ?)", (name, time.time()))
+                row = self.conn.execute(
+                    "SELECT MAX(COALESCE((SELECT MAX(id) FROM tenants), 0), "
+                    "COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'tenant_id_high'), 0))"
+                ).fetchone()
+                tenant_id = int(row[0]) + 1
+                self.conn.execute(
+                    "INSERT INTO tenants(id, name, created) VALUES (?, ?, ?)", (tenant_id, name, time.time())
+                )
+                self.conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('tenant_id_high', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(tenant_id),),
+                )
         except sqlite3.IntegrityError:
             raise Conflict(f"tenant {name!r} already exists") from None
-        return Tenant(id=int(cur.lastrowid or 0), name=name)
+        return Tenant(id=tenant_id, name=name)
 
     def tenant(self, name: str) -> Tenant:
         row = self.conn.execute("SELECT id, name FROM tenants WHERE name = ?", (name,)).fetchone()
@@ -220,15 +235,16 @@ class Store(
         return User(int(cur.lastrowid or 0), t.id, t.name, login, role, enabled=True, created=now)
 
     _USER_SQL = (
-        "SELECT u.id, u.tenant_id, t.name, u.login, u.role, u.enabled, u.password_hash, u.created "
+        "SELECT u.id, u.tenant_id, t.name, u.login, u.role, u.enabled, u.password_hash, u.created, u.stream "
         "FROM users u JOIN tenants t ON t.id = u.tenant_id "
     )
 
     @staticmethod
     def _user(row: tuple[Any, ...]) -> User:
         return User(
-            id=row[0], tenant_id=row[1], tenant=row[2], login=row[3], role=row[4], enabled=bool(row[5]), created=row[7]
-        )
+            id=row[0], tenant_id=row[1], tenant=row[2], login=row[3], role=row[4], enabled=bool(row[5]), created=row[7],
+            stream=row[8],
+        )  # fmt: skip
 
     def user(self, tenant: str, login: str) -> User:
         row = self.conn.execute(self._USER_SQL + "WHERE t.name = ? AND u.login = ?", (tenant, login)).fetchone()
@@ -266,6 +282,14 @@ class Store(
             if role is not None:
                 self.conn.execute("UPDATE users SET role = ? WHERE id = ?", (role, u.id))
             self._end_sessions(u.id)
+        return self.user(tenant, login)
+
+    def user_set_stream(self, tenant: str, login: str, stream: str) -> User:
+        """The stream LOGIN's mail is when neither the message (X-Cmcd-Stream:) nor the API request
+        names one; the directory's broadcast_users is read from this column."""
+        u = self.user(tenant, login)
+        with transaction(self.conn):
+            self.conn.execute("UPDATE users SET stream = ? WHERE id = ?", (stream, u.id))
         return self.user(tenant, login)
 
     def user_delete(self, tenant: str, login: str) -> None:
@@ -369,6 +393,46 @@ class Store(
                  stream),
             )  # fmt: skip
         return cur.rowcount == 1
+
+    def unsubscribed(self, tenant_id: int, address: str, stream: str) -> tuple[str, bool] | None:
+        """For a one-click link (cmcd/api/unsubscribe.py): (the tenant's name, whether ADDRESS is
+        unsubscribed from its STREAM mail already), or None when the tenant is gone."""
+        row = self.conn.execute("SELECT name FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+        if row is None:
+            return None
+        have = self.conn.execute(
+            "SELECT 1 FROM suppressions WHERE tenant_id = ? AND address_hmac = ? AND stream = ?",
+            (tenant_id, self.keys.index(address), stream),
+        ).fetchone()
+        return str(row[0]), have is not None
+
+    def unsubscribe(self, tenant_id: int, address: str, stream: str, reason: str, now: float) -> bool:
+        """A recipient's one-click unsubscribe: ADDRESS held back from TENANT_ID's STREAM mail and,
+        in the same transaction, its mail-log row (event and status "unsubscribed", no queue id:
+        it follows no one message; the tenant's webhooks post it). False, and no row, when it was
+        unsubscribed already. Unlike suppression_add it is kept beside a block of every stream: the
+        recipient's word outlives a block's expiry, and the tenant learns of it. NotFound when the
+        tenant is gone."""
+        domain = address.rpartition("@")[2].lower()
+        address_enc, address_hmac = self.keys.encrypt(address), self.keys.index(address)
+        with transaction(self.conn):
+            if self.conn.execute("SELECT 1 FROM tenants WHERE id = ?", (tenant_id,)).fetchone() is None:
+                raise NotFound(f"no tenant {tenant_id} (deleted since the message was sent)")
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO suppressions(tenant_id, address_enc, address_hmac, domain, reason, reason_enc, "
+                "created, stream) VALUES (?,?,?,?,'',?,?,?)",
+                (tenant_id, address_enc, address_hmac, domain, self.keys.seal_text(reason), now, stream),
+            )
+            if cur.rowcount != 1:
+                return False
+            # MAIL_EVENT_COLUMNS, then the suppress flag (the row above is the suppression), tags,
+            # bounce class and stream; the sender is the null one: no message is named
+            self.insert_mail_events(
+                [(new_event_key(), now, tenant_id, "", "unsubscribed", self.keys.encrypt(""), self.keys.index(""),
+                  address_enc, address_hmac, domain, "unsubscribed", reason, 0, "", "", "", 0.0, 0, "", 0, "", "",
+                  stream)]
+            )  # fmt: skip
+        return True
 
     def suppression_delete(self, tenant: str, address: str) -> None:
         t = self.tenant(tenant)

@@ -22,8 +22,9 @@ from cmcd.db import transaction
 from cmcd.errors import NotFound, StoreError
 from cmcd.records import Tenant
 
-#: mail-log events a webhook may subscribe to
-WEBHOOK_EVENTS = ("delivered", "deferred", "bounced", "expired", "suppressed")
+#: mail-log events a webhook may subscribe to ("unsubscribed": a recipient's one-click unsubscribe,
+#: cmcd/api/unsubscribe.py; its queue_id, sender and message_id are empty: it follows no one message)
+WEBHOOK_EVENTS = ("delivered", "deferred", "bounced", "expired", "suppressed", "unsubscribed")
 #: most mail-log ids one batch query looks through (so an endpoint of a quiet tenant never scans
 #: the whole log of the busy ones in one statement)
 SCAN_IDS = 10_000
@@ -61,7 +62,7 @@ class Batch:
 
 
 def parse_events(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """Events named like "delivered,bounced" (or a list) -> a tuple in WEBHOOK_EVENTS order; None means all five."""
+    """Events named like "delivered,bounced" (or a list) -> a tuple in WEBHOOK_EVENTS order; None means all of them."""
     if value is None:
         return WEBHOOK_EVENTS
     names = value.split(",") if isinstance(value, str) else list(value)
@@ -182,7 +183,7 @@ class WebhookStore:
         # NOT INDEXED: walk the rowid range, never the (tenant, ts) index over the tenant's history
         rows = self.conn.execute(
             "SELECT id, ts, queue_id, event, sender_enc, rcpt_enc, status, response_enc, attempt, mx, message_id, "
-            "bounce_class "
+            "bounce_class, stream "
             f"FROM mail_log NOT INDEXED WHERE id > ? AND id <= ? AND tenant_id = ? AND event IN ({marks}) "
             "ORDER BY id LIMIT ?",
             (cursor, high, tenant_id, *events, limit),
@@ -198,6 +199,7 @@ class WebhookStore:
                 "status": r[6], "response": self.keys.open_text(r[7]), "bounce_class": r[11], "attempt": r[8], "mx": r[9],
                 "message_id": r[10],
                 "tags": tags.get(r[2], []),
+                "stream": r[12],
             }
             for r in rows
         ]  # fmt: skip

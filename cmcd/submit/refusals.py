@@ -112,9 +112,7 @@ DATA_BUSY = Refusal(Reason.BUSY, 452, "4.3.1", "Insufficient system storage; try
 
 def bad_stream(value: str) -> Refusal:
     shown = value if value.isprintable() and len(value) <= 40 else value[:40].encode("unicode_escape").decode()
-    return Refusal(
-        Reason.BAD_STREAM, 550, "5.6.0", f"X-Cmcd-Stream: must be transactional or broadcast, not '{shown}'"
-    )
+    return Refusal(Reason.BAD_STREAM, 550, "5.6.0", f"X-Cmcd-Stream: must be transactional or broadcast, not '{shown}'")
 
 
 def mail_loop(received_fields: int) -> Refusal:

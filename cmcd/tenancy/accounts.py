@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import cmcd.tenancy.rules as rules
 from cmcd import crypto
-from cmcd.records import IpCredential, Tenant, User
+from cmcd.records import STREAMS, IpCredential, Tenant, User
 from cmcd.store.store import MIN_IPCRED_PREFIX, Store
 from cmcd.tenancy.core import Core, Op
 from cmcd.tenancy.refusals import invalid
@@ -20,6 +20,8 @@ from cmcd.tenancy.refusals import invalid
 T = TypeVar("T")
 
 SUPPRESSED_RCPT_MODES = ("accept", "refuse")
+#: the reason on a one-click unsubscribe's suppression and mail-log row
+UNSUBSCRIBE_REASON = "unsubscribed (one-click)"
 
 
 class Accounts:
@@ -107,6 +109,17 @@ class Accounts:
         next sign-in when it has none); removing the requirement keeps an enrolment it has."""
         return await self.core.change(op, tenant, lambda s: s.user_set_otp_required(tenant, login, required))
 
+    async def user_set_stream(self, op: Op, tenant: str, login: str, stream: str) -> User:
+        """The stream of LOGIN's mail when neither the message nor the API request names one; every
+        worker sends by it once this returns (the directory is bumped)."""
+
+        def check() -> None:
+            if stream not in STREAMS:
+                raise invalid(f"stream must be one of {', '.join(STREAMS)}, not {stream!r}", "stream")
+
+        await self.core.checked(op, tenant, check)
+        return await self.core.change(op, tenant, lambda s: s.user_set_stream(tenant, login, stream))
+
     async def user_delete(self, op: Op, tenant: str, login: str) -> None:
         await self.core.change(op, tenant, lambda s: s.user_delete(tenant, login))
 
@@ -168,3 +181,13 @@ class Accounts:
         await self.core.change(
             op, tenant, lambda s: s.suppression_delete(tenant, address), accounts=False, removals=True
         )
+
+    async def unsubscribe(self, op: Op, tenant: str, tenant_id: int, address: str, stream: str, now: float) -> bool:
+        """A recipient's one-click unsubscribe (cmcd/api/unsubscribe.py): ADDRESS held back from
+        TENANT's STREAM mail, with its mail-log row "unsubscribed", in the command's transaction;
+        False when it was unsubscribed already. The address comes from a token cmcd sealed, so it
+        is not checked again; a tenant gone since is refused (NOT_FOUND)."""
+        return await self.core.change(
+            op, tenant, lambda s: s.unsubscribe(tenant_id, address, stream, UNSUBSCRIBE_REASON, now), accounts=False,
+            detail=lambda added: f"stream={stream} " + ("unsubscribed" if added else "already unsubscribed"),
+        )  # fmt: skip

@@ -247,7 +247,8 @@ def test_a_webhook_added_shows_its_secret_once_is_listed_and_deleted(world: Worl
     assert page.status == 200
     form = page.form("/webhooks")
     assert {k for k in form.fields if k.startswith("event_")} == {
-        "event_delivered", "event_deferred", "event_bounced", "event_expired", "event_suppressed"}  # fmt: skip
+        "event_delivered", "event_deferred", "event_bounced", "event_expired", "event_suppressed",
+        "event_unsubscribed"}  # fmt: skip
     fields = form.fields | {"url": "http://127.0.0.1:9/hook"}
     del fields["event_deferred"]  # unticked
     made = b.post("/webhooks", fields)
@@ -255,7 +256,7 @@ def test_a_webhook_added_shows_its_secret_once_is_listed_and_deleted(world: Worl
     secret = _shown(made, "webhook-secret")
     assert secret.startswith("whsec_") and 'data-copy="webhook-secret"' in made.text
     hooks = [h for h in d.admin("webhook.list", tenant="acme") if h["url"] == "http://127.0.0.1:9/hook"]
-    assert [h["events"] for h in hooks] == [["delivered", "bounced", "expired", "suppressed"]]
+    assert [h["events"] for h in hooks] == [["delivered", "bounced", "expired", "suppressed", "unsubscribed"]]
     hook_id = hooks[0]["id"]
 
     listed = b.get("/webhooks")

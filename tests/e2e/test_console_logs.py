@@ -25,7 +25,7 @@ from tests.peers import Sink
 
 MAIL_COLUMNS = [
     "time", "queue_id", "event", "status", "sender", "recipient", "domain", "response", "attempt", "mx", "ip", "tls",
-    "delay", "size", "message_id", "tags",
+    "delay", "size", "message_id", "tags", "stream",
 ]  # fmt: skip
 BULK = 150  # recipients of the bulk message: 300 mail-log rows, three of the console's pages
 SINK_REPLY = "250 2.0.0 OK queued as SINK"

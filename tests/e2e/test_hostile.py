@@ -96,7 +96,9 @@ def _login_rows(d: Cmcd, client_ip: str) -> list[dict[str, Any]]:
     conn = sqlite3.connect(f"file:{d.root / 'cmcd.db'}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM login_log WHERE client_ip = ? ORDER BY ts, id", (client_ip,))]
+        return [
+            dict(r) for r in conn.execute("SELECT * FROM login_log WHERE client_ip = ? ORDER BY ts, id", (client_ip,))
+        ]
     finally:
         conn.close()
 

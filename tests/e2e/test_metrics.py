@@ -189,6 +189,7 @@ MESSAGE_REFUSALS = [
     refusals.rate_limit(2.5),
     refusals.too_many_recipients(3),
     refusals.mail_loop(30),
+    refusals.bad_stream("bulk"),
     refusals.bad_content(policy.check_data(b"\r\na\x00b\r\n", "reject").problem),
     *(r for r in map(address_refusal, ("no-at-sign", "sp ace@a.test", "\u00e9@a.test")) if r is not None),
 ]

@@ -161,7 +161,7 @@ def test_events_signed_filtered_and_scoped_by_tenant(world: tuple[Cmcd, Receiver
     acme = d.admin("webhook.add", tenant="acme", url=receiver.url("/acme"), events="delivered,bounced")
     beta = d.admin("webhook.add", tenant="beta", url=receiver.url("/beta", host="hooks.test"))
     assert acme["secret"].startswith("whsec_") and acme["events"] == ["delivered", "bounced"]
-    assert beta["events"] == ["delivered", "deferred", "bounced", "expired", "suppressed"]
+    assert beta["events"] == ["delivered", "deferred", "bounced", "expired", "suppressed", "unsubscribed"]
     assert "secret" not in json.dumps(d.admin("webhook.list", tenant="acme"))
 
     token = d.admin("apikey.add", tenant="acme", login="alice")["token"]

@@ -163,3 +163,19 @@ def test_an_unsubscribe_lives_beside_a_bounce_block_and_outlives_its_expiry(tmp_
         assert store.suppression_index() == [(1, store.keys.index("gone@dst.test"), "")]
     finally:
         store.close()
+
+
+def test_a_purged_tenants_id_is_never_given_again(tmp_path: Path) -> None:
+    """An unsubscribe link names its tenant by id, and messages outlive their tenant's purge: the
+    newest tenant purged leaves its id unused, so a new tenant cannot receive its old links."""
+    store = open_store(tmp_path / "cmcd.db", tmp_path / "data.key")
+    try:
+        store.tenant_add("acme")
+        old = store.tenant_add("beta")
+        store.purge_begin("beta", "test", None)
+        store.tenant_purge("beta")
+        new = store.tenant_add("gamma")
+        assert new.id == old.id + 1 and store.tenant("gamma").id == new.id
+        assert store.tenant_add("beta").id == old.id + 2
+    finally:
+        store.close()

@@ -28,6 +28,8 @@ from cmcd.textout import escape_controls
 #: rows on one page of the list
 PAGE_ROWS = 50
 REASON_MAX_CHARS = 200
+#: what a suppression holds back, by its stream scope (store.suppression_page's "all" or "broadcast")
+SCOPE_TEXTS = {"all": "stream.all", "broadcast": "stream.broadcast_scope"}
 
 
 def register(c: Console) -> None:
@@ -49,9 +51,10 @@ async def _list(page: Page, status: int = 200, error: str = "", typed: dict[str,
     after = paging.cursor_in(q.get("after"))  # a cursor that is not ours: a 400 page naming it
     rows = await api.astore.call(api.store.suppression_page, page.caller.tenant_id, after, PAGE_ROWS, search or None)
     shown = [
-        {"address": r["address"], "reason": escape_controls(r["reason"] or ""), "created": page.when(r["created"])}
+        {"address": r["address"], "reason": escape_controls(r["reason"] or ""), "created": page.when(r["created"]),
+         "stream": r["stream"], "scope": page.t(SCOPE_TEXTS.get(r["stream"], "stream.all"))}
         for r in rows
-    ]
+    ]  # fmt: skip
     next_page = ""
     if len(rows) == PAGE_ROWS:
         query = {"after": paging.cursor_out(rows[-1]["id"])} | ({"address": search} if search else {})
@@ -107,9 +110,9 @@ async def block_csv(page: Page) -> web.StreamResponse:
 
     async def pages() -> AsyncIterator[Rows]:
         async for rows in steps(read):
-            yield [[r["address"], r["domain"], r["reason"], iso(r["created"])] for r in rows]
+            yield [[r["address"], r["domain"], r["reason"], iso(r["created"]), r["stream"]] for r in rows]
 
-    return CsvDownload("blocks.csv", ["address", "domain", "reason", "created"], pages)
+    return CsvDownload("blocks.csv", ["address", "domain", "reason", "created", "stream"], pages)
 
 
 i18n.add(
@@ -126,6 +129,7 @@ i18n.add(
             "blocks.address": "Address",
             "blocks.reason": "Reason",
             "blocks.added": "Added",
+            "blocks.scope": "Not sent",
             "blocks.remove": "Remove",
             "blocks.remove_confirm": "Remove this address from the block list? Mail to it will be sent again.",
             "blocks.add_title": "Block an address",
@@ -150,6 +154,7 @@ i18n.add(
             "blocks.address": "アドレス",
             "blocks.reason": "理由",
             "blocks.added": "追加日時",
+            "blocks.scope": "送信しないメール",
             "blocks.remove": "削除",
             "blocks.remove_confirm": "このアドレスをブロックリストから削除しますか？ 再びメールが送信されます。",
             "blocks.add_title": "アドレスをブロック",

@@ -97,6 +97,11 @@ add(
             "common.shown_once": "Shown only now: copy it before you leave this page.",
             "common.back": "Back",
             "common.time_hint": "local time, e.g. 2026-12-01T09:00",
+            "stream.label": "Stream",
+            "stream.transactional": "transactional",
+            "stream.broadcast": "broadcast",
+            "stream.all": "all mail",
+            "stream.broadcast_scope": "broadcasts (unsubscribed)",
             "error.title": "Error",
             "error.forbidden": "Your role may not do this.",
             "error.not_found": "There is no such page or item in your tenant.",
@@ -147,6 +152,11 @@ add(
             "common.shown_once": "この画面でしか表示されません。移動する前に控えてください。",
             "common.back": "戻る",
             "common.time_hint": "現地時刻（例: 2026-12-01T09:00）",
+            "stream.label": "ストリーム",
+            "stream.transactional": "トランザクション",
+            "stream.broadcast": "一斉配信",
+            "stream.all": "すべてのメール",
+            "stream.broadcast_scope": "一斉配信（配信停止済み）",
             "error.title": "エラー",
             "error.forbidden": "このロールではこの操作はできません。",
             "error.not_found": "このテナントにそのページまたは項目はありません。",
@@ -156,6 +166,41 @@ add(
             "error.bad_time": "{field}: 2026-12-01T09:00 の形式で入力してください",
             "error.store": "今は変更を保存できませんでした。しばらくしてからやり直してください。",
             "error.back": "ダッシュボードへ戻る",
+        },
+    }
+)
+
+# the one-click unsubscribe page (cmcd/api/unsubscribe.py, templates/unsubscribe.html): no console page, no
+# sign-in, but the same two languages, here so that every template's texts are known wherever it is rendered
+add(
+    {
+        "en": {
+            "unsubscribe.title": "Unsubscribe",
+            "unsubscribe.ask": "Stop newsletters and other broadcast mail from {tenant} to {address}?",
+            "unsubscribe.keeps": "Mail you need, such as receipts and password resets, still arrives.",
+            "unsubscribe.button": "Unsubscribe",
+            "unsubscribe.done": "{address} is unsubscribed: {tenant} sends it no more broadcast mail.",
+            "unsubscribe.already": "{address} is already unsubscribed from broadcast mail from {tenant}.",
+            "unsubscribe.not_found": "This unsubscribe link is not valid. Use the link in the message exactly "
+            "as it came, or contact the sender.",
+            "unsubscribe.bad_body": "This request is not a one-click unsubscribe; nothing was changed. "
+            "Open the link in your browser and press the button.",
+            "unsubscribe.unavailable": "Your request could not be recorded just now; nothing was changed. "
+            "Please try again in a few minutes.",
+        },
+        "ja": {
+            "unsubscribe.title": "配信停止",
+            "unsubscribe.ask": "{tenant} から {address} へのお知らせなどの一斉配信メールを停止しますか？",
+            "unsubscribe.keeps": "領収書やパスワード再設定など、必要なメールは引き続き届きます。",
+            "unsubscribe.button": "配信を停止する",
+            "unsubscribe.done": "{address} への {tenant} からの一斉配信メールを停止しました。",
+            "unsubscribe.already": "{address} への {tenant} からの一斉配信メールは既に停止されています。",
+            "unsubscribe.not_found": "この配信停止リンクは無効です。メールに記載されたリンクをそのまま開くか、"
+            "送信元にお問い合わせください。",
+            "unsubscribe.bad_body": "ワンクリック配信停止の要求ではないため、何も変更していません。"
+            "ブラウザでリンクを開き、ボタンを押してください。",
+            "unsubscribe.unavailable": "現在、要求を記録できませんでした。何も変更していません。"
+            "数分後にもう一度お試しください。",
         },
     }
 )

@@ -1,5 +1,5 @@
 """The mail log of the signed-in user's tenant: a search (time window, recipient, sender, event,
-tag, queue id) a page at a time, one message's history (every attempt for every recipient), and
+stream, tag, queue id) a page at a time, one message's history (every attempt for every recipient), and
 the whole selection as a CSV download with the API's /v1/deliveries columns.
 
 Reads only, always of page.caller.tenant_id, through the same store reads as the API's records.py
@@ -34,6 +34,7 @@ from cmcd.api.console.logs import (
 from cmcd.api.console.web import Console, ConsoleError, Page
 from cmcd.api.problems import iso
 from cmcd.api.records import DELIVERY_EVENTS
+from cmcd.records import STREAMS
 
 #: the window the search shows when the URL names none
 DEFAULT_WINDOW_S = 86400.0
@@ -44,7 +45,7 @@ QUEUE_ID_MAX = 64
 #: the CSV's columns: the API's /v1/deliveries rows
 CSV_COLUMNS = (
     "time", "queue_id", "event", "status", "sender", "recipient", "domain", "response", "attempt", "mx", "ip", "tls",
-    "delay", "size", "message_id", "tags",
+    "delay", "size", "message_id", "tags", "stream",
 )  # fmt: skip
 
 
@@ -62,10 +63,11 @@ class MailFilters:
     status: str  # one of DELIVERY_EVENTS, "" for any
     tag: str
     queue_id: str
+    stream: str = ""  # one of STREAMS, "" for any
 
     def query(self) -> dict[str, str]:
         named = {"recipient": self.recipient, "sender": self.sender, "status": self.status, "tag": self.tag,
-                 "queue_id": self.queue_id}  # fmt: skip
+                 "queue_id": self.queue_id, "stream": self.stream}  # fmt: skip
         return self.window.query() | {k: v for k, v in named.items() if v}
 
 
@@ -77,6 +79,7 @@ def filters(page: Page) -> MailFilters:
         status=choice(page, "status", DELIVERY_EVENTS),
         tag=field(page, "tag"),
         queue_id=field(page, "queue_id")[:QUEUE_ID_MAX],
+        stream=choice(page, "stream", STREAMS),
     )
 
 
@@ -86,7 +89,8 @@ async def _rows(page: Page, f: MailFilters, after: int, limit: int) -> list[dict
     rows: list[dict[str, Any]] = await api.astore.call(
         api.store.log_page, "mail", tenant_id=page.caller.tenant_id, since=f.window.since, until=f.window.until,
         rcpt=f.recipient or None, sender=f.sender or None, queue_id=f.queue_id or None,
-        events=(f.status,) if f.status else DELIVERY_EVENTS, tag=f.tag or None, after=after, limit=limit,
+        events=(f.status,) if f.status else DELIVERY_EVENTS, tag=f.tag or None, stream=f.stream or None, after=after,
+        limit=limit,
     )  # fmt: skip
     return rows
 
@@ -102,12 +106,18 @@ def event_label(page: Page, event: str) -> str:
     return page.t(key) if i18n.has(key) else event
 
 
+def stream_label(page: Page, stream: str) -> str:
+    key = f"stream.{stream}"
+    return page.t(key) if i18n.has(key) else stream
+
+
 def _shown(page: Page, r: dict[str, Any], tags: dict[str, list[str]]) -> dict[str, Any]:
     """A row as a page shows it: the tenant's local time, the event in the reader's language."""
     return r | {
         "when": page.when(r["ts"]),
         "event_label": event_label(page, r["event"]),
         "delay_text": f"{r['delay']:.1f} s" if r["delay"] else "",
+        "stream_label": stream_label(page, r["stream"]),
         "tags": tags.get(r["queue_id"], []),
         "response": r["response"] or "",
     }
@@ -122,6 +132,7 @@ async def search(page: Page) -> web.StreamResponse:
         f=f,
         rows=[_shown(page, r, tags) for r in rows],
         events=[(e, event_label(page, e)) for e in DELIVERY_EVENTS],
+        streams=[(s, page.t(f"stream.{s}")) for s in STREAMS],
         next_url=next_link("/mail", f.query(), rows, PAGE_ROWS),
         csv_url=link("/mail.csv", f.query()),
     )
@@ -132,7 +143,7 @@ def delivery_row(r: dict[str, Any], tags: dict[str, list[str]]) -> tuple[Any, ..
     return (
         iso(r["ts"]), r["queue_id"], r["event"], r["status"], r["sender"], r["rcpt"], r["rcpt_domain"],
         r["response"] or "", r["attempt"], r["mx"], r["ip"], r["tls"], round(r["delay"], 3), r["size"],
-        r["message_id"], tags.get(r["queue_id"], []),
+        r["message_id"], tags.get(r["queue_id"], []), r["stream"],
     )  # fmt: skip
 
 
@@ -171,6 +182,8 @@ async def history(page: Page) -> web.StreamResponse:
         message_id=first["message_id"],
         size=first["size"],
         tags=tags.get(queue_id, []),
+        stream=first["stream"],
+        stream_label=stream_label(page, first["stream"]),
         accepted=page.when(accepted["ts"]) if accepted is not None else "",
         recipients=len({r["rcpt"] for r in rows}),
         rows=[_shown(page, r, tags) for r in rows],

@@ -1,6 +1,6 @@
-"""The console's "Users and rights" page (admins only): the tenant's users with their role, state
-and one-time-password state; adding a user; per user a role, disable or enable, a new password,
-one-time passwords required or removed, delete; and the tenant's console settings (one-time
+"""The console's "Users and rights" page (admins only): the tenant's users with their role, state,
+one-time-password state and stream; adding a user; per user a role, the stream of its mail, disable
+or enable, a new password, one-time passwords required or removed, delete; and the tenant's console settings (one-time
 passwords for every console user, the time zone of its pages).
 
 Every change is one tenancy command (cmcd.tenancy.accounts and credentials) named with page.op,
@@ -25,7 +25,7 @@ from cmcd.api.console import i18n
 from cmcd.api.console.web import SESSION_COOKIE, Console, ConsoleError, Page, choices
 from cmcd.api.users import said_to_tenant
 from cmcd.errors import NotFound
-from cmcd.records import User
+from cmcd.records import STREAMS, User
 from cmcd.tenancy.refusals import Reason, Refused
 
 #: the roles a user may have, in the order the role menus list them
@@ -38,6 +38,7 @@ def register(c: Console) -> None:
     c.post("/users/settings", save_settings, need="manage")
     c.get("/users/{login}", user_page, need="manage")
     c.post("/users/{login}/role", set_role, need="manage")
+    c.post("/users/{login}/stream", set_stream, need="manage")
     c.post("/users/{login}/disable", disable, need="manage")
     c.post("/users/{login}/enable", enable, need="manage")
     c.post("/users/{login}/password", reset_password, need="manage")
@@ -188,6 +189,7 @@ async def _one(page: Page, member: Member, status: int = 200, error: str = "") -
         m=member,
         me=member.user.id == page.caller.user_id,
         roles=_role_choices(page),
+        streams=choices((s, page.t(f"stream.{s}")) for s in STREAMS),
         error=error,
     )
 
@@ -223,6 +225,18 @@ async def set_role(page: Page) -> web.StreamResponse:
 
     # even "admin" again: a role change ends the user's sessions, this one too
     return await _change(page, member, run, "users_role_changed", not_self="users.not_self_role")
+
+
+async def set_stream(page: Page) -> web.StreamResponse:
+    """The stream of the user's mail when neither the message nor the API request names one."""
+    member = await _member(page)
+    stream = page.form.get("stream", "")
+
+    async def run() -> None:
+        op = page.op("console.users.stream", _target(page, member), f"stream={stream[:20]}")
+        await page.api.tenancy.accounts.user_set_stream(op, page.caller.tenant, member.user.login, stream)
+
+    return await _change(page, member, run, "users_stream_changed")
 
 
 async def disable(page: Page) -> web.StreamResponse:
@@ -375,6 +389,11 @@ i18n.add(
             "users.not_self_password": "Change your own password on My account: it asks for your current one.",
             "done.users_added": "The user was added.",
             "done.users_role_changed": "The role was changed.",
+            "users.stream_title": "Stream of the user's mail",
+            "users.stream_save": "Change stream",
+            "users.stream_hint": "Broadcast mail carries one-click unsubscribe and is not sent to whoever "
+            "unsubscribed; a message's X-Cmcd-Stream field or an API request's stream still chooses for itself.",
+            "done.users_stream_changed": "The stream was changed.",
             "done.users_disabled": "The user was disabled.",
             "done.users_enabled": "The user was enabled.",
             "done.users_password_set": "The password was changed.",
@@ -445,6 +464,11 @@ i18n.add(
             "users.not_self_password": "自分のパスワードは「アカウント」で変更してください（現在のパスワードが必要です）。",
             "done.users_added": "ユーザーを追加しました。",
             "done.users_role_changed": "ロールを変更しました。",
+            "users.stream_title": "このユーザーのメールのストリーム",
+            "users.stream_save": "ストリームを変更",
+            "users.stream_hint": "一斉配信のメールにはワンクリック配信停止が付き、配信停止した宛先には送信しません。"
+            "メッセージの X-Cmcd-Stream フィールドや API リクエストの stream が指定されていれば、そちらが優先されます。",
+            "done.users_stream_changed": "ストリームを変更しました。",
             "done.users_disabled": "ユーザーを無効にしました。",
             "done.users_enabled": "ユーザーを有効にしました。",
             "done.users_password_set": "パスワードを変更しました。",
