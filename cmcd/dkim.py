@@ -63,7 +63,7 @@ DEFAULT_HEADERS: tuple[str, ...] = (
 )
 # Listed once more than they occur (once when absent), so that a copy added later on top of
 # the message breaks the signature (RFC 6376 §5.4.2 and §8.15).
-OVERSIGN: tuple[str, ...] = ("From", "To", "Subject", "Date")
+OVERSIGN: tuple[str, ...] = ("From", "To", "Subject", "Date", "List-Unsubscribe", "List-Unsubscribe-Post")
 
 _LINE = 78  # fold the DKIM-Signature field to this many characters per line (RFC 5322 §2.1.1)
 _CRLF_BLOCK = b"\r\n" * 256

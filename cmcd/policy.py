@@ -163,6 +163,17 @@ class TokenBucket:
         self._buckets[key].tokens -= n - 1
         return True
 
+    def debit(self, key: object, rate_per_s: float, now: float, n: int) -> None:
+        """Take N more messages that were already admitted (a broadcast's copies past the first, found
+        only at the end of DATA): the bucket may go below zero, as with charge."""
+        if rate_per_s <= 0 or n <= 0:
+            return
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = Bucket.full(rate_per_s, now)
+        taken = bucket.take(rate_per_s, now) == 0.0  # refilled up to NOW; the first of the N if a token was there
+        bucket.tokens -= n - 1 if taken else n
+
 
 def over_daily_quota(sent_today: int, limit: int) -> bool:
     return limit > 0 and sent_today >= limit

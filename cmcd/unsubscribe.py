@@ -36,7 +36,10 @@ _AAD = b"cmcd-unsubscribe"
 ONE_CLICK = "List-Unsubscribe=One-Click"
 #: the path the URL's token follows, on the API listener
 PATH = "/u/"
-_MAILTO = re.compile(r"<\s*(mailto:[^>\s]+)\s*>", re.IGNORECASE)
+#: a tenant's mailto: URI, kept beside ours: RFC 6068 characters only (none of <>," or spaces, which
+#: would let a second URI of the tenant's own ride inside it), at most _MAILTO_MAX of them
+_MAILTO = re.compile(r"<\s*(mailto:[A-Za-z0-9!#$%&'*+\-./:;=?@^_`{|}~\[\]()]{1,256})\s*>", re.IGNORECASE)
+_MAILTO_MAX = 2
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def url(public_url: str, token: str) -> str:
 def mailto_uris(list_unsubscribe: str) -> list[str]:
     """The mailto: URIs of a tenant's own List-Unsubscribe: value (kept beside ours; its https:
     ones are not: a second one-click URL would be the tenant's to honour, and ours is the one cmcd keeps)."""
-    return _MAILTO.findall(list_unsubscribe)
+    return _MAILTO.findall(list_unsubscribe)[:_MAILTO_MAX]
 
 
 def header_fields(link: str, mailtos: list[str]) -> bytes:

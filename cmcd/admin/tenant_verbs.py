@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from cmcd.admin.verb import Args, BadRequest, Context, Verb, command, read
-from cmcd.records import User
+from cmcd.records import Stream, User
 
 SUPPRESSION_LIST_DEFAULT = 100
 SUPPRESSION_LIST_MAX = 10_000
@@ -154,8 +154,9 @@ async def _suppression_add(ctx: Context, a: Args) -> Any:
 
 async def _suppression_delete(ctx: Context, a: Args) -> Any:
     tenant, address = a.text("tenant"), a.text("address")
-    await ctx.tenancy.accounts.suppression_delete(a.op, tenant, address)
-    return {"tenant": tenant, "address": address, "deleted": True}
+    stream = Stream.BROADCAST if a.flag("unsubscribe") else ""
+    await ctx.tenancy.accounts.suppression_delete(a.op, tenant, address, stream)
+    return {"tenant": tenant, "address": address, "deleted": True, "unsubscribe": bool(stream)}
 
 
 TENANT_VERBS: dict[str, Verb] = {
@@ -179,5 +180,5 @@ TENANT_VERBS: dict[str, Verb] = {
     "ipcred.delete": command(_ipcred_delete, ("tenant", "login", "cidr"), "{tenant}/{login} {cidr}"),
     "suppression.list": read(_suppression_list, "tenant", "limit"),
     "suppression.add": command(_suppression_add, ("tenant", "address"), "{tenant}"),
-    "suppression.delete": command(_suppression_delete, ("tenant", "address"), "{tenant}"),
+    "suppression.delete": command(_suppression_delete, ("tenant", "address", "unsubscribe"), "{tenant}"),
 }

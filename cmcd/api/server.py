@@ -48,6 +48,7 @@ from cmcd.store import AsyncStore, LoginRecord
 from cmcd.store.api_store import KEY_PREFIX, ApiCaller, split_api_key
 from cmcd.submit.service import SubmitService
 from cmcd.tenancy import Tenancy
+from cmcd.unsubscribe import PATH
 
 log = logging.getLogger("cmcd.api")
 
@@ -206,7 +207,7 @@ class ApiServer:
 
         def timed_out(stalled_s: float, buffered: int) -> None:
             log.warning("event=api_write_timeout client_ip=%s method=%s path=%s stalled_s=%.1f buffered=%d",
-                        client_ip(request), request.method, request.path, stalled_s, buffered)  # fmt: skip
+                        client_ip(request), request.method, _logged(request.path), stalled_s, buffered)  # fmt: skip
             self.service.stats.api_write_timeouts += 1
 
         try:
@@ -238,7 +239,7 @@ class ApiServer:
         except web.HTTPException:
             raise
         except Exception:
-            log.exception("event=api_request_failed method=%s path=%s", request.method, request.path)
+            log.exception("event=api_request_failed method=%s path=%s", request.method, _logged(request.path))
             return Problem(500, "internal", "the request failed inside cmcd; see the daemon log").response()
 
     async def caller(self, request: web.Request, need: str | None) -> ApiCaller:
@@ -420,3 +421,8 @@ def _token_name(token: str) -> str:
 
 
 __all__ = ["ApiServer"]
+
+
+def _logged(path: str) -> str:
+    """PATH as a log line may show it: an unsubscribe link's token is cut (whoever holds it can use it)."""
+    return PATH + "<token>" if path.startswith(PATH) else path[:200]

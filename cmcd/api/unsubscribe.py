@@ -174,7 +174,8 @@ class Unsubscribe:
             return self._page(lang, 404, "not_found")
         tenant, already = found
         stats["repeated" if already else "done"] += 1
-        log.info("event=unsubscribed tenant=%s stream=%s repeated=%s", tenant, sub.stream, str(already).lower())
+        if not already:  # a repeat is counted, not logged: anyone holding a link could fill the log
+            log.info("event=unsubscribed tenant=%s stream=%s", tenant, sub.stream)
         return self._page(lang, 200, "done", tenant=tenant, address=mask(sub.address))
 
     async def _unsubscribe(self, sub: Subscription) -> tuple[str, bool] | None:

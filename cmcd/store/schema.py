@@ -306,7 +306,9 @@ MIGRATIONS: list[str] = [
     # mail-log row, a user's default stream, and a suppression's scope ('': every stream, as every
     # suppression until now; 'broadcast': a recipient's unsubscribe, kept beside any bounce block
     # of the same address, so one expiring never lifts the other: the table is rebuilt for the
-    # unique key (tenant, address, scope); secure_delete zeroes the old table's pages)
+    # unique key (tenant, address, scope); secure_delete zeroes the old table's pages); and the
+    # highest tenant id given so far, never given again (Store.tenant_add: an unsubscribe link names
+    # its tenant by id)
     """
     ALTER TABLE mail_log ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
     ALTER TABLE users ADD COLUMN stream TEXT NOT NULL DEFAULT 'transactional';
@@ -332,6 +334,7 @@ MIGRATIONS: list[str] = [
     ALTER TABLE suppressions_scoped RENAME TO suppressions;
     CREATE INDEX suppressions_tenant ON suppressions(tenant_id);
     CREATE INDEX suppressions_expires ON suppressions(expires) WHERE expires IS NOT NULL;
+    INSERT OR REPLACE INTO meta(key, value) SELECT 'tenant_id_high', CAST(COALESCE(MAX(id), 0) AS TEXT) FROM tenants;
     """,
 ]
 

@@ -434,15 +434,30 @@ class Store(
             )  # fmt: skip
         return True
 
-    def suppression_delete(self, tenant: str, address: str) -> None:
+    def suppression_delete(self, tenant: str, address: str, stream: str = "") -> None:
+        """Lift ADDRESS's entry for every stream (STREAM ''), or its recipient's unsubscribe from
+        STREAM: each is lifted only by name, so lifting a bounce block never subscribes again a
+        recipient who unsubscribed (RFC 8058's promise), and only an operator names the latter."""
         t = self.tenant(tenant)
+        address_hmac = self.keys.index(address)
         with transaction(self.conn):
             cur = self.conn.execute(
-                "DELETE FROM suppressions WHERE tenant_id = ? AND address_hmac = ?", (t.id, self.keys.index(address))
+                "DELETE FROM suppressions WHERE tenant_id = ? AND address_hmac = ? AND stream = ?",
+                (t.id, address_hmac, stream),
+            )
+            unsubscribed = cur.rowcount == 0 and not stream and self.conn.execute(
+                "SELECT 1 FROM suppressions WHERE tenant_id = ? AND address_hmac = ? AND stream != ''",
+                (t.id, address_hmac),
+            ).fetchone() is not None  # fmt: skip
+        # the address is not repeated: these texts go to the operation log, kept for years
+        if unsubscribed:
+            raise Conflict(
+                f"that address unsubscribed itself from tenant {tenant!r}'s broadcast mail; only the operator "
+                "can lift that (cmcctl suppression delete --unsubscribe)"
             )
         if cur.rowcount == 0:
-            # the address is not repeated: this text goes to the operation log, kept for years
-            raise NotFound(f"that address is not on tenant {tenant!r}'s suppression list")
+            scope = f"{stream} unsubscribe list" if stream else "suppression list"
+            raise NotFound(f"that address is not on tenant {tenant!r}'s {scope}")
 
     def expire_blocks(self, now: float) -> int:
         """Remove the blocks (suppressions a bounce made, cmcd/bounces.py) whose watch period ended

@@ -110,6 +110,15 @@ TOO_BIG = Refusal(Reason.TOO_BIG, 552, "5.3.4", "Message size exceeds fixed maxi
 DATA_BUSY = Refusal(Reason.BUSY, 452, "4.3.1", "Insufficient system storage; try again later")
 
 
+def broadcast_too_big(copies: int, size_bytes: int, max_bytes: int) -> Refusal:
+    """A broadcast is one message per recipient: COPIES of SIZE_BYTES would pass api.max_bulk_bytes."""
+    return Refusal(
+        Reason.TOO_BIG, 552, "5.3.4",
+        f"A broadcast is one message per recipient: {copies} copies of {size_bytes} bytes pass the limit of "
+        f"{max_bytes} bytes; send it to fewer recipients at a time",
+    )  # fmt: skip
+
+
 def bad_stream(value: str) -> Refusal:
     shown = value if value.isprintable() and len(value) <= 40 else value[:40].encode("unicode_escape").decode()
     return Refusal(Reason.BAD_STREAM, 550, "5.6.0", f"X-Cmcd-Stream: must be transactional or broadcast, not '{shown}'")

@@ -275,6 +275,10 @@ class SubmitService:
         if isinstance(prepared, Refusal):
             return prepared
         if len(prepared) > 1:  # a broadcast, one message per recipient: one transaction for them all
+            # MAIL charged the tenant's rate one message; the other copies are charged now (the bucket
+            # may go negative, as an API request's does, so the average rate holds)
+            limits = self._limits(sender.tenant)
+            self._rates.debit(sender.tenant_id, limits.messages_per_second, self.clock(), len(prepared) - 1)
             refusal = await self.commit_all(sender, prepared, None)
             return refusal if refusal is not None else Accepted(prepared[0].queue_id, len(prepared))
         message = prepared[0]
@@ -336,14 +340,27 @@ class SubmitService:
         if drop:  # ours replace the tenant's (its mailto: is kept in ours); the stream field never leaves
             body = headers.remove(body, hdr, drop)
             hdr = dataclasses.replace(headers.parse(body), list_unsubscribe=hdr.list_unsubscribe)
-        copies = [(list(rcpts), b"")]
-        if base:
-            mailtos = unsubscribe.mailto_uris(hdr.list_unsubscribe)
-            copies = [([r], self._unsubscribe_fields(base, sender.tenant_id, r, mailtos)) for r in rcpts]
-        return [
-            await self._prepared(sender, mail_from, rcpts_, body, hdr, domains[0], info, tags, stream, fields)
-            for rcpts_, fields in copies
-        ]
+        if not base:
+            return [await self._prepared(sender, mail_from, rcpts, body, hdr, domains[0], info, tags, stream, b"")]
+        # the copies past the first are bytes the session's DATA budget does not hold: held here while
+        # they are built, and bounded as an API bulk request is
+        extra = (len(rcpts) - 1) * len(body)
+        if len(rcpts) * len(body) > self.config.api.max_bulk_bytes:
+            return refuse.broadcast_too_big(len(rcpts), len(body), int(self.config.api.max_bulk_bytes))
+        if extra and not self.data_budget.room_for(extra):
+            return refuse.DATA_BUSY
+        mailtos = unsubscribe.mailto_uris(hdr.list_unsubscribe)
+        self.data_budget.hold(extra)
+        try:
+            return [
+                await self._prepared(
+                    sender, mail_from, [r], body, hdr, domains[0], info, tags, stream,
+                    self._unsubscribe_fields(base, sender.tenant_id, r, mailtos),
+                )
+                for r in rcpts
+            ]  # fmt: skip
+        finally:
+            self.data_budget.release(extra)
 
     def _unsubscribe_fields(self, base: str, tenant_id: int, rcpt: str, mailtos: list[str]) -> bytes:
         token = self._tokens.make(unsubscribe.Subscription(tenant_id, Stream.BROADCAST, rcpt))

@@ -177,9 +177,11 @@ class Accounts:
             detail=lambda added: op.detail or ("added" if added else "already listed"),
         )  # fmt: skip
 
-    async def suppression_delete(self, op: Op, tenant: str, address: str) -> None:
+    async def suppression_delete(self, op: Op, tenant: str, address: str, stream: str = "") -> None:
+        """Lift ADDRESS's suppression (STREAM ''), or its recipient's unsubscribe from STREAM (the
+        operator's alone to lift: the API and the console never pass it)."""
         await self.core.change(
-            op, tenant, lambda s: s.suppression_delete(tenant, address), accounts=False, removals=True
+            op, tenant, lambda s: s.suppression_delete(tenant, address, stream), accounts=False, removals=True
         )
 
     async def unsubscribe(self, op: Op, tenant: str, tenant_id: int, address: str, stream: str, now: float) -> bool:

@@ -295,6 +295,16 @@ def test_suppression_scope_in_the_api_cmcctl_and_console(world: Streams) -> None
     rows = {r["address"]: r for r in csv.DictReader(io.StringIO(b.get("/blocks.csv").text))}
     assert rows["leaver@dst.test"]["stream"] == "broadcast" and rows["gone@dst.test"]["stream"] == "all"
 
+    # the recipient's unsubscribe is not the tenant's to lift, nor is it lifted with a block of the address
+    status, _, problem = d.http("DELETE", "/v1/blocks/leaver@dst.test", token=w.admin)
+    assert status == 409 and "unsubscribed itself" in problem["detail"], problem
+    assert any(r["address"] == "leaver@dst.test" for r in d.http("GET", "/v1/blocks", token=w.viewer)[2]["data"])
+    code, out = cmcctl(d, "suppression", "delete", "acme", "leaver@dst.test")
+    assert code != 0 and "cmcctl suppression delete --unsubscribe" in out, out
+    code, out = cmcctl(d, "suppression", "delete", "acme", "leaver@dst.test", "--unsubscribe")
+    assert code == 0 and "removed leaver@dst.test from the unsubscribe list" in out, out
+    assert all(r["address"] != "leaver@dst.test" for r in d.http("GET", "/v1/blocks", token=w.viewer)[2]["data"])
+
 
 def test_console_mail_log_and_users_show_and_choose_the_stream(world: Streams) -> None:
     w, d = world, world.d

@@ -100,6 +100,9 @@ RENDERED: list[tuple[str, Refusal, Rendered]] = [
      Rendered("554 5.4.6 Too many hops: the message already has 50 Received: fields (mail loop?)", 422, "refused")),
     ("bad-stream", refusals.bad_stream("bulk\x00"),
      Rendered("550 5.6.0 X-Cmcd-Stream: must be transactional or broadcast, not 'bulk\\x00'", 422, "refused")),
+    ("broadcast-too-big", refusals.broadcast_too_big(3, 1000, 2000),
+     Rendered("552 5.3.4 A broadcast is one message per recipient: 3 copies of 1000 bytes pass the limit of 2000 "
+              "bytes; send it to fewer recipients at a time", 422, "refused")),
     ("nul-byte", _nul(), Rendered("550 5.6.0 Message contains a NUL character", 422, "refused")),
     ("bare-lf", _bare_lf(),
      Rendered("550 5.6.0 Message contains a bare CR or LF; lines must end with CRLF", 422, "refused")),
@@ -141,7 +144,10 @@ def test_the_table_holds_every_refusal_submit_makes() -> None:
     }
     tabled = {r[1] for r in RENDERED}
     assert {name for name in constants if getattr(refusals, name) not in tabled} == set()
-    made_by = {"daily_quota", "rate_limit", "too_many_recipients", "mail_loop", "bad_content", "bad_stream"}
+    made_by = {
+        "daily_quota", "rate_limit", "too_many_recipients", "mail_loop", "bad_content", "bad_stream",
+        "broadcast_too_big",
+    }  # fmt: skip
     assert functions == made_by  # a new one: give it rows above
 
 

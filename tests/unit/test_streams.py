@@ -12,6 +12,8 @@ import pytest
 
 from cmcd import unsubscribe
 from cmcd.bounces import BlockPolicy
+from cmcd.config import Size
+from cmcd.errors import Conflict, NotFound
 from cmcd.records import SpoolMessage
 from cmcd.store import open_store
 from cmcd.submit import headers, refusals
@@ -159,8 +161,16 @@ def test_an_unsubscribe_lives_beside_a_bounce_block_and_outlives_its_expiry(tmp_
         # an address held back from every stream for good needs no unsubscribe row
         assert store.suppression_add("acme", "gone@dst.test", "operator") is True
         assert store.suppression_add("acme", "gone@dst.test", "unsubscribed", "broadcast") is False
-        store.suppression_delete("acme", "r@dst.test")  # removes every scope of it
+        # lifting a block never lifts a recipient's unsubscribe: that takes the operator naming it
+        store.insert_mail_events([bounce(store, T0 + 40 * DAY, "invalid_recipient", suppress=True)], BlockPolicy())
+        store.suppression_delete("acme", "r@dst.test")
+        assert (1, store.keys.index("r@dst.test"), "broadcast") in store.suppression_index()
+        with pytest.raises(Conflict, match="unsubscribed itself"):
+            store.suppression_delete("acme", "r@dst.test")
+        store.suppression_delete("acme", "r@dst.test", "broadcast")
         assert store.suppression_index() == [(1, store.keys.index("gone@dst.test"), "")]
+        with pytest.raises(NotFound, match="broadcast unsubscribe list"):
+            store.suppression_delete("acme", "gone@dst.test", "broadcast")
     finally:
         store.close()
 
@@ -179,3 +189,27 @@ def test_a_purged_tenants_id_is_never_given_again(tmp_path: Path) -> None:
         assert store.tenant_add("beta").id == old.id + 2
     finally:
         store.close()
+
+
+async def test_a_broadcast_split_is_bounded_and_charges_the_rate_for_every_copy(tmp_path: Path) -> None:
+    async with running(tmp_path, max_recipients=10, tenant_limits={"acme": {"messages_per_second": 2.0}}) as it:
+        cfg = it.service.config
+        it.service.config = replace(
+            cfg, api=replace(cfg.api, listen="127.0.0.1:8443", public_url=BASE, max_bulk_bytes=Size(4 * len(BODY)))
+        )
+        body = b"X-Cmcd-Stream: broadcast\r\n" + BODY
+        five = [f"r{n}@example.net" for n in range(5)]
+        assert await it.service.finish(it.sender, "alice@acme.test", five, body, INFO) == (
+            refusals.broadcast_too_big(5, len(BODY), 4 * len(BODY))  # the stream field taken out
+        )
+        assert it.service.data_budget.held_bytes == 0
+        assert it.service.check_mail(it.sender, "alice@acme.test", False) is None  # MAIL takes a token (2 -> 1)
+        accepted = await it.service.finish(it.sender, "alice@acme.test", five[:3], body, INFO)
+        assert isinstance(accepted, Accepted) and accepted.copies == 3
+        assert it.service.data_budget.held_bytes == 0
+        # three messages for one token: the bucket owes one; the rate (2/s) admits the next MAIL after 1 s
+        assert it.service.check_mail(it.sender, "alice@acme.test", False) == refusals.rate_limit(2.0)
+        it.clock.now += 0.9
+        assert it.service.check_mail(it.sender, "alice@acme.test", False) == refusals.rate_limit(2.0)
+        it.clock.now += 0.2
+        assert it.service.check_mail(it.sender, "alice@acme.test", False) is None

@@ -112,8 +112,26 @@ def test_the_header_fields_carry_our_link_then_the_tenants_mailtos_folded() -> N
         ("< MAILTO:a@acme.test >,<mailto:b@acme.test>", ["MAILTO:a@acme.test", "mailto:b@acme.test"]),
         ("mailto:bare@acme.test", []),  # RFC 2369 wants angle brackets
         ("", []),
+        # a second URI of the tenant's own smuggled inside a mailto: is no mailto: at all
+        ("<mailto:x,<https://evil.example/u>", []),
+        ('<mailto:"a b"@acme.test>', []),
+        ("<mailto:j\u00f6rg@acme.test>", []),  # RFC 6068: percent-encoded, never raw UTF-8
+        (
+            "<mailto:a@acme.test>, <mailto:b@acme.test>, <mailto:c@acme.test>",
+            ["mailto:a@acme.test", "mailto:b@acme.test"],
+        ),
     ],
-    ids=["mailto-and-https", "https-only", "spaced-and-cased", "no-brackets", "empty"],
+    ids=[
+        "mailto-and-https",
+        "https-only",
+        "spaced-and-cased",
+        "no-brackets",
+        "empty",
+        "smuggled-uri",
+        "quoted",
+        "raw-utf8",
+        "at-most-two",
+    ],
 )
 def test_the_tenants_own_mailto_uris_are_kept(value: str, expected: list[str]) -> None:
     assert unsubscribe.mailto_uris(value) == expected
