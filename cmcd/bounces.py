@@ -6,7 +6,9 @@ file first, then the shipped cmcd/bounce_rules.toml; the first rule that matches
 reply no rule knows falls back on its enhanced status code (RFC 3463, with the codes RFC 7372 and
 RFC 7505 added), and on "other" when it has none. Never touches the store or a socket: the engine
 classifies each outcome that is not a delivery, and the store applies the block policy to the
-mail-log rows (cmcd/store/log_store.py).
+mail-log rows (cmcd/store/log_store.py). The host's [bounces] settings are the policy; a tenant may
+set its own action for a class (tenants.block_actions), while the threshold, window and watch period
+stay the host's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ CLASSES = (
 #: count_threshold bounces of that class within count_window; alert: never suppressed, a tenant-level
 #: alert metric counts it instead; none: only logged
 ACTIONS = ("suppress", "count", "alert", "none")
+#: what a tenant sets to go back to the host's action for a class ([bounces] actions)
+DEFAULT = "default"
 DEFAULT_ACTIONS: Mapping[str, str] = MappingProxyType(
     {
         "invalid_recipient": "suppress",
@@ -53,6 +57,9 @@ _FALLBACK = {
     "7.20": "authentication", "7.21": "authentication", "7.22": "authentication", "7.23": "authentication",
     "7.24": "authentication", "7.25": "authentication", "7.26": "authentication", "7.27": "authentication",
     "7.1": "policy", "7.28": "rate_limited", "7.5": "tls", "7.10": "tls", "4.3": "dns", "4.4": "dns",
+    # RFC 6531 §3.5: "Non-ASCII addresses not permitted for that sender/recipient", the next hop's
+    # rule (no SMTPUTF8), not the recipient's fault: policy, which never suppresses by default
+    "6.7": "policy",
 }  # fmt: skip
 _ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _ENHANCED_PATTERN = re.compile(r"^[245xX]\.\d{1,3}\.\d{1,3}$")
@@ -180,8 +187,15 @@ class BlockPolicy:
     count_window_s: float = 7 * 86400.0  # ... within this long suppress the recipient
     watch_s: float = 30 * 86400.0  # a block expires this long after its last renewal; 0: never
 
-    def action(self, bounce_class: str) -> str:
+    def action(self, bounce_class: str, tenant: Mapping[str, str] | None = None) -> str:
+        """The action for BOUNCE_CLASS: the TENANT's own (its block_actions) when it set one, else the host's."""
+        if tenant and bounce_class in tenant:
+            return tenant[bounce_class]
         return self.actions.get(bounce_class, DEFAULT_ACTIONS.get(bounce_class, "none"))
+
+    def effective(self, tenant: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Every class's action for a tenant whose own actions are TENANT, in CLASSES order."""
+        return {cls: self.action(cls, tenant) for cls in CLASSES}
 
     def expires(self, ts: float) -> float | None:
         """When a block made (or renewed) at TS expires: None for never."""
@@ -191,3 +205,35 @@ class BlockPolicy:
 def block_policy(actions: Mapping[str, str], threshold: int, window_s: float, watch_s: float) -> BlockPolicy:
     """The policy of a configuration: ACTIONS override the defaults class by class."""
     return BlockPolicy(MappingProxyType({**DEFAULT_ACTIONS, **actions}), max(1, threshold), window_s, watch_s)
+
+
+def check_tenant_actions(changes: Mapping[str, str]) -> None:
+    """CHANGES (class -> action, or DEFAULT to go back to the host's) names known classes and
+    actions; a ValueError names the first that is not and the known ones."""
+    for cls, action in changes.items():
+        if cls not in CLASSES:
+            raise ValueError(f"unknown bounce class {cls!r} (known: {', '.join(CLASSES)})")
+        if action != DEFAULT and action not in ACTIONS:
+            raise ValueError(f"unknown block action {action!r} for {cls} (known: {', '.join(ACTIONS)}, or {DEFAULT})")
+
+
+def apply_tenant_actions(current: Mapping[str, str], changes: Mapping[str, str]) -> dict[str, str]:
+    """A tenant's own actions CURRENT with CHANGES made (DEFAULT removes a class's), in CLASSES order."""
+    merged = {**current, **changes}
+    return {cls: merged[cls] for cls in CLASSES if merged.get(cls, DEFAULT) != DEFAULT}
+
+
+def tenant_actions_text(actions: Mapping[str, str]) -> str:
+    """How a tenant's own actions are stored (tenants.block_actions): "class=action,..." ("" none)."""
+    return ",".join(f"{cls}={actions[cls]}" for cls in CLASSES if cls in actions)
+
+
+def parse_tenant_actions(text: str) -> Mapping[str, str]:
+    """A stored tenants.block_actions; an entry this version does not know (a class or action
+    a later version added) is left out, so the host's action applies to it."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        cls, _, action = item.partition("=")
+        if cls in CLASSES and action in ACTIONS:
+            out[cls] = action
+    return MappingProxyType(out)

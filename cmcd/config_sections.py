@@ -341,6 +341,14 @@ class BouncesConfig:
 
 
 @dataclass(frozen=True)
+class ShapingConfig:
+    """Provider shaping and its automation (cmcd/shaping.py)."""
+
+    #: providers and automation rules read before the shipped cmcd/shaping.toml, again on SIGHUP ("" none)
+    override_file: str = ""
+
+
+@dataclass(frozen=True)
 class BackupConfig:
     dir: str = "/var/backups/cmcd"
     key_file: str = "/var/lib/cmcd/backup.key"
@@ -363,6 +371,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
     #: directory relative paths are resolved against (the config file's project root)
     base_dir: str = "."
 

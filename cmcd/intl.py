@@ -13,6 +13,16 @@ server that does not offer SMTPUTF8 and that a relay SHOULD reject it or send a 
 notice (requeueing is only a MAY), and §3.7.2 expects every MX of a domain to agree, so a retry
 rarely finds one that does (Postfix bounces too).
 
+A message that came in with SMTPUTF8 says so in the WITH clause of the Received: field intake
+wrote, the first one: UTF8SMTP, UTF8SMTPA, UTF8SMTPS or UTF8SMTPSA (RFC 6531 §4.3). The HTTP API has
+no registered UTF-8 form of its protocol, so its field keeps the protocol it came in with and adds
+the comment "(UTF8)": "with HTTPS (UTF8) id ...". Either way the mark is ours: no client can put a
+Received: field above the one intake adds.
+
+An address is written in a header in its ASCII form when it has one (header_form): only an address
+whose local part is not ASCII puts UTF-8 into a header (RFC 6532), so a message needs SMTPUTF8 only
+when it has to.
+
 ASCII input always takes a fast path that gives exactly what cmcd did before SMTPUTF8 (a
 lower-cased address, the domain as written), so no index of an ASCII address changes.
 """
@@ -25,8 +35,10 @@ import unicodedata
 import idna
 
 #: the first Received: field's WITH protocol when the message came in with SMTPUTF8 (RFC 6531 §4.3:
-#: UTF8SMTP, UTF8SMTPA, UTF8SMTPS, UTF8SMTPSA; UTF8LMTP and its forms likewise)
-_UTF8_WITH = re.compile(rb"\swith\s+UTF8(?:SMTP|LMTP)", re.I)
+#: UTF8SMTP, UTF8SMTPA, UTF8SMTPS, UTF8SMTPSA; UTF8LMTP and its forms likewise), or the API's mark
+_UTF8_WITH = re.compile(rb"\swith\s+(?:UTF8(?:SMTP|LMTP)|HTTPS?\s+\(UTF8\))", re.I)
+#: what the API's Received: field says after "with HTTPS" when the message carries UTF-8 addresses
+API_UTF8_MARK = "(UTF8)"
 _RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.I)
 
 
@@ -87,9 +99,15 @@ def ascii_form(address: str) -> str | None:
         return None
 
 
+def header_form(address: str) -> str:
+    """ADDRESS as a header field writes it: its ASCII form (the domain as A-labels) when it has one,
+    else as written, in UTF-8 (RFC 6532)."""
+    return ascii_form(address) or address
+
+
 def submitted_with_smtputf8(body: bytes) -> bool:
     """True when the first Received: field of BODY (the one intake wrote) says the message came in
-    with SMTPUTF8 (RFC 6531 §4.3)."""
+    with SMTPUTF8 (RFC 6531 §4.3), or through the API with UTF-8 addresses ("with HTTPS (UTF8)")."""
     end = body.find(b"\r\n\r\n")
     head = body if end < 0 else body[:end]
     m = _RECEIVED.search(head)

@@ -53,6 +53,14 @@ request, per shard, or in force once per host):
 | dead_site_backoff, *_timeout,               |   |                                                     |
 | connection_idle, port                       |   |                                                     |
 | dns.timeout, dkim.*                         | K | per query, per key                                  |
+| shaping: provider.*.connection_limit        | S | connections to one provider's site from the host    |
+| shaping: provider.*.rate                    | S | messages a second to one provider from the host     |
+| shaping: provider.*.messages_per_connection,| K | per connection, per transaction                     |
+| recipients_per_connection,                  |   |                                                     |
+| recipients_per_transaction                  |   |                                                     |
+| shaping: automation.*.connection_limit,     | S | what a rule sets is a host total too (share_shaping)|
+| automation.*.rate                           |   |                                                     |
+| shaping: automation.*.messages_per_connection| K | per connection                                     |
 | api.max_connections                         | S | connections the host holds                          |
 | api.max_connections_per_ip                  | S | a client's connections to the host                  |
 | api.max_request_size, max_bulk_bytes        | K | per request                                         |
@@ -60,6 +68,10 @@ request, per shard, or in force once per host):
 | api.webhook_*                               | K | webhooks are shipped once per host (worker 0)       |
 | metrics.*                                   | K | /metrics is one listener per host (the supervisor)  |
 | retention.*, backup.*                       | K | once per host (worker 0)                            |
+
+The shaping file (cmcd/shaping.toml and the operator's override) is not part of Config: its host
+totals are split by share_shaping, with the same arithmetic (a provider's limit below the worker
+count becomes 1 per worker).
 
 A tenant's rate held anywhere else (a future per-tenant setting in the store) is shared with
 share_rate, the same arithmetic.
@@ -74,6 +86,7 @@ from dataclasses import dataclass
 
 from cmcd.config import REQUEST_MARGIN, Config, DomainPolicy, Rate, Size, TenantLimits, parse_rate
 from cmcd.doors import JSON_BODY_WEIGHT
+from cmcd.shaping import Shaping
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,39 @@ def raised_limits(config: Config, workers: int) -> tuple[Raised, ...]:
     limit below the worker count, a data budget too small to split): for a warning at start and
     on reload that names them. Empty when the shares hold the host's numbers exactly."""
     return tuple(_Sharer(config, 0, workers).raised)
+
+
+def share_shaping(shaping: Shaping, index: int, workers: int) -> Shaping:
+    """SHAPING as worker INDEX of WORKERS enforces it: each provider's connection limit and rate, and
+    what each automation rule sets them to, replaced by the worker's share (per-connection and
+    per-transaction limits kept). Give it the shaping as loaded, never a share."""
+    _check(index, workers)
+    if workers == 1:
+        return shaping
+
+    def rate(r: tuple[float, float]) -> tuple[float, float]:
+        return (r[0] / workers, r[1]) if r[0] > 0 else r
+
+    providers = [
+        dataclasses.replace(
+            p,
+            limits=dataclasses.replace(
+                p.limits,
+                connection_limit=share_count(p.limits.connection_limit, index, workers),
+                rate=rate(p.limits.rate),
+            ),
+        )
+        for p in shaping.providers
+    ]
+    rules = [
+        dataclasses.replace(
+            r,
+            connection_limit=None if r.connection_limit is None else share_count(r.connection_limit, index, workers),
+            rate=None if r.rate is None else rate(r.rate),
+        )
+        for r in shaping.rules
+    ]
+    return Shaping.of(providers, rules, shaping.files)
 
 
 # -- how ------------------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ from cmcd.admin.backup_cli import backup, purge_from_backups
 from cmcd.admin.cli_base import Client, CtlError, fields, pass_client, read_password, said, table, tabled, tenant_arg
 from cmcd.admin.cli_domains import domain, webhook
 from cmcd.admin.cli_queue import log_group, queue, retention
+from cmcd.admin.cli_shaping import shaping
 from cmcd.admin.evidence_render import FORMATS
 from cmcd.admin.evidence_render import render as render_evidence
+from cmcd.records import STREAMS
 
 DEFAULT_SOCKET = "/run/cmcd/admin.sock"
 
@@ -80,21 +82,27 @@ def tenant_add(c: Client, name: str) -> None:
 @tenant.command("list")
 @pass_client
 def tenant_list(c: Client) -> None:
-    """List tenants."""
-    c.show(c.call("tenant.list"), tabled({"TENANT": "name", "ID": "id"}, "no tenants"))
+    """List tenants; BLOCKS is a tenant's own action per bounce class (the host's [bounces] for the rest)."""
+    columns = {"TENANT": "name", "ID": "id", "BLOCKS": "blocks"}
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        blocks = [r | {"blocks": ",".join(f"{k}={v}" for k, v in r.get("block_actions", {}).items())} for r in rows]
+        table(columns, blocks, "no tenants")
+
+    c.show(c.call("tenant.list"), human)
 
 
 @tenant.command("show")
 @click.argument("name")
 @pass_client
 def tenant_show(c: Client, name: str) -> None:
-    """Show tenant NAME: users, domains, IP credentials."""
+    """Show tenant NAME: users, domains, IP credentials, settings and the block policy in force for it."""
     c.show(c.call("tenant.show", name=name), fields)
 
 
 @cli.group()
 def user() -> None:
-    """Users of a tenant: add, list, passwd, disable, enable, delete."""
+    """Users of a tenant: add, list, passwd, disable, enable, delete, set-role, set-stream."""
 
 
 @user.command("add")
@@ -115,7 +123,7 @@ def user_add(c: Client, tenant_name: str, login: str, role: str, password_stdin:
 @pass_client
 def user_list(c: Client, tenant_name: str) -> None:
     """List the users of TENANT."""
-    columns = {"LOGIN": "login", "ROLE": "role", "ENABLED": "enabled", "CREATED": "created"}
+    columns = {"LOGIN": "login", "ROLE": "role", "ENABLED": "enabled", "STREAM": "stream", "CREATED": "created"}
     c.show(c.call("user.list", tenant=tenant_name), tabled(columns, f"no users in tenant {tenant_name}"))
 
 
@@ -226,6 +234,18 @@ def user_set_role(c: Client, tenant_name: str, login: str, role: str) -> None:
     no longer hold stop working)."""
     r = c.call("user.set-role", tenant=tenant_name, login=login, role=role)
     c.show(r, said(f"{login} in tenant {tenant_name} now has role {r['role']}"))
+
+
+@user.command("set-stream")
+@tenant_arg
+@click.argument("login")
+@click.argument("stream", type=click.Choice(STREAMS))
+@pass_client
+def user_set_stream(c: Client, tenant_name: str, login: str, stream: str) -> None:
+    """Make STREAM the stream of LOGIN's mail when the message (X-Cmcd-Stream:) or the API request
+    names none: broadcast mail gets one-click unsubscribe and is not sent to who unsubscribed."""
+    r = c.call("user.set-stream", tenant=tenant_name, login=login, stream=stream)
+    c.show(r, said(f"mail of {login} in tenant {tenant_name} is now {r['stream']} unless it says otherwise"))
 
 
 @cli.group()
@@ -349,11 +369,33 @@ def ipcred_list(c: Client, tenant_name: str) -> None:
     help="every console user signs in with a one-time password (enrolling at the next sign-in)",
 )
 @click.option("--timezone", default=None, help="the time zone of the tenant's console pages (IANA name; '' = server's)")
+@click.option(
+    "--block",
+    "blocks",
+    multiple=True,
+    metavar="CLASS=ACTION",
+    help="the tenant's own action for a bounce class: suppress, count, alert or none; 'default' for the "
+    "host's [bounces] action (repeatable)",
+)
 @pass_client
 def tenant_set(
-    c: Client, name: str, dsn: str | None, suppressed: str | None, console_otp: str | None, timezone: str | None
+    c: Client,
+    name: str,
+    dsn: str | None,
+    suppressed: str | None,
+    console_otp: str | None,
+    timezone: str | None,
+    blocks: tuple[str, ...],
 ) -> None:
-    """Change a tenant's delivery and console settings."""
+    """Change a tenant's delivery, block policy and console settings."""
+    block_actions: dict[str, str] = {}
+    for item in blocks:
+        cls, eq, action = item.partition("=")
+        if not eq or not cls.strip() or not action.strip():
+            raise click.BadParameter(
+                f"expected CLASS=ACTION (like mailbox_full=suppress), got {item!r}", param_hint="--block"
+            )
+        block_actions[cls.strip()] = action.strip()
     result = c.call(
         "tenant.set",
         name=name,
@@ -361,6 +403,7 @@ def tenant_set(
         suppressed_rcpt=suppressed,
         console_otp=None if console_otp is None else console_otp == "on",
         timezone=timezone,
+        block_actions=block_actions or None,
     )
     c.show(result, fields)
 
@@ -375,8 +418,11 @@ def suppression() -> None:
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @pass_client
 def suppression_list(c: Client, tenant_name: str, limit: int) -> None:
-    """List a tenant's suppressed addresses."""
-    columns = {"ADDRESS": "address", "REASON": "reason", "CREATED": "created"}
+    """List a tenant's suppressed addresses; STREAM is "all" (never sent to) or "broadcast" (the
+    recipient unsubscribed: transactional mail still goes); a bounce's block has its CLASS and
+    when it EXPIRES ("-": never)."""
+    columns = {"ADDRESS": "address", "STREAM": "stream", "CLASS": "bounce_class", "REASON": "reason",
+               "CREATED": "created", "EXPIRES": "expires"}  # fmt: skip
     c.show(c.call("suppression.list", tenant=tenant_name, limit=limit), tabled(columns, "no suppressed addresses"))
 
 
@@ -392,10 +438,17 @@ def suppression_add(c: Client, tenant_name: str, address: str) -> None:
 @suppression.command("delete")
 @tenant_arg
 @click.argument("address")
+@click.option(
+    "--unsubscribe", is_flag=True,
+    help="lift the recipient's own one-click unsubscribe from broadcast mail instead (the recipient asked again)",
+)  # fmt: skip
 @pass_client
-def suppression_delete(c: Client, tenant_name: str, address: str) -> None:
-    """Remove ADDRESS from a tenant's suppression list."""
-    c.show(c.call("suppression.delete", tenant=tenant_name, address=address), said(f"removed {address}"))
+def suppression_delete(c: Client, tenant_name: str, address: str, unsubscribe: bool) -> None:
+    """Remove ADDRESS from a tenant's suppression list (a recipient's unsubscribe stays unless --unsubscribe)."""
+    c.show(
+        c.call("suppression.delete", tenant=tenant_name, address=address, unsubscribe=unsubscribe),
+        said(f"removed {address}" + (" from the unsubscribe list" if unsubscribe else "")),
+    )
 
 
 @tenant.command("delete")
@@ -436,7 +489,7 @@ def evidence(c: Client, fmt: str, tenant_name: str | None) -> None:
     click.echo(render_evidence(report, "json" if c.as_json else fmt))
 
 
-for group in (queue, log_group, retention, domain, webhook, backup):
+for group in (queue, log_group, retention, shaping, domain, webhook, backup):
     cli.add_command(group)
 
 

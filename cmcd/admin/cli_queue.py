@@ -9,7 +9,8 @@ from typing import Any
 import click
 
 from cmcd.admin.cli_base import Client, CtlError, emit, fields, pass_client, table
-from cmcd.records import PENDING_STATES
+from cmcd.admin.cli_shaping import echo_sites
+from cmcd.records import PENDING_STATES, STREAMS
 
 
 def _parse_age(value: str | None) -> int | None:
@@ -96,6 +97,7 @@ def queue_summary(c: Client, tenant_name: str | None) -> None:
             click.echo("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         if r["more_domains"]:
             click.echo(f"... and {r['more_domains']} more domains")
+        echo_sites(r.get("sites", []))
 
     c.show(c.call("queue.summary", tenant=tenant_name), human)
 
@@ -143,8 +145,8 @@ def queue_delete(c: Client, queue_id: str, tenant_name: str | None) -> None:
 
 
 LOG_COLUMNS = {
-    "mail": ("time", "tenant", "queue_id", "event", "sender", "rcpt", "status", "attempt", "mx", "ip", "tls",
-             "delay", "size", "message_id", "response"),
+    "mail": ("time", "tenant", "queue_id", "event", "stream", "sender", "rcpt", "status", "bounce_class", "attempt",
+             "mx", "ip", "tls", "delay", "size", "message_id", "response"),
     "login": ("time", "tenant", "login", "client_ip", "mechanism", "result", "detail"),
     "ops": ("time", "tenant", "actor", "actor_uid", "action", "target", "result", "detail"),
 }  # fmt: skip
@@ -164,16 +166,18 @@ def _log_command(kind: str, doc: str, mail: bool) -> None:
     @click.option("--rcpt", default=None, metavar="ADDRESS", hidden=not mail)
     @click.option("--sender", default=None, metavar="ADDRESS", hidden=not mail)
     @click.option("--queue-id", "queue_id", default=None, metavar="QUEUE-ID", hidden=not mail)
+    @click.option("--stream", default=None, type=click.Choice(STREAMS), hidden=not mail, help="mail: one stream only")
     @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
     @click.option("--limit", type=click.IntRange(0, None), default=0, help="at most this many rows (0: all)")
     @pass_client
     def command(c: Client, tenant_name: str | None, since: str | None, until: str | None, status: str | None,
-                rcpt: str | None, sender: str | None, queue_id: str | None, fmt: str, limit: int) -> None:  # fmt: skip
-        if not mail and (rcpt or sender or queue_id):
-            raise CtlError(f"log {kind}: --rcpt, --sender and --queue-id are for the mail log")
+                rcpt: str | None, sender: str | None, queue_id: str | None, stream: str | None, fmt: str,
+                limit: int) -> None:  # fmt: skip
+        if not mail and (rcpt or sender or queue_id or stream):
+            raise CtlError(f"log {kind}: --rcpt, --sender, --queue-id and --stream are for the mail log")
         args: dict[str, Any] = {"tenant": tenant_name, "since": since, "until": until, "status": status}
         if mail:
-            args |= {"rcpt": rcpt, "sender": sender, "queue_id": queue_id}
+            args |= {"rcpt": rcpt, "sender": sender, "queue_id": queue_id, "stream": stream}
         rows = c.stream(f"log.{kind}", limit=limit or None, **args)
         if c.as_json:
             fmt = "json"

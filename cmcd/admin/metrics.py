@@ -43,6 +43,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from cmcd import __version__, crypto
+from cmcd.admin.retention import BlockExpiryJob
 from cmcd.api.frontdoor import Connection, FrontDoor
 from cmcd.config import Config, split_hostport
 from cmcd.deliver.engine import DeliveryEngine
@@ -97,14 +98,18 @@ class DaemonCollector(Collector):
         backup_last_success: Callable[[], float],
         clock: Callable[[], float],
         webhooks: Callable[[], dict[str, int]] = dict,
+        streams: Callable[[], dict[tuple[str, str], int]] = dict,
+        block_expiry: Callable[[], BlockExpiryJob | None] = lambda: None,
     ):
         self.service = service
+        self.block_expiry = block_expiry  # the hourly removal of blocks past their watch period (host jobs' worker)
         self.engine = engine
         self.scheduler = scheduler
         self.queue = queue
         self.backup_last_success = backup_last_success
         self.clock = clock
         self.webhooks = webhooks
+        self.streams = streams
 
     def collect(self) -> Iterator[Metric]:
         stats = self.service.stats
@@ -149,6 +154,12 @@ class DaemonCollector(Collector):
             "API connections reset because the client stopped reading a response ([api] write_timeout).",
             stats.api_write_timeouts,
         )
+        unsubscribes = CounterMetricFamily(
+            "cmcd_unsubscribes", "One-click unsubscribe requests (RFC 8058 POSTs) by result.", labels=["result"]
+        )
+        for result, n in stats.unsubscribes.items():
+            unsubscribes.add_metric([result], n)
+        yield unsubscribes
         yield from listener_families(stats.doors)
         hooks = self.webhooks()
         events = CounterMetricFamily(
@@ -172,6 +183,15 @@ class DaemonCollector(Collector):
         for result in RESULT_STATES:
             deliveries.add_metric([result], counts.get(result, 0))
         yield deliveries
+        by_stream = CounterMetricFamily(
+            "cmcd_stream_events",
+            "Mail-log events by message stream (transactional, broadcast): accepted (one a recipient) and "
+            "each delivery outcome, counted as they reach the mail log.",
+            labels=["stream", "event"],
+        )
+        for (stream, event), n in sorted(self.streams().items()):
+            by_stream.add_metric([stream, event], n)
+        yield by_stream
         buckets, total = _buckets(self.engine.delivery_seconds)
         yield HistogramMetricFamily(
             "cmcd_delivery_seconds", "Seconds from acceptance to a final state, per recipient.", buckets, total
@@ -257,6 +277,18 @@ class DaemonCollector(Collector):
         for (tenant_id, cls), n in sorted(self.engine.bounce_alerts.items()):
             alerts.add_metric([names.get(tenant_id, str(tenant_id)), cls], n)
         yield alerts
+        expiry = self.block_expiry()
+        yield CounterMetricFamily(
+            "cmcd_blocks_expired",
+            "Blocks (suppressions a bounce made) removed because their watch period ended ([bounces] watch_period).",
+            expiry.expired if expiry is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "cmcd_block_expiry_failures",
+            "Hourly block-expiry runs that failed (the store could not be written; the next run catches up).",
+            expiry.failures if expiry is not None else 0,
+        )
+        yield from shaping_families(self.engine)
         yield CounterMetricFamily(
             "cmcd_delivery_possible_duplicates",
             "Recipients that may have been delivered twice: a failure after the whole message was sent, "
@@ -307,6 +339,47 @@ class DaemonCollector(Collector):
         )
 
 
+def shaping_families(engine: DeliveryEngine) -> Iterator[Metric]:
+    """Provider shaping (cmcd/shaping.py): automation changes started and ended, those in force, the
+    connection limit of each shaped site now (a worker's share: the host's is their sum), held mail."""
+    actions = CounterMetricFamily(
+        "cmcd_shaping_actions",
+        "Automation changes started by provider, rule and action (limit, suspend, suspend_tenant), "
+        'and their ends (action="restore").',
+        labels=["provider", "rule", "action"],
+    )
+    for (provider, rule, action), n in sorted(engine.shaping_actions.items()):
+        actions.add_metric([provider, rule, action], n)
+    yield actions
+    active = GaugeMetricFamily(
+        "cmcd_shaping_changes",
+        "Automation changes in force now, by provider and action.",
+        labels=["provider", "action"],
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for change in engine.automation.active.values():
+        key = (change.provider or "-", change.action)
+        counts[key] = counts.get(key, 0) + 1
+    for (provider, action), n in sorted(counts.items()):
+        active.add_metric([provider, action], n)
+    yield active
+    shaped = {c.site for c in engine.automation.active.values()}
+    limits = GaugeMetricFamily(
+        "cmcd_shaping_connection_limit",
+        "The connection limit in force at each shaped site (a provider's, or one automation changed).",
+        labels=["site"],
+    )
+    for site in sorted(engine.sites.values(), key=lambda s: s.key):
+        if site.provider or site.key in shaped:
+            limits.add_metric([site.key], site.limit)
+    yield limits
+    yield CounterMetricFamily(
+        "cmcd_shaping_held_recipients",
+        "Recipients deferred by a suspension: no attempt counted, never expired or bounced because of it.",
+        engine.held,
+    )
+
+
 class QueueFiguresCache:
     """The spool's queue figures, read again at most every max(MIN_REFRESH_S, REFRESH_COST x the
     last read's duration) seconds; concurrent scrapes wait for one read together."""
@@ -353,13 +426,16 @@ def daemon_registry(
     backup_last_success: Callable[[], float] = lambda: 0.0,
     clock: Callable[[], float] = time.time,
     webhooks: Callable[[], dict[str, int]] = dict,
+    streams: Callable[[], dict[tuple[str, str], int]] = dict,
+    block_expiry: Callable[[], BlockExpiryJob | None] = lambda: None,
 ) -> CollectorRegistry:
     """The registry of one cmcd process's metrics."""
     registry = CollectorRegistry()
     registry.register(
         DaemonCollector(
             service=service, engine=engine, scheduler=scheduler, queue=queue.current,
-            backup_last_success=backup_last_success, clock=clock, webhooks=webhooks,
+            backup_last_success=backup_last_success, clock=clock, webhooks=webhooks, streams=streams,
+            block_expiry=block_expiry,
         )
     )  # fmt: skip
     return registry

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from cmcd.admin.shaping_verbs import shaped_sites
 from cmcd.admin.verb import Args, BadRequest, Context, Verb, change, read
 from cmcd.records import PENDING_STATES
 
@@ -51,7 +52,12 @@ async def _queue_show(ctx: Context, a: Args) -> Any:
 
 async def _queue_summary(ctx: Context, a: Args) -> Any:
     tenant_id = await ctx.tenant_id(a.optional_text("tenant"))
-    return await ctx.spool.summary(time.time(), tenant_id)
+    summary = await ctx.spool.summary(time.time(), tenant_id)
+    if ctx.engine is not None:  # where each domain's mail goes, and the shaped sites (cmcd/shaping.py)
+        for d in summary["domains"]:
+            d["site"] = ctx.engine.site_of(d["domain"])
+        summary["sites"] = shaped_sites(ctx, tenant_id)
+    return summary
 
 
 async def _queue_retry(ctx: Context, a: Args) -> Any:

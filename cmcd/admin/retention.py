@@ -1,5 +1,6 @@
 """Retention: mail-log rows go after retention.mail_log_days, login and operation rows after
-retention.audit_log_days; daily, and on `cmcctl retention run`.
+retention.audit_log_days; daily, and on `cmcctl retention run`. Blocks (suppressions a bounce made)
+whose watch period ended go every hour (BlockExpiryJob), so none outlives it by more than an hour.
 
 Rows are deleted in small batches, each its own transaction on the store's thread, so other store
 work (mail-log shipping, logins) runs between them; secure_delete overwrites the freed pages and a
@@ -25,6 +26,8 @@ log = logging.getLogger("cmcd.retention")
 
 BATCH = 5000
 DAY_S = 86400.0
+#: how often blocks past their watch period are removed: the most a block outlives it
+BLOCK_EXPIRY_INTERVAL_S = 3600.0
 
 
 async def run_retention(
@@ -104,6 +107,67 @@ class RetentionJob:
             except Exception:
                 log.exception("event=retention_failed")
             await asyncio.sleep(DAY_S)
+
+
+class BlockExpiryJob:
+    """Removes the blocks whose watch period is over (store.expire_blocks, on the store's thread) at
+    start and every INTERVAL_S after; each run that removes any is logged and on the operation log,
+    and EXPIRED and FAILURES count for /metrics."""
+
+    def __init__(
+        self,
+        astore: AsyncStore,
+        clock: Callable[[], float] = time.time,
+        *,
+        audit: AuditLog | None = None,
+        interval_s: float = BLOCK_EXPIRY_INTERVAL_S,
+    ):
+        self.astore = astore
+        self.clock = clock
+        self.audit = audit
+        self.interval_s = interval_s
+        self.runs = 0
+        self.expired = 0  # blocks removed since start
+        self.failures = 0  # runs that could not reach the store
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def run_once(self) -> int:
+        """One pass at the clock's now; how many blocks went."""
+        now = self.clock()
+        n = await self.astore.call(self.astore.store.expire_blocks, now)
+        self.runs += 1
+        self.expired += n
+        if n:
+            log.info("event=blocks_expired count=%d", n)
+            detail = f"expired={n}"
+            if self.audit is not None:
+                await self.audit.op(
+                    ts=time.time(), actor_uid=None, actor="cmcd", action="blocks.expire", target="blocks", result="ok",
+                    detail=detail,
+                )  # fmt: skip
+            else:
+                await self.astore.call(
+                    self.astore.store.log_op, actor_uid=None, actor="cmcd", action="blocks.expire", target="blocks",
+                    result="ok", detail=detail,
+                )  # fmt: skip
+        return n
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                self.failures += 1
+                log.exception("event=blocks_expiry_failed")
+            await asyncio.sleep(self.interval_s)
 
 
 async def _retention_run(ctx: Context, a: Args) -> Any:

@@ -28,11 +28,26 @@ async def _tenant_add(ctx: Context, a: Args) -> Any:
 
 
 async def _tenant_list(ctx: Context, a: Args) -> Any:
-    return [dataclasses.asdict(t) for t in await ctx.astore.call(ctx.store.tenants)]
+    tenants = await ctx.astore.call(ctx.store.tenants)
+    own = await ctx.astore.call(ctx.store.tenant_block_actions)
+    return [dataclasses.asdict(t) | {"block_actions": dict(own.get(t.id, {}))} for t in tenants]
+
+
+def _with_block_policy(ctx: Context, summary: dict[str, Any]) -> dict[str, Any]:
+    """A tenant's summary with the block policy in force for it: every class's action (its own
+    block_actions over the host's [bounces] actions) and the host's threshold, window and watch period."""
+    policy = ctx.config.bounces.policy()
+    effective = policy.effective(summary.get("block_actions") or {})
+    return summary | {
+        "block_policy": ",".join(f"{cls}={action}" for cls, action in effective.items()),
+        "block_count_threshold": policy.count_threshold,
+        "block_count_window_s": policy.count_window_s,
+        "block_watch_s": policy.watch_s,
+    }
 
 
 async def _tenant_show(ctx: Context, a: Args) -> Any:
-    return await ctx.astore.call(ctx.store.tenant_summary, a.text("name"))
+    return _with_block_policy(ctx, await ctx.astore.call(ctx.store.tenant_summary, a.text("name")))
 
 
 def _timezone(a: Args) -> str | None:
@@ -50,14 +65,21 @@ async def _tenant_set(ctx: Context, a: Args) -> Any:
     console_otp = a.raw.get("console_otp")
     if console_otp is not None and not isinstance(console_otp, bool):
         raise BadRequest("tenant.set: console_otp must be true or false")
-    return await ctx.tenancy.accounts.tenant_set(
+    blocks = a.raw.get("block_actions")
+    if blocks is not None and not (
+        isinstance(blocks, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in blocks.items())
+    ):
+        raise BadRequest('tenant.set: block_actions must be an object like {"mailbox_full": "suppress"}')
+    summary = await ctx.tenancy.accounts.tenant_set(
         a.op,
         a.text("name"),
         dsn=dsn,
         suppressed_rcpt=a.optional_text("suppressed_rcpt"),
         console_otp=console_otp,
         timezone=_timezone(a),
+        block_actions=blocks,
     )
+    return _with_block_policy(ctx, summary)
 
 
 # -- users -----------------------------------------------------------------------------------------
@@ -164,7 +186,10 @@ TENANT_VERBS: dict[str, Verb] = {
     "tenant.list": read(_tenant_list),
     "tenant.show": read(_tenant_show, "name"),
     "tenant.set": command(
-        _tenant_set, ("name", "dsn", "suppressed_rcpt", "console_otp", "timezone"), "{name}", tenant_arg="name"
+        _tenant_set,
+        ("name", "dsn", "suppressed_rcpt", "console_otp", "timezone", "block_actions"),
+        "{name}",
+        tenant_arg="name",
     ),
     "user.add": command(_user_add, ("tenant", "login", "role", "password"), "{tenant}/{login}"),
     "user.list": read(_user_list, "tenant"),

@@ -16,6 +16,7 @@ from cmcd.admin.logs import LOG_VERBS
 from cmcd.admin.purge import PURGE_VERBS
 from cmcd.admin.queue_verbs import QUEUE_VERBS
 from cmcd.admin.retention import RETENTION_VERBS
+from cmcd.admin.shaping_verbs import SHAPING_VERBS
 from cmcd.admin.tenant_verbs import TENANT_VERBS
 from cmcd.admin.verb import Args, Context, Verb, read
 from cmcd.admin.webhook_verbs import WEBHOOK_VERBS
@@ -44,6 +45,7 @@ VERBS: dict[str, Verb] = table(
     LOG_VERBS,
     RETENTION_VERBS,
     QUEUE_VERBS,
+    SHAPING_VERBS,
     API_VERBS,
     WEBHOOK_VERBS,
     BACKUP_VERBS,

@@ -55,6 +55,14 @@ class Composed:
     body: bytes  # CRLF line endings, ready for SMTP
     tags: tuple[str, ...]
     stream: str = Stream.TRANSACTIONAL
+    #: its header carries an address in UTF-8 (RFC 6532): it needs SMTPUTF8 on the way, as if it had
+    #: come in with it (the Received: field says so: cmcd.intl)
+    smtputf8: bool = False
+
+
+def _utf8_header(body: bytes) -> bool:
+    end = body.find(b"\r\n\r\n")
+    return not (body if end < 0 else body[:end]).isascii()
 
 
 def _checked(body: bytes, max_size: int) -> bytes:
@@ -114,7 +122,10 @@ def compose_one(
     )
     body = _checked(body, max_size)
     rcpts = _dedup([m.addr for m in (*to, *cc, *bcc)])
-    return Composed(mail_from=common.sender.addr, rcpts=rcpts, body=body, tags=common.tags, stream=stream)
+    return Composed(
+        mail_from=common.sender.addr, rcpts=rcpts, body=body, tags=common.tags, stream=stream,
+        smtputf8=_utf8_header(body),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -217,5 +228,6 @@ def compose_bulk(
                 f"the messages of this request take over {max_total} bytes together (at recipient {i}); "
                 "send fewer recipients per request, or a link instead of a large attachment",
             )
-        out.append(Composed(mail_from=common.sender.addr, rcpts=[to.addr], body=body, tags=common.tags, stream=stream))
+        utf8 = _utf8_header(body)
+        out.append(Composed(common.sender.addr, [to.addr], body, common.tags, stream, smtputf8=utf8))
     return out

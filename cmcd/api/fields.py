@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from email.message import MIMEPart
 from typing import Any
 
-from cmcd.api.mime import ATEXT, MAX_LINE_OCTETS, Mailbox, attachment_part, fold_words
+from cmcd import intl
+from cmcd.api.mime import MAX_LINE_OCTETS, Mailbox, attachment_part, fold_words
 from cmcd.records import STREAMS
-from cmcd.tenancy.rules import address_refusal
+from cmcd.tenancy.rules import MAX_ADDRESS_OCTETS, MAX_LOCAL_PART_OCTETS, address_refusal, octets
 
 MAX_SUBJECT_CHARS = 998
 MAX_HEADER_VALUE_CHARS = 998
@@ -34,11 +35,13 @@ MAX_MERGE_KEYS = 50
 MAX_MERGE_VALUE_CHARS = 10_000
 LIST_HEADERS = ("List-Unsubscribe", "List-Unsubscribe-Post", "List-Id", "In-Reply-To", "References")
 
-_LOCAL_PART = re.compile(rf"{ATEXT}(?:\.{ATEXT})*")
+#: a dot-atom whose atext may also be any non-ASCII character (RFC 6532 §3.2: UTF8-non-ascii)
+_UATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\x80-\U0010ffff-]+"
+_LOCAL_PART = re.compile(rf"{_UATEXT}(?:\.{_UATEXT})*")
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 _NAME_ADDR = re.compile(r"\s*(.*?)\s*<([^<>]*)>\s*", re.S)
-_ASCII_CTL = re.compile(r"[\x00-\x1f\x7f]")
+_ADDRESS_CTL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Anything str.splitlines() or a mail parser could take for a line break, plus the other controls (TAB is fine).
 _HEADER_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 _NAME_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -100,10 +103,11 @@ def check_keys(req: object, allowed: frozenset[str], field: str) -> Mapping[str,
 
 
 def _check_addr(addr: str, field: str) -> tuple[str, str]:
-    """An address the one address rule takes (cmcd.tenancy.rules.address_refusal, ASCII only: a
-    request cannot ask for SMTPUTF8) that can also be written into a header as it is: one '@', a
-    dot-atom local part, a host name for the domain. Returns (local, domain)."""
-    refusal = address_refusal(addr, smtputf8=False)
+    """An address the one address rule takes (cmcd.tenancy.rules.address_refusal; UTF-8 as SMTP
+    intake takes it with SMTPUTF8) that can also be written into a header as it is: one '@', a
+    dot-atom local part (RFC 6532: printable non-ASCII characters too), a host name for the domain
+    (a U-label name as its A-label form). Returns (local, domain) as written."""
+    refusal = address_refusal(addr, smtputf8=True)
     if refusal is not None:
         raise ComposeError(field, _rule_fault(addr) or f"the address {_show(addr)}: {refusal.text}")
     local, _, domain = addr.rpartition("@")
@@ -111,9 +115,13 @@ def _check_addr(addr: str, field: str) -> tuple[str, str]:
         raise ComposeError(field, f"the address {_show(addr)} has more than one '@'")
     if domain.startswith("["):
         raise ComposeError(field, f"the address {_show(addr)} is an address literal; use a domain name")
-    if len(local) > 64 or not _LOCAL_PART.fullmatch(local):
+    if not _LOCAL_PART.fullmatch(local) or not local.isprintable():
         raise ComposeError(field, _bad_local(addr))
-    if len(domain) > 253 or not _DOMAIN.fullmatch(domain) or domain.rpartition(".")[2].isdigit():
+    try:
+        host = intl.to_alabel(domain)
+    except ValueError:
+        raise ComposeError(field, _bad_domain(addr)) from None
+    if len(host) > 253 or not _DOMAIN.fullmatch(host) or host.rpartition(".")[2].isdigit():
         raise ComposeError(field, _bad_domain(addr))
     return local, domain
 
@@ -123,24 +131,28 @@ def _rule_fault(addr: str) -> str:
     which part is at fault, more precisely than an SMTP reply does)."""
     if not addr:
         return "the address is empty"
-    if len(addr) > 254:
-        return f"the address is {len(addr)} characters long; at most 254 are allowed"
-    if not addr.isascii():
-        return (
-            f"the address {_show(addr)} has non-ASCII characters; internationalised (SMTPUTF8) addresses are "
-            "not supported (write a domain in its xn-- form)"
-        )
-    if _ASCII_CTL.search(addr):
+    if octets(addr) > MAX_ADDRESS_OCTETS:
+        return f"the address is {octets(addr)} octets long (in UTF-8); at most {MAX_ADDRESS_OCTETS} are allowed"
+    if _ADDRESS_CTL.search(addr):
         return f"the address {_show(addr)} contains control characters"
     if " " in addr:
         return f"the address {_show(addr)} contains spaces"
     if "@" not in addr:
         return f"the address {_show(addr)} has no '@'; write local@domain"
+    local = addr.rpartition("@")[0]
+    if octets(local) > MAX_LOCAL_PART_OCTETS:
+        return (
+            f"the local part of {_show(addr)} is {octets(local)} octets long (in UTF-8); "
+            f"at most {MAX_LOCAL_PART_OCTETS} are allowed"
+        )
     return _bad_local(addr) if addr.startswith("@") else _bad_domain(addr)
 
 
 def _bad_local(addr: str) -> str:
-    return f"the local part of {_show(addr)} is not valid (letters, digits, !#$%&'*+/=?^_`{{|}}~- and dots)"
+    return (
+        f"the local part of {_show(addr)} is not valid (letters, digits, !#$%&'*+/=?^_`{{|}}~-, dots and "
+        "printable non-ASCII characters)"
+    )
 
 
 def _bad_domain(addr: str) -> str:

@@ -22,6 +22,8 @@ from email.policy import Policy
 from email.utils import format_datetime, make_msgid
 from typing import Any, cast
 
+from cmcd import intl
+
 MAX_LINE_OCTETS = 998  # RFC 5322 2.1.1, excluding CRLF
 ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext: a dot-atom's and a plain phrase's words
 _WORDS = re.compile(r"([ \t]+)")
@@ -74,10 +76,22 @@ class Mailbox:
 
     @property
     def addr(self) -> str:
+        """The address as written: what the envelope carries."""
         return f"{self.local}@{self.domain}"
 
+    @property
+    def header_addr(self) -> str:
+        """The address as a header writes it (cmcd.intl.header_form): ASCII when it has an ASCII form."""
+        return intl.header_form(self.addr)
+
+    @property
+    def utf8(self) -> bool:
+        """The header must carry this address in UTF-8 (RFC 6532): its local part is not ASCII."""
+        return not self.local.isascii()
+
     def header(self) -> Address:
-        return Address(display_name=self.name, username=self.local, domain=self.domain)
+        local, _, domain = self.header_addr.rpartition("@")
+        return Address(display_name=self.name, username=local, domain=domain)
 
     @property
     def needs_encoding(self) -> bool:
@@ -100,12 +114,24 @@ def _encoded_words(text: str, max_bytes: int = 45) -> list[str]:
     return ["=?utf-8?b?" + binascii.b2a_base64(w, newline=False).decode("ascii") + "?=" for w in words]
 
 
+def _phrase(name: str) -> str:
+    """An ASCII display name as a phrase: as it is when it is plain words, else a quoted string."""
+    if _PHRASE.fullmatch(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def _encoded_mailboxes(name: str, boxes: Sequence[Mailbox]) -> bytes:
-    """An address header whose display names need encoding, folded by hand: the email package
-    folds such a name between encoded words and loses the space there ("A : B" becomes "A: B")."""
+    """An address header whose display names need encoding, or whose addresses are UTF-8 (RFC 6532:
+    raw in the header, the names still RFC 2047 encoded), folded by hand: the email package folds
+    such a name between encoded words and loses the space there ("A : B" becomes "A: B")."""
     lines = [f"{name}:"]
     for i, box in enumerate(boxes):
-        parts = (_encoded_words(box.name) if box.name else []) + [f"<{box.addr}>" if box.name else box.addr]
+        if box.utf8 and box.name and not box.needs_encoding:
+            words = [_phrase(box.name)]
+        else:
+            words = _encoded_words(box.name) if box.name else []
+        parts = words + [f"<{box.header_addr}>" if box.name else box.header_addr]
         if i < len(boxes) - 1:
             parts[-1] += ","
         for part in parts:
@@ -113,11 +139,18 @@ def _encoded_mailboxes(name: str, boxes: Sequence[Mailbox]) -> bytes:
                 lines[-1] += " " + part
             else:
                 lines.append(" " + part)
-    return "\r\n".join(lines).encode("ascii") + _CRLF
+    return "\r\n".join(lines).encode("utf-8") + _CRLF
 
 
-def _set_mailboxes(msg: EmailMessage, name: str, boxes: Sequence[Mailbox]) -> None:
-    if any(b.needs_encoding for b in boxes):  # as written here, never refolded (ASCII, lines within 78)
+def _set_mailboxes(msg: EmailMessage, name: str, boxes: Sequence[Mailbox], utf8: dict[bytes, bytes]) -> None:
+    """Set the address header NAME; one with a UTF-8 address is set to a placeholder that render()
+    replaces with the field in UTF-8 (UTF8 maps one to the other): the email package writes a raw
+    UTF-8 header only under a policy that would also write every Subject raw."""
+    if any(b.utf8 for b in boxes):
+        mark = f"cmcd-utf8-{secrets.token_hex(12)}"
+        msg.set_raw(name, mark)
+        utf8[f"{name}: {mark}\r\n".encode("ascii")] = _encoded_mailboxes(name, boxes)
+    elif any(b.needs_encoding for b in boxes):  # as written here, never refolded (ASCII, lines within 78)
         msg.set_raw(name, _encoded_mailboxes(name, boxes).decode("ascii")[len(name) + 2 : -2])
     elif len(boxes) == 1:
         msg[name] = boxes[0].header()
@@ -154,15 +187,16 @@ def render(
 ) -> bytes:
     """The message's CRLF bytes, written by the email package (the caller checks line lengths and size)."""
     msg = EmailMessage(policy=_BUILD_POLICY)
-    _set_mailboxes(msg, "From", [sender])
-    _set_mailboxes(msg, "To", to)
+    utf8: dict[bytes, bytes] = {}
+    _set_mailboxes(msg, "From", [sender], utf8)
+    _set_mailboxes(msg, "To", to, utf8)
     if cc:
-        _set_mailboxes(msg, "Cc", cc)
+        _set_mailboxes(msg, "Cc", cc, utf8)
     if reply_to is not None:
-        _set_mailboxes(msg, "Reply-To", [reply_to])
+        _set_mailboxes(msg, "Reply-To", [reply_to], utf8)
     msg["Subject"] = subject
     msg["Date"] = format_datetime(now)
-    msg["Message-ID"] = make_msgid(domain=sender.domain.lower())
+    msg["Message-ID"] = make_msgid(domain=intl.domain_key(sender.addr))
     msg["MIME-Version"] = "1.0"
     for name, value in headers:
         msg[name] = value
@@ -176,7 +210,14 @@ def render(
         msg.make_mixed()
         for part in attachments:  # shared, already encoded; flattening does not change them
             msg.attach(cast(EmailMessage, part))  # typeshed wants EmailMessage; a MIMEPart is what fits
-    return msg.as_bytes(policy=email_policy.SMTP)
+    out = msg.as_bytes(policy=email_policy.SMTP)
+    if utf8:
+        head, sep, rest = out.partition(_CRLF + _CRLF)
+        head += _CRLF
+        for mark, field in utf8.items():
+            head = head.replace(mark, field, 1)
+        out = head[:-2] + sep + rest
+    return out
 
 
 # The bulk path assembles each message from bytes: the email package costs milliseconds a message, a mail merge
@@ -192,14 +233,13 @@ def _fold_with_email(name: str, value: object) -> bytes:
 
 
 def _mailbox_header(name: str, box: Mailbox) -> bytes:
+    if box.utf8:
+        return _encoded_mailboxes(name, [box])
     line = ""
     if not box.name:
-        line = f"{name}: {box.addr}"
+        line = f"{name}: {box.header_addr}"
     elif box.name.isascii() and "=?" not in box.name:
-        phrase = box.name
-        if not _PHRASE.fullmatch(phrase):
-            phrase = '"' + phrase.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        line = f"{name}: {phrase} <{box.addr}>"
+        line = f"{name}: {_phrase(box.name)} <{box.header_addr}>"
     if line and len(line) <= 78:
         return line.encode("ascii") + _CRLF
     if box.needs_encoding:
@@ -254,7 +294,7 @@ class Static:
             before_subject=b"" if reply_to is None else _mailbox_header("Reply-To", reply_to),
             before_custom=f"Date: {format_datetime(now)}\r\n".encode("ascii"),
             attachments=tuple(part.as_bytes(policy=email_policy.SMTP) for part in attachments),
-            domain=sender.domain.lower(),
+            domain=intl.domain_key(sender.addr),
         )
 
     def assemble(

@@ -12,6 +12,7 @@ passes itself as an ApiContext.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import json
@@ -119,12 +120,13 @@ class Sending:
             await service.current()
         sender = Sender(caller.user_id, caller.tenant_id, caller.tenant, caller.login, "API")
         first = composed[0]
-        refusal = service.check_sender(sender, first.mail_from, False, sum(len(c.body) for c in composed))
+        # UTF-8 addresses are taken as SMTP takes them with SMTPUTF8 (fields.py checked them)
+        refusal = service.check_sender(sender, first.mail_from, True, sum(len(c.body) for c in composed))
         if refusal is not None:
             raise problem(refusal, "from")
         for n, c in enumerate(composed):
             for i, rcpt in enumerate(c.rcpts):
-                refusal = service.check_rcpt(sender, rcpt, i, False)
+                refusal = service.check_rcpt(sender, rcpt, i, True)
                 if refusal is not None:
                     raise problem(refusal, f"recipients[{n}].to" if bulk else "to")
         refusal = service.check_batch(sender, len(composed))
@@ -152,8 +154,10 @@ class Sending:
         slots = asyncio.Semaphore(PREPARE_CONCURRENCY)
 
         async def one(c: Composed) -> list[SpoolMessage]:
+            # a header with UTF-8 addresses needs SMTPUTF8 on the way: its Received: field says so
+            mine = dataclasses.replace(info, smtputf8=True) if c.smtputf8 else info
             async with slots:
-                result = await self.api.service.prepare(sender, c.mail_from, c.rcpts, c.body, info, c.tags, c.stream)
+                result = await self.api.service.prepare(sender, c.mail_from, c.rcpts, c.body, mine, c.tags, c.stream)
             if isinstance(result, Refusal):
                 raise problem(result, "headers" if result.reason is Reason.BAD_STREAM else "from")
             return result

@@ -123,6 +123,8 @@ class ApiServer:
         r.add_get("/v1/blocks", functools.partial(blocks.list_blocks, self))
         r.add_post("/v1/blocks", functools.partial(blocks.add_block, self))
         r.add_delete("/v1/blocks/{address}", functools.partial(blocks.delete_block, self))
+        r.add_get("/v1/block-policy", functools.partial(blocks.get_policy, self))
+        r.add_put("/v1/block-policy", functools.partial(blocks.put_policy, self))
         r.add_get("/v1/audit", functools.partial(records.audit, self))
         r.add_get("/v1/users", functools.partial(users.list_users, self))
         r.add_post("/v1/users", functools.partial(users.add_user, self))

@@ -15,12 +15,12 @@ from typing import Any
 
 import click
 
-from cmcd import bounces, crypto
+from cmcd import bounces, crypto, shaping
 from cmcd import config as config_mod
 from cmcd.admin.backup_cli import restore_command
 from cmcd.config import Config
 from cmcd.daemon.logs import setup_logging
-from cmcd.daemon.process import Daemon, WorkerRole, bounce_override, worker_socket
+from cmcd.daemon.process import Daemon, WorkerRole, bounce_override, shaping_override, worker_socket
 from cmcd.daemon.supervisor import Supervisor
 from cmcd.daemon.wire import WorkerPeers
 from cmcd.daemon.workers import CONFIG_ENV, CONTROL_ENV, PARENT_ENV, die_with_parent
@@ -44,8 +44,8 @@ DEFAULT_CONFIG = "/etc/cmcd/cmcd.toml"
 
 
 def _load(path: str) -> config_mod.Config:
-    """PATH's configuration, and the bounce rules it names loaded once to check them; a problem
-    with either is one line each on stderr and exit status 2."""
+    """PATH's configuration, and the bounce rules and shaping files it names loaded once to check
+    them; a problem with any is one line each on stderr and exit status 2."""
     try:
         cfg = config_mod.load(path)
     except ConfigError as exc:
@@ -55,6 +55,11 @@ def _load(path: str) -> config_mod.Config:
     try:
         bounces.load_rules(bounce_override(cfg))
     except bounces.BounceRulesError as exc:
+        click.echo(f"cmcd: {exc}", err=True)
+        sys.exit(2)
+    try:
+        shaping.load_shaping(shaping_override(cfg))
+    except shaping.ShapingError as exc:
         click.echo(f"cmcd: {exc}", err=True)
         sys.exit(2)
     return cfg

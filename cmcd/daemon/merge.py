@@ -76,19 +76,31 @@ def summary(answers: Sequence[dict[str, Any]], top: int = 50) -> dict[str, Any]:
         return {}
     first = answers[0]
     domains: dict[str, list[int]] = {}
+    sites: dict[str, str] = {}  # where a domain's mail goes, as the first worker that knows says
     for a in answers:
         for d in a.get("domains", []):
             counts = domains.setdefault(d["domain"], [0] * len(d["counts"]))
             for i, n in enumerate(d["counts"]):
                 counts[i] += n
+            if d.get("site") and not sites.get(d["domain"]):
+                sites[d["domain"]] = d["site"]
     ranked = sorted(domains.items(), key=lambda kv: (-kv[1][0], kv[0]))
-    return {
+    out = {
         "states": add([a["states"] for a in answers]),
         "buckets_min": first["buckets_min"],
         "total": [sum(col) for col in zip(*(a["total"] for a in answers), strict=True)],
-        "domains": [{"domain": d, "counts": c} for d, c in ranked[:top]],
+        "domains": [{"domain": d, "counts": c} | ({"site": sites[d]} if d in sites else {}) for d, c in ranked[:top]],
         "more_domains": max(0, len(ranked) - top) + max(int(a.get("more_domains", 0)) for a in answers),
     }
+    if any("sites" in a for a in answers):  # shaped sites are each worker's own: listed side by side
+        out["sites"] = [s for a in answers for s in a.get("sites", [])]
+    return out
+
+
+def side_by_side(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A verb whose state is each worker's own (shaping.status): every worker's entries, in worker order."""
+    workers = [w for a in answers for w in a.get("workers", [])]
+    return {"workers": sorted(workers, key=lambda w: (w.get("worker") is None, w.get("worker") or 0))}
 
 
 def metrics(texts: Iterable[str], own: Iterable[Metric] = ()) -> list[Metric]:

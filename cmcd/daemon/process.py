@@ -23,11 +23,11 @@ from typing import Any
 
 from prometheus_client.exposition import generate_latest
 
-from cmcd import __version__, bounces, doors
+from cmcd import __version__, bounces, doors, shaping
 from cmcd import config as config_mod
 from cmcd.admin.backup_verbs import BackupScheduler
 from cmcd.admin.metrics import MetricsServer, QueueFiguresCache, daemon_registry
-from cmcd.admin.retention import RetentionJob
+from cmcd.admin.retention import BlockExpiryJob, RetentionJob
 from cmcd.admin.server import AdminServer
 from cmcd.admin.verb import Peers
 from cmcd.admin.verbs import VERBS
@@ -47,7 +47,7 @@ from cmcd.queue.ids import QueueIdGenerator
 from cmcd.queue.scheduler import Scheduler
 from cmcd.queue.spool import Spool
 from cmcd.queue.startup import Opened, lock_shard, open_checked, stranded_shards
-from cmcd.shares import worker_share
+from cmcd.shares import share_shaping, worker_share
 from cmcd.smtp.listener import SmtpListeners
 from cmcd.store import AsyncStore
 from cmcd.submit.service import SubmitService
@@ -158,6 +158,7 @@ class Daemon:
         self.engine: DeliveryEngine | None = None
         self.api: ApiServer | None = None
         self.webhooks: WebhookDispatcher | None = None
+        self.block_expiry: BlockExpiryJob | None = None
 
     def status(self) -> dict[str, Any]:
         sessions = self.smtp.ctx.sessions if self.smtp else None
@@ -224,9 +225,12 @@ class Daemon:
         )
         rules = await asyncio.to_thread(bounces.load_rules, bounce_override(cfg))  # a bad file stops start-up
         log.info("event=bounce_rules_loaded rules=%d files=%s", len(rules), ",".join(rules.files))
+        shaped = await asyncio.to_thread(shaping.load_shaping, shaping_override(cfg))  # a bad file stops start-up
+        log_shaping(shaped)
         self.engine = engine = DeliveryEngine(
             cfg, spool, Router(cfg), service.suppressions,
             release=scheduler.release, wake=scheduler.wake, dsn_off=lambda: service.dsn_off, rules=rules,
+            shaping=self._share(shaped), audit=audit, block_actions=lambda t: directory.snapshot.block_actions.get(t),
         )  # fmt: skip
         engine.results.ids = service.ids  # a DSN is queued in this shard too, with ids of the same counter
         spool.on_commit = scheduler.wake
@@ -250,6 +254,8 @@ class Daemon:
             service=service, engine=engine, scheduler=scheduler, queue=queue_figures,
             backup_last_success=lambda: backups.last_success if backups is not None else 0.0,
             webhooks=lambda: self.webhooks.counts if self.webhooks is not None else {},
+            streams=lambda: events.streams.events,
+            block_expiry=lambda: self.block_expiry,
         )  # fmt: skip
 
         async def metrics_text() -> bytes:
@@ -282,6 +288,8 @@ class Daemon:
             webhooks.start()
             retention = RetentionJob(cfg, astore, audit=audit)
             retention.start()
+            self.block_expiry = BlockExpiryJob(astore, audit=audit)
+            self.block_expiry.start()
             assert backups is not None
             backups.start()
 
@@ -307,6 +315,8 @@ class Daemon:
         await admin.close()
         if retention is not None:
             await retention.close()
+        if self.block_expiry is not None:
+            await self.block_expiry.close()
         if backups is not None:
             await backups.close()
         await smtp.close(cfg.server.shutdown_grace)
@@ -418,6 +428,7 @@ class Daemon:
         if self.engine is not None:
             self.engine.reconfigure(new)
             await self._reload_bounce_rules(new)
+            await self._reload_shaping(new)
         if self.scheduler is not None:
             self.scheduler.max_inflight = new.delivery.max_inflight
             self.scheduler.wake()
@@ -438,6 +449,34 @@ class Daemon:
             return
         self.engine.set_rules(rules)
         log.info("event=bounce_rules_loaded rules=%d files=%s", len(rules), ",".join(rules.files))
+
+    async def _reload_shaping(self, cfg: Config) -> None:
+        """The shaping files read again (off the event loop); a file that cannot be used keeps the shaping in force."""
+        assert self.engine is not None
+        override = shaping_override(cfg)
+        try:
+            shaped = await asyncio.to_thread(shaping.load_shaping, override)
+        except shaping.ShapingError as exc:
+            log.error("event=shaping_reload_failed file=%s error=%r", override or shaping.SHIPPED_SHAPING, str(exc))
+            return
+        self.engine.set_shaping(self._share(shaped))
+        log_shaping(shaped)
+
+    def _share(self, shaped: shaping.Shaping) -> shaping.Shaping:
+        """This worker's share of the providers' limits (the whole of them in a single process)."""
+        return share_shaping(shaped, self.role.index, self.role.workers) if self.role is not None else shaped
+
+
+def shaping_override(cfg: Config) -> Path | None:
+    """The operator's shaping file ([shaping] override_file), or None."""
+    return cfg.path(cfg.shaping.override_file) if cfg.shaping.override_file else None
+
+
+def log_shaping(shaped: shaping.Shaping) -> None:
+    log.info(
+        "event=shaping_loaded providers=%d rules=%d files=%s",
+        len(shaped.providers), len(shaped.rules), ",".join(shaped.files),
+    )  # fmt: skip
 
 
 def bounce_override(cfg: Config) -> Path | None:

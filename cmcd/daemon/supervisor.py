@@ -61,7 +61,7 @@ SCRAPE_TIMEOUT_S = 5.0
 OPERATOR_TIMEOUT_S = 1800.0  # an operator's verb in a worker (a purge or retry of a large shard)
 
 #: queue verbs that fan out when they name no queue id
-_FAN_OUT = frozenset({"queue.list", "queue.summary", "queue.retry", "queue.hold", "queue.release"})
+_FAN_OUT = frozenset({"queue.list", "queue.summary", "queue.retry", "queue.hold", "queue.release", "shaping.status"})
 #: queue verbs that go to one shard when they name a queue id
 _BY_ID = frozenset({"queue.show", "queue.retry", "queue.hold", "queue.release", "queue.delete"})
 
@@ -454,6 +454,8 @@ class AdminProxy(SocketServer):
             result: Any = merge.list_page(answers, limit if isinstance(limit, int) else 100)
         elif verb == "queue.summary":
             result = merge.summary(answers)
+        elif verb == "shaping.status":
+            result = merge.side_by_side(answers)
         else:
             result = merge.add(answers)
         if mutation:

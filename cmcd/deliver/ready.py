@@ -9,17 +9,28 @@ still open the site is dead for dead_site_backoff: its jobs are deferred without
 the first job after the backoff opens one probing connection. New connections are limited to
 delivery.connect_rate_limit a second (the last guard against a reconnect loop), messages to the
 site's own rate (delivery.domains.*.rate), both with policy.Bucket.
+
+A provider's site (cmcd/shaping.py, MX rollup) holds the jobs of many domains whose next hops (MX
+host sets) may differ: each job's hop is known by its domain, a connection is opened for the hop
+of the job at the head of the queue and takes only jobs of its own hop (take). Its limits are the
+provider's, changed for a while by automation (set_limits).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Self
 
 from cmcd.deliver.routing import Route
 from cmcd.policy import Bucket, Outcome
 from cmcd.queue.work import Job
+from cmcd.shaping import Limits
+
+#: jobs a connection looks through for one of its own next hop before it gives up its place
+TAKE_SCAN = 16
 
 
 @dataclass
@@ -42,6 +53,14 @@ class ReadyQueue:
     dead_until: float = 0.0  # 0.0: alive
     last_failure: Outcome | None = None
     delivered: int = 0  # transactions with at least one recipient delivered
+    messages_per_connection: int = 100
+    recipients_per_connection: int = 0  # 0: no limit
+    recipients_per_transaction: int = 50
+    provider: str = ""  # a provider's rolled-up site: its name
+    configured: Limits = field(default_factory=Limits)  # the limits before automation changed any
+    #: next hop -> its route, and each domain's next hop (one of each for a site that is no provider's)
+    routes: dict[str, Route] = field(default_factory=dict)
+    hop_of: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def new(
@@ -63,6 +82,32 @@ class ReadyQueue:
             connects=Bucket.full(connect_rate_per_s, now),
         )  # fmt: skip
 
+    # -- next hops and limits --------------------------------------------------------------------
+
+    def add_route(self, domain: str, route: Route) -> None:
+        """DOMAIN's mail goes to ROUTE's next hop (new, or its addresses changed: new connections use them)."""
+        hop = route.next_hop
+        if self.hop_of.get(domain) != hop:
+            self.hop_of[domain] = hop
+        if self.routes.get(hop) != route:
+            self.routes[hop] = route
+            self.route = route
+
+    def route_of(self, job: Job) -> Route:
+        return self.routes.get(self.hop_of.get(job.domain, ""), self.route)
+
+    def set_limits(self, limits: Limits, now: float) -> None:
+        """The site's limits from now (automation lowered them, or its change ended): a lower
+        connection limit shrinks the window at once, a higher one is climbed to by slow start."""
+        self.limit = limits.connection_limit
+        self.window = min(self.window, float(self.limit))
+        self.messages_per_connection = limits.messages_per_connection
+        self.recipients_per_connection = limits.recipients_per_connection
+        self.recipients_per_transaction = limits.recipients_per_transaction
+        if limits.rate != self.message_rate:
+            count, per = self.message_rate = limits.rate
+            self.messages = Bucket.full(count / per if count > 0 else 0.0, now, burst=count)
+
     # -- the jobs ------------------------------------------------------------------------------
 
     def admit(self, now: float) -> bool:
@@ -79,7 +124,11 @@ class ReadyQueue:
         when the transaction stays within MAX_RECIPIENTS. True when JOB was queued as a job of its own."""
         if join:
             queued = self.open_jobs.get(job.queue_id)
-            if queued is not None and len(queued.recipients) + len(job.recipients) <= max_recipients:
+            if (
+                queued is not None
+                and len(queued.recipients) + len(job.recipients) <= max_recipients
+                and (len(self.routes) <= 1 or self.hop_of.get(queued.domain) == self.hop_of.get(job.domain))
+            ):
                 queued.recipients.extend(job.recipients)
                 return False
             self.open_jobs[job.queue_id] = job
@@ -88,9 +137,33 @@ class ReadyQueue:
 
     def pop(self) -> Job:
         job = self.queue.popleft()
+        self._taken(job)
+        return job
+
+    def take(self, hop: str) -> Job | None:
+        """The first job for next hop HOP among the first TAKE_SCAN queued (at a site of one next hop:
+        the first job); None when there is none, so a connection to another hop makes way."""
+        if len(self.routes) <= 1:
+            return self.pop() if self.queue else None
+        for i, job in enumerate(itertools.islice(self.queue, TAKE_SCAN)):
+            if self.hop_of.get(job.domain) == hop:
+                del self.queue[i]
+                self._taken(job)
+                return job
+        return None
+
+    def remove_where(self, held: Callable[[Job], bool]) -> list[Job]:
+        """Take every queued job HELD says so out of the queue (a suspension), in order."""
+        out = [j for j in self.queue if held(j)]
+        if out:
+            self.queue = deque(j for j in self.queue if not held(j))
+            for job in out:
+                self._taken(job)
+        return out
+
+    def _taken(self, job: Job) -> None:
         if self.open_jobs.get(job.queue_id) is job:
             del self.open_jobs[job.queue_id]
-        return job
 
     # -- connections ---------------------------------------------------------------------------
 

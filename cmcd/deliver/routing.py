@@ -4,6 +4,12 @@ A route is a list of preference groups of hosts, each host with every address it
 site name (the sorted set of MX host names, as KumoMTA names its sites) is what ready
 queues and connection limits are kept per: two domains hosted on the same MX share one.
 
+A domain whose most preferred MX hosts (the first preference group that has addresses) all end in
+one provider's suffix (cmcd/shaping.py) goes to the site "provider:NAME" instead (MX rollup): every
+domain that provider hosts shares one ready queue and its limits, while each keeps its own hosts
+(Route.hop) to connect to. Static routes, implicit MX and domains with a [delivery.domains] entry
+of their own are never rolled up. The match is made once per lookup and cached with the route.
+
 An address that is one of cmcd's own SMTP listeners is never a next hop: it is left out of
 the route, and a route with nothing else bounces with 5.4.6 "loops back to myself" (as
 Postfix does), whether it came from [delivery.routes] or from DNS.
@@ -30,6 +36,7 @@ import dns.resolver
 from cmcd.config import Config, split_hostport
 from cmcd.intl import to_alabel
 from cmcd.policy import Outcome, network_fault, permanent_failure
+from cmcd.shaping import Shaping, site_name
 
 log = logging.getLogger("cmcd.routing")
 
@@ -47,8 +54,14 @@ class Host:
 
 @dataclass(frozen=True)
 class Route:
-    site: str
+    site: str  # the ready queue and limits it shares
     groups: tuple[tuple[Host, ...], ...]  # by preference; hosts within a group are equal
+    hop: str = ""  # the sorted MX host names (a connection carries jobs of one hop only); "": the site's
+    provider: str = ""  # the provider of a rolled-up site ("" for none)
+
+    @property
+    def next_hop(self) -> str:
+        return self.hop or self.site
 
     def attempt_order(self, rand: random.Random | None = None) -> Iterator[tuple[Host, str]]:
         """Every (host, address) to try, best preference first, equal preferences shuffled, each
@@ -133,8 +146,9 @@ def make_resolver(config: Config) -> dns.asyncresolver.Resolver:
 
 
 class Router:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic, shaping: Shaping | None = None):
         self.config = config
+        self.shaping = shaping or Shaping()  # providers for the MX rollup (none: no rollup)
         self.clock = clock
         self.port = config.delivery.port
         self.routes = dict(config.delivery.routes)
@@ -194,7 +208,12 @@ class Router:
                 "5.4.6", f"mail for {domain} loops back to myself ({', '.join(dropped)} is this server)"
             )
         log.warning("event=next_hop_skipped domain=%s next_hop=%s reason=own_address", domain, ",".join(dropped))
-        return Route(route.site, tuple(groups))
+        return Route(route.site, tuple(groups), route.hop, route.provider)
+
+    def set_shaping(self, shaping: Shaping) -> None:
+        """New providers (a reload): every cached route is dropped, so each is matched again."""
+        self.shaping = shaping
+        self._cache.clear()
 
     def reconfigure(self, config: Config) -> None:
         """New routes and port; every cached answer is dropped (the resolver itself needs a restart)."""
@@ -214,10 +233,12 @@ class Router:
             self._cache.pop(domain, None)
 
     async def _lookup(self, domain: str) -> tuple[Route | Outcome, float]:
+        own_policy = domain in self.config.delivery.domains
         try:  # DNS and the routes table know a domain by its A-labels (RFC 5890); intake keys recipients so
             domain = to_alabel(domain)
         except ValueError as exc:
             return permanent_failure("5.1.2", str(exc)), NEGATIVE_TTL
+        own_policy = own_policy or domain in self.config.delivery.domains
         static = self.routes.get(domain) or self.routes.get("*")
         if static is not None:
             host, port = split_hostport(static)
@@ -269,7 +290,11 @@ class Router:
                 missing = ", ".join(names)
                 return permanent_failure("5.4.4", f"MX host {missing} of {domain} does not exist (NXDOMAIN)"), 0.0
             return network_fault(f"no MX host of {domain} has an address", "4.4.3"), 0.0
-        return Route(",".join(sorted(names)), tuple(groups)), ttl
+        hop = ",".join(sorted(names))
+        provider = None if own_policy else self.shaping.provider_for(h.name for h in groups[0])
+        if provider is not None:
+            return Route(site_name(provider.name), tuple(groups), hop, provider.name), ttl
+        return Route(hop, tuple(groups)), ttl
 
     async def _addresses(self, name: str) -> tuple[tuple[str, ...], float, Outcome | None]:
         """A and AAAA of NAME (IPv4 first), the smaller TTL, and a failure when there is none."""

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cmcd import intl
 from cmcd.crypto import DataKeys
 from cmcd.db import transaction
 from cmcd.queue import dsn
@@ -83,6 +84,8 @@ class Result:
     tls: str = ""
     suppress: bool = False  # a hard bounce: add to the tenant's suppression list
     bounce_class: str = ""  # what kind of failure the reply reports (cmcd/bounces.py); "" for a delivery
+    #: False for a deferral that was no attempt (a shaping suspension held it): attempts stay as they were
+    counts_attempt: bool = True
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,9 @@ def apply_results(
     try:
         for r in results:
             job, due = r.job, r.due
-            attempt = due.attempts + (0 if r.state == RecipientState.SUPPRESSED else 1)
+            attempt = due.attempts + (0 if r.state == RecipientState.SUPPRESSED or not r.counts_attempt else 1)
+            # a held recipient's row in the mail log is one per holding, not per attempt (none was made)
+            key = f"{job.queue_id}:{due.rid}:{attempt}:{r.state}" + ("" if r.counts_attempt else f":held@{now:.6f}")
             reply = keys.seal_text(r.response)
             if r.state == RecipientState.DEFERRED:
                 cur = conn.execute(
@@ -211,7 +216,7 @@ def apply_results(
             recorded += 1
             touched.add(job.queue_id)
             events.append(
-                (f"{job.queue_id}:{due.rid}:{attempt}:{r.state}", now, job.tenant_id, job.queue_id, r.state,
+                (key, now, job.tenant_id, job.queue_id, r.state,
                  job.sender_enc or keys.encrypt(job.sender), job.sender_hmac or keys.index(job.sender),
                  due.enc or keys.encrypt(due.address), due.hmac or keys.index(due.address),
                  due.domain or job.domain, r.state, reply, attempt, r.mx, r.ip, r.tls, max(0.0, now - job.received), job.size,
@@ -271,7 +276,7 @@ def _queue_bounces(
                 tenant_id=m[0],
                 user_id=m[1],
                 sender="",
-                recipients=(Recipient(sender, sender.rpartition("@")[2].lower()),),
+                recipients=(Recipient(sender, intl.domain_key(sender)),),  # routed by its A-label domain
                 body=report,
                 received_ts=now,
                 message_id=f"<{bounce_id}.dsn@{hostname}>",

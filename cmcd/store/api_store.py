@@ -307,9 +307,10 @@ class ApiStore:
 
     def suppression_page(self, tenant_id: int, after: int, limit: int, address: str | None) -> list[dict[str, Any]]:
         """A page of TENANT_ID's suppressions after row AFTER; each one's stream scope is "all" (every
-        stream: a bounce, an operator's or the tenant's block) or "broadcast" (the recipient unsubscribed)."""
+        stream: a bounce, an operator's or the tenant's block) or "broadcast" (the recipient unsubscribed);
+        a bounce's block has its class and when it expires (None: never)."""
         sql = (
-            "SELECT id, address_enc, domain, reason_enc, created, stream FROM suppressions "
+            "SELECT id, address_enc, domain, reason_enc, created, stream, bounce_class, expires FROM suppressions "
             "WHERE tenant_id = ? AND id > ?"
         )
         args: list[Any] = [tenant_id, after]
@@ -319,7 +320,7 @@ class ApiStore:
         rows = self.conn.execute(sql + " ORDER BY id LIMIT ?", (*args, limit))
         return [
             {"id": r[0], "address": self.keys.decrypt(bytes(r[1])), "domain": r[2], "reason": self.keys.open_text(r[3]),
-             "created": r[4], "stream": r[5] or "all"}
+             "created": r[4], "stream": r[5] or "all", "bounce_class": r[6], "expires": r[7]}
             for r in rows
         ]  # fmt: skip
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cmcd import crypto
-from cmcd.bounces import BlockPolicy
+from cmcd.bounces import BlockPolicy, parse_tenant_actions
 from cmcd.db import transaction
 from cmcd.errors import StoreError
 
@@ -187,19 +187,26 @@ class LogStore:
         self, rows: list[tuple[Any, ...]], n: int, i: dict[str, int], blocks: BlockPolicy | None
     ) -> list[tuple[Any, ...]]:
         """Those of ROWS (already in mail_log) whose bounce is the count_threshold-th (or later) of its
-        class for its recipient within count_window: one COUNT over the recipient's rows (mail_log_rcpt
-        index) per such bounce. A bounce of a bounce (the null sender) never counts."""
+        class for its recipient within count_window, when the class's action is count for the row's
+        tenant (its own block_actions, read in this transaction, else the host's): one COUNT over the
+        recipient's rows (mail_log_rcpt index) per such bounce. A bounce of a bounce (the null sender)
+        never counts."""
         if blocks is None:
             return []
         null_sender = self.keys.index("")
+        own: dict[int, Mapping[str, str]] | None = None  # read once, at the first bounce with a class
         out = []
         for r in rows:
             cls = _class_of(r, n)
+            if not cls or (len(r) > n and r[n]) or r[i["status"]] not in ("bounced", "expired"):
+                continue
+            if own is None:
+                own = {
+                    t: parse_tenant_actions(text)
+                    for t, text in self.conn.execute("SELECT id, block_actions FROM tenants WHERE block_actions != ''")
+                }
             if (
-                not cls
-                or (len(r) > n and r[n])
-                or r[i["status"]] not in ("bounced", "expired")
-                or blocks.action(cls) != "count"
+                blocks.action(cls, own.get(r[i["tenant_id"]])) != "count"
                 or bytes(r[i["sender_hmac"]] or b"") == null_sender
             ):
                 continue

@@ -336,6 +336,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX suppressions_expires ON suppressions(expires) WHERE expires IS NOT NULL;
     INSERT OR REPLACE INTO meta(key, value) SELECT 'tenant_id_high', CAST(COALESCE(MAX(id), 0) AS TEXT) FROM tenants;
     """,
+    # 17: a tenant's own block policy (cmcd/bounces.py): its action for a bounce class, over the
+    # host's [bounces] actions ("class=action,..."; '': the host's for every class)
+    """
+    ALTER TABLE tenants ADD COLUMN block_actions TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 _SEAL_BATCH = 5000

@@ -17,12 +17,14 @@ from __future__ import annotations
 import ipaddress
 import sqlite3
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from cmcd import crypto
+from cmcd.bounces import apply_tenant_actions, parse_tenant_actions, tenant_actions_text
 from cmcd.db import STORE_BUSY_MS, transaction
 from cmcd.errors import Conflict, KeyFileError, NotFound, StoreError, UntrustedFileError
 from cmcd.records import IpCredential, Tenant, User
@@ -146,6 +148,7 @@ class Store(
                 "enabled": {r[0] for r in self.conn.execute("SELECT id FROM users WHERE enabled = 1")},
                 "dkim": self.dkim_signing_keys(),
                 "settings": self.tenant_settings(),
+                "block_actions": self.tenant_block_actions(),
                 "broadcast_users": {r[0] for r in self.conn.execute("SELECT id FROM users WHERE stream = 'broadcast'")},
             }
         finally:
@@ -217,6 +220,9 @@ class Store(
             "suppressions": count("SELECT COUNT(*) FROM suppressions WHERE tenant_id = ?", (t.id,)).fetchone()[0],
             "console_otp": bool(count("SELECT console_otp FROM tenants WHERE id = ?", (t.id,)).fetchone()[0]),
             "timezone": count("SELECT timezone FROM tenants WHERE id = ?", (t.id,)).fetchone()[0],
+            "block_actions": dict(
+                parse_tenant_actions(count("SELECT block_actions FROM tenants WHERE id = ?", (t.id,)).fetchone()[0])
+            ),
         }
 
     # -- users -----------------------------------------------------------------------------
@@ -360,13 +366,13 @@ class Store(
     def suppressions(self, tenant: str, limit: int = 1000) -> list[dict[str, Any]]:
         t = self.tenant(tenant)
         rows = self.conn.execute(
-            "SELECT address_enc, domain, reason_enc, created, stream FROM suppressions WHERE tenant_id = ? "
-            "ORDER BY id LIMIT ?",
+            "SELECT address_enc, domain, reason_enc, created, stream, bounce_class, expires FROM suppressions "
+            "WHERE tenant_id = ? ORDER BY id LIMIT ?",
             (t.id, limit),
         )
         return [
             {"address": self.keys.decrypt(bytes(r[0])), "domain": r[1], "reason": self.keys.open_text(r[2]),
-             "created": r[3], "stream": r[4] or "all"}
+             "created": r[3], "stream": r[4] or "all", "bounce_class": r[5], "expires": r[6]}
             for r in rows
         ]  # fmt: skip
 
@@ -468,6 +474,13 @@ class Store(
                 self.bump_directory(accounts=False, removals=True)
         return cur.rowcount
 
+    def tenant_block_actions(self) -> dict[int, Mapping[str, str]]:
+        """tenant id -> its own action per bounce class (only the tenants that set one; cmcd/bounces.py)."""
+        return {
+            r[0]: parse_tenant_actions(r[1])
+            for r in self.conn.execute("SELECT id, block_actions FROM tenants WHERE block_actions != ''")
+        }
+
     def tenant_settings(self) -> dict[int, tuple[bool, str]]:
         """tenant id -> (send bounces, what RCPT does with a suppressed address: accept or refuse)."""
         return {r[0]: (bool(r[1]), r[2]) for r in self.conn.execute("SELECT id, dsn, suppressed_rcpt FROM tenants")}
@@ -480,9 +493,18 @@ class Store(
         suppressed_rcpt: str | None = None,
         console_otp: bool | None = None,
         timezone: str | None = None,
+        block_actions: Mapping[str, str] | None = None,
     ) -> None:
+        """BLOCK_ACTIONS: class -> action changes to the tenant's own block policy (bounces.DEFAULT
+        removes a class's), made to what is stored in the same transaction."""
         t = self.tenant(name)
         with transaction(self.conn):
+            if block_actions:
+                row = self.conn.execute("SELECT block_actions FROM tenants WHERE id = ?", (t.id,)).fetchone()
+                merged = apply_tenant_actions(parse_tenant_actions(row[0]), block_actions)
+                self.conn.execute(
+                    "UPDATE tenants SET block_actions = ? WHERE id = ?", (tenant_actions_text(merged), t.id)
+                )
             if console_otp is not None:
                 self.conn.execute("UPDATE tenants SET console_otp = ? WHERE id = ?", (int(console_otp), t.id))
             if timezone is not None:

@@ -66,7 +66,9 @@ class SessionInfo:
     tls_version: str | None
     tls_cipher: str | None
     protocol: str = ""  # set by ways in other than SMTP ("HTTPS")
-    smtputf8: bool = False  # the transaction's MAIL asked for SMTPUTF8 (RFC 6531): Received: says UTF8SMTP...
+    #: the transaction's MAIL asked for SMTPUTF8 (RFC 6531): Received: says UTF8SMTP...; for the API,
+    #: the message has UTF-8 in its header (an address with a non-ASCII local part): "HTTPS (UTF8)"
+    smtputf8: bool = False
 
 
 def _alabel_or_empty(domain: str) -> str:
@@ -468,7 +470,8 @@ class SubmitService:
 
     def _received(self, qid: str, sender: Sender, info: SessionInfo, now: float) -> bytes:
         """Our Received: field; its WITH says how the message came in (RFC 3848), UTF8SMTP... when the
-        transaction asked for SMTPUTF8 (RFC 6531 §4.3; delivery reads it: cmcd.intl.utf8_header)."""
+        transaction asked for SMTPUTF8 (RFC 6531 §4.3), "HTTPS (UTF8)" for the API's equivalent
+        (delivery reads it: cmcd.intl.utf8_header)."""
         protocol = "ESMTPSA" if info.tls_version else "ESMTPA"
         if info.protocol:
             protocol = info.protocol
@@ -476,6 +479,8 @@ class SubmitService:
             protocol = "ESMTPS" if info.tls_version else "ESMTP"
         if info.smtputf8 and protocol.startswith("ESMTP"):
             protocol = "UTF8SMTP" + protocol[5:]
+        elif info.smtputf8:  # no registered UTF-8 form of HTTPS: a comment says it (cmcd.intl)
+            protocol = f"{protocol} {intl.API_UTF8_MARK}"
         tls = f"\r\n\t(using {info.tls_version} with cipher {info.tls_cipher})" if info.tls_version else ""
         helo = _HELO_BAD_CHARS.sub("", info.helo)[:255] or "unknown"
         stamp = self._date(now)

@@ -8,10 +8,11 @@ Refused for anything it will not do. Reads are plain store reads.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import cmcd.tenancy.rules as rules
-from cmcd import crypto
+from cmcd import bounces, crypto
 from cmcd.records import STREAMS, IpCredential, Tenant, User
 from cmcd.store.store import MIN_IPCRED_PREFIX, Store
 from cmcd.tenancy.core import Core, Op
@@ -41,14 +42,25 @@ class Accounts:
         suppressed_rcpt: str | None = None,
         console_otp: bool | None = None,
         timezone: str | None = None,
+        block_actions: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Whether the tenant's senders get bounces, what RCPT does with a suppressed address,
-        whether every console user must sign in with a one-time password, and the time zone of
-        the tenant's console pages ("": the server's)."""
+        whether every console user must sign in with a one-time password, the time zone of
+        the tenant's console pages ("": the server's), and the tenant's own action for bounce
+        classes (BLOCK_ACTIONS: class -> suppress, count, alert or none, or "default" for the
+        host's [bounces] action; the classes not named keep theirs). Every worker decides by the
+        new actions once this returns (the directory is bumped)."""
+        blocks = dict(block_actions or {})
 
         def check() -> None:
-            if dsn is None and suppressed_rcpt is None and console_otp is None and timezone is None:
-                raise invalid("tenant.set: nothing to change (dsn, suppressed_rcpt, console_otp, timezone)")
+            if dsn is None and suppressed_rcpt is None and console_otp is None and timezone is None and not blocks:
+                raise invalid(
+                    "tenant.set: nothing to change (dsn, suppressed_rcpt, console_otp, timezone, block_actions)"
+                )
+            try:
+                bounces.check_tenant_actions(blocks)
+            except ValueError as exc:
+                raise invalid(str(exc), "block_actions") from None
             if suppressed_rcpt is not None and suppressed_rcpt not in SUPPRESSED_RCPT_MODES:
                 raise invalid(
                     f"suppressed_rcpt must be 'accept' or 'refuse', not {suppressed_rcpt!r}", "suppressed_rcpt"
@@ -59,10 +71,17 @@ class Accounts:
         await self.core.checked(op, name, check)
 
         def change(s: Store) -> dict[str, Any]:
-            s.tenant_set(name, dsn=dsn, suppressed_rcpt=suppressed_rcpt, console_otp=console_otp, timezone=timezone)
+            s.tenant_set(
+                name, dsn=dsn, suppressed_rcpt=suppressed_rcpt, console_otp=console_otp, timezone=timezone,
+                block_actions=blocks,
+            )  # fmt: skip
             return s.tenant_summary(name)
 
-        return await self.core.change(op, name, change)
+        def detail(_: dict[str, Any]) -> str:
+            said = ",".join(f"{cls}={action}" for cls, action in blocks.items())
+            return " ".join(x for x in (op.detail, f"block_actions {said}" if said else "") if x)
+
+        return await self.core.change(op, name, change, detail)
 
     # -- users -----------------------------------------------------------------------------
 

@@ -41,6 +41,8 @@ class Snapshot:
     dsn_off: frozenset[int] = frozenset()  # tenants that asked for no bounces
     refuse_suppressed: frozenset[int] = frozenset()  # tenants whose suppressed recipients get 550 at RCPT
     broadcast_users: frozenset[int] = frozenset()  # users whose mail is broadcast unless it says otherwise
+    #: tenants' own actions per bounce class, over the host's [bounces] actions (cmcd/bounces.py)
+    block_actions: dict[int, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_rows(cls, rows: dict[str, Any]) -> Snapshot:
@@ -62,6 +64,7 @@ class Snapshot:
             dsn_off=frozenset(t for t, (dsn, _) in settings.items() if not dsn),
             refuse_suppressed=frozenset(t for t, (_, mode) in settings.items() if mode == "refuse"),
             broadcast_users=frozenset(rows.get("broadcast_users", ())),
+            block_actions={t: dict(a) for t, a in rows.get("block_actions", {}).items()},
         )
 
 

@@ -23,25 +23,38 @@ ROLES = ("admin", "sender", "viewer")
 SEND_ROLES = ("admin", "sender")
 MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_CHARS = 1024
-MAX_ADDRESS_CHARS = 254  # RFC 5321's path limit, less the angle brackets
+#: RFC 5321 §4.5.3.1.3's path limit (256 octets) less the angle brackets, and §4.5.3.1.1's local-part
+#: limit; both count octets, and RFC 6531 §3.3 keeps them in octets of UTF-8
+MAX_ADDRESS_OCTETS = 254
+MAX_LOCAL_PART_OCTETS = 64
 
 
 def address_refusal(address: str, *, smtputf8: bool = True) -> Refusal | None:
     """Why ADDRESS cannot be taken (501 5.1.3), or None. SMTPUTF8 says whether a non-ASCII
     address may be used (an SMTP client must ask for it; the API and the admin socket may). A
-    UTF-8 local part is taken as it is; a U-label domain must have an A-label form (RFC 6531 §3.3)."""
+    UTF-8 local part is taken as it is; a U-label domain must have an A-label form (RFC 6531 §3.3).
+    The lengths are octets of UTF-8: "ユーザー" is 4 characters and 12 octets."""
     if _BAD_ADDRESS_CHARS.search(address):
         return Refusal(
             Reason.BAD_ADDRESS, 501, "5.1.3", "Bad address syntax: control characters or spaces are not allowed"
         )
     if not smtputf8 and not address.isascii():
         return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", "Non-ASCII address requires SMTPUTF8")
-    if len(address) > MAX_ADDRESS_CHARS:
-        return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", f"Address too long (at most {MAX_ADDRESS_CHARS} characters)")
+    if octets(address) > MAX_ADDRESS_OCTETS:
+        return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", f"Address too long (at most {MAX_ADDRESS_OCTETS} octets)")
     local, at, domain = address.rpartition("@")
     if not at or not local or not _mail_domain(domain):
         return Refusal(Reason.BAD_ADDRESS, 501, "5.1.3", "Bad address syntax: expected local-part@domain")
+    if octets(local) > MAX_LOCAL_PART_OCTETS:
+        return Refusal(
+            Reason.BAD_ADDRESS, 501, "5.1.3", f"Local part too long (at most {MAX_LOCAL_PART_OCTETS} octets)"
+        )
     return None
+
+
+def octets(text: str) -> int:
+    """TEXT's length in octets of UTF-8 (a lone surrogate, which no address may hold, counts as 3)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def _mail_domain(domain: str) -> bool:

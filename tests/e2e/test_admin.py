@@ -258,10 +258,10 @@ async def test_tenant_add_list_show(daemon: Daemon) -> None:
     assert (await ok(daemon, "tenant", "add", "acme")).strip() == "added tenant acme (id 1)"
     await ok(daemon, "tenant", "add", "globex")
     assert await daemon.changes() == 2
-    assert table_rows(await ok(daemon, "tenant", "list")) == [["acme", "1"], ["globex", "2"]]
+    assert table_rows(await ok(daemon, "tenant", "list")) == [["acme", "1", "-"], ["globex", "2", "-"]]
     assert json.loads(await ok(daemon, "--json", "tenant", "list")) == [
-        {"id": 1, "name": "acme"},
-        {"id": 2, "name": "globex"},
+        {"id": 1, "name": "acme", "block_actions": {}},
+        {"id": 2, "name": "globex", "block_actions": {}},
     ]
     await ok(daemon, "domain", "add", "acme", "acme.example")
     show = await ok(daemon, "tenant", "show", "acme")
@@ -279,6 +279,12 @@ async def test_tenant_add_list_show(daemon: Daemon) -> None:
         "suppressions": 0,
         "console_otp": False,
         "timezone": "",
+        "block_actions": {},
+        "block_policy": "invalid_recipient=suppress,bad_domain=suppress,mailbox_full=count,message_too_large=none,"
+        "spam_block=alert,policy=none,authentication=alert,rate_limited=none,tls=none,dns=none,other=none",
+        "block_count_threshold": 3,
+        "block_count_window_s": 7 * 86400,
+        "block_watch_s": 30 * 86400,
     }
 
 
@@ -291,7 +297,7 @@ async def test_tenant_errors(daemon: Daemon) -> None:
     dup = (await daemon.ops())[1]
     assert (dup["action"], dup["target"], dup["result"]) == ("tenant.add", "acme", "refused")
     assert dup["detail"] == "tenant 'acme' already exists" and dup["tenant"] == "acme"
-    assert table_rows(await ok(daemon, "tenant", "list")) == [["acme", "1"]]
+    assert table_rows(await ok(daemon, "tenant", "list")) == [["acme", "1", "-"]]
 
 
 # -- users ---------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from tests.e2e.test_console import Person, World
 from tests.peers import Sink
 
 MAIL_COLUMNS = [
-    "time", "queue_id", "event", "status", "sender", "recipient", "domain", "response", "attempt", "mx", "ip", "tls",
-    "delay", "size", "message_id", "tags", "stream",
+    "time", "queue_id", "event", "status", "sender", "recipient", "domain", "response", "bounce_class", "attempt", "mx",
+    "ip", "tls", "delay", "size", "message_id", "tags", "stream",
 ]  # fmt: skip
 BULK = 150  # recipients of the bulk message: 300 mail-log rows, three of the console's pages
 SINK_REPLY = "250 2.0.0 OK queued as SINK"
@@ -166,8 +166,9 @@ def _csv(b: ConsoleClient, path: str) -> tuple[Reply, list[dict[str, str]]]:
     return got, list(csv.DictReader(io.StringIO(got.text)))
 
 
-# Mail log columns on the search page: time, queue id, event, sender, recipient, response, tls, delay, tags
-QID, EVENT, SENDER, RCPT, RESPONSE, TAGS = 1, 2, 3, 4, 5, 8
+# Mail log columns on the search page: time, queue id, event, sender, recipient, response, bounce class, tls, delay,
+# tags
+QID, EVENT, SENDER, RCPT, RESPONSE, CLASS, TAGS = 1, 2, 3, 4, 5, 6, 9
 
 
 # -- the mail log ---------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_the_mail_log_shows_the_delivered_row(world: Logs) -> None:
     assert len(delivered) == 1
     row = delivered[0]
     assert row[SENDER] == "alice@acme.test" and row[RCPT] == "one@dst.test"
-    assert row[RESPONSE].startswith(SINK_REPLY) and row[TAGS] == "welcome"
+    assert row[RESPONSE].startswith(SINK_REPLY) and row[TAGS] == "welcome" and row[CLASS] == ""
     assert f'href="/mail/{world.welcome}"' in page.text  # the queue id opens its history
     assert {r[QID] for r in rows} == {world.welcome, world.invoice}  # nothing of beta's
     assert world.theirs not in page.text
@@ -219,13 +220,13 @@ def test_one_message_history_shows_every_event_and_the_remote_reply(world: Logs)
     page = b.get(f"/mail/{world.welcome}")
     assert page.status == 200, page.text[:500]
     rows = _table(page)
-    # time, event, recipient, attempt, mx, ip, tls, remote reply, delay, size, message id
+    # time, event, recipient, attempt, mx, ip, tls, remote reply, bounce class, delay, size, message id
     assert [r[1] for r in rows] == ["accepted", "delivered"]
     delivered = rows[1]
     assert delivered[2] == "one@dst.test" and delivered[3] == "1" and delivered[5] == "127.0.0.1"
     assert delivered[7].startswith(SINK_REPLY)
     stored = [r for r in world.d.mail_log(world.welcome) if r["event"] == "delivered"][0]
-    assert delivered[7] == stored["response"] and delivered[10] == stored["message_id"]
+    assert delivered[7] == stored["response"] and delivered[8] == "" and delivered[11] == stored["message_id"]
     assert "alice@acme.test" in _text(page) and "welcome" in _text(page)
 
 
@@ -389,7 +390,7 @@ def test_a_csv_download_nobody_reads_is_cut_off_by_the_write_timeout(make_cmcd: 
     """The CSV is written as the store is read, inside the API's write timer: a browser that stops
     reading a large download is reset after api.write_timeout instead of holding its handler."""
     d = make_cmcd({"api": {"listen": "127.0.0.1:0", "write_timeout": f"{WRITE_TIMEOUT_S}s"}})
-    local = "r" * 60  # long addresses: a few hundred bytes a CSV row, a few MB in all
+    local = "r" * 58  # long addresses (64 octets with the six digits): a few hundred bytes a CSV row, a few MB in all
     with d.smtp() as c:
         for m in range(120):
             c.sendmail("alice@acme.test", [f"{local}{m:03d}{i:03d}@{'d' * 50}.dst.test" for i in range(100)],

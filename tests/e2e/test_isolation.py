@@ -67,6 +67,7 @@ COVERAGE: dict[str, str] = {
     "queue.list": "matrix (scoped)",
     "queue.show": "matrix (refused)",
     "queue.summary": "matrix (scoped)",
+    "shaping.status": "matrix (scoped: a tenant's suspensions only; sites and limits are no tenant's)",
     "queue.retry": "matrix (refused: B's queue id; scoped: --domain and --all with --tenant A)",
     "queue.hold": "matrix (refused: B's queue id; scoped: --tenant A)",
     "queue.release": "matrix (refused: B's queue id; scoped: --tenant A leaves B's held message held)",
@@ -82,6 +83,7 @@ COVERAGE: dict[str, str] = {
     "user.otp-disable": "matrix (refused: B's admin under A)",
     "user.set-role": "matrix (refused: B's login under A)",
     "user.otp-require": "matrix (refused: B's login under A)",
+    "user.set-stream": "matrix (refused: B's login under A)",
     "session.list": "matrix (refused: B's login under A)",
     "session.revoke": "matrix (refused: B's login under A, one id and --all)",
     "webhook.add": "matrix (refused: a URL that is not http(s) under A's name; the refusal is logged)",
@@ -338,6 +340,7 @@ REFUSED = [
     Refused("user.otp-disable", "user otp-disable acme beta-admin", NO_B_ADMIN, "acme/beta-admin"),
     Refused("user.set-role", "user set-role acme bob admin", NO_BOB, "acme/bob role=admin"),
     Refused("user.otp-require", "user otp-require acme bob --on", NO_BOB, "acme/bob"),
+    Refused("user.set-stream", "user set-stream acme bob broadcast", NO_BOB, "acme/bob stream=broadcast"),
     Refused("session.list", "session list acme beta-admin", NO_B_ADMIN, "acme"),
     Refused("session.revoke", "session revoke acme beta-admin --all", NO_B_ADMIN, "acme/beta-admin"),
     Refused(
@@ -423,6 +426,12 @@ def _queue_summary(w: World, out: Any) -> None:
     assert sum(out["states"].values()) == 2 and [x["domain"] for x in out["domains"]] == ["dst.test"]
 
 
+def _shaping_status(w: World, out: Any) -> None:
+    assert out["workers"] and all(
+        c["tenant_id"] in (None, w.a_id) for worker in out["workers"] for c in worker["changes"]
+    )
+
+
 def _recipients(n: int) -> Check:
     def check(w: World, out: Any) -> None:
         assert out == {"recipients": n}
@@ -483,6 +492,7 @@ SCOPED = [
     Scoped("domain.list", "domain list acme", _domains),
     Scoped("queue.list", "queue list --tenant acme", _queue_list),
     Scoped("queue.summary", "queue summary --tenant acme", _queue_summary),
+    Scoped("shaping.status", "shaping status --tenant acme", _shaping_status),
     Scoped("queue.retry", "queue retry --all --tenant acme", _recipients(2), name="queue.retry-all"),
     Scoped("queue.retry", "queue retry --domain dst.test --tenant acme", _recipients(2), name="queue.retry-domain"),
     Scoped(

@@ -2,7 +2,8 @@
 cmcd resolves the A-label names from a DNS server on loopback, delivers byte-exact to a sink that
 offers SMTPUTF8 (DKIM checked by dkimpy, d= the A-label), bounces with 5.6.7 what a sink without it
 cannot take and sends an IDN domain with an ASCII local part there as xn--; the mail log finds an
-address however it is spelt and shows it as written."""
+address however it is spelt and shows it as written. The HTTP API takes the same addresses, and a bounce
+report on a UTF-8 address is an RFC 6533 one; lengths are octets."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ DE_ALABEL = "user@xn--bcher-kva.example"
 UTF8_LOCAL_PLAIN = "jöran@plain.test"
 IDN_PLAIN = "user@münchen.test"
 IDN_PLAIN_ALABEL = "user@xn--mnchen-3ya.test"
+#: 22 characters, 66 octets of UTF-8 in the local part (the limit is 64 octets); and 64 octets
+LONG_LOCAL = "ユ" * 22 + "@例え.jp"
+OK_LOCAL = "ユ" * 21 + "a@例え.jp"
 
 
 @pytest.fixture
@@ -50,7 +54,11 @@ def world(make_cmcd: Any) -> Iterator[tuple[Cmcd, DnsServer, Sink, Sink, Sink]]:
             dns_server.add(domain, "MX", f"10 mx.{domain}.")
             dns_server.add(f"mx.{domain}", "A", ip)
         d = make_cmcd(
-            {"dns": {"nameservers": [dns_server.address], "timeout": "2s"}, "delivery": FAST | {"port": port}}
+            {
+                "dns": {"nameservers": [dns_server.address], "timeout": "2s"},
+                "delivery": FAST | {"port": port},
+                "api": {"listen": "127.0.0.1:0"},
+            }
         )
         yield d, dns_server, utf8_sink, ascii_sink, bounces
 
@@ -158,6 +166,10 @@ def test_a_server_without_smtputf8_gets_a_labels_and_the_rest_bounces_with_5_6_7
         ([b"MAIL FROM:<alice@acme.test> SMTPUTF8", b"RCPT TO:<user@b\xc3\xbc-.example>"], b"501 5.1.3"),
         ([b"MAIL FROM:<j\xc3\xb6rg@acme.test> SMTPUTF8"], b"250 2.1.0"),
         ([b"MAIL FROM:<alice@b\xc3\xbccher.example> SMTPUTF8"], b"553 5.7.1"),
+        # RFC 5321 4.5.3.1.1 counts octets: 22 characters, 66 octets of UTF-8
+        ([b"MAIL FROM:<alice@acme.test> SMTPUTF8", b"RCPT TO:<" + LONG_LOCAL.encode() + b">"], b"501 5.1.3"),
+        ([b"MAIL FROM:<" + LONG_LOCAL.replace("例え.jp", "acme.test").encode() + b"> SMTPUTF8"], b"501 5.1.3"),
+        ([b"MAIL FROM:<alice@acme.test> SMTPUTF8", b"RCPT TO:<" + OK_LOCAL.encode() + b">"], b"250 2.1.5"),
     ],
     ids=[
         "utf8-mail-without-parameter",
@@ -168,6 +180,9 @@ def test_a_server_without_smtputf8_gets_a_labels_and_the_rest_bounces_with_5_6_7
         "bad-idn-label",
         "utf8-sender-with-parameter",
         "idn-sender-domain-not-the-tenants",
+        "utf8-rcpt-local-part-of-66-octets",
+        "utf8-sender-local-part-of-66-octets",
+        "utf8-rcpt-local-part-of-64-octets",
     ],
 )
 def test_intake_replies(cmcd: Cmcd, commands: list[bytes], reply: bytes) -> None:
@@ -176,3 +191,82 @@ def test_intake_replies(cmcd: Cmcd, commands: list[bytes], reply: bytes) -> None
             c.send(line + b"\r\n")
             code, text = c.getreply()
         assert f"{code} ".encode() + text[:5] == reply, (code, text)
+
+
+def api_key(d: Cmcd) -> str:
+    return str(d.admin("apikey.add", tenant="acme", login="alice")["token"])
+
+
+def test_api_submission_to_a_utf8_address_arrives_byte_exact_with_smtputf8(
+    world: tuple[Cmcd, DnsServer, Sink, Sink, Sink],
+) -> None:
+    """The API writes the UTF-8 address raw in To: (RFC 6532), marks the message in its Received: field,
+    and delivery sends it with SMTPUTF8 to the address as written; DKIM verifies."""
+    d, dns_server, utf8_sink, _, _ = world
+    publish(d, dns_server)
+    body = {"from": "Alice <alice@acme.test>", "to": [{"email": JP, "name": "ユーザー様"}], "subject": "件名",
+            "text": "こんにちは"}  # fmt: skip
+    status, _, sent = d.http("POST", "/v1/emails", body, token=api_key(d))
+    assert status == 202, sent
+    (m,) = utf8_sink.wait_for(1)
+    assert m.rcpt_tos == [JP] and m.mail_from == "alice@acme.test" and m.smtputf8
+    head = m.data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    assert f"\r\nTo: =?utf-8?b?44Om44O844K244O85qeY?= <{JP}>\r\n".encode() in head  # the name stays RFC 2047
+    assert b" with HTTPS (UTF8) id " + sent["id"].encode() + b";" in head  # the API's mark (cmcd.intl)
+    assert dkimpy_results(m.data, dns_server.port) == ["rsa-sha256=pass", "ed25519-sha256=pass"]
+    rows = d.wait_mail_log(lambda rows: final(rows, 1), sent["id"])
+    assert events(rows) == [(JP, "delivered")] and rows[-1]["rcpt_domain"] == "xn--r8jz45g.jp"
+
+
+def test_api_submission_a_next_hop_cannot_take_bounces_with_an_rfc_6533_report(
+    world: tuple[Cmcd, DnsServer, Sink, Sink, Sink],
+) -> None:
+    """To a sink without SMTPUTF8: the UTF-8 recipient bounces at once with 5.6.7, class policy, not
+    suppressed; the sender's report names it as written with the utf-8 address type. A UTF-8 sender's
+    own report needs SMTPUTF8 and gets it."""
+    d, _, _, ascii_sink, bounces = world
+    key = api_key(d)
+    sent = []
+    for sender in ("alice@acme.test", "jöran@acme.test"):
+        body = {"from": sender, "to": [UTF8_LOCAL_PLAIN], "subject": "s", "text": "t"}
+        status, _, reply = d.http("POST", "/v1/emails", body, token=key)
+        assert status == 202, reply
+        sent.append(reply["id"])
+    for qid in sent:
+        rows = d.wait_mail_log(lambda rows: final(rows, 1), qid)
+        (bounced,) = [r for r in rows if r["event"] == "bounced"]
+        assert bounced["rcpt"] == UTF8_LOCAL_PLAIN and bounced["attempt"] == 1
+        assert bounced["response"].startswith("5.6.7 SMTPUTF8 is required, but host mx.plain.test")
+        assert bounced["bounce_class"] == "policy"
+    reports = {m.rcpt_tos[0]: m for m in bounces.wait_for(2)}
+    assert set(reports) == {"alice@acme.test", "jöran@acme.test"}
+    for to, m in reports.items():
+        assert m.mail_from == "" and m.smtputf8 is (to == "jöran@acme.test")  # only a UTF-8 header needs it
+        assert f"\r\nTo: <{to}>\r\n".encode() in m.data
+        assert b"Content-Type: multipart/report; report-type=global-delivery-status;" in m.data
+        assert b"Content-Type: message/global-delivery-status\r\n" in m.data
+        assert f"\r\nFinal-Recipient: utf-8; {UTF8_LOCAL_PLAIN}\r\nAction: failed\r\nStatus: 5.6.7\r\n".encode() in (
+            m.data
+        )
+        assert b"\r\nX-Cmcd-Bounce-Class: policy\r\n" in m.data
+        assert f"\r\n<{UTF8_LOCAL_PLAIN}>: 5.6.7 SMTPUTF8 is required".encode() in m.data
+    assert "\r\nFrom: jöran@acme.test\r\n".encode() in reports["jöran@acme.test"].data  # message/global-headers
+    assert not ascii_sink.messages
+    assert d.admin("suppression.list", tenant="acme") == []  # the next message may be ASCII
+
+
+def test_api_refuses_a_local_part_over_64_octets_and_takes_64(world: tuple[Cmcd, DnsServer, Sink, Sink, Sink]) -> None:
+    d, _, utf8_sink, _, _ = world
+    key = api_key(d)
+    base = {"from": "alice@acme.test", "subject": "s", "text": "t"}
+    status, _, problem = d.http("POST", "/v1/emails", base | {"to": [LONG_LOCAL]}, token=key)
+    assert status == 422 and problem["field"] == "to[0]", problem
+    assert "66 octets long (in UTF-8); at most 64" in problem["detail"]
+    long_sender = LONG_LOCAL.replace("例え.jp", "acme.test")
+    status, _, problem = d.http("POST", "/v1/emails/bulk", base | {"from": long_sender, "recipients": [{"to": JP}]},
+                                token=key)  # fmt: skip
+    assert status == 422 and problem["field"] == "from", problem
+    status, _, sent = d.http("POST", "/v1/emails", base | {"to": [OK_LOCAL]}, token=key)
+    assert status == 202, sent
+    (m,) = utf8_sink.wait_for(1)
+    assert m.rcpt_tos == [OK_LOCAL]

@@ -8,7 +8,7 @@ import unicodedata
 
 import pytest
 
-from cmcd import crypto, intl
+from cmcd import bounces, crypto, intl
 
 NFD = unicodedata.normalize("NFD", "user@bücher.example")
 assert NFD != "user@bücher.example"
@@ -159,3 +159,54 @@ def test_refused_without_smtputf8(sender: str, rcpts: list[str], body: bytes, re
 )
 def test_needs_smtputf8(sender: str, rcpts: list[str], body: bytes, needs: bool) -> None:
     assert intl.needs_smtputf8(sender, rcpts, body) is needs
+
+
+@pytest.mark.parametrize(
+    ("address", "form"),
+    [
+        ("user@dst.test", "user@dst.test"),
+        ("user@Bücher.example", "user@xn--bcher-kva.example"),
+        ("ユーザー@例え.jp", "ユーザー@例え.jp"),
+        ("jöran@example.com", "jöran@example.com"),
+    ],
+    ids=["ascii", "idn-domain-as-a-label", "utf8-local-part-as-written", "utf8-local-part-ascii-domain"],
+)
+def test_header_form(address: str, form: str) -> None:
+    """Only an address with no ASCII form puts UTF-8 into a header (RFC 6532)."""
+    assert intl.header_form(address) == form
+
+
+@pytest.mark.parametrize(
+    ("with_", "utf8"),
+    [("HTTPS (UTF8)", True), ("HTTPS", False), ("HTTP (UTF8)", True), ("HTTPS (utf8)", True), ("HTTPS (other)", False)],
+    ids=["api-marked", "api-unmarked", "http-marked", "lower-case", "another-comment"],
+)
+def test_the_apis_mark_counts_as_smtputf8(with_: str, utf8: bool) -> None:
+    """The API has no registered UTF-8 protocol name: "with HTTPS (UTF8)" says it (cmcd.intl)."""
+    body = _body(with_, "To: ユーザー@例え.jp")
+    assert intl.submitted_with_smtputf8(body) is utf8
+    assert intl.refused_without_smtputf8("a@acme.test", ["b@dst.test"], body) == (None if utf8 else frozenset())
+
+
+def test_the_apis_mark_in_a_later_received_does_not_count() -> None:
+    body = b"Received: by mx.test (cmcd) with HTTPS id Q1;\r\nReceived: by x with HTTPS (UTF8) id Q0;\r\n\r\nx\r\n"
+    assert not intl.submitted_with_smtputf8(body)
+
+
+@pytest.mark.parametrize(
+    ("code", "enhanced", "text"),
+    [
+        (0, "5.6.7", "5.6.7 SMTPUTF8 is required, but host mx.plain.test does not offer it"),
+        (553, "5.6.7", "553 5.6.7 Non-ASCII addresses not permitted for that recipient"),
+        (550, "5.6.7", "550 5.6.7 mailbox name not allowed"),
+        (453, "4.6.7", "453 4.6.7 try later"),
+        (553, "", "553 Non-ASCII addresses not permitted for that sender"),
+    ],
+    ids=["cmcd-own", "rfc-6531-words", "other-words", "temporary", "no-enhanced-code"],
+)
+def test_a_5_6_7_reply_classes_as_policy(code: int, enhanced: str, text: str) -> None:
+    """RFC 6531 3.5's 5.6.7 is the next hop's rule, not the recipient's fault: policy, never suppressed
+    by default (the next message may be ASCII)."""
+    rules = bounces.load_rules()
+    assert bounces.classify(rules, code, enhanced, text) == "policy"
+    assert bounces.BlockPolicy().action("policy") == "none"

@@ -411,8 +411,17 @@ ADDRESSES = [
     ("single-label-domain", "alice@localhost", True, "expected local-part@domain"),
     ("domain-with-underscore", "alice@ex_ample.com", True, "expected local-part@domain"),
     ("trailing-dot-label", "alice@example.", True, "expected local-part@domain"),
-    ("too-long", "a" * 243 + "@example.com", True, "Address too long (at most 254 characters)"),
-    ("longest", "a" * 242 + "@example.com", True, None),
+    (
+        "too-long",
+        "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 58 + ".com",
+        True,
+        "Address too long (at most 254 octets)",
+    ),
+    ("longest", "a" * 64 + "@" + "b" * 63 + "." + "c" * 63 + "." + "d" * 57 + ".com", True, None),
+    ("too-long-in-octets", "ü.b" * 62 + "@例え.jp", True, "Address too long (at most 254 octets)"),
+    ("local-part-65-octets", "a" * 65 + "@example.com", True, "Local part too long (at most 64 octets)"),
+    ("local-part-64-octets", "a" * 64 + "@example.com", True, None),
+    ("local-part-22-characters-66-octets", "ユ" * 22 + "@例え.jp", True, "Local part too long (at most 64 octets)"),
 ]
 
 

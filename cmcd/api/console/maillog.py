@@ -44,8 +44,8 @@ HISTORY_ROWS = 500
 QUEUE_ID_MAX = 64
 #: the CSV's columns: the API's /v1/deliveries rows
 CSV_COLUMNS = (
-    "time", "queue_id", "event", "status", "sender", "recipient", "domain", "response", "attempt", "mx", "ip", "tls",
-    "delay", "size", "message_id", "tags", "stream",
+    "time", "queue_id", "event", "status", "sender", "recipient", "domain", "response", "bounce_class", "attempt", "mx",
+    "ip", "tls", "delay", "size", "message_id", "tags", "stream",
 )  # fmt: skip
 
 
@@ -111,6 +111,12 @@ def stream_label(page: Page, stream: str) -> str:
     return page.t(key) if i18n.has(key) else stream
 
 
+def class_label(page: Page, bounce_class: str) -> str:
+    """A bounce class in the reader's language ("" for a row with none: a delivery, an acceptance)."""
+    key = f"bounce_class.{bounce_class}"
+    return page.t(key) if bounce_class and i18n.has(key) else bounce_class
+
+
 def _shown(page: Page, r: dict[str, Any], tags: dict[str, list[str]]) -> dict[str, Any]:
     """A row as a page shows it: the tenant's local time, the event in the reader's language."""
     return r | {
@@ -118,6 +124,7 @@ def _shown(page: Page, r: dict[str, Any], tags: dict[str, list[str]]) -> dict[st
         "event_label": event_label(page, r["event"]),
         "delay_text": f"{r['delay']:.1f} s" if r["delay"] else "",
         "stream_label": stream_label(page, r["stream"]),
+        "class_label": class_label(page, r["bounce_class"] or ""),
         "tags": tags.get(r["queue_id"], []),
         "response": r["response"] or "",
     }
@@ -142,7 +149,8 @@ def delivery_row(r: dict[str, Any], tags: dict[str, list[str]]) -> tuple[Any, ..
     """A mail-log row as the API's /v1/deliveries gives it, in CSV_COLUMNS order."""
     return (
         iso(r["ts"]), r["queue_id"], r["event"], r["status"], r["sender"], r["rcpt"], r["rcpt_domain"],
-        r["response"] or "", r["attempt"], r["mx"], r["ip"], r["tls"], round(r["delay"], 3), r["size"],
+        r["response"] or "", r["bounce_class"] or "", r["attempt"], r["mx"], r["ip"], r["tls"], round(r["delay"], 3),
+        r["size"],
         r["message_id"], tags.get(r["queue_id"], []), r["stream"],
     )  # fmt: skip
 
