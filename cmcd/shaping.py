@@ -282,10 +282,12 @@ class Automation:
         conns = [c.connection_limit for c in sets if c.connection_limit is not None]
         per_conn = [c.messages_per_connection for c in sets if c.messages_per_connection is not None]
         rates = [c.rate for c in sets if c.rate is not None]
-        return replace(
+        if configured.rate[0] > 0:  # (0, 0) is no rate at all: a rule's rate only ever tightens it
+            rates.append(configured.rate)
+        return replace(  # a "limit" rule lowers a value, never raises it above the configured one
             configured,
-            connection_limit=min(conns) if conns else configured.connection_limit,
-            messages_per_connection=min(per_conn) if per_conn else configured.messages_per_connection,
+            connection_limit=min([*conns, configured.connection_limit]),
+            messages_per_connection=min([*per_conn, configured.messages_per_connection]),
             rate=min(rates, key=lambda r: r[0] / r[1]) if rates else configured.rate,
         )
 

@@ -463,8 +463,19 @@ class Daemon:
         log_shaping(shaped)
 
     def _share(self, shaped: shaping.Shaping) -> shaping.Shaping:
-        """This worker's share of the providers' limits (the whole of them in a single process)."""
-        return share_shaping(shaped, self.role.index, self.role.workers) if self.role is not None else shaped
+        """This worker's share of the providers' limits (the whole of them in a single process). A
+        limit below the worker count becomes one connection per worker (each worker delivers only its
+        own shard's mail, so none can have none): worker 0 says so, once per load, naming each."""
+        if self.role is None:
+            return shaped
+        if self.role.index == 0:
+            for p in shaped.providers:
+                if 0 < p.limits.connection_limit < self.role.workers:
+                    log.warning(
+                        "event=limit_below_workers workers=%d limit='shaping provider %s connection_limit %d: "
+                        "%d at once'", self.role.workers, p.name, p.limits.connection_limit, self.role.workers,
+                    )  # fmt: skip
+        return share_shaping(shaped, self.role.index, self.role.workers)
 
 
 def shaping_override(cfg: Config) -> Path | None:

@@ -316,7 +316,7 @@ class DeliveryEngine:
                 return
         if not site.admit(now):
             self._finish(job, site.last_failure or policy.network_fault("destination is not responding"), None)
-            return
+            return  # (a provider's site is never dead: _connect_failed)
         # domains with a policy of their own keep their own transactions
         join = not self.d.domains.get(job.domain)
         most = site.recipients_per_transaction
@@ -395,6 +395,11 @@ class DeliveryEngine:
                     site.queue.appendleft(job)  # the next connection takes it
                     break
                 await self._rate_wait(site)
+                if self.automation.active:  # a suspension may have begun while it waited
+                    hold = self.automation.suspension(site.key, job.tenant_id, self.mono())
+                    if hold is not None:
+                        self._hold(job, hold, self.mono())
+                        continue
                 await self._send(site, client, job)
                 sent += 1
                 recipients += len(job.recipients)
@@ -436,7 +441,13 @@ class DeliveryEngine:
     def _connect_failed(self, site: Site, failure: Outcome, *, job_done: bool = False, hop: str = "") -> None:
         """A failed session: the window shrinks (at zero the site is dead). Unless the session's own
         job was already finished (JOB_DONE), the job it was opened for (one for HOP) is deferred now."""
-        dead_until = site.failed(failure, self.mono(), self.d.dead_site_backoff)
+        # a provider's site holds many tenants' next hops: one hop failing must not back off the others,
+        # nor give their mail its host's words, so it is never declared dead (its window shrinks to one,
+        # and each job meets its own hop's failure)
+        backoff = 0.0 if site.provider else self.d.dead_site_backoff
+        dead_until = site.failed(failure, self.mono(), backoff)
+        if site.provider:
+            dead_until = None
         if site.queue and not job_done:  # the job this connection was for is deferred now, not after every retry
             job = site.take(hop) if hop else site.pop()
             if job is not None:
@@ -541,13 +552,16 @@ class DeliveryEngine:
         after_data = policy.classify(data.code, data.text) if data is not None else None
         if after_data is not None:
             self._observe(site, job.tenant_id, after_data)
+        observed: set[tuple[int, str]] = set()  # the rules count a reply once, not once per recipient
         for due, reply in zip(job.recipients, rcpt_replies):
             if reply.code in (250, 251) and after_data is not None:
                 outcome = after_data
                 delivered = delivered or outcome.verdict == policy.DELIVERED
             else:
                 outcome = policy.classify(reply.code, reply.text)
-                self._observe(site, job.tenant_id, outcome)
+                if (reply.code, reply.text) not in observed:
+                    observed.add((reply.code, reply.text))
+                    self._observe(site, job.tenant_id, outcome)
             self._result_for(job, due, outcome, where)
         if delivered:
             site.succeeded()

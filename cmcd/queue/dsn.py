@@ -120,6 +120,7 @@ def build(
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type={report_type}; boundary="{boundary}"',
+        *(("Content-Transfer-Encoding: 8bit",) if utf8 else ()),  # its parts are 8bit (RFC 2045 section 6.4)
         "",
         "This is a MIME-encapsulated message.",
         "",

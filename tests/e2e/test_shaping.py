@@ -281,3 +281,28 @@ def test_each_worker_holds_its_share_of_a_providers_limit(make_cmcd: Any, dns: D
             ),
             "the provider's site in queue summary",
         )
+
+
+def test_one_failing_next_hop_never_backs_off_or_speaks_for_the_providers_other_domains(
+    make_cmcd: Any, dns: DnsServer, tmp_path: Path
+) -> None:
+    """bad.test's MX (at the provider) refuses every connection; one.test's takes mail. The site they
+    share is never declared dead, so one.test's mail goes out, and none of its rows names bad.test's host."""
+    shaping = tmp_path / "shaping.toml"
+    shaping.write_text(PROVIDER.format(limit=4))
+    dns.add("bad.test", "MX", "10 mx3.mx.provider.test.")
+    dns.add("mx3.mx.provider.test", "A", "127.0.0.4")  # nothing listens there: refused at once
+    port = free_port("127.0.0.2")
+    with Sink("127.0.0.2", port) as provider:
+        d = start(make_cmcd, dns, port, shaping, delivery={"dead_site_backoff": "5m", "initial_concurrency": 2})
+        for n in range(6):
+            submit(d, [f"r{n}@bad.test"])
+        d.wait_log(r"event=connect_failed site=provider:test", timeout=20)
+        good = [submit(d, [f"r{n}@one.test"]) for n in range(3)]
+        rows = d.wait_mail_log(lambda rows: sum(r["event"] == "delivered" for r in rows) >= 3, timeout=30)
+        assert sorted(r["queue_id"] for r in rows if r["event"] == "delivered") == sorted(good)
+        assert len(provider.messages) == 3
+        bad = [r for r in rows if r["rcpt"].endswith("@bad.test") and r["event"] == "deferred"]
+        assert bad and all("127.0.0.4" in r["response"] or "mx3.mx.provider.test" in r["response"] for r in bad)
+        assert not any("127.0.0.4" in (r["response"] or "") for r in rows if r["rcpt"].endswith("@one.test"))
+        assert not [line for line in d.log if "event=site_dead site=provider:test" in line]

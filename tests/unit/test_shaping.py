@@ -238,6 +238,15 @@ def test_the_lowest_of_the_changes_in_force_wins_value_by_value() -> None:
     assert auto.limits("s", CONFIGURED) == CONFIGURED
 
 
+def test_a_limit_rule_never_raises_a_value_above_the_configured_one() -> None:
+    configured = Limits(connection_limit=2, messages_per_connection=10, rate=(1.0, 1.0))
+    auto = Automation([rule(connection_limit=4, messages_per_connection=50, rate=(100.0, 1.0))])
+    auto.observe("s", "", None, 421, "4.7.0", TRY_AGAIN, 0.0)
+    assert auto.limits("s", configured) == configured
+    unlimited = Limits(connection_limit=2, messages_per_connection=10, rate=(0.0, 0.0))  # no rate: the rule's
+    assert auto.limits("s", unlimited).rate == (100.0, 1.0)
+
+
 def test_a_suspension_holds_the_site_or_one_tenant_and_ends() -> None:
     refused = "550 5.7.1 try again later"
     auto = Automation(
