@@ -443,8 +443,10 @@ def _rule(item: Any, where: str) -> Rule:
     if count > 1 and period <= 0:
         raise ShapingError(f"{where}: period: a count above 1 needs a period above 0")
     duration = _duration(item, "duration", where)
-    if not 1.0 <= duration <= 7 * 86400.0:
-        raise ShapingError(f"{where}: duration: expected from 1s to 7d, got {duration:g}s")
+    # at most a day: held mail counts no attempt and never expires while held, but its lifetime runs on,
+    # and a hold of days would leave a message no time for the real attempts after it
+    if not 1.0 <= duration <= 86400.0:
+        raise ShapingError(f"{where}: duration: expected from 1s to 1d, got {duration:g}s")
     rate, rate_text = _rate(item, where)
     if rate == (0.0, 0.0):
         raise ShapingError(f'{where}: rate: an automation rule sets a rate like "1/s", never "" (no limit)')

@@ -127,6 +127,8 @@ BAD = [
     ("bad action", '[[automation]]\nname = "r"\ntext = "x"\naction = "pause"\nduration = "1m"\n',
      "automation rule 'r': action"),
     ("no duration", '[[automation]]\nname = "r"\ntext = "x"\naction = "suspend"\n', "automation rule 'r': duration"),
+    ("hold of days", '[[automation]]\nname = "r"\ntext = "x"\naction = "suspend"\nduration = "2d"\n',
+     "automation rule 'r': duration: expected from 1s to 1d"),
     ("count without period", '[[automation]]\nname = "r"\ntext = "x"\naction = "suspend"\ncount = 3\nduration = "1m"\n',
      "automation rule 'r': period"),
     ("limit sets nothing", '[[automation]]\nname = "r"\ntext = "x"\naction = "limit"\nduration = "1m"\n',
