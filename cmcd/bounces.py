@@ -78,11 +78,20 @@ class Rule:
     source: str = ""  # where the provider publishes the text
 
     def matches(self, code: int, enhanced: str, text: str) -> bool:
-        if self.codes and code not in self.codes:
-            return False
-        if self.enhanced and not any(_code_matches(p, enhanced) for p in self.enhanced):
-            return False
-        return self.text.search(text) is not None
+        return reply_matches(self.codes, self.enhanced, self.text, code, enhanced, text)
+
+
+def reply_matches(
+    codes: frozenset[int], patterns: tuple[str, ...], regex: re.Pattern[str], code: int, enhanced: str, text: str
+) -> bool:
+    """Whether a reply (CODE, ENHANCED, TEXT) is one a rule names: its basic code one of CODES, its
+    enhanced code one of PATTERNS ("X.7.26": the class 4 or 5), REGEX found in TEXT (each left
+    empty: any). The bounce rules here and the shaping rules (cmcd/shaping.py) match replies so."""
+    if codes and code not in codes:
+        return False
+    if patterns and not any(_code_matches(p, enhanced) for p in patterns):
+        return False
+    return regex.search(text) is not None
 
 
 def _code_matches(pattern: str, enhanced: str) -> bool:

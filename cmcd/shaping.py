@@ -31,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from cmcd.bounces import reply_matches
 from cmcd.config_sections import parse_duration, parse_rate
 from cmcd.errors import CmcdError
 
@@ -98,17 +99,7 @@ class Rule:
         return not self.providers or provider in self.providers
 
     def matches(self, code: int, enhanced: str, text: str) -> bool:
-        if self.codes and code not in self.codes:
-            return False
-        if self.enhanced and not any(_code_matches(p, enhanced) for p in self.enhanced):
-            return False
-        return self.text.search(text) is not None
-
-
-def _code_matches(pattern: str, enhanced: str) -> bool:
-    if pattern[0] in "xX":
-        return enhanced[1:] == pattern[1:] and enhanced[:1] in ("4", "5")
-    return enhanced == pattern
+        return reply_matches(self.codes, self.enhanced, self.text, code, enhanced, text)
 
 
 @dataclass(frozen=True)
