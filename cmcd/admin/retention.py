@@ -60,21 +60,45 @@ async def run_retention(
     removed["blocks"] = await astore.call(store.expire_blocks, now)
     await astore.call(store.checkpoint)
     detail = " ".join(f"{t}={n}" for t, n in removed.items())
-    if audit is not None:
-        await audit.op(
-            ts=time.time(), actor_uid=actor_uid, actor=actor, action="retention.run", target="logs", result="ok",
-            detail=detail,
-        )  # fmt: skip
-    else:
-        await astore.call(
-            store.log_op, actor_uid=actor_uid, actor=actor, action="retention.run", target="logs", result="ok",
-            detail=detail,
-        )  # fmt: skip
+    await _op_row(astore, audit, actor, actor_uid, "retention.run", "logs", detail)
     log.info("event=retention_done %s", detail)
     return removed
 
 
-class RetentionJob:
+async def _op_row(
+    astore: AsyncStore, audit: AuditLog | None, actor: str, actor_uid: int | None, action: str, target: str, detail: str
+) -> None:
+    """A job's operation-log row: through AUDIT (kept in the spool's outbox when the store cannot
+    take it) when the job has one, else straight to the store."""
+    if audit is not None:
+        await audit.op(
+            ts=time.time(), actor_uid=actor_uid, actor=actor, action=action, target=target, result="ok", detail=detail
+        )
+    else:
+        await astore.call(
+            astore.store.log_op, actor_uid=actor_uid, actor=actor, action=action, target=target, result="ok",
+            detail=detail,
+        )  # fmt: skip
+
+
+class _Periodic:
+    """A job run by a task of its own from start() until close()."""
+
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class RetentionJob(_Periodic):
     """Runs retention a minute after start, then every day."""
 
     def __init__(
@@ -89,15 +113,6 @@ class RetentionJob:
         self.astore = astore
         self.clock = clock
         self.audit = audit
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
         await asyncio.sleep(60.0)
@@ -109,7 +124,7 @@ class RetentionJob:
             await asyncio.sleep(DAY_S)
 
 
-class BlockExpiryJob:
+class BlockExpiryJob(_Periodic):
     """Removes the blocks whose watch period is over (store.expire_blocks, on the store's thread) at
     start and every INTERVAL_S after; each run that removes any is logged and on the operation log,
     and EXPIRED and FAILURES count for /metrics."""
@@ -129,15 +144,6 @@ class BlockExpiryJob:
         self.runs = 0
         self.expired = 0  # blocks removed since start
         self.failures = 0  # runs that could not reach the store
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
 
     async def run_once(self) -> int:
         """One pass at the clock's now; how many blocks went."""
@@ -147,17 +153,7 @@ class BlockExpiryJob:
         self.expired += n
         if n:
             log.info("event=blocks_expired count=%d", n)
-            detail = f"expired={n}"
-            if self.audit is not None:
-                await self.audit.op(
-                    ts=time.time(), actor_uid=None, actor="cmcd", action="blocks.expire", target="blocks", result="ok",
-                    detail=detail,
-                )  # fmt: skip
-            else:
-                await self.astore.call(
-                    self.astore.store.log_op, actor_uid=None, actor="cmcd", action="blocks.expire", target="blocks",
-                    result="ok", detail=detail,
-                )  # fmt: skip
+            await _op_row(self.astore, self.audit, "cmcd", None, "blocks.expire", "blocks", f"expired={n}")
         return n
 
     async def _run(self) -> None:

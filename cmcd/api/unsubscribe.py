@@ -27,11 +27,10 @@ import sqlite3
 import urllib.parse
 from typing import Any
 
-import jinja2
 from aiohttp import web
 
 from cmcd.api.console import i18n
-from cmcd.api.console.web import HERE as CONSOLE_DIR
+from cmcd.api.console.web import templates
 from cmcd.api.context import ApiContext
 from cmcd.api.problems import Problem
 from cmcd.errors import StoreError
@@ -116,13 +115,7 @@ class Unsubscribe:
 
     def __init__(self, api: ApiContext) -> None:
         self.api = api
-        self.templates = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(CONSOLE_DIR / "templates"),
-            autoescape=True,
-            undefined=jinja2.StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
+        self.templates = templates()
 
     @functools.cached_property
     def tokens(self) -> Tokens:

@@ -6,7 +6,7 @@ removes what its watch period ended, counts it and puts it on the operation log.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
 
@@ -20,16 +20,7 @@ from cmcd.store.schema import MIGRATIONS
 from cmcd.store.store import Store
 from cmcd.tenancy.directory import Snapshot
 from tests.unit.test_bounce_blocks import DAY, POLICY, T0, blocks, bounce
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = open_store(tmp_path / "cmcd.db", tmp_path / "data.key")
-    s.tenant_add("acme")
-    s.tenant_add("beta")
-    yield s
-    s.close()
-
+from tests.unit.test_bounce_blocks import store as store  # the fixture: a store with tenants acme and beta
 
 # -- the policy, pure -------------------------------------------------------------------------------
 

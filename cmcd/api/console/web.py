@@ -179,18 +179,23 @@ def console_actor(caller: ApiCaller) -> str:
     return f"console:{caller.login} ({caller.credential.removeprefix('console:')})"
 
 
+def templates() -> jinja2.Environment:
+    """The console's templates as every page of the API listener renders them (the unsubscribe page too)."""
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
 class Console:
     """The console's routes on one API server."""
 
     def __init__(self, api: ApiContext) -> None:
         self.api = api
-        self.templates = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(HERE / "templates"),
-            autoescape=True,
-            undefined=jinja2.StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-        )
+        self.templates = templates()
         self.templates.globals["nav"] = NAV
         #: the static files, read once (a few KiB): name -> (bytes, content type)
         self._static = {
